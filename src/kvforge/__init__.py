@@ -1,0 +1,26 @@
+"""kvforge: one engine for the KV cache of Hugging Face causal LMs."""
+
+from kvforge import presses  # noqa: F401  (registers every press)
+from kvforge.attention import register as _register_attention
+from kvforge.cache import KVCache
+from kvforge.errors import KVForgeError
+from kvforge.generate import generate
+try:  # TEMP while models.py is being written
+    from kvforge.models import load_model
+except ImportError:  # pragma: no cover
+    load_model = None
+from kvforge.presses import Press, ScorerPress, get_press, list_presses
+
+_register_attention()
+
+__all__ = [
+    "KVCache",
+    "KVForgeError",
+    "Press",
+    "ScorerPress",
+    "generate",
+    "get_press",
+    "list_presses",
+    "load_model",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,135 @@
+"""The one attention function kvforge registers with transformers (`attn_implementation="kvforge"`).
+
+It receives the final (post-norm, post-RoPE) queries of every model family, so nothing here is
+per-model. For a layer of a `KVCache` it maps the logical mask onto the stored entries, runs the
+backend, and hands the layer to the active press when the cache is armed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+from kvforge.attention.backends import BACKENDS, causal_mask
+from kvforge.cache.kvcache import take_binding
+from kvforge.cache.layers import DenseLayer
+from kvforge.errors import KVForgeError
+
+NAME = "kvforge"
+_local = threading.local()
+
+
+def backend_name() -> str:
+    """`sdpa` (default) or `eager` (the slow reference), from `KVFORGE_ATTENTION` or `use_backend()`."""
+    return getattr(_local, "backend", None) or os.environ.get("KVFORGE_ATTENTION", "sdpa")
+
+
+class use_backend:
+    """Context manager: run attention through another backend in this thread (tests use `eager`)."""
+
+    def __init__(self, name: str):
+        if name not in BACKENDS:
+            raise KVForgeError(f"unknown attention backend {name!r}; allowed: {', '.join(BACKENDS)}")
+        self.name = name
+
+    def __enter__(self):
+        self.prev = getattr(_local, "backend", None)
+        _local.backend = self.name
+
+    def __exit__(self, *exc):
+        _local.backend = self.prev
+
+
+def entry_mask(attention_mask, layer: DenseLayer, q: int, rows: slice | None = None) -> torch.Tensor | None:
+    """Mask over the layer's stored entries `[B, 1 | H_kv, q, n]` (True = attend), or None.
+
+    `attention_mask` is what transformers built in logical slot space (`[B, 1, q, L]` bool, or None for
+    plain causal). Stored entry t holds logical slot `slots[..., t]`; it is visible to query i when that
+    slot is visible in the logical mask (causality, padding, windows) and the entry is valid.
+    """
+    slots, valid = layer.entry_slots(), layer.entry_valid()
+    total = layer.logical  # logical length including the q current tokens
+    if rows is not None:
+        start, stop, _ = rows.indices(q)
+        q_idx = torch.arange(start, stop, device=layer.device)
+    else:
+        q_idx = torch.arange(q, device=layer.device)
+    if attention_mask is not None and rows is not None:
+        attention_mask = attention_mask[:, :, rows]
+    if slots is None and valid is None:
+        if attention_mask is not None:
+            return attention_mask
+        if rows is None and (q == 1 or layer.n == q):
+            return None  # plain decode / plain causal prefill: the backend needs no mask
+        return causal_mask(q, layer.n, layer.device)[:, :, q_idx]
+    n = layer.n
+    if slots is None:
+        slots = torch.arange(n, device=layer.device).expand(layer._k.shape[0], layer._k.shape[1], n)
+    b, h = slots.shape[:2]
+    nq = len(q_idx)
+    if attention_mask is None:
+        qslot = total - q + q_idx
+        m = slots[:, :, None, :] <= qslot[None, None, :, None]
+    else:
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask == 0
+        m = attention_mask.expand(b, h, nq, attention_mask.shape[-1]).gather(
+            3, slots[:, :, None, :].expand(b, h, nq, n)
+        )
+    if valid is not None:
+        m = m & valid[:, :, None, :]
+    return m
+
+
+def kvforge_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: returns (`[B, q, Hq, Dv]`, None)."""
+    if kwargs.get("softcap") is not None:
+        raise KVForgeError("attention logit softcapping is not supported by the kvforge attention; allowed: None")
+    run = BACKENDS[backend_name()]
+    q = query.shape[2]
+    bound = take_binding(key)
+    layer = None
+    if bound is not None:
+        cache, layer_idx = bound
+        layer = cache.layers[layer_idx]
+    if isinstance(layer, DenseLayer):
+        mask = entry_mask(attention_mask, layer, q)
+        is_causal = mask is None and q > 1
+    else:  # no cache, another cache, or a stock sliding layer: the mask fits the keys as given
+        mask = attention_mask
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask == 0
+        is_causal = mask is None and q > 1 and key.shape[2] == q
+        if mask is None and q > 1 and key.shape[2] > q:
+            mask = causal_mask(q, key.shape[2], key.device)
+    out = run(query, key, value, mask, scale=scaling, is_causal=is_causal)
+    if layer is not None and isinstance(layer, DenseLayer) and cache.armed:
+        from kvforge.presses.base import LayerContext
+
+        cache.press.compress(LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
+        cache.mark_compressed(layer_idx)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register `kvforge` with transformers' attention and mask interfaces (idempotent).
+
+    The mask function is transformers' own `sdpa_mask`: our layers report their logical size, so it
+    builds the mask in logical slot space (padding, causality, sliding windows), which `entry_mask`
+    then maps onto the stored entries of each layer.
+    """
+    AttentionInterface.register(NAME, kvforge_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_kvforge_attention(model) -> None:
+    """Switch `model` to the kvforge attention implementation (checks the architecture first)."""
+    from kvforge.models import check_supported
+
+    check_supported(model.config)
+    register()
+    model.set_attn_implementation(NAME)

@@ -1,0 +1,134 @@
+"""`KVCache`: a `transformers.Cache` whose layers kvforge controls, plus the binding to the attention function."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+
+from kvforge.cache.layers import DenseLayer, HeadVarlenLayer
+
+if TYPE_CHECKING:
+    from kvforge.presses.base import Press
+
+# The layer whose `update()` ran last in this thread/context, and the key tensor it returned. The attention
+# function only trusts it when the key it receives *is* that tensor, so a binding can never leak into a
+# later call that uses another cache (or none).
+_BOUND: ContextVar[tuple[KVCache, int, torch.Tensor] | None] = ContextVar("kvforge_bound", default=None)
+
+
+def take_binding(key: torch.Tensor) -> tuple[KVCache, int] | None:
+    """Return (cache, layer_idx) if `key` is what a KVCache layer just returned; clear the binding."""
+    bound = _BOUND.get()
+    if bound is None:
+        return None
+    _BOUND.set(None)
+    cache, layer_idx, returned = bound
+    return (cache, layer_idx) if returned is key else None
+
+
+def layer_types(config) -> list[str]:
+    """`full_attention` / `sliding_attention` per layer, as transformers decides it for this config."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        sliding = getattr(cfg, "sliding_window", None) is not None
+        types = ["sliding_attention" if sliding else "full_attention"] * cfg.num_hidden_layers
+    return list(types)
+
+
+class KVCache(Cache):
+    """A compressible KV cache usable as `past_key_values` in `model.generate` or a forward call.
+
+    Full-attention layers are `DenseLayer`s (or `HeadVarlenLayer`s once a press gives heads different
+    budgets); sliding-window layers use transformers' own layer, untouched. When `press` is given, the
+    cache is *armed*: the next forward compresses every full-attention layer right after its attention
+    is computed (the prefill itself sees the full context), then the cache disarms itself.
+
+    Args:
+        model: the model (or its config) the cache is for.
+        press: a `kvforge` press, or None for no compression.
+        reserve: extra capacity preallocated after prefill and after each prune (tokens), so decoding
+            appends without reallocating.
+    """
+
+    def __init__(self, model: Any, press: Press | None = None, reserve: int = 256):
+        config = getattr(model, "config", model)
+        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+        layers = []
+        for t in layer_types(cfg):
+            if t in ("sliding_attention", "chunked_attention"):
+                window = cfg.sliding_window if t == "sliding_attention" else cfg.attention_chunk_size
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+            else:
+                layers.append(DenseLayer(reserve=reserve))
+        super().__init__(layers=layers)
+        self.config = cfg
+        self.press = press
+        self.armed = press is not None
+        self._pending: set[int] = set(self.compressible_layers()) if self.armed else set()
+
+    def mark_compressed(self, layer_idx: int) -> None:
+        """Called after the press ran on a layer; the cache disarms once every compressible layer is done."""
+        self._pending.discard(layer_idx)
+        if not self._pending:
+            self.armed = False
+
+    # -- the binding ---------------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        _BOUND.set((self, layer_idx, keys))
+        return keys, values
+
+    # -- what the engine asks of layers ----------------------------------------------------------------
+    def compressible_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if getattr(layer, "compressible", False)]
+
+    def to_head_varlen(self, layer_idx: int) -> HeadVarlenLayer:
+        """Switch layer `layer_idx` to per-head storage (kept entries are carried over)."""
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, HeadVarlenLayer):
+            layer = HeadVarlenLayer.from_dense(layer)
+            self.layers[layer_idx] = layer
+        return layer
+
+    # -- several questions on one compressed context ---------------------------------------------------
+    def snapshot(self) -> list:
+        """A cheap record of every layer's state; `restore()` brings the cache back to it."""
+        states = []
+        for layer in self.layers:
+            if isinstance(layer, DenseLayer):
+                states.append(layer.snapshot())
+            else:  # stock sliding layer: update() builds new tensors, so references are a snapshot
+                states.append((layer.keys, layer.values, layer.cumulative_length, layer.is_initialized))
+        return states
+
+    def restore(self, states: list) -> None:
+        for layer, state in zip(self.layers, states):
+            if isinstance(layer, DenseLayer):
+                layer.restore(state)
+            else:
+                layer.keys, layer.values, layer.cumulative_length, layer.is_initialized = state
+
+    # -- accounting ------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """`entries`: per layer, stored entries (an int, or a list per KV head for head-varlen layers);
+        `bytes`: bytes of stored keys and values; `allocated_bytes`: bytes the buffers occupy (capacity and
+        the padding of head-varlen blocks included)."""
+        entries, stored, allocated = [], 0, 0
+        for layer in self.layers:
+            if isinstance(layer, DenseLayer):
+                entries.append(layer.entry_counts())
+                stored += layer.stored_bytes()
+                allocated += layer.allocated_bytes()
+            else:
+                n = 0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2]
+                entries.append(n)
+                if n:
+                    b = layer.keys.numel() * layer.keys.element_size()
+                    b += layer.values.numel() * layer.values.element_size()
+                    stored += b
+                    allocated += b
+        return {"entries": entries, "bytes": stored, "allocated_bytes": allocated}

@@ -1,0 +1,302 @@
+"""Cache layers: what one attention layer stores.
+
+Every layer here reports two lengths (DESIGN §1):
+- the *logical* length (`get_seq_length`): tokens the layer has seen, which drives position ids and
+  how `generate()` slices the prompt;
+- the *physical* length (`n`): entries actually stored after a press removed some.
+
+Masks are built by transformers in logical slot space (`get_mask_sizes` returns the logical size);
+the attention function maps them onto the stored entries through `slots` (the logical slot of each
+stored entry). See docs/decisions.md, "masks in logical space".
+
+Storage is a preallocated buffer with amortised growth, so a decode step writes one column instead of
+concatenating the whole cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+GROWTH = 1.5  # capacity multiplier when a buffer is full
+
+
+class DenseLayer(CacheLayerMixin):
+    """Keys/values `[B, H_kv, cap, D]`, the first `n` columns valid; prunable to the same count per head.
+
+    `slots` is None while the layer is contiguous (entry t holds logical slot t); after a prune it is a
+    `[B, H_kv, cap]` int64 tensor giving the logical slot of each entry.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+    compressible = True
+
+    def __init__(self, reserve: int = 256, **kwargs):
+        super().__init__()
+        self.reserve = reserve
+        self.n = 0  # physical entries
+        self.logical = 0  # tokens seen
+        self.slots: torch.Tensor | None = None
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    # -- storage -------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._alloc(key_states.shape[0], key_states.shape[1], key_states.shape[-1], value_states.shape[-1],
+                    key_states.shape[-2] + self.reserve)
+        self.is_initialized = True
+
+    def _alloc(self, b: int, h: int, dk: int, dv: int, cap: int) -> None:
+        self._k = torch.empty(b, h, cap, dk, dtype=self.dtype, device=self.device)
+        self._v = torch.empty(b, h, cap, dv, dtype=self.dtype, device=self.device)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._k is None else self._k.shape[2]
+
+    def _ensure(self, extra: int) -> None:
+        need = self.n + extra
+        if need <= self.capacity:
+            return
+        cap = max(need, int(self.capacity * GROWTH) + 16)
+        k, v = self._k, self._v
+        self._alloc(k.shape[0], k.shape[1], k.shape[3], v.shape[3], cap)
+        self._k[:, :, : self.n] = k[:, :, : self.n]
+        self._v[:, :, : self.n] = v[:, :, : self.n]
+        self._grow_extra(cap)
+
+    def _grow_extra(self, cap: int) -> None:
+        if self.slots is not None:
+            s = self.slots
+            self.slots = s.new_empty(s.shape[0], s.shape[1], cap)
+            self.slots[:, :, : self.n] = s[:, :, : self.n]
+
+    def _sync_views(self) -> None:
+        self.keys = self._k[:, :, : self.n]
+        self.values = self._v[:, :, : self.n]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        self._ensure(q)
+        self._k[:, :, self.n : self.n + q] = key_states
+        self._v[:, :, self.n : self.n + q] = value_states
+        self._append_extra(q)
+        self.n += q
+        self.logical += q
+        self._sync_views()
+        return self.keys, self.values
+
+    def _append_extra(self, q: int) -> None:
+        if self.slots is not None:
+            new = torch.arange(self.logical, self.logical + q, device=self.slots.device)
+            self.slots[:, :, self.n : self.n + q] = new
+
+    # -- lengths ---------------------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.logical
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.logical + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def entry_slots(self) -> torch.Tensor | None:
+        """Logical slot of each stored entry `[B, H_kv, n]`, or None when entry t is slot t."""
+        return None if self.slots is None else self.slots[:, :, : self.n]
+
+    def entry_valid(self) -> torch.Tensor | None:
+        """`[B, H_kv, n]` bool, or None when every stored entry is valid."""
+        return None
+
+    # -- pruning ---------------------------------------------------------------------------------
+    def _full_slots(self) -> torch.Tensor:
+        if self.slots is not None:
+            return self.slots[:, :, : self.n]
+        b, h = self._k.shape[:2]
+        return torch.arange(self.n, device=self.device).expand(b, h, self.n)
+
+    def keep(self, indices: torch.Tensor) -> None:
+        """Keep the entries at `indices` `[B, H_kv, k]` (physical positions), in that order; free the rest."""
+        b, h, k = indices.shape
+        slots = self._full_slots().gather(2, indices)
+        idx_k = indices[..., None].expand(b, h, k, self._k.shape[3])
+        idx_v = indices[..., None].expand(b, h, k, self._v.shape[3])
+        keys = self._k[:, :, : self.n].gather(2, idx_k)
+        values = self._v[:, :, : self.n].gather(2, idx_v)
+        self._replace(keys, values, slots)
+
+    def _replace(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+        b, h, k = slots.shape
+        self.n = 0
+        self._alloc(b, h, keys.shape[3], values.shape[3], k + self.reserve)
+        self._k[:, :, :k] = keys
+        self._v[:, :, :k] = values
+        self.slots = slots.new_empty(b, h, k + self.reserve)
+        self.slots[:, :, :k] = slots
+        self.n = k
+        self._sync_views()
+
+    # -- snapshot / restore (answering several questions from one compressed context) ----------------
+    def snapshot(self) -> tuple:
+        return (self.n, self.logical)
+
+    def restore(self, state: tuple) -> None:
+        self.n, self.logical = state
+        self._sync_views()
+
+    # -- accounting ------------------------------------------------------------------------------
+    def entry_counts(self) -> int | list[int]:
+        return self.n
+
+    def stored_bytes(self) -> int:
+        if self._k is None:
+            return 0
+        b, h = self._k.shape[:2]
+        per = (self._k.shape[3] + self._v.shape[3]) * self._k.element_size()
+        return b * h * self.n * per
+
+    def allocated_bytes(self) -> int:
+        if self._k is None:
+            return 0
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
+    # -- transformers Cache API --------------------------------------------------------------------
+    def reset(self) -> None:
+        self.n = self.logical = 0
+        self.slots = None
+        self._k = self._v = self.keys = self.values = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        drop = -tokens_to_remove
+        if self.slots is not None and drop > 0:
+            # entries appended after the last prune are contiguous at the end
+            drop = min(drop, self.n)
+        self.n -= drop
+        self.logical -= drop
+        self._sync_views()
+
+    def _index_batch(self, index: torch.Tensor) -> None:
+        self._k = self._k[index]
+        self._v = self._v[index]
+        if self.slots is not None:
+            self.slots = self.slots[index]
+        self._index_batch_extra(index)
+        self._sync_views()
+
+    def _index_batch_extra(self, index: torch.Tensor) -> None:
+        pass
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._index_batch(beam_idx.to(self.device))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._index_batch(indices.to(self.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            b = self._k.shape[0]
+            self._index_batch(torch.arange(b, device=self.device).repeat_interleave(repeats))
+
+    def offload(self):  # buffers stay where they are; views would dangle otherwise
+        pass
+
+    def prefetch(self):
+        pass
+
+
+class HeadVarlenLayer(DenseLayer):
+    """Per-head budgets: each KV head keeps its own number of entries.
+
+    On CPU the kept entries of each head are compacted to the front of a padded block `[B, H_kv, cap, D]`
+    with a validity mask `valid [B, H_kv, cap]`; entries appended while decoding are valid for every head.
+    """
+
+    def __init__(self, reserve: int = 256, **kwargs):
+        super().__init__(reserve=reserve)
+        self.valid: torch.Tensor | None = None
+
+    @classmethod
+    def from_dense(cls, layer: DenseLayer) -> HeadVarlenLayer:
+        new = cls(reserve=layer.reserve)
+        new.__dict__.update({k: v for k, v in layer.__dict__.items() if k != "valid"})
+        new.valid = None
+        return new
+
+    def _grow_extra(self, cap: int) -> None:
+        super()._grow_extra(cap)
+        if self.valid is not None:
+            v = self.valid
+            self.valid = v.new_zeros(v.shape[0], v.shape[1], cap)
+            self.valid[:, :, : self.n] = v[:, :, : self.n]
+
+    def _append_extra(self, q: int) -> None:
+        super()._append_extra(q)
+        if self.valid is not None:
+            self.valid[:, :, self.n : self.n + q] = True
+
+    def _index_batch_extra(self, index: torch.Tensor) -> None:
+        if self.valid is not None:
+            self.valid = self.valid[index]
+
+    def entry_valid(self) -> torch.Tensor | None:
+        return None if self.valid is None else self.valid[:, :, : self.n]
+
+    def keep_mask(self, keep: torch.Tensor) -> None:
+        """Keep entries where `keep [B, H_kv, n]` is True; each head may keep a different number.
+
+        Kept entries are compacted to the front (original order preserved); the block is padded to the
+        largest head's count and `valid` marks the real ones.
+        """
+        b, h, n = keep.shape
+        old_valid = self.entry_valid()
+        if old_valid is not None:
+            keep = keep & old_valid
+        counts = keep.sum(-1)
+        kmax = int(counts.max()) if counts.numel() else 0
+        # stable sort puts kept entries first, in their original order
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :kmax]
+        valid = torch.arange(kmax, device=keep.device) < counts[..., None]
+        slots = self._full_slots().gather(2, order)
+        idx_k = order[..., None].expand(b, h, kmax, self._k.shape[3])
+        idx_v = order[..., None].expand(b, h, kmax, self._v.shape[3])
+        keys = self._k[:, :, : self.n].gather(2, idx_k)
+        values = self._v[:, :, : self.n].gather(2, idx_v)
+        self._replace(keys, values, slots)
+        self.valid = valid.new_zeros(b, h, self.capacity)
+        self.valid[:, :, :kmax] = valid
+
+    def keep(self, indices: torch.Tensor) -> None:
+        old_valid = self.entry_valid()
+        super().keep(indices)
+        if old_valid is not None:
+            v = old_valid.gather(2, indices)
+            self.valid = v.new_zeros(v.shape[0], v.shape[1], self.capacity)
+            self.valid[:, :, : v.shape[2]] = v
+
+    def entry_counts(self) -> int | list[int]:
+        if self.valid is None:
+            return self.n
+        return self.entry_valid().sum(dim=(0, 2)).tolist()
+
+    def stored_bytes(self) -> int:
+        if self.valid is None or self._k is None:
+            return super().stored_bytes()
+        per = (self._k.shape[3] + self._v.shape[3]) * self._k.element_size()
+        return int(self.entry_valid().sum()) * per
+
+    def reset(self) -> None:
+        super().reset()
+        self.valid = None

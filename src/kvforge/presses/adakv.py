@@ -1,0 +1,59 @@
+"""AdaKV: head-adaptive budgets. One top-k across all heads of a layer, with a per-head floor.
+
+Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM
+Inference", 2024, https://arxiv.org/abs/2407.11550. Default safeguard α = 0.2 (each head keeps at least
+α × the uniform per-head budget). Heads keep different numbers of entries: the layer becomes head-varlen
+and really stores only the kept entries (padded to the largest head on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvforge.errors import KVForgeError
+from kvforge.presses.base import LayerContext, Press, ScorerPress, descending_rank, keep_count, select_mask
+from kvforge.presses.registry import PRESSES, register
+
+
+@register("adakv")
+@dataclass
+class AdaKVPress(Press):
+    """Wraps a scorer press (`scorer`: a name or a `ScorerPress`; default snapkv).
+
+    Per row: total = H_kv × k (k = uniform per-head keep count); every head first keeps its top
+    `floor(α·k)` entries, then the best remaining entries across all heads fill the total.
+    """
+
+    kind = "wrapper"
+    frees_memory = "yes (per-head packed on GPU; padded block on CPU)"
+    paper = "https://arxiv.org/abs/2407.11550"
+    scorer: object = field(default="snapkv")
+    alpha_safeguard: float = 0.2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.scorer, str):
+            if self.scorer not in PRESSES or not issubclass(PRESSES[self.scorer], ScorerPress):
+                allowed = sorted(n for n, c in PRESSES.items() if issubclass(c, ScorerPress))
+                raise KVForgeError(f"adakv: scorer={self.scorer!r}; allowed: {', '.join(allowed)}")
+            self.scorer = PRESSES[self.scorer]()
+        if not isinstance(self.scorer, ScorerPress):
+            raise KVForgeError(f"adakv: scorer must be a scorer press, got {type(self.scorer).__name__}")
+        if not 0.0 <= self.alpha_safeguard <= 1.0:
+            raise KVForgeError(f"adakv: alpha_safeguard={self.alpha_safeguard} is outside [0, 1]")
+
+    def compress(self, ctx: LayerContext) -> None:
+        k = keep_count(ctx.n_real, self.compression_ratio, self.budget)  # [B] per head
+        if bool((k >= ctx.n_real).all()):
+            return
+        scores = self.scorer.score(ctx).float().masked_fill(~ctx.real, float("-inf"))
+        b, h, n = scores.shape
+        floor = (self.alpha_safeguard * k.double()).long()  # [B]
+        head_rank = descending_rank(scores)
+        scores = torch.where(head_rank < floor[:, None, None], torch.full_like(scores, float("inf")), scores)
+        flat_rank = descending_rank(scores.reshape(b, 1, h * n)).reshape(b, h, n)
+        keep = flat_rank < (k * h)[:, None, None]
+        select_mask(ctx, keep)
+

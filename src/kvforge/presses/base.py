@@ -1,0 +1,201 @@
+"""Press base classes: what a compression method implements, and what the engine gives it.
+
+A press runs inside the `kvforge` attention function, once per compressible layer, right after the
+layer's attention over the full prefill was computed (so the prefill output is exact, as in kvpress).
+It decides which entries the layer keeps and tells the layer (`keep`, `keep_mask`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+
+from kvforge.errors import KVForgeError
+
+GQA_AGGREGATIONS = ("mean", "max", "sum")
+
+
+class LayerContext:
+    """Everything a press may read for one layer, computed lazily.
+
+    Shapes: `query [B, Hq, q, D]` (this forward's queries), `keys [B, H_kv, n, D]`, `values [B, H_kv, n, Dv]`
+    (every stored entry of the layer, the new ones included), `real [B, H_kv, n]` (entry is a real token,
+    not padding or an invalid slot), `token_index [B, H_kv, n]` (position among the row's real tokens).
+    """
+
+    def __init__(self, module, cache, layer_idx: int, query: torch.Tensor, attention_mask, scaling: float | None):
+        self.module = module
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.layer = cache.layers[layer_idx]
+        self.query = query
+        self.attention_mask = attention_mask
+        self.scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        compressible = cache.compressible_layers()
+        self.rank = compressible.index(layer_idx)  # index among compressible layers
+        self.num_layers = len(compressible)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.layer.keys
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.layer.values
+
+    @property
+    def groups(self) -> int:
+        return self.query.shape[1] // self.keys.shape[1]
+
+    def mask(self, rows: slice | None = None) -> torch.Tensor:
+        """Bool mask of (some of) this forward's queries over the stored entries, `[B, 1 | H_kv, r, n]`."""
+        from kvforge.attention.function import entry_mask
+
+        q = self.query.shape[2]
+        m = entry_mask(self.attention_mask, self.layer, q, rows=rows if rows is not None else slice(0, q))
+        return m
+
+    @cached_property
+    def real(self) -> torch.Tensor:
+        b, h, n = self.keys.shape[:3]
+        return self.mask(slice(-1, None))[:, :, 0].expand(b, h, n)
+
+    @cached_property
+    def n_real(self) -> torch.Tensor:
+        """Real entries per row `[B]` (the most any head holds)."""
+        return self.real.sum(-1).amax(-1)
+
+    @cached_property
+    def token_index(self) -> torch.Tensor:
+        return self.real.long().cumsum(-1) - 1
+
+    def window_attention(self, window: int) -> torch.Tensor:
+        """Softmax attention of the last `window` queries over every entry, float32, `[B, H_kv, G, w, n]`."""
+        b, hq, q, d = self.query.shape
+        h, n = self.keys.shape[1], self.keys.shape[2]
+        w = min(window, q)
+        qw = self.query[:, :, q - w :].float().reshape(b, h, self.groups, w, d)
+        logits = torch.einsum("bhgwd,bhnd->bhgwn", qw, self.keys.float()) * self.scaling
+        mask = self.mask(slice(q - w, q))  # [B, 1|H, w, n]
+        logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def aggregate_groups(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Aggregate per-query-head scores `[B, H_kv, G, n]` to per-KV-head `[B, H_kv, n]`."""
+    if how == "mean":
+        return scores.mean(2)
+    if how == "max":
+        return scores.amax(2)
+    return scores.sum(2)
+
+
+def keep_count(n: torch.Tensor, compression_ratio: float | None, budget: int | None) -> torch.Tensor:
+    """Entries to keep per row from `n [B]` real entries (kvpress: `int(n * (1 - ratio))`)."""
+    if budget is not None:
+        return n.clamp(max=budget)
+    return (n.double() * (1.0 - compression_ratio)).long()
+
+
+def descending_rank(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along the last axis (0 = highest score), ties broken by position."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    ar = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ar)
+
+
+def select_topk(ctx: LayerContext, scores: torch.Tensor, k: torch.Tensor) -> None:
+    """Keep the `k[b]` highest-scoring real entries of every head of row b (same count for all heads).
+
+    Rows keeping fewer than the batch maximum are filled with padding entries, which their mask hides,
+    so each row keeps exactly what it would keep alone.
+    """
+    real = ctx.real
+    rank = descending_rank(scores.float().masked_fill(~real, float("-inf")))
+    selected = (rank < k[:, None, None]) & real
+    kmax = int(k.max())
+    priority = selected.to(torch.int8) * 2 + (~real).to(torch.int8)
+    idx = priority.topk(kmax, dim=-1, sorted=False).indices.sort(-1).values
+    ctx.layer.keep(idx)
+
+
+def select_mask(ctx: LayerContext, keep: torch.Tensor) -> None:
+    """Keep entries where `keep [B, H_kv, n]`; heads may keep different numbers (head-varlen layer)."""
+    layer = ctx.cache.to_head_varlen(ctx.layer_idx)
+    ctx.layer = layer
+    layer.keep_mask(keep & ctx.real)
+
+
+@dataclass
+class Press:
+    """A KV-cache method. Subclasses are dataclasses registered with `@register("name")`.
+
+    `compression_ratio`: fraction of context entries removed, in [0, 1) (kvpress convention).
+    `budget`: entries kept per layer and head (KVCache-Factory's `max_capacity_prompt`). At most one of them.
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "prefill"  # prefill | decode | wrapper | quantization | ...
+    query_aware: ClassVar[bool] = False
+    frees_memory: ClassVar[str] = "yes"
+    extra_passes: ClassVar[str] = "0"
+    paper: ClassVar[str] = ""
+
+    compression_ratio: float | None = None
+    budget: int | None = None
+
+    def __post_init__(self):
+        if self.compression_ratio is not None and self.budget is not None:
+            raise KVForgeError(
+                f"{self.name}: give compression_ratio ({self.compression_ratio}) or budget ({self.budget}), not both"
+            )
+        if self.compression_ratio is None and self.budget is None:
+            self.compression_ratio = 0.0
+        if self.compression_ratio is not None:
+            r = self.compression_ratio
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
+                raise KVForgeError(f"{self.name}: compression_ratio={r!r} is outside the allowed range [0, 1)")
+            self.compression_ratio = float(r)
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
+                                        or self.budget < 1):
+            raise KVForgeError(f"{self.name}: budget={self.budget!r} must be a positive integer (entries kept)")
+
+    def compress(self, ctx: LayerContext) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class ScorerPress(Press):
+    """A press that scores entries; the base keeps the top-scoring ones, the same number per head.
+
+    Subclasses implement `score(ctx) -> [B, H_kv, n]` (higher = keep). Scores computed per query head are
+    aggregated per KV head with `gqa_aggregation` (mean | max | sum); the cache is never stored per
+    query head.
+    """
+
+    gqa_aggregation: str = "mean"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gqa_aggregation not in GQA_AGGREGATIONS:
+            raise KVForgeError(
+                f"{self.name}: gqa_aggregation={self.gqa_aggregation!r}; allowed: {', '.join(GQA_AGGREGATIONS)}"
+            )
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def keep_per_row(self, ctx: LayerContext) -> torch.Tensor:
+        return keep_count(ctx.n_real, self.compression_ratio, self.budget)
+
+    def compress(self, ctx: LayerContext) -> None:
+        k = self.keep_per_row(ctx)
+        if bool((k >= ctx.n_real).all()):
+            return  # nothing to remove: leave the layer untouched (no-op ratio = plain generation)
+        select_topk(ctx, self.score(ctx), k)

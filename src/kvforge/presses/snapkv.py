@@ -1,0 +1,55 @@
+"""SnapKV: keep the entries the last prompt tokens (the observation window) attend to most.
+
+Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", NeurIPS 2024,
+https://arxiv.org/abs/2404.14469. Defaults from the paper: window 32, pooling kernel 7.
+In the query-agnostic setting (kvpress's) the window is the end of the *context*, not the question.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvforge.errors import KVForgeError
+from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups
+from kvforge.presses.registry import register
+
+
+@register("snapkv")
+@dataclass
+class SnapKVPress(ScorerPress):
+    """Score `[B, H_kv, n]`: attention of the window queries `[B, Hq, w, D]` to each entry, summed over
+    the window, aggregated per KV head, then 1-D pooled along the sequence; window entries always kept."""
+
+    paper = "https://arxiv.org/abs/2404.14469"
+    window_size: int = 32
+    kernel_size: int = 7
+    pooling: str = "avg"  # avg | max
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pooling not in ("avg", "max"):
+            raise KVForgeError(f"snapkv: pooling={self.pooling!r}; allowed: avg, max")
+        if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise KVForgeError(
+                f"snapkv: window_size={self.window_size}, kernel_size={self.kernel_size}; "
+                "allowed: window_size >= 1 and an odd kernel_size >= 1"
+            )
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        n = ctx.keys.shape[2]
+        w = min(self.window_size, ctx.query.shape[2], n)
+        probs = ctx.window_attention(w)  # [B, H, G, w, n]
+        prefix = aggregate_groups(probs[..., : n - w].sum(3), self.gqa_aggregation)  # [B, H, n - w]
+        b, h = prefix.shape[:2]
+        flat = prefix.reshape(b * h, 1, n - w)
+        pad = self.kernel_size // 2
+        if n - w > 0 and self.pooling == "max":
+            flat = F.max_pool1d(flat, self.kernel_size, stride=1, padding=pad)
+        elif n - w > 0:
+            flat = F.avg_pool1d(flat, self.kernel_size, stride=1, padding=pad)
+        scores = torch.full((b, h, n), float("inf"), device=prefix.device)
+        scores[:, :, : n - w] = flat.reshape(b, h, n - w)  # the window itself is always kept
+        return scores
