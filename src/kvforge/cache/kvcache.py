@@ -116,13 +116,15 @@ class KVCache(Cache):
     def stats(self) -> dict:
         """`entries`: per layer, stored entries (an int, or a list per KV head for head-varlen layers);
         `bytes`: bytes of stored keys and values; `allocated_bytes`: bytes the buffers occupy (capacity and
-        the padding of head-varlen blocks included)."""
-        entries, stored, allocated = [], 0, 0
+        the padding of head-varlen blocks included); `uncompressed_bytes`: what the same tokens take with
+        nothing removed."""
+        entries, stored, allocated, full = [], 0, 0, 0
         for layer in self.layers:
             if isinstance(layer, DenseLayer):
                 entries.append(layer.entry_counts())
                 stored += layer.stored_bytes()
                 allocated += layer.allocated_bytes()
+                full += layer.uncompressed_bytes()
             else:
                 n = 0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2]
                 entries.append(n)
@@ -131,4 +133,5 @@ class KVCache(Cache):
                     b += layer.values.numel() * layer.values.element_size()
                     stored += b
                     allocated += b
-        return {"entries": entries, "bytes": stored, "allocated_bytes": allocated}
+                    full += b
+        return {"entries": entries, "bytes": stored, "allocated_bytes": allocated, "uncompressed_bytes": full}

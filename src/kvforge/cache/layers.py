@@ -161,6 +161,13 @@ class DenseLayer(CacheLayerMixin):
         per = (self._k.shape[3] + self._v.shape[3]) * self._k.element_size()
         return b * h * self.n * per
 
+    def uncompressed_bytes(self) -> int:
+        """What the layer would store had nothing been removed: every logical token, every head."""
+        if self._k is None:
+            return 0
+        b, h = self._k.shape[:2]
+        return b * h * self.logical * (self._k.shape[3] + self._v.shape[3]) * self._k.element_size()
+
     def allocated_bytes(self) -> int:
         if self._k is None:
             return 0

@@ -22,5 +22,5 @@ class RandomPress(ScorerPress):
     def score(self, ctx: LayerContext) -> torch.Tensor:
         b, h, n = ctx.keys.shape[:3]
         g = torch.Generator(device="cpu").manual_seed(self.seed * 100_003 + ctx.layer_idx)
-        table = torch.rand(h, n, generator=g).to(ctx.keys.device)
+        table = torch.rand(n, h, generator=g).T.to(ctx.keys.device)  # position-major: a prefix of any longer draw
         return table[None].expand(b, h, n).gather(2, ctx.token_index.clamp(min=0))

@@ -1,0 +1,143 @@
+"""`kvforge …` command line. User mistakes print one line (`kvforge: error: …`) and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib.resources import files
+
+from kvforge.errors import KVForgeError
+
+EXAMPLE_QUESTIONS = [
+    "Who was the first director of the Harbour Archive?",
+    "Why did the logbook of the Silver Heron survive the fire?",
+]
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _entries_summary(entries: list) -> str:
+    parts = []
+    for e in entries:
+        parts.append(str(e) if isinstance(e, int) else "[" + ",".join(map(str, e)) + "]")
+    return " ".join(parts)
+
+
+def _press_from_args(args):
+    from kvforge.presses import get_press
+
+    if not args.press or args.press == "none":
+        if args.compression_ratio is not None or args.budget is not None:
+            raise KVForgeError("--compression-ratio/--budget need --press; allowed presses: kvforge presses")
+        return None
+    kwargs = {}
+    if args.compression_ratio is not None:
+        kwargs["compression_ratio"] = args.compression_ratio
+    if args.budget is not None:
+        kwargs["budget"] = args.budget
+    if args.scorer:
+        kwargs["scorer"] = args.scorer
+    return get_press(args.press, **kwargs)
+
+
+def cmd_generate(args) -> None:
+    from kvforge.generate import generate
+    from kvforge.models import load_model
+
+    press = _press_from_args(args)  # validate before the (slow) model load
+    if args.context_file:
+        try:
+            with open(args.context_file, encoding="utf-8") as f:
+                context = f.read()
+        except OSError as e:
+            raise KVForgeError(f"cannot read --context-file {args.context_file!r}: {e.strerror}") from None
+    else:
+        context = files("kvforge").joinpath("data/example_context.txt").read_text(encoding="utf-8")
+    questions = args.question or EXAMPLE_QUESTIONS
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    t1 = time.perf_counter()
+    answers, cache = generate(
+        model, tok, context, questions, press=press, max_new_tokens=args.max_new_tokens, return_cache=True
+    )
+    t2 = time.perf_counter()
+    for q, a in zip(questions, answers):
+        print(f"Q: {q}\nA: {a}\n")
+    s = cache.stats()
+    name = "none" if press is None else f"{press.name} {press.options()}"
+    print(f"press: {name}")
+    print(f"entries kept per layer: {_entries_summary(s['entries'])}")
+    print(
+        f"KV bytes: {_fmt_bytes(s['uncompressed_bytes'])} uncompressed -> {_fmt_bytes(s['bytes'])} stored "
+        f"({s['bytes'] / max(s['uncompressed_bytes'], 1):.2f}x; buffers {_fmt_bytes(s['allocated_bytes'])})"
+    )
+    print(f"time: load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s")
+
+
+def cmd_presses(args) -> None:
+    from kvforge.presses import press_table
+
+    rows = press_table()
+    cols = ["name", "kind", "query_aware", "frees_memory", "extra_passes", "paper"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def cmd_demo(args) -> None:
+    """Until the evaluation harness lands: `generate` on the embedded model, no press and snapkv 0.5."""
+    for press in (None, "snapkv"):
+        ns = argparse.Namespace(
+            model=args.model, press=press, compression_ratio=0.5 if press else None, budget=None, scorer=None,
+            context_file=None, question=None, max_new_tokens=48, dtype=None, device=None,
+        )
+        print(f"=== {press or 'no press'} ===")
+        cmd_generate(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvforge", description="KV-cache compression for Hugging Face causal LMs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="compress a context once and answer questions from it")
+    g.add_argument("--model", default="smollm2-135m", help="alias, HF id, local dir or .gguf (default smollm2-135m)")
+    g.add_argument("--press", default=None, help="press name (see `kvforge presses`), or none")
+    g.add_argument("--compression-ratio", type=float, default=None, help="fraction of context entries removed")
+    g.add_argument("--budget", type=int, default=None, help="entries kept per layer (instead of a ratio)")
+    g.add_argument("--scorer", default=None, help="scorer for wrapper presses such as adakv (default snapkv)")
+    g.add_argument("--context-file", default=None, help="text file with the context (default: a bundled example)")
+    g.add_argument("--question", action="append", help="a question (repeat for several)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
+    g.add_argument("--device", default=None, help="cpu | cuda | auto")
+    g.set_defaults(func=cmd_generate)
+
+    pr = sub.add_parser("presses", help="list the registered presses")
+    pr.set_defaults(func=cmd_presses)
+
+    d = sub.add_parser("demo", help="the main job of `make demo` on the embedded model")
+    d.add_argument("--model", default="smollm2-135m")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KVForgeError as e:
+        print(f"kvforge: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

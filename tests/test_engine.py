@@ -1,0 +1,210 @@
+"""The engine: exact equality with plain generate, physical pruning, per-head storage, binding, batching."""
+
+import threading
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvforge import KVCache, generate, get_press
+from kvforge.cache import DenseLayer, HeadVarlenLayer
+from kvforge.generate import encode_prompt
+from kvforge.models import tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
+CONTEXT = (
+    "Mira keeps bees on the hill behind the mill. Every spring she counts the hives, paints the doors blue "
+    "and writes the numbers in a red notebook. The miller's son helps her carry the frames. "
+) * 2
+CONTEXTS = [CONTEXT, CONTEXT[:140], "A short note about the mill and the river."]
+QUESTIONS = ["What colour are the hive doors?", "Who helps Mira?"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {f: tiny_model(f) for f in FAMILIES}
+
+
+def plain_generate(model, tok, contexts, question, max_new_tokens):
+    """Reference: stock transformers (sdpa attention, DynamicCache), left padding, the same token ids."""
+    rows = [sum(encode_prompt(tok, c, question), []) for c in contexts]
+    width = max(map(len, rows))
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    model.set_attn_implementation("sdpa")
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+    finally:
+        model.set_attn_implementation("kvforge")
+    return [tok.decode(r, skip_special_tokens=True).strip() for r in out[:, width:]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_press_equals_plain_generate(models, smol_tokenizer, family):
+    model, tok = models[family], smol_tokenizer
+    for press in (None, get_press("snapkv", compression_ratio=0.0)):
+        alone = generate(model, tok, CONTEXTS[0], QUESTIONS[:1], press=press, max_new_tokens=32)
+        assert alone == plain_generate(model, tok, CONTEXTS[:1], QUESTIONS[0], 32)
+        batch = generate(model, tok, CONTEXTS, QUESTIONS[:1], press=press, max_new_tokens=32)
+        assert [b[0] for b in batch] == plain_generate(model, tok, CONTEXTS, QUESTIONS[0], 32)
+
+
+def test_smollm2_no_press_equals_plain_generate(smol):
+    model, tok = smol
+    ctx = "The capital of the fictional country of Norvania is Tallberg, a city of bridges."
+    q = "What is the capital of Norvania?"
+    assert generate(model, tok, ctx, [q], max_new_tokens=32) == plain_generate(model, tok, [ctx], q, 32)
+    ctxs = [ctx, "Berlin is the capital of Germany. Paris is the capital of France."]
+    got = [a[0] for a in generate(model, tok, ctxs, [q], press=get_press("knorm", compression_ratio=0.0),
+                                  max_new_tokens=32)]
+    assert got == plain_generate(model, tok, ctxs, q, 32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_layers_physically_store_expected_entries(models, smol_tokenizer, family, ratio):
+    model, tok = models[family], smol_tokenizer
+    n = len(encode_prompt(tok, CONTEXT, QUESTIONS[0])[0])
+    _, cache = generate(model, tok, CONTEXT, QUESTIONS[:1], press=get_press("knorm", compression_ratio=ratio),
+                        max_new_tokens=4, return_cache=True)
+    keep = int(n * (1 - ratio))
+    stats = cache.stats()
+    expected_bytes = 0
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, DenseLayer):
+            assert layer.n == keep and layer.keys.shape[2] == keep and stats["entries"][i] == keep
+            assert layer.get_seq_length() == n  # logical length unchanged: positions stay right
+            expected_bytes += layer.keys.numel() * 4 * 2
+        else:  # sliding layers (gemma3) are untouched: they keep their window
+            assert layer.keys.shape[2] == min(n, layer.sliding_window - 1)
+            expected_bytes += layer.keys.numel() * 4 * 2
+    assert stats["bytes"] == expected_bytes
+    assert stats["bytes"] < stats["uncompressed_bytes"]
+
+
+def test_pyramid_budgets_decrease_and_average(models, smol_tokenizer):
+    model, tok = models["llama"], smol_tokenizer
+    n = len(encode_prompt(tok, CONTEXT, QUESTIONS[0])[0])
+    _, cache = generate(model, tok, CONTEXT, QUESTIONS[:1], press=get_press("pyramidkv", compression_ratio=0.5,
+                        window_size=8), max_new_tokens=2, return_cache=True)
+    counts = [layer.n for layer in cache.layers]
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    assert abs(sum(counts) / len(counts) - int(n * 0.5)) <= 1
+
+
+def test_adakv_head_varlen_counts(models, smol_tokenizer):
+    model, tok = models["llama"], smol_tokenizer
+    n = len(encode_prompt(tok, CONTEXT, QUESTIONS[0])[0])
+    _, cache = generate(model, tok, CONTEXT, QUESTIONS[:1], press=get_press("adakv", compression_ratio=0.5),
+                        max_new_tokens=2, return_cache=True)
+    k = int(n * 0.5)
+    unequal = False
+    for layer in cache.layers:
+        assert isinstance(layer, HeadVarlenLayer)
+        counts = layer.entry_counts()
+        assert sum(counts) == k * len(counts)  # one top-k across the heads of the layer
+        assert min(counts) >= int(0.2 * k)  # the per-head floor
+        assert layer.n == max(counts)  # padded block only as wide as the largest head
+        unequal |= len(set(counts)) > 1
+    assert unequal
+    assert cache.stats()["bytes"] == sum(sum(l.entry_counts()) for l in cache.layers) * 16 * 4 * 2
+
+
+def test_two_questions_equal_each_alone(models, smol_tokenizer):
+    model, tok = models["qwen3"], smol_tokenizer
+    for name in ("snapkv", "adakv"):
+        press = get_press(name, compression_ratio=0.5)
+        both = generate(model, tok, CONTEXT, QUESTIONS, press=press, max_new_tokens=12)
+        alone = [generate(model, tok, CONTEXT, [q], press=press, max_new_tokens=12)[0] for q in QUESTIONS]
+        assert both == alone
+
+
+@pytest.mark.parametrize("name", ["random", "knorm", "streamingllm", "snapkv", "pyramidkv", "adakv"])
+def test_batch_equals_each_context_alone(models, smol_tokenizer, name):
+    model, tok = models["llama"], smol_tokenizer
+    press = get_press(name, compression_ratio=0.5)
+    batch = generate(model, tok, CONTEXTS, QUESTIONS, press=press, max_new_tokens=10)
+    assert batch == [generate(model, tok, c, QUESTIONS, press=press, max_new_tokens=10) for c in CONTEXTS]
+
+
+def test_kvcache_in_model_generate_and_forward(models, smol_tokenizer):
+    model, tok = models["mistral"], smol_tokenizer
+    ids = torch.tensor([sum(encode_prompt(tok, CONTEXT, QUESTIONS[0]), [])])
+    with torch.no_grad():
+        ref = model(ids, past_key_values=DynamicCache(config=model.config)).logits
+        ours = model(ids, past_key_values=KVCache(model)).logits
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    cache = KVCache(model, press=get_press("snapkv", compression_ratio=0.5))
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + 5
+    assert all(e == int(ids.shape[1] * 0.5) + 4 for e in cache.stats()["entries"])  # + 4 decoded tokens
+    assert not cache.armed
+
+
+def test_binding_does_not_leak_across_calls(models, smol_tokenizer):
+    model, tok = models["llama"], smol_tokenizer
+    ids = torch.tensor([sum(encode_prompt(tok, CONTEXT, QUESTIONS[0]), [])])
+    with torch.no_grad():
+        model(ids, past_key_values=KVCache(model, press=get_press("knorm", compression_ratio=0.9)))
+        after = model(ids).logits  # no cache: must not see the compressed cache's binding
+        model.set_attn_implementation("sdpa")
+        ref = model(ids).logits
+        model.set_attn_implementation("kvforge")
+    torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_threads_do_not_share_bindings(models, smol_tokenizer):
+    model, tok = models["llama"], smol_tokenizer
+    presses = [get_press("snapkv", compression_ratio=0.5), get_press("knorm", compression_ratio=0.8), None]
+    expected = [generate(model, tok, CONTEXT, QUESTIONS, press=p, max_new_tokens=8) for p in presses]
+    got = [None] * len(presses)
+
+    def run(i):
+        for _ in range(2):
+            got[i] = generate(model, tok, CONTEXT, QUESTIONS, press=presses[i], max_new_tokens=8)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(presses))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+
+
+def test_dense_layer_growth_keep_and_restore():
+    layer = DenseLayer(reserve=2)
+    k = torch.randn(2, 3, 5, 4)
+    layer.update(k, -k)
+    cap = layer.capacity
+    extra = torch.randn(2, 3, 1, 4)
+    for _ in range(cap):  # grow past the preallocated capacity
+        layer.update(extra, -extra)
+    assert layer.n == 5 + cap and layer.capacity >= layer.n
+    torch.testing.assert_close(layer.keys[:, :, :5], k)
+    idx = torch.tensor([[[0, 2, 4]] * 3, [[1, 2, 3]] * 3])
+    layer.keep(idx)
+    assert layer.n == 3 and layer.logical == 5 + cap
+    torch.testing.assert_close(layer.keys[0, :, 1], k[0, :, 2])
+    torch.testing.assert_close(layer.values[1, :, 0], -k[1, :, 1])
+    assert layer.entry_slots()[1, 0].tolist() == [1, 2, 3]
+    state = layer.snapshot()
+    layer.update(extra, extra)
+    assert layer.entry_slots()[0, 0, -1].item() == 5 + cap
+    layer.restore(state)
+    assert layer.n == 3 and layer.keys.shape[2] == 3
+
+
+def test_head_varlen_keep_mask_compacts():
+    layer = HeadVarlenLayer(reserve=1)
+    k = torch.arange(6.0).view(1, 1, 6, 1).expand(1, 2, 6, 1).contiguous()
+    layer.update(k, k)
+    keep = torch.tensor([[[True, False, True, False, False, True], [False, True, False, False, False, False]]])
+    layer.keep_mask(keep)
+    assert layer.entry_counts() == [3, 1] and layer.n == 3
+    assert layer.keys[0, 0, :, 0].tolist() == [0.0, 2.0, 5.0]
+    assert layer.keys[0, 1, 0, 0].item() == 1.0
+    assert layer.entry_valid()[0, 1].tolist() == [True, False, False]
+    layer.update(torch.ones(1, 2, 1, 1), torch.ones(1, 2, 1, 1))
+    assert layer.entry_counts() == [4, 2]
