@@ -24,7 +24,7 @@ KEEP: dict[int, torch.Tensor] = {}  # layer -> bool [H_kv, n_ctx]; empty = atten
 
 
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    hq, q, d = query.shape[1], query.shape[2], query.shape[3]
+    hq, q = query.shape[1], query.shape[2]
     h, n = key.shape[1], key.shape[2]
     g = hq // h
     k = key.repeat_interleave(g, dim=1)
@@ -85,7 +85,7 @@ def reference_answer(model, tok, choose, ratio: float, max_new_tokens: int) -> s
                 KEEP[layer] = choose(snapkv_scores(attn[0], h), int(n * (1 - ratio)))
             model.set_attn_implementation("kvforge_test_reference")
             ids, tokens = torch.tensor([q]), []
-            for step in range(max_new_tokens):
+            for _ in range(max_new_tokens):
                 pos = torch.arange(cache.get_seq_length(), cache.get_seq_length() + ids.shape[1])[None]
                 logits = model(ids, past_key_values=cache, position_ids=pos, use_cache=True).logits[0, -1]
                 nxt = int(logits.argmax())

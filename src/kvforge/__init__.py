@@ -5,10 +5,7 @@ from kvforge.attention import register as _register_attention
 from kvforge.cache import KVCache
 from kvforge.errors import KVForgeError
 from kvforge.generate import generate
-try:  # TEMP while models.py is being written
-    from kvforge.models import load_model
-except ImportError:  # pragma: no cover
-    load_model = None
+from kvforge.models import load_model
 from kvforge.presses import Press, ScorerPress, get_press, list_presses
 
 _register_attention()

@@ -75,7 +75,7 @@ class LayerContext:
     def window_attention(self, window: int) -> torch.Tensor:
         """Softmax attention of the last `window` queries over every entry, float32, `[B, H_kv, G, w, n]`."""
         b, hq, q, d = self.query.shape
-        h, n = self.keys.shape[1], self.keys.shape[2]
+        h = self.keys.shape[1]
         w = min(window, q)
         qw = self.query[:, :, q - w :].float().reshape(b, h, self.groups, w, d)
         logits = torch.einsum("bhgwd,bhnd->bhgwn", qw, self.keys.float()) * self.scaling
