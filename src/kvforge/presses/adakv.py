@@ -27,7 +27,7 @@ class AdaKVPress(Press):
     """
 
     kind = "wrapper"
-    frees_memory = "yes (per-head packed on GPU; padded block on CPU)"
+    frees_memory = "yes, padded to the largest head"
     paper = "https://arxiv.org/abs/2407.11550"
     scorer: object = field(default="snapkv")
     alpha_safeguard: float = 0.2
