@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -80,6 +81,103 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache:
     return out.logits[:, -1]
 
 
+@dataclass
+class Encoded:
+    """A batch of contexts (left-padded ids `[B, L]` and mask) and, per context, the ids of each question."""
+
+    ctx_ids: torch.Tensor
+    ctx_mask: torch.Tensor
+    q_rows: list[list[list[int]]]
+    pad_id: int
+
+    @property
+    def longest_question(self) -> int:
+        return max(len(r) for row in self.q_rows for r in row)
+
+
+def encode(model, tokenizer, contexts: list[str], questions: list[list[str]], answer_prefix: str = "",
+           chat_template: bool | None = None, max_new_tokens: int = 0) -> Encoded:
+    """Tokenize contexts and questions (see `encode_prompt`) and check they fit the model's window."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    enc = [[encode_prompt(tokenizer, c, q, answer_prefix, chat_template) for q in row]
+           for c, row in zip(contexts, questions)]
+    ctx_rows = [row[0][0] if row else encode_prompt(tokenizer, c, "", "", chat_template)[0]
+                for c, row in zip(contexts, enc)]
+    q_rows = [[q for _, q in row] for row in enc]
+    longest_q = max((len(r) for row in q_rows for r in row), default=0)
+    limit = model_max_length(model)
+    longest = max(len(r) for r in ctx_rows)
+    if limit and longest + longest_q + max_new_tokens > limit:
+        raise KVForgeError(
+            f"context of {longest} tokens + question of {longest_q} + max_new_tokens={max_new_tokens} exceeds "
+            f"the model's maximum of {limit} tokens; shorten the context"
+        )
+    ctx_ids, ctx_mask = _left_pad(ctx_rows, pad_id, device)
+    return Encoded(ctx_ids, ctx_mask, q_rows, pad_id)
+
+
+def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int) -> list[list[str]]:
+    """Greedy answers to every question of `enc` from `cache` (which holds the prefilled contexts).
+
+    The cache is restored after each question, so answers never see each other.
+    """
+    state = cache.snapshot()
+    answers: list[list[str]] = [[] for _ in enc.q_rows]
+    device = enc.ctx_ids.device
+    for j in range(len(enc.q_rows[0])):
+        q_ids, q_mask = _left_pad([row[j] for row in enc.q_rows], enc.pad_id, device)
+        ids = torch.cat([enc.ctx_ids, q_ids], dim=1)
+        mask = torch.cat([enc.ctx_mask, q_mask], dim=1)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=cache,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=enc.pad_id,
+            )
+        for i, row in enumerate(out[:, ids.shape[1] :]):
+            answers[i].append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        cache.restore(state)
+    return answers
+
+
+def compress_prefilled(cache: KVCache, press) -> KVCache:
+    """Apply `press` to a copy of a cache prefilled with `record=True`, as if it had run during the prefill.
+
+    Presses run right after each layer's prefill attention and never change that layer's output, so
+    compressing afterwards with the recorded queries gives exactly the end-to-end result — one prefill
+    then serves every (press, ratio). The original cache is left untouched.
+    """
+    from kvforge.presses.base import LayerContext
+
+    if cache.recorded is None:
+        raise KVForgeError("compress_prefilled needs a cache prefilled with record=True")
+    fork = cache.fork()
+    if press is None:
+        return fork
+    fork.press = press
+    for layer_idx in fork.compressible_layers():
+        module, query, attention_mask, scaling = cache.recorded[layer_idx]
+        press.compress(LayerContext(module, fork, layer_idx, query, attention_mask, scaling))
+    fork.press = None
+    return fork
+
+
+def prefill_context(model, enc: Encoded, press=None, max_new_tokens: int = 64, record: bool = False) -> KVCache:
+    """Prefill the contexts of `enc` into a new KVCache, compressing it with `press` on the way."""
+    cache = KVCache(model, press=press, reserve=enc.longest_question + max_new_tokens + 8)
+    cache.recorded = {} if record else None
+    prefill(model, enc.ctx_ids, enc.ctx_mask, cache)
+    cache.armed = False
+    return cache
+
+
 def generate(
     model,
     tokenizer,
@@ -106,47 +204,9 @@ def generate(
     if not contexts:
         raise KVForgeError("context is an empty list; give a string or a non-empty list of strings")
     qs = _questions_per_context(questions, len(contexts))
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    enc = [[encode_prompt(tokenizer, c, q, answer_prefix, chat_template) for q in row] for c, row in zip(contexts, qs)]
-    ctx_rows = [row[0][0] for row in enc]
-    q_rows = [[q for _, q in row] for row in enc]
-    longest_q = max(len(r) for row in q_rows for r in row)
-    limit = model_max_length(model)
-    longest = max(len(r) for r in ctx_rows)
-    if limit and longest + longest_q + max_new_tokens > limit:
-        raise KVForgeError(
-            f"context of {longest} tokens + question of {longest_q} + max_new_tokens={max_new_tokens} exceeds "
-            f"the model's maximum of {limit} tokens; shorten the context"
-        )
-
-    cache = KVCache(model, press=press, reserve=longest_q + max_new_tokens + 8)
-    ctx_ids, ctx_mask = _left_pad(ctx_rows, pad_id, device)
-    prefill(model, ctx_ids, ctx_mask, cache)
-    cache.armed = False
-    state = cache.snapshot()
-
-    answers: list[list[str]] = [[] for _ in contexts]
-    for j in range(len(qs[0])):
-        q_ids, q_mask = _left_pad([row[j] for row in q_rows], pad_id, device)
-        ids = torch.cat([ctx_ids, q_ids], dim=1)
-        mask = torch.cat([ctx_mask, q_mask], dim=1)
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                past_key_values=cache,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad_id,
-            )
-        for i, row in enumerate(out[:, ids.shape[1] :]):
-            answers[i].append(tokenizer.decode(row, skip_special_tokens=True).strip())
-        cache.restore(state)
+    enc = encode(model, tokenizer, contexts, qs, answer_prefix, chat_template, max_new_tokens)
+    cache = prefill_context(model, enc, press, max_new_tokens)
+    answers = answer(model, tokenizer, cache, enc, max_new_tokens)
     result = answers if batched else answers[0]
     return (result, cache) if return_cache else result
 

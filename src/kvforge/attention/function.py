@@ -107,7 +107,9 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
         if mask is None and q > 1 and key.shape[2] > q:
             mask = causal_mask(q, key.shape[2], key.device)
     out = run(query, key, value, mask, scale=scaling, is_causal=is_causal)
-    if layer is not None and isinstance(layer, DenseLayer) and cache.armed:
+    if isinstance(layer, DenseLayer) and cache.recorded is not None and q > 1:
+        cache.recorded[layer_idx] = (module, query, attention_mask, scaling)
+    if isinstance(layer, DenseLayer) and cache.armed:
         from kvforge.presses.base import LayerContext
 
         cache.press.compress(LayerContext(module, cache, layer_idx, query, attention_mask, scaling))

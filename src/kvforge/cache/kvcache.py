@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,19 @@ class KVCache(Cache):
         self.press = press
         self.armed = press is not None
         self._pending: set[int] = set(self.compressible_layers()) if self.armed else set()
+        # layer -> (module, query, logical mask, scaling) of the last prefill, when recording (shared sweeps)
+        self.recorded: dict | None = None
+
+    def fork(self) -> KVCache:
+        """A copy that can be compressed and decoded independently of this cache.
+
+        Layers are copied shallowly: pruning allocates new buffers, and decoding only writes beyond the
+        snapshot point, which `restore()` rewinds; stock sliding layers never write in place.
+        """
+        new = copy.copy(self)
+        new.layers = [copy.copy(layer) for layer in self.layers]
+        new.armed, new._pending, new.recorded = False, set(), None
+        return new
 
     def mark_compressed(self, layer_idx: int) -> None:
         """Called after the press ran on a layer; the cache disarms once every compressible layer is done."""
