@@ -165,7 +165,8 @@ def compress_prefilled(cache: KVCache, press) -> KVCache:
     for layer_idx in fork.compressible_layers():
         module, query, attention_mask, scaling = cache.recorded[layer_idx]
         press.compress(LayerContext(module, fork, layer_idx, query, attention_mask, scaling))
-    fork.press = None
+    decode_time = hasattr(press, "on_decode") or hasattr(press, "select")
+    fork.press = press if decode_time else None
     return fork
 
 

@@ -96,24 +96,36 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
     if bound is not None:
         cache, layer_idx = bound
         layer = cache.layers[layer_idx]
-    if isinstance(layer, DenseLayer):
-        mask = entry_mask(attention_mask, layer, q)
-        is_causal = mask is None and q > 1
-    else:  # no cache, another cache, or a stock sliding layer: the mask fits the keys as given
+    if not isinstance(layer, DenseLayer):  # no cache, another cache, or a stock sliding layer
         mask = attention_mask
         if mask is not None and mask.dtype != torch.bool:
             mask = mask == 0
         is_causal = mask is None and q > 1 and key.shape[2] == q
         if mask is None and q > 1 and key.shape[2] > q:
             mask = causal_mask(q, key.shape[2], key.device)
-    out = run(query, key, value, mask, scale=scaling, is_causal=is_causal)
-    if isinstance(layer, DenseLayer) and cache.recorded is not None and q > 1:
-        cache.recorded[layer_idx] = (module, query, attention_mask, scaling)
-    if isinstance(layer, DenseLayer) and cache.armed:
-        from kvforge.presses.base import LayerContext
+        out = run(query, key, value, mask, scale=scaling, is_causal=is_causal)
+        return out.transpose(1, 2).contiguous(), None
 
-        cache.press.compress(LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
+    from kvforge.presses.base import LayerContext
+
+    press, ctx = cache.press, None
+    mask = entry_mask(attention_mask, layer, q)
+    if press is not None and not cache.armed and q == 1 and hasattr(press, "select"):
+        # decode-time selection (Quest): attend a subset of the stored entries, evict nothing
+        ctx = LayerContext(module, cache, layer_idx, query, attention_mask, scaling)
+        chosen = press.select(ctx)  # bool [B, H_kv, n] or None
+        if chosen is not None:
+            chosen = chosen[:, :, None, :]
+            mask = chosen if mask is None else mask & chosen
+    out = run(query, key, value, mask, scale=scaling, is_causal=mask is None and q > 1)
+    if cache.recorded is not None and q > 1:
+        cache.recorded[layer_idx] = (module, query, attention_mask, scaling)
+    if cache.armed:
+        press.compress(LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
         cache.mark_compressed(layer_idx)
+    elif press is not None and hasattr(press, "on_decode"):
+        # decode-time presses (H2O, TOVA, Scissorhands, DecodingPress) see every later forward
+        press.on_decode(ctx or LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -110,17 +110,18 @@ class KVCache(Cache):
 
     # -- several questions on one compressed context ---------------------------------------------------
     def snapshot(self) -> list:
-        """A cheap record of every layer's state; `restore()` brings the cache back to it."""
+        """A cheap record of every layer (the layer object and its state); `restore()` returns to it."""
         states = []
         for layer in self.layers:
             if isinstance(layer, DenseLayer):
-                states.append(layer.snapshot())
+                states.append((layer, layer.snapshot()))
             else:  # stock sliding layer: update() builds new tensors, so references are a snapshot
-                states.append((layer.keys, layer.values, layer.cumulative_length, layer.is_initialized))
+                states.append((layer, (layer.keys, layer.values, layer.cumulative_length, layer.is_initialized)))
         return states
 
     def restore(self, states: list) -> None:
-        for layer, state in zip(self.layers, states):
+        for i, (layer, state) in enumerate(states):
+            self.layers[i] = layer
             if isinstance(layer, DenseLayer):
                 layer.restore(state)
             else:

@@ -143,11 +143,16 @@ class DenseLayer(CacheLayerMixin):
         self._sync_views()
 
     # -- snapshot / restore (answering several questions from one compressed context) ----------------
+    _STATE = ("n", "logical", "_k", "_v", "slots")
+
     def snapshot(self) -> tuple:
-        return (self.n, self.logical)
+        """Lengths and buffer references. Pruning allocates new buffers and appends only write past `n`, so
+        references are enough to come back here (decode-time presses included)."""
+        return tuple(getattr(self, a) for a in self._STATE)
 
     def restore(self, state: tuple) -> None:
-        self.n, self.logical = state
+        for a, v in zip(self._STATE, state):
+            setattr(self, a, v)
         self._sync_views()
 
     # -- accounting ------------------------------------------------------------------------------
@@ -230,6 +235,8 @@ class HeadVarlenLayer(DenseLayer):
     On CPU the kept entries of each head are compacted to the front of a padded block `[B, H_kv, cap, D]`
     with a validity mask `valid [B, H_kv, cap]`; entries appended while decoding are valid for every head.
     """
+
+    _STATE = DenseLayer._STATE + ("valid",)
 
     def __init__(self, reserve: int = 256, **kwargs):
         super().__init__(reserve=reserve)
