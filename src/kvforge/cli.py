@@ -92,15 +92,50 @@ def cmd_presses(args) -> None:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
 
 
+def _csv(text: str, cast=str) -> list:
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KVForgeError(f"cannot read {text!r} as a comma-separated list of {cast.__name__}") from None
+
+
+def _length(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+
+
+def cmd_eval(args) -> None:
+    from kvforge.eval.runner import format_table, run_eval, write_summary
+
+    out = run_eval(
+        args.model, _csv(args.tasks), _csv(args.presses), _csv(args.ratios, float), _csv(args.length, _length),
+        args.samples, args.out, seed=args.seed, max_new_tokens=args.max_new_tokens,
+        shared_prefill=not args.no_shared_prefill, argv=sys.argv[1:],
+    )
+    print(format_table(write_summary(out)))
+    print(f"\nreport: {out / 'report.html'}")
+
+
+def cmd_report(args) -> None:
+    from pathlib import Path
+
+    from kvforge.eval.report import write_report
+
+    if not (Path(args.dir) / "results.jsonl").exists():
+        raise KVForgeError(f"{args.dir!r} has no results.jsonl; give the --out directory of a `kvforge eval` run")
+    print(write_report(args.dir))
+
+
+def cmd_viz(args) -> None:
+    from kvforge.viz import attention_map
+
+    print(attention_map(args.model, args.context_file, args.out, layers=args.layers))
+
+
 def cmd_demo(args) -> None:
-    """Until the evaluation harness lands: `generate` on the embedded model, no press and snapkv 0.5."""
-    for press in (None, "snapkv"):
-        ns = argparse.Namespace(
-            model=args.model, press=press, compression_ratio=0.5 if press else None, budget=None, scorer=None,
-            context_file=None, question=None, max_new_tokens=48, dtype=None, device=None,
-        )
-        print(f"=== {press or 'no press'} ===")
-        cmd_generate(ns)
+    from kvforge.eval.demo import run_demo
+
+    run_demo(args.out, model_name=args.model, samples=args.samples)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,8 +158,36 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("presses", help="list the registered presses")
     pr.set_defaults(func=cmd_presses)
 
-    d = sub.add_parser("demo", help="the main job of `make demo` on the embedded model")
+    e = sub.add_parser("eval", help="sweep presses × ratios over generated benchmarks, one prefill per sample")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--tasks", required=True, help="comma-separated task names (e.g. niah_single_1,facts_qa)")
+    e.add_argument("--presses", required=True, help="comma-separated presses; wrappers as adakv:knorm")
+    e.add_argument("--ratios", default="0.25,0.5,0.75", help="comma-separated compression ratios")
+    e.add_argument("--length", default="2000", help="context length(s) in model tokens, e.g. 2000 or 1k,2k")
+    e.add_argument("--samples", type=int, default=5, help="samples per task and length")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--max-new-tokens", type=int, default=None, help="cap on answer length (default: per task)")
+    e.add_argument("--no-shared-prefill", action="store_true", help="prefill again for every press (slow)")
+    e.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="rebuild report.html and the PNGs of an eval directory")
+    r.add_argument("dir")
+    r.set_defaults(func=cmd_report)
+
+    v = sub.add_parser("viz", help="visualisations")
+    vsub = v.add_subparsers(dest="what", required=True)
+    va = vsub.add_parser("attention", help="attention map of a prompt (averaged over heads) as a PNG")
+    va.add_argument("--model", default="smollm2-135m")
+    va.add_argument("--context-file", required=True)
+    va.add_argument("--out", default="attention.png")
+    va.add_argument("--layers", default=None, help="comma-separated layer indices (default: 4 spread layers)")
+    va.set_defaults(func=cmd_viz)
+
+    d = sub.add_parser("demo", help="the main job of `make demo`: a compact eval sweep on the embedded model")
     d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--samples", type=int, default=None, help="samples per task (default: the demo's own)")
     d.set_defaults(func=cmd_demo)
     return p
 

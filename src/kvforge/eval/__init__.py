@@ -1,0 +1,1 @@
+"""Evaluation: task generators (`tasks/`), metrics, runner and report."""

@@ -1,0 +1,335 @@
+"""`kvforge eval`: every (press, ratio) on every sample, from one prefill per sample.
+
+For each sample the context is prefilled once (recording each layer's queries); the uncompressed
+baseline answers from that cache, and every (press, ratio) compresses a fork of it — identical to running
+each press end to end (tested), at a fraction of the cost. Results are appended to `results.jsonl` as
+they finish; re-running the same command skips finished work, so an interrupted run loses nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kvforge.errors import KVForgeError
+from kvforge.generate import answer, compress_prefilled, encode, model_max_length, prefill_context
+
+SUMMARY_COLUMNS = ["task", "press", "compression_ratio", "n", "score", "baseline_score", "agreement", "seconds"]
+BASELINE = "none"
+
+
+def parse_press(spec: str):
+    """`name` or `wrapper:scorer` (e.g. `adakv:knorm`) -> a press factory taking `compression_ratio`."""
+    from kvforge.presses import get_press
+
+    name, _, scorer = spec.partition(":")
+    get_press(name, **({"scorer": scorer} if scorer else {}))  # validate now, with a clear error
+
+    def make(ratio: float):
+        kwargs = {"compression_ratio": ratio}
+        if scorer:
+            kwargs["scorer"] = scorer
+        return get_press(name, **kwargs)
+
+    return make
+
+
+def _git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _device_name(model) -> str:
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _versions() -> dict:
+    import transformers
+
+    import kvforge
+
+    return {"kvforge": kvforge.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _prepare_out(out: str | os.PathLike) -> Path:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise KVForgeError(f"output directory {str(path)!r} is not writable: {e.strerror}") from None
+    return path
+
+
+def _drop_partial_line(results: Path) -> None:
+    """An interrupt can cut the last line short: drop it so appended records start on a fresh line."""
+    if not results.exists():
+        return
+    data = results.read_bytes()
+    if data and not data.endswith(b"\n"):
+        results.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def _load_done(results: Path) -> dict[tuple, dict]:
+    done = {}
+    if results.exists():
+        with results.open(encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by an interrupt: that unit is simply redone
+                    continue
+                done[(r["task"], r["sample_id"], r["press"], r["compression_ratio"])] = r
+    return done
+
+
+def _score_answers(sample, predictions: list[str], baseline: list[str] | None) -> tuple[list[float], float | None]:
+    from kvforge.eval.metrics import agreement, score
+
+    scores = [score(sample.metric, p, g) for p, g in zip(predictions, sample.answers)]
+    agree = None
+    if baseline is not None:
+        agree = sum(agreement(p, b) for p, b in zip(predictions, baseline)) / max(len(predictions), 1)
+    return scores, agree
+
+
+def _perplexity(model, cache, enc, continuation: list[int]) -> float:
+    """Perplexity of `continuation` given the (possibly compressed) context in `cache`."""
+    state = cache.snapshot()
+    device = enc.ctx_ids.device
+    ids = torch.tensor([continuation], device=device)
+    mask = torch.cat([enc.ctx_mask, torch.ones_like(ids)], dim=1)
+    pos = (mask.cumsum(-1) - 1)[:, -ids.shape[1] :]
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+    cache.restore(state)
+    # the first continuation token is predicted by the context's last logits: skip it (same for every press)
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="mean")
+    return float(torch.exp(nll))
+
+
+def run_eval(
+    model_name: str,
+    tasks: list[str],
+    presses: list[str],
+    ratios: list[float],
+    length: int | list[int],
+    samples: int | dict[str, int],
+    out: str | os.PathLike,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+    shared_prefill: bool = True,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+    argv: list[str] | None = None,
+) -> Path:
+    """Run the sweep; returns the output directory (results.jsonl, summary.csv, run_meta.json, report)."""
+    from kvforge.eval.tasks import make_samples
+
+    if not presses:
+        raise KVForgeError("the press list is empty; give at least one press (see `kvforge presses`)")
+    if not tasks:
+        raise KVForgeError("the task list is empty; give at least one task")
+    for r in ratios:
+        if not 0.0 <= r < 1.0:
+            raise KVForgeError(f"ratio {r} is outside the allowed range [0, 1)")
+    factories = {spec: parse_press(spec) for spec in presses}
+    out_dir = _prepare_out(out)
+    if model is None:
+        from kvforge.models import load_model
+
+        model, tokenizer = load_model(model_name)
+    lengths = [length] if isinstance(length, int) else list(length)
+    limit = model_max_length(model)
+    for n in lengths:
+        if n < 1 or (limit and n > limit):
+            raise KVForgeError(f"length {n} is outside the model's window of 1..{limit} tokens")
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta_path = out_dir / "run_meta.json"
+    meta = {
+        "args": {"model": model_name, "tasks": tasks, "presses": presses, "ratios": ratios, "length": length,
+                 "samples": samples, "seed": seed, "max_new_tokens": max_new_tokens, "shared_prefill": shared_prefill},
+        "argv": argv, "git_commit": _git_commit(), "versions": _versions(), "device": _device_name(model),
+        "started": started, "prompt_format": "chat template around context + question; answer prefix appended",
+    }
+    meta_path.write_text(json.dumps(meta, indent=2))
+
+    per_task = samples if isinstance(samples, dict) else dict.fromkeys(tasks, samples)
+    all_samples = [s for t in tasks for n in lengths for s in make_samples(t, tokenizer, n, per_task[t], seed)]
+    results_path = out_dir / "results.jsonl"
+    _drop_partial_line(results_path)
+    done = _load_done(results_path)
+    grid = [(spec, r) for spec in presses for r in ratios]
+    total = len(all_samples) * (1 + len(grid))
+    bar = tqdm(total=total, desc="eval", unit="run", disable=not progress, dynamic_ncols=True)
+    wall0 = time.perf_counter()
+    with results_path.open("a", encoding="utf-8") as sink:
+
+        def emit(record: dict) -> None:
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+            done[(record["task"], record["sample_id"], record["press"], record["compression_ratio"])] = record
+
+        for sample in all_samples:
+            key = (sample.task, sample.id)
+            todo = [(s, r) for s, r in grid if key + (s, r) not in done]
+            base_done = key + (BASELINE, 0.0) in done
+            bar.update(len(grid) - len(todo) + int(base_done))
+            if not todo and base_done:
+                continue
+            bar.set_postfix_str(f"{sample.task} {sample.id[-12:]}")
+            _run_sample(model, tokenizer, sample, factories, todo, base_done, done, emit, max_new_tokens,
+                        shared_prefill, bar)
+    bar.close()
+    meta["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta["wall_seconds"] = round(time.perf_counter() - wall0, 2)
+    meta_path.write_text(json.dumps(meta, indent=2))
+    write_summary(out_dir)
+    return out_dir
+
+
+def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_new_tokens, shared, bar):
+    is_ppl = sample.metric == "ppl"
+    mnt = max_new_tokens or sample.max_new_tokens
+    continuation: list[int] = []
+    context = sample.context
+    if is_ppl:  # compress the first 3/4 of the text, measure perplexity on the rest
+        ids = tok(context, add_special_tokens=False)["input_ids"]
+        cut = len(ids) * 3 // 4
+        context, continuation = tok.decode(ids[:cut]), ids[cut:]
+    questions = [] if is_ppl else sample.questions
+    enc = encode(model, tok, [context], [questions], sample.answer_prefix, max_new_tokens=0 if is_ppl else mnt)
+
+    def evaluate(cache) -> tuple[list[str], float]:
+        if is_ppl:
+            return [], _perplexity(model, cache, enc, continuation)
+        return answer(model, tok, cache, enc, mnt)[0], float("nan")
+
+    t0 = time.perf_counter()
+    full = prefill_context(model, enc, None, mnt, record=shared)
+    prefill_s = time.perf_counter() - t0
+    base_key = (sample.task, sample.id, BASELINE, 0.0)
+    if base_done:
+        baseline = done[base_key]["predictions"]
+    else:
+        t0 = time.perf_counter()
+        baseline, ppl = evaluate(full)
+        emit(_record(sample, BASELINE, 0.0, baseline, None, ppl, time.perf_counter() - t0, prefill_s, None))
+        bar.update(1)
+    for spec, ratio in todo:
+        t0 = time.perf_counter()
+        press = factories[spec](ratio)
+        if shared:
+            cache = compress_prefilled(full, press)
+            pre = 0.0
+        else:  # end to end: a fresh prefill with the press active
+            cache = prefill_context(model, enc, press, mnt)
+            pre = time.perf_counter() - t0
+        preds, ppl = evaluate(cache)
+        stats = cache.stats()
+        emit(_record(sample, spec, ratio, preds, baseline, ppl, time.perf_counter() - t0, pre, stats))
+        del cache
+        bar.update(1)
+
+
+def _record(sample, press, ratio, preds, baseline, ppl, seconds, prefill_s, stats) -> dict:
+    if sample.metric == "ppl":
+        scores, agree, score = [], None, ppl
+    else:
+        scores, agree = _score_answers(sample, preds, baseline if press != BASELINE else None)
+        score = sum(scores) / max(len(scores), 1)
+    return {
+        "task": sample.task, "sample_id": sample.id, "press": press, "compression_ratio": ratio,
+        "metric": sample.metric, "questions": sample.questions, "predictions": preds, "golds": sample.answers,
+        "scores": scores, "score": score, "agreement": agree, "seconds": round(seconds, 4),
+        "prefill_seconds": round(prefill_s, 4), "meta": sample.meta,
+        "kv_bytes": None if stats is None else stats["bytes"],
+    }
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (task, press, ratio): mean score, the baseline's mean score on the same samples,
+    mean agreement with the baseline's answers, total seconds."""
+    base = {(r["task"], r["sample_id"]): r["score"] for r in records if r["press"] == BASELINE}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["task"], r["press"], r["compression_ratio"])].append(r)
+    rows = []
+    for (task, press, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != BASELINE,
+                                                                            kv[0][1], kv[0][2])):
+        rows.append({
+            "task": task, "press": press, "compression_ratio": ratio, "n": len(rs),
+            "score": _round(_mean(r["score"] for r in rs)),
+            "baseline_score": _round(_mean(base.get((task, r["sample_id"])) for r in rs)),
+            "agreement": _round(_mean(r["agreement"] for r in rs)),
+            "seconds": round(sum(r["seconds"] for r in rs), 2),
+        })
+    return rows
+
+
+def _round(x):
+    return None if x is None else round(x, 4)
+
+
+def read_results(out_dir: str | os.PathLike) -> list[dict]:
+    return list(_load_done(Path(out_dir) / "results.jsonl").values())
+
+
+def write_summary(out_dir: str | os.PathLike) -> list[dict]:
+    """Write `summary.csv` (and the HTML report) from `results.jsonl`; returns the summary rows."""
+    out_dir = Path(out_dir)
+    rows = summarize(read_results(out_dir))
+    with (out_dir / "summary.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r[k] is None else r[k]) for k in SUMMARY_COLUMNS})
+    try:
+        from kvforge.eval.report import write_report
+
+        write_report(out_dir)
+    except ImportError:  # report module not available: the CSV is still complete
+        pass
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The summary as an aligned text table."""
+    cols = SUMMARY_COLUMNS
+    cells = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

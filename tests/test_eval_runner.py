@@ -1,0 +1,95 @@
+"""The eval runner: shared prefill == end to end, resume after interrupt, outputs, bad input."""
+
+import csv
+import json
+
+import pytest
+
+from kvforge import KVForgeError
+from kvforge.eval import runner
+from kvforge.eval.runner import run_eval
+from kvforge.models import tiny_model
+
+TASKS = ["niah_single_1", "facts_qa"]
+PRESSES = ["knorm", "snapkv", "adakv:knorm"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama")
+
+
+def run(tmp, tiny, tok, **kw):
+    args = dict(model_name="tiny-llama", tasks=TASKS, presses=PRESSES, ratios=[0.3, 0.7], length=400,
+                samples=2, out=tmp, max_new_tokens=6, model=tiny, tokenizer=tok, progress=False)
+    args.update(kw)
+    return run_eval(**args)
+
+
+def records(out):
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    return {(r["task"], r["sample_id"], r["press"], r["compression_ratio"]): r for r in rows}
+
+
+def summary(out, drop=("seconds",)):
+    with (out / "summary.csv").open() as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def test_shared_prefill_equals_end_to_end(tmp_path, tiny, smol_tokenizer):
+    shared = records(run(tmp_path / "shared", tiny, smol_tokenizer))
+    e2e = records(run(tmp_path / "e2e", tiny, smol_tokenizer, shared_prefill=False))
+    assert shared.keys() == e2e.keys() and len(shared) == 2 * 2 * (1 + len(PRESSES) * 2)
+    for key in shared:
+        assert shared[key]["predictions"] == e2e[key]["predictions"], key
+        assert shared[key]["kv_bytes"] == e2e[key]["kv_bytes"], key
+    compressed = [r for k, r in shared.items() if k[2] != "none"]
+    assert any(r["predictions"] != shared[(r["task"], r["sample_id"], "none", 0.0)]["predictions"]
+               for r in compressed)  # compression changed some answers: the comparison has teeth
+
+
+def test_outputs_and_resume_after_interrupt(tmp_path, tiny, smol_tokenizer, monkeypatch):
+    full = run(tmp_path / "full", tiny, smol_tokenizer)
+    for name in ("results.jsonl", "summary.csv", "run_meta.json", "report.html"):
+        assert (full / name).exists(), name
+    header = (full / "summary.csv").read_text().splitlines()[0]
+    assert header == ",".join(runner.SUMMARY_COLUMNS)
+    meta = json.loads((full / "run_meta.json").read_text())
+    assert {"git_commit", "args", "versions", "device", "started", "ended"} <= meta.keys()
+    assert "<img" in (full / "report.html").read_text() and (full / "score_facts_qa.png").exists()
+
+    # interrupt after 7 finished units, then run the same command again
+    real_record, calls = runner._record, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise KeyboardInterrupt
+        return real_record(*a, **k)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(runner, "_record", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run(part, tiny, smol_tokenizer)
+    monkeypatch.setattr(runner, "_record", real_record)
+    assert len(records(part)) == 7
+    with (part / "results.jsonl").open("a") as f:
+        f.write('{"task": "niah_single_1", "cut by the kill')  # a half-written line is ignored
+    run(part, tiny, smol_tokenizer)
+    assert summary(part) == summary(full)
+    assert len(records(part)) == len(records(full))
+
+
+def test_bad_input(tmp_path, tiny, smol_tokenizer):
+    with pytest.raises(KVForgeError, match="unknown task 'nope'"):
+        run(tmp_path / "a", tiny, smol_tokenizer, tasks=["nope"])
+    with pytest.raises(KVForgeError, match="length 5000 is outside the model's window"):
+        run(tmp_path / "b", tiny, smol_tokenizer, length=5000)
+    with pytest.raises(KVForgeError, match="press list is empty"):
+        run(tmp_path / "c", tiny, smol_tokenizer, presses=[])
+    with pytest.raises(KVForgeError, match="unknown press 'snap'"):
+        run(tmp_path / "d", tiny, smol_tokenizer, presses=["snap"])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(KVForgeError, match="not writable"):
+        run(blocker / "sub", tiny, smol_tokenizer)
