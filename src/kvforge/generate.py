@@ -147,7 +147,7 @@ def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int) 
     return answers
 
 
-def compress_prefilled(cache: KVCache, press) -> KVCache:
+def compress_prefilled(cache: KVCache, press, model=None, enc: Encoded | None = None) -> KVCache:
     """Apply `press` to a copy of a cache prefilled with `record=True`, as if it had run during the prefill.
 
     Presses run right after each layer's prefill attention and never change that layer's output, so
@@ -165,6 +165,10 @@ def compress_prefilled(cache: KVCache, press) -> KVCache:
     for layer_idx in fork.compressible_layers():
         module, query, attention_mask, scaling = cache.recorded[layer_idx]
         press.compress(LayerContext(module, fork, layer_idx, query, attention_mask, scaling))
+    if hasattr(press, "after_prefill"):
+        if model is None or enc is None:
+            raise KVForgeError(f"{press.name} runs extra passes after the prefill: pass model= and enc=")
+        press.after_prefill(model, fork, enc)
     decode_time = hasattr(press, "on_decode") or hasattr(press, "select")
     fork.press = press if decode_time else None
     return fork
@@ -176,6 +180,8 @@ def prefill_context(model, enc: Encoded, press=None, max_new_tokens: int = 64, r
     cache.recorded = {} if record else None
     prefill(model, enc.ctx_ids, enc.ctx_mask, cache)
     cache.armed = False
+    if press is not None and hasattr(press, "after_prefill"):  # presses with extra passes (KVzip)
+        press.after_prefill(model, cache, enc)
     return cache
 
 

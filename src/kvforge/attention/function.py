@@ -118,6 +118,8 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
             chosen = chosen[:, :, None, :]
             mask = chosen if mask is None else mask & chosen
     out = run(query, key, value, mask, scale=scaling, is_causal=mask is None and q > 1)
+    if cache.observer is not None:
+        cache.observer(ctx or LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
     if cache.recorded is not None and layer_idx not in cache.recorded:  # the context prefill only
         cache.recorded[layer_idx] = (module, query, attention_mask, scaling)
     if cache.armed:

@@ -72,6 +72,8 @@ class KVCache(Cache):
         self._pending: set[int] = set(self.compressible_layers()) if self.armed else set()
         # layer -> (module, query, logical mask, scaling) of the last prefill, when recording (shared sweeps)
         self.recorded: dict | None = None
+        # optional callable(LayerContext) run after every attention of a compressible layer (scoring passes)
+        self.observer = None
 
     def fork(self) -> KVCache:
         """A copy that can be compressed and decoded independently of this cache.
@@ -81,7 +83,7 @@ class KVCache(Cache):
         """
         new = copy.copy(self)
         new.layers = [copy.copy(layer) for layer in self.layers]
-        new.armed, new._pending, new.recorded = False, set(), None
+        new.armed, new._pending, new.recorded, new.observer = False, set(), None, None
         return new
 
     def mark_compressed(self, layer_idx: int) -> None:

@@ -292,6 +292,13 @@ class HeadVarlenLayer(DenseLayer):
         self.valid = valid.new_zeros(b, h, self.capacity)
         self.valid[:, :, :kmax] = valid
 
+    def restrict(self, keep: torch.Tensor) -> None:
+        """Hide entries where `keep [B, H_kv, n]` is False without freeing them ("retain" mode: masks only,
+        so one prefill can serve several ratios). `stats()["bytes"]` still counts only visible entries."""
+        valid = keep if self.valid is None else keep & self.entry_valid()
+        self.valid = valid.new_zeros(valid.shape[0], valid.shape[1], self.capacity)
+        self.valid[:, :, : self.n] = valid
+
     def keep(self, indices: torch.Tensor) -> None:
         old_valid = self.entry_valid()
         super().keep(indices)

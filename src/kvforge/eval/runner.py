@@ -247,7 +247,7 @@ def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_
         t0 = time.perf_counter()
         press = factories[spec](ratio)
         if shared:
-            cache = compress_prefilled(full, press)
+            cache = compress_prefilled(full, press, model, enc)
             pre = 0.0
         else:  # end to end: a fresh prefill with the press active
             cache = prefill_context(model, enc, press, mnt)
