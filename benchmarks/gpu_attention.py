@@ -1,0 +1,138 @@
+"""Attention-only decode on the GPU: correctness of the Triton segments kernel, then its bandwidth.
+
+Run on the lent H100 (from the repo root, transformers 5.23 carried as wheels):
+    PYTHONPATH=src python3 benchmarks/gpu_attention.py
+Writes $OUT/gpu_attention.json and prints a table. Llama-3.1-8B shapes: 32 query / 8 KV heads, D = 128, bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kvforge.kernels.decode import decode_attention, decode_attention_ref, dense_segments
+
+DEV = "cuda"
+H, G, D = 8, 4, 128
+OUT = os.environ.get("OUT", ".")
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # ms
+
+
+def copy_bandwidth() -> float:
+    x = torch.randn(2 * 1024**3 // 2, dtype=torch.bfloat16, device=DEV)
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 2 / (ms * 1e-3) / 1e12  # TB/s, bytes read + written
+
+
+def packed(lengths: list[int], b: int, dtype=torch.bfloat16):
+    """Random packed segments: flat K/V with the given per-(row, head) lengths, back to back."""
+    lens = torch.tensor(lengths, device=DEV, dtype=torch.int32)
+    offs = torch.zeros(len(lengths), device=DEV, dtype=torch.int64)
+    offs[1:] = torch.cumsum(lens[:-1].to(torch.int64), 0)
+    total = int(lens.sum())
+    k = torch.randn(max(total, 1), D, device=DEV, dtype=dtype)
+    v = torch.randn(max(total, 1), D, device=DEV, dtype=dtype)
+    q = torch.randn(b, H * G, D, device=DEV, dtype=dtype)
+    return q, k, v, offs, lens
+
+
+def rel_err(out, ref) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12))
+
+
+def check_correctness() -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    cases = [("ragged b1", 1, None), ("ragged b3", 3, None), ("zeros and ones", 2, [0, 1] * 8), ("dense", 2, "dense")]
+    for name, b, spec in cases:
+        for dtype in (torch.bfloat16, torch.float16):
+            if spec == "dense":
+                n = 3001
+                kb = torch.randn(b, H, n + 77, D, device=DEV, dtype=dtype)
+                vb = torch.randn(b, H, n + 77, D, device=DEV, dtype=dtype)
+                k, offs, lens = dense_segments(kb, n)
+                v = vb.view(-1, D)
+                q = torch.randn(b, H * G, D, device=DEV, dtype=dtype)
+                sd = F.scaled_dot_product_attention(q[:, :, None], kb[:, :, :n], vb[:, :, :n], enable_gqa=True)[:, :, 0]
+            else:
+                lengths = spec or torch.randint(0, 5000, (b * H,), generator=gen).tolist()
+                lengths[0] = 0 if spec is None else lengths[0]
+                q, k, v, offs, lens = packed(lengths, b, dtype)
+                sd = None
+            out = decode_attention(q, k, v, offs, lens, D**-0.5)
+            ref = decode_attention_ref(q.double(), k.double(), v.double(), offs, lens, D**-0.5)
+            err = rel_err(out, ref)
+            row = {"case": name, "dtype": str(dtype), "rel_err": err, "nan": bool(torch.isnan(out).any())}
+            if sd is not None:
+                row["rel_err_vs_sdpa"] = rel_err(out, sd)
+            rows.append(row)
+    return rows
+
+
+def timing(copy_tbs: float) -> list[dict]:
+    rows = []
+    for n in (32 * 1024, 128 * 1024):
+        kb = torch.randn(1, H, n, D, device=DEV, dtype=torch.bfloat16)
+        vb = torch.randn(1, H, n, D, device=DEV, dtype=torch.bfloat16)
+        q = torch.randn(1, H * G, D, device=DEV, dtype=torch.bfloat16)
+        full_bytes = 2 * H * n * D * 2
+        k, offs, lens = dense_segments(kb, n)
+        t_tri = bench(lambda: decode_attention(q, k, vb.view(-1, D), offs, lens, D**-0.5, max_len=n))
+        t_sdpa = bench(lambda: F.scaled_dot_product_attention(q[:, :, None], kb, vb, enable_gqa=True))
+        for name, t, nbytes in (("triton dense", t_tri, full_bytes), ("sdpa dense (enable_gqa)", t_sdpa, full_bytes)):
+            rows.append({"context": n, "kernel": name, "kept": 1.0, "ms": t, "TB/s": nbytes / t / 1e9,
+                         "frac_copy": nbytes / t / 1e9 / copy_tbs})
+        for keep in (1.0, 0.25):
+            gen = torch.Generator().manual_seed(1)
+            # ragged per-head budgets around the mean (AdaKV-like), sum = keep × full
+            w = torch.rand(H, generator=gen) + 0.5
+            lengths = (w / w.sum() * H * n * keep).long().clamp(max=n).tolist()
+            qq, kk, vv, oo, ll = packed(lengths, 1)
+            nbytes = 2 * sum(lengths) * D * 2
+            mx = max(lengths)
+            t = bench(lambda: decode_attention(qq, kk, vv, oo, ll, D**-0.5, max_len=mx))
+            rows.append({"context": n, "kernel": "triton packed head-varlen", "kept": keep, "ms": t,
+                         "TB/s": nbytes / t / 1e9, "frac_copy": nbytes / t / 1e9 / copy_tbs})
+            # the same budgets through SDPA on a padded layout (pad every head to the longest, mask the rest)
+            kp = torch.randn(1, H, mx, D, device=DEV, dtype=torch.bfloat16)
+            vp = torch.randn(1, H, mx, D, device=DEV, dtype=torch.bfloat16)
+            mask = (torch.arange(mx, device=DEV)[None, :] < torch.tensor(lengths, device=DEV)[:, None])[None, :, None]
+            qf = qq.view(1, H, G, D)
+            t_pad = bench(lambda: F.scaled_dot_product_attention(qf, kp, vp, attn_mask=mask))
+            rows.append({"context": n, "kernel": "sdpa padded + mask", "kept": keep, "ms": t_pad,
+                         "TB/s": nbytes / t_pad / 1e9, "frac_copy": nbytes / t_pad / 1e9 / copy_tbs})
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> int:
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    copy_tbs = copy_bandwidth()
+    print(f"copy bandwidth (read + write): {copy_tbs:.2f} TB/s")
+    checks = check_correctness()
+    for c in checks:
+        print(c)
+    ok = all(c["rel_err"] < 1e-2 and not c["nan"] for c in checks)
+    times = timing(copy_tbs)
+    print(f"{'context':>8} {'kernel':<28} {'kept':>5} {'ms':>8} {'TB/s':>6} {'of copy':>7}")
+    for r in times:
+        print(f"{r['context']:>8} {r['kernel']:<28} {r['kept']:>5} {r['ms']:>8.4f} {r['TB/s']:>6.2f} "
+              f"{r['frac_copy']:>7.1%}")
+    with open(os.path.join(OUT, "gpu_attention.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": copy_tbs, "checks": checks,
+                   "timing": times}, f, indent=2)
+    print("correctness:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
