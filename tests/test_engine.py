@@ -208,3 +208,20 @@ def test_head_varlen_keep_mask_compacts():
     assert layer.entry_valid()[0, 1].tolist() == [True, False, False]
     layer.update(torch.ones(1, 2, 1, 1), torch.ones(1, 2, 1, 1))
     assert layer.entry_counts() == [4, 2]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_packed_head_varlen_equals_padded(models, smol_tokenizer, family):
+    """The packed layout (CUDA's, decoded here by the kernel's torch twin) answers exactly like the padded
+    block and stores the same entries in less memory."""
+    model, tok = models[family], smol_tokenizer
+    for ratio in (0.3, 0.7):
+        press = get_press("adakv", compression_ratio=ratio)
+        a, padded = generate(model, tok, CONTEXTS, QUESTIONS, press=press, max_new_tokens=12, return_cache=True)
+        b, packed = generate(model, tok, CONTEXTS, QUESTIONS, press=press, max_new_tokens=12, return_cache=True,
+                             packed=True)
+        assert a == b
+        assert padded.stats()["entries"] == packed.stats()["entries"]
+        assert padded.stats()["bytes"] == packed.stats()["bytes"]
+        assert packed.stats()["allocated_bytes"] < padded.stats()["allocated_bytes"]
+        assert any(type(layer).__name__ == "PackedHeadLayer" for layer in packed.layers)

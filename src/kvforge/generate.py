@@ -89,6 +89,9 @@ class Encoded:
     ctx_mask: torch.Tensor
     q_rows: list[list[list[int]]]
     pad_id: int
+    # how the prompts were built (presses with extra passes, e.g. KVzip, phrase their own prompts alike)
+    tokenizer: object = None
+    chat_template: bool | None = None
 
     @property
     def longest_question(self) -> int:
@@ -114,7 +117,7 @@ def encode(model, tokenizer, contexts: list[str], questions: list[list[str]], an
             f"the model's maximum of {limit} tokens; shorten the context"
         )
     ctx_ids, ctx_mask = _left_pad(ctx_rows, pad_id, device)
-    return Encoded(ctx_ids, ctx_mask, q_rows, pad_id)
+    return Encoded(ctx_ids, ctx_mask, q_rows, pad_id, tokenizer, _use_template(tokenizer, chat_template))
 
 
 def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int) -> list[list[str]]:
@@ -147,6 +150,35 @@ def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int) 
     return answers
 
 
+def answer_query_aware(model, tokenizer, enc: Encoded, press, max_new_tokens: int,
+                       packed: bool | None = None) -> tuple[list[list[str]], KVCache]:
+    """Query-aware answers (SnapKV's original setting): for each question, prefill context + question together
+    into a fresh cache compressed by `press`, so the scored window (SnapKV's last tokens) covers the question,
+    then generate the answer directly after.
+
+    Each question needs its own prefill and compression — the cost of query-awareness, and the setting KVzip's
+    paper argues against (a cache compressed for one question serves the next ones badly). Each row is its
+    context + question, left-padded as one prompt, so a row gives the same answer alone or in a batch.
+    Returns the answers and the last question's cache.
+    """
+    if press is not None and hasattr(press, "after_prefill"):
+        raise KVForgeError(f"{press.name} scores the context with extra passes (query-agnostic by design); "
+                           "query_aware=True is not supported for it")
+    answers: list[list[str]] = [[] for _ in enc.q_rows]
+    contexts = [ids[m.bool()].tolist() for ids, m in zip(enc.ctx_ids, enc.ctx_mask)]
+    cache = None
+    for j in range(len(enc.q_rows[0])):
+        ids, mask = _left_pad([c + row[j] for c, row in zip(contexts, enc.q_rows)], enc.pad_id, enc.ctx_ids.device)
+        cache = KVCache(model, press=press, reserve=max_new_tokens + 8, packed=packed)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                 max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                                 top_k=None, pad_token_id=enc.pad_id)
+        for i, row in enumerate(out[:, ids.shape[1] :]):
+            answers[i].append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers, cache
+
+
 def compress_prefilled(cache: KVCache, press, model=None, enc: Encoded | None = None) -> KVCache:
     """Apply `press` to a copy of a cache prefilled with `record=True`, as if it had run during the prefill.
 
@@ -174,9 +206,10 @@ def compress_prefilled(cache: KVCache, press, model=None, enc: Encoded | None = 
     return fork
 
 
-def prefill_context(model, enc: Encoded, press=None, max_new_tokens: int = 64, record: bool = False) -> KVCache:
+def prefill_context(model, enc: Encoded, press=None, max_new_tokens: int = 64, record: bool = False,
+                    packed: bool | None = None) -> KVCache:
     """Prefill the contexts of `enc` into a new KVCache, compressing it with `press` on the way."""
-    cache = KVCache(model, press=press, reserve=enc.longest_question + max_new_tokens + 8)
+    cache = KVCache(model, press=press, reserve=enc.longest_question + max_new_tokens + 8, packed=packed)
     cache.recorded = {} if record else None
     prefill(model, enc.ctx_ids, enc.ctx_mask, cache)
     cache.armed = False
@@ -195,6 +228,8 @@ def generate(
     answer_prefix: str = "",
     chat_template: bool | None = None,
     return_cache: bool = False,
+    packed: bool | None = None,
+    query_aware: bool = False,
 ):
     """Answer `questions` about `context`, compressing the context's KV cache once with `press`.
 
@@ -204,7 +239,11 @@ def generate(
     context, equal to running each context alone. Greedy decoding.
 
     Returns a list of answers (one per question), or a list of such lists for a batch; with
-    `return_cache=True`, `(answers, cache)` where the cache holds the compressed context.
+    `return_cache=True`, `(answers, cache)` where the cache holds the compressed context. `packed` chooses
+    the storage of per-head budgets (default: packed on CUDA, padded block on CPU).
+
+    `query_aware=True` compresses context + question together instead, once per question (see
+    `answer_query_aware`); `return_cache` then gives the last question's cache. Default: query-agnostic.
     """
     batched = not isinstance(context, str)
     contexts = list(context) if batched else [context]
@@ -212,8 +251,11 @@ def generate(
         raise KVForgeError("context is an empty list; give a string or a non-empty list of strings")
     qs = _questions_per_context(questions, len(contexts))
     enc = encode(model, tokenizer, contexts, qs, answer_prefix, chat_template, max_new_tokens)
-    cache = prefill_context(model, enc, press, max_new_tokens)
-    answers = answer(model, tokenizer, cache, enc, max_new_tokens)
+    if query_aware:
+        answers, cache = answer_query_aware(model, tokenizer, enc, press, max_new_tokens, packed=packed)
+    else:
+        cache = prefill_context(model, enc, press, max_new_tokens, packed=packed)
+        answers = answer(model, tokenizer, cache, enc, max_new_tokens)
     result = answers if batched else answers[0]
     return (result, cache) if return_cache else result
 

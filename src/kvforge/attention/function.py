@@ -16,8 +16,9 @@ from transformers.masking_utils import sdpa_mask
 
 from kvforge.attention.backends import BACKENDS, causal_mask
 from kvforge.cache.kvcache import take_binding
-from kvforge.cache.layers import DenseLayer
+from kvforge.cache.layers import DenseLayer, PackedHeadLayer
 from kvforge.errors import KVForgeError
+from kvforge.kernels.decode import decode_attention
 
 NAME = "kvforge"
 _local = threading.local()
@@ -60,6 +61,8 @@ def entry_mask(attention_mask, layer: DenseLayer, q: int, rows: slice | None = N
         q_idx = torch.arange(q, device=layer.device)
     if attention_mask is not None and rows is not None:
         attention_mask = attention_mask[:, :, rows]
+    if attention_mask is None and valid is None and rows is None and q == 1:
+        return None  # decode without padding: every stored entry is in the past and visible
     if slots is None and valid is None:
         if attention_mask is not None:
             return attention_mask
@@ -68,7 +71,7 @@ def entry_mask(attention_mask, layer: DenseLayer, q: int, rows: slice | None = N
         return causal_mask(q, layer.n, layer.device)[:, :, q_idx]
     n = layer.n
     if slots is None:
-        slots = torch.arange(n, device=layer.device).expand(layer._k.shape[0], layer._k.shape[1], n)
+        slots = torch.arange(n, device=layer.device).expand(*valid.shape[:2], n)
     b, h = slots.shape[:2]
     nq = len(q_idx)
     if attention_mask is None:
@@ -108,8 +111,8 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
 
     from kvforge.presses.base import LayerContext
 
-    press, ctx = cache.press, None
-    mask = entry_mask(attention_mask, layer, q)
+    press, ctx, chosen = cache.press, None, None
+    mask = None if isinstance(layer, PackedHeadLayer) else entry_mask(attention_mask, layer, q)
     if press is not None and not cache.armed and q == 1 and hasattr(press, "select"):
         # decode-time selection (Quest): attend a subset of the stored entries, evict nothing
         ctx = LayerContext(module, cache, layer_idx, query, attention_mask, scaling)
@@ -117,7 +120,19 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
         if chosen is not None:
             chosen = chosen[:, :, None, :]
             mask = chosen if mask is None else mask & chosen
-    out = run(query, key, value, mask, scale=scaling, is_causal=mask is None and q > 1)
+    if isinstance(layer, PackedHeadLayer):
+        if q == 1 and attention_mask is None and chosen is None and backend_name() == "sdpa":
+            # packed per-head segments: the Triton kernel on CUDA, its torch twin elsewhere
+            scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+            out = decode_attention(query[:, :, 0], layer.k_flat, layer.v_flat, layer.offsets, layer.lengths, scale,
+                                   max_len=layer.max_len, total=layer.total)[:, :, None]
+        else:
+            key, value = layer.padded()
+            mask = entry_mask(attention_mask, layer, q)
+            mask = mask if chosen is None else mask & chosen
+            out = run(query, key, value, mask, scale=scaling)
+    else:
+        out = run(query, key, value, mask, scale=scaling, is_causal=mask is None and q > 1)
     if cache.observer is not None:
         cache.observer(ctx or LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
     if cache.recorded is not None and layer_idx not in cache.recorded:  # the context prefill only

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
-from kvforge.cache.layers import DenseLayer, HeadVarlenLayer
+from kvforge.cache.layers import DenseLayer, HeadVarlenLayer, PackedHeadLayer
 
 if TYPE_CHECKING:
     from kvforge.presses.base import Press
@@ -53,9 +53,11 @@ class KVCache(Cache):
         press: a `kvforge` press, or None for no compression.
         reserve: extra capacity preallocated after prefill and after each prune (tokens), so decoding
             appends without reallocating.
+        packed: store per-head budgets truly packed (`PackedHeadLayer`, decoded by the Triton kernel) rather
+            than as a padded block (`HeadVarlenLayer`). Default: packed on CUDA, padded on CPU.
     """
 
-    def __init__(self, model: Any, press: Press | None = None, reserve: int = 256):
+    def __init__(self, model: Any, press: Press | None = None, reserve: int = 256, packed: bool | None = None):
         config = getattr(model, "config", model)
         cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
         layers = []
@@ -69,6 +71,7 @@ class KVCache(Cache):
         self.config = cfg
         self.press = press
         self.armed = press is not None
+        self.packed = packed
         self._pending: set[int] = set(self.compressible_layers()) if self.armed else set()
         # layer -> (module, query, logical mask, scaling) of the last prefill, when recording (shared sweeps)
         self.recorded: dict | None = None
@@ -101,6 +104,21 @@ class KVCache(Cache):
     # -- what the engine asks of layers ----------------------------------------------------------------
     def compressible_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if getattr(layer, "compressible", False)]
+
+    def keep_per_head(self, layer_idx: int, keep: torch.Tensor) -> DenseLayer:
+        """Keep entries where `keep [B, H_kv, n]`; heads may keep different numbers. The layer becomes
+        head-varlen: packed on CUDA (or with `packed=True`), a padded block with validity otherwise."""
+        layer = self.layers[layer_idx]
+        packed = self.packed if self.packed is not None else layer.device.type == "cuda"
+        if packed:
+            new = PackedHeadLayer.from_layer(layer, keep) if not isinstance(layer, PackedHeadLayer) else layer
+            if new is layer:
+                layer.keep_mask(keep)
+            self.layers[layer_idx] = new
+            return new
+        layer = self.to_head_varlen(layer_idx)
+        layer.keep_mask(keep)
+        return layer
 
     def to_head_varlen(self, layer_idx: int) -> HeadVarlenLayer:
         """Switch layer `layer_idx` to per-head storage (kept entries are carried over)."""

@@ -41,6 +41,10 @@ class DenseLayer(CacheLayerMixin):
         self.slots: torch.Tensor | None = None
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
+        # Per-layer state of a decode-time press (H2O accumulators, Quest page bounds, ...): a dict of tensors
+        # (batch first) aligned with the entries as the press sees fit. Saved by snapshot() and put back by
+        # restore(); presses replace it and never write into it in place, so a snapshot's copy stays valid.
+        self.press_state: dict | None = None
 
     # -- storage -------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -142,8 +146,19 @@ class DenseLayer(CacheLayerMixin):
         self.n = k
         self._sync_views()
 
+    def replace_entries(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
+        """Overwrite the stored keys and/or values (`[B, H_kv, n, D]`, same entries and slots), e.g. after a
+        merging press. Written into new buffers: forks and snapshots share the old ones by reference."""
+        valid = self.entry_valid()
+        keys = self.keys if keys is None else keys.to(self.dtype)
+        values = self.values if values is None else values.to(self.dtype)
+        self._replace(keys, values, self._full_slots())
+        if valid is not None:  # head-varlen: validity follows the entries into the new buffers
+            self.valid = valid.new_zeros(valid.shape[0], valid.shape[1], self.capacity)
+            self.valid[:, :, : self.n] = valid
+
     # -- snapshot / restore (answering several questions from one compressed context) ----------------
-    _STATE = ("n", "logical", "_k", "_v", "slots")
+    _STATE = ("n", "logical", "_k", "_v", "slots", "press_state")
 
     def snapshot(self) -> tuple:
         """Lengths and buffer references. Pruning allocates new buffers and appends only write past `n`, so
@@ -183,6 +198,7 @@ class DenseLayer(CacheLayerMixin):
         self.n = self.logical = 0
         self.slots = None
         self._k = self._v = self.keys = self.values = None
+        self.press_state = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -203,6 +219,10 @@ class DenseLayer(CacheLayerMixin):
         self._v = self._v[index]
         if self.slots is not None:
             self.slots = self.slots[index]
+        if self.press_state is not None:  # batch-first tensors follow the rows; anything else is kept as is
+            b = self._k.shape[0]
+            self.press_state = {k: v[index] if torch.is_tensor(v) and v.dim() and v.shape[0] == b else v
+                                for k, v in self.press_state.items()}
         self._index_batch_extra(index)
         self._sync_views()
 
@@ -321,3 +341,135 @@ class HeadVarlenLayer(DenseLayer):
     def reset(self) -> None:
         super().reset()
         self.valid = None
+
+
+class PackedHeadLayer(DenseLayer):
+    """Per-head budgets, truly packed: each (row, KV head) segment stores its kept entries back to back in one
+    flat buffer `[N, D]`, followed by its own spare room for decoding, so memory is Σ(kept + reserve), never
+    the longest head times the head count. `offsets`/`lengths` `[B·H_kv]` describe the segments; the Triton
+    decode kernel (`kvforge.kernels.decode`) reads them directly, and the padded view (`padded()`) serves the
+    rare multi-token forwards (a question's prefill) and presses that read entries.
+
+    Used on CUDA (or with `KVCache(..., packed=True)`, which tests use on CPU) in place of `HeadVarlenLayer`.
+    """
+
+    _STATE = ("n", "logical", "k_flat", "v_flat", "slots_flat", "offsets", "lengths", "max_len", "total", "room")
+
+    def __init__(self, reserve: int = 256, **kwargs):
+        super().__init__(reserve=reserve)
+        self.k_flat = self.v_flat = self.slots_flat = self.offsets = self.lengths = None
+        self.max_len = self.total = self.room = 0
+
+    @classmethod
+    def from_layer(cls, layer: DenseLayer, keep: torch.Tensor) -> PackedHeadLayer:
+        """Pack the entries of `layer` where `keep [B, H_kv, n]` is True (original order kept per head)."""
+        new = cls(reserve=layer.reserve)
+        new.dtype, new.device, new.is_initialized = layer.dtype, layer.device, True
+        new.logical = layer.logical
+        valid = layer.entry_valid()
+        keep = keep if valid is None else keep & valid
+        keys, values, slots = layer.keys, layer.values, layer._full_slots()
+        new._pack(keep, keys, values, slots, layer.reserve)
+        return new
+
+    def _pack(self, keep, keys, values, slots, reserve: int) -> None:
+        b, h, _ = keep.shape
+        counts = keep.sum(-1).flatten()
+        caps = counts + reserve
+        offsets = torch.zeros_like(caps)
+        offsets[1:] = torch.cumsum(caps[:-1], 0)
+        total_cap = int(caps.sum())
+        bi, hi, ti = keep.nonzero(as_tuple=True)
+        rank = (keep.long().cumsum(-1) - 1)[bi, hi, ti]
+        dest = offsets[bi * h + hi] + rank
+        self.k_flat = keys.new_empty(max(total_cap, 1), keys.shape[-1])
+        self.v_flat = values.new_empty(max(total_cap, 1), values.shape[-1])
+        self.slots_flat = slots.new_empty(max(total_cap, 1))
+        self.k_flat[dest] = keys[bi, hi, ti]
+        self.v_flat[dest] = values[bi, hi, ti]
+        self.slots_flat[dest] = slots[bi, hi, ti]
+        self.offsets, self.lengths = offsets, counts.to(torch.int32)
+        self.batch, self.heads = b, h
+        self.max_len, self.total, self.room = int(counts.max()), int(counts.sum()), reserve
+        self.n = self.max_len
+        self._k = self._v = self.slots = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        q = key_states.shape[-2]
+        if q > self.room:  # repack with more spare room per segment (amortised: room doubles)
+            keep = self.entry_valid()
+            keys, values = self.padded()
+            self._pack(keep, keys, values, self.entry_slots(), max(2 * self.reserve, q + self.reserve))
+            self.reserve = self.room
+        pos = (self.offsets + self.lengths).view(self.batch, self.heads, 1)
+        dest = (pos + torch.arange(q, device=pos.device)).flatten()
+        self.k_flat[dest] = key_states.reshape(-1, key_states.shape[-1])
+        self.v_flat[dest] = value_states.reshape(-1, value_states.shape[-1])
+        self.slots_flat[dest] = torch.arange(self.logical, self.logical + q, device=pos.device).repeat(
+            self.batch * self.heads
+        )
+        self.lengths = self.lengths + q
+        self.max_len += q
+        self.n = self.max_len
+        self.total += self.batch * self.heads * q
+        self.room -= q
+        self.logical += q
+        return self.k_flat, self.v_flat
+
+    def _sync_views(self) -> None:  # no dense views: readers use padded()
+        self.keys = self.values = None
+
+    def _gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ar = torch.arange(self.max_len, device=self.offsets.device)
+        valid = ar[None, :] < self.lengths[:, None]
+        idx = (self.offsets[:, None] + ar[None, :]).clamp(max=self.k_flat.shape[0] - 1)
+        return idx, valid
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as a padded block `[B, H_kv, max_len, D]` (see `entry_valid` for the real ones)."""
+        idx, _ = self._gather_index()
+        shape = (self.batch, self.heads, self.max_len)
+        return self.k_flat[idx].view(*shape, -1), self.v_flat[idx].view(*shape, -1)
+
+    def entry_slots(self) -> torch.Tensor:
+        idx, valid = self._gather_index()
+        slots = torch.where(valid, self.slots_flat[idx], 0)  # padding positions hold no slot
+        return slots.view(self.batch, self.heads, self.max_len)
+
+    def entry_valid(self) -> torch.Tensor:
+        _, valid = self._gather_index()
+        return valid.view(self.batch, self.heads, self.max_len)
+
+    def _full_slots(self) -> torch.Tensor:
+        return self.entry_slots()
+
+    def snapshot(self) -> tuple:
+        return tuple(getattr(self, a) for a in self._STATE)  # `lengths` is replaced, never written in place
+
+    def entry_counts(self) -> list[int]:
+        return self.lengths.view(self.batch, self.heads).sum(0).tolist()
+
+    def stored_bytes(self) -> int:
+        return self.total * (self.k_flat.shape[-1] + self.v_flat.shape[-1]) * self.k_flat.element_size()
+
+    def allocated_bytes(self) -> int:
+        return (self.k_flat.numel() + self.v_flat.numel()) * self.k_flat.element_size()
+
+    def uncompressed_bytes(self) -> int:
+        per = (self.k_flat.shape[-1] + self.v_flat.shape[-1]) * self.k_flat.element_size()
+        return self.batch * self.heads * self.logical * per
+
+    def keep_mask(self, keep: torch.Tensor) -> None:
+        keys, values = self.padded()
+        self._pack(keep & self.entry_valid(), keys, values, self.entry_slots(), self.room)
+
+    def keep(self, indices: torch.Tensor) -> None:
+        keep = torch.zeros(self.batch, self.heads, self.max_len, dtype=torch.bool, device=indices.device)
+        keep.scatter_(2, indices, True)
+        self.keep_mask(keep)
+
+    def _index_batch(self, index: torch.Tensor) -> None:  # pragma: no cover - beam search on packed heads
+        raise NotImplementedError("beam search / batch reordering is not supported on packed head-varlen layers")
+
+    def crop(self, tokens_to_remove: int) -> None:  # pragma: no cover
+        raise NotImplementedError("crop is not supported on packed head-varlen layers")

@@ -79,47 +79,55 @@ if triton is not None:
             v = tl.load(V + rows[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        base = bh * NS + s
-        tl.store(M + base * GP + g, m_i)
-        tl.store(L + base * GP + g, l_i)
-        tl.store(ACC + (base * GP + g)[:, None] * DV + dv[None, :], acc)
+        base = (bh * NS + s) * G + g  # partial results [rows, NS, G(, DV)]: only the real group rows
+        real = g < G
+        tl.store(M + base, m_i, mask=real)
+        tl.store(L + base, l_i, mask=real)
+        tl.store(ACC + base[:, None] * DV + dv[None, :], acc, mask=real[:, None])
 
     @triton.jit
-    def _merge_kernel(M, L, ACC, OUT, stride_ob, stride_oh, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                      DV: tl.constexpr, NS):
+    def _merge_kernel(M, L, ACC, OUT, stride_ob, stride_oh, NS, H: tl.constexpr, G: tl.constexpr,
+                      DV: tl.constexpr, CH: tl.constexpr):
+        """One program per (segment, query head); splits merged CH at a time with a running max."""
         bh = tl.program_id(0)
+        gi = tl.program_id(1)
         b = bh // H
         h = bh % H
-        g = tl.arange(0, GP)
         dv = tl.arange(0, DV)
-        m_max = tl.full([GP], float("-inf"), tl.float32)
-        for s in range(NS):
-            m_max = tl.maximum(m_max, tl.load(M + (bh * NS + s) * GP + g))
-        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-        den = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, DV], tl.float32)
-        for s in range(NS):
-            base = (bh * NS + s) * GP
-            w = tl.exp(tl.load(M + base + g) - m_safe)
-            den += tl.load(L + base + g) * w
-            acc += tl.load(ACC + (base + g)[:, None] * DV + dv[None, :]) * w[:, None]
-        out = acc / tl.where(den > 0, den, 1.0)[:, None]
-        tl.store(OUT + b * stride_ob + (h * G + g)[:, None] * stride_oh + dv[None, :], out.to(OUT.dtype.element_ty),
-                 mask=(g < G)[:, None])
+        m_run = tl.full([1], float("-inf"), tl.float32)
+        den = tl.zeros([1], tl.float32)
+        acc = tl.zeros([DV], tl.float32)
+        for c in range(0, NS, CH):
+            s = c + tl.arange(0, CH)
+            ok = s < NS
+            base = (bh * NS + s) * G + gi
+            m = tl.load(M + base, mask=ok, other=float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(m, 0))
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            keep = tl.exp(m_run - safe)
+            w = tl.exp(m - safe)
+            den = den * keep + tl.sum(tl.load(L + base, mask=ok, other=0.0) * w, 0)
+            part = tl.load(ACC + base[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
+            acc = acc * keep + tl.sum(part * w[:, None], 0)
+            m_run = m_new
+        out = acc / tl.where(den > 0, den, 1.0)
+        tl.store(OUT + b * stride_ob + (h * G + gi) * stride_oh + dv, out.to(OUT.dtype.element_ty))
 
 
-def _num_splits(rows: int, max_len: int, block_n: int, sms: int) -> tuple[int, int]:
-    """Splits per segment so that rows × splits fills the GPU about twice; keys per split, a block multiple."""
-    want = max(1, math.ceil(2 * sms / max(rows, 1)))
-    ns = max(1, min(want, math.ceil(max(max_len, 1) / block_n)))
-    split = math.ceil(max(max_len, 1) / ns / block_n) * block_n
-    return math.ceil(max(max_len, 1) / split), split
+def _num_splits(total: int, max_len: int, block_n: int, sms: int, waves: int) -> tuple[int, int]:
+    """Keys per split (a block multiple) sized from the *total* entries so the busy programs fill the GPU
+    `waves` times even when heads are ragged; splits per segment cover the longest one (shorter segments'
+    extra programs exit at once)."""
+    per_program = math.ceil(max(total, 1) / (waves * sms))
+    split = max(block_n, math.ceil(per_program / block_n) * block_n)
+    return max(1, math.ceil(max(max_len, 1) / split)), split
 
 
 def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_len: int | None = None,
-                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
-    """Decode attention over segments (see module docstring). `max_len` (host int, the longest segment)
-    avoids a device sync; it is read from `lengths` when omitted."""
+                     total: int | None = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+                     waves: int = 4):
+    """Decode attention over segments (see module docstring). `max_len` and `total` (host ints: the longest
+    segment and the sum of lengths) avoid a device sync; they are read from `lengths` when omitted."""
     if not query.is_cuda or triton is None:
         return decode_attention_ref(query, k_flat, v_flat, offsets, lengths, scale)
     b, hq, d = query.shape
@@ -129,18 +137,20 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
     dv = v_flat.shape[-1]
     if max_len is None:
         max_len = int(lengths.max())
+    if total is None:
+        total = int(lengths.sum())
     sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-    ns, split = _num_splits(rows, max_len, block_n, sms)
+    ns, split = _num_splits(total, max_len, block_n, sms, waves)
     gp = max(16, triton.next_power_of_2(g))
-    m = torch.empty(rows, ns, gp, dtype=torch.float32, device=query.device)
+    m = torch.empty(rows, ns, g, dtype=torch.float32, device=query.device)
     lse = torch.empty_like(m)
-    acc = torch.empty(rows, ns, gp, dv, dtype=torch.float32, device=query.device)
+    acc = torch.empty(rows, ns, g, dv, dtype=torch.float32, device=query.device)
     _split_kernel[(rows, ns)](query, k_flat, v_flat, offsets, lengths, m, lse, acc, scale, split,
                               query.stride(0), query.stride(1), H=h, G=g, GP=gp, D=d, DV=dv, NS=ns,
                               BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
-    _merge_kernel[(rows,)](m, lse, acc, out, out.stride(0), out.stride(1), H=h, G=g, GP=gp, DV=dv, NS=ns,
-                           num_warps=4)
+    _merge_kernel[(rows, g)](m, lse, acc, out, out.stride(0), out.stride(1), ns, H=h, G=g, DV=dv,
+                             CH=32, num_warps=4)
     return out
 
 

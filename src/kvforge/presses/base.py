@@ -38,13 +38,18 @@ class LayerContext:
         self.rank = compressible.index(layer_idx)  # index among compressible layers
         self.num_layers = len(compressible)
 
+    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self.layer, "padded"):  # packed head-varlen: a padded view (entry_valid marks real ones)
+            return self.layer.padded()
+        return self.layer.keys, self.layer.values
+
     @property
     def keys(self) -> torch.Tensor:
-        return self.layer.keys
+        return self._kv()[0]
 
     @property
     def values(self) -> torch.Tensor:
-        return self.layer.values
+        return self._kv()[1]
 
     @property
     def groups(self) -> int:
@@ -124,9 +129,7 @@ def select_topk(ctx: LayerContext, scores: torch.Tensor, k: torch.Tensor) -> Non
 
 def select_mask(ctx: LayerContext, keep: torch.Tensor) -> None:
     """Keep entries where `keep [B, H_kv, n]`; heads may keep different numbers (head-varlen layer)."""
-    layer = ctx.cache.to_head_varlen(ctx.layer_idx)
-    ctx.layer = layer
-    layer.keep_mask(keep & ctx.real)
+    ctx.layer = ctx.cache.keep_per_head(ctx.layer_idx, keep & ctx.real)
 
 
 @dataclass
