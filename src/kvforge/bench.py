@@ -1,0 +1,188 @@
+"""`kvforge bench`: prefill time, compression overhead, decode ms/token, peak memory, KV bytes, attention-only
+time per layer and its bandwidth as a fraction of the device's copy bandwidth (measured at start).
+
+Speed and memory do not depend on weight values, so `--random-weights --config llama3.1-8b` is honest for
+them (accuracy needs real weights: `kvforge eval`). Same-run ratios are what to compare; absolute numbers
+only with the device named (it is written into every row).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from kvforge.cache.kvcache import KVCache
+from kvforge.cache.layers import PackedHeadLayer
+from kvforge.generate import prefill
+from kvforge.kernels.decode import decode_attention
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device, reps: int = 20) -> float:
+    """Median seconds of `fn` after two warm-ups."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    n = (1 << 30) if torch.device(device).type == "cuda" else (1 << 26)
+    x = torch.randn(n // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 2 / _time(lambda: y.copy_(x), device, reps=10)
+
+
+def _attention_only(layer, query, scale, device) -> float:
+    """Seconds for one decode-attention call over the layer's stored entries, as the engine runs it."""
+    from kvforge.attention.backends import sdpa
+
+    if isinstance(layer, PackedHeadLayer):
+        q = query[:, :, 0]
+        return _time(lambda: decode_attention(q, layer.k_flat, layer.v_flat, layer.offsets, layer.lengths, scale,
+                                              max_len=layer.max_len, total=layer.total), device)
+    keys, values = layer.keys, layer.values
+    return _time(lambda: sdpa(query, keys, values, None, scale=scale), device)
+
+
+def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, weights_bytes: int) -> dict:
+    device = ids.device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    cache = KVCache(model, press=press, reserve=new_tokens + 8)
+    mask = torch.ones_like(ids)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = prefill(model, ids, mask, cache)
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+    cache.armed = False
+    tok = logits.argmax(-1, keepdim=True)
+    pos = ids.shape[1]
+    step_times = []
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+            _sync(device)
+            t = time.perf_counter()
+            out = model(input_ids=tok, attention_mask=None, position_ids=torch.full_like(tok, pos),
+                        past_key_values=cache, logits_to_keep=1)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            step_times.append(time.perf_counter() - t)
+            pos += 1
+    decode_s = statistics.median(step_times[2:] if len(step_times) > 4 else step_times)
+    stats = cache.stats()
+    first = cache.compressible_layers()[0]
+    layer = cache.layers[first]
+    cfg = model.config.get_text_config()
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    query = torch.randn(ids.shape[0], cfg.num_attention_heads, 1, hd, dtype=model.dtype, device=device)
+    att_s = _attention_only(layer, query, hd**-0.5, device)
+    per = (2 * hd) * torch.finfo(model.dtype).bits // 8
+    layer_bytes = (layer.total if isinstance(layer, PackedHeadLayer) else layer.n * layer.keys.shape[0]
+                   * layer.keys.shape[1]) * per
+    floor_s = (weights_bytes + stats["bytes"]) / copy_bw
+    entries = stats["entries"][first]
+    return {
+        "press": "none" if press is None else press.name,
+        "compression_ratio": 0.0 if press is None else press.compression_ratio,
+        "context": ids.shape[1], "batch": ids.shape[0],
+        "prefill_s": round(prefill_s, 4),
+        "decode_ms_per_token": round(decode_s * 1e3, 3),
+        "tokens_per_s": round(ids.shape[0] / decode_s, 2),
+        "floor_ms_per_token": round(floor_s * 1e3, 3),
+        "x_floor": round(decode_s / floor_s, 2),
+        "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+        "kv_gb": round(stats["bytes"] / 1e9, 3),
+        "kv_allocated_gb": round(stats["allocated_bytes"] / 1e9, 3),
+        "entries_layer": entries if isinstance(entries, int) else sum(entries),
+        "attention_ms_per_layer": round(att_s * 1e3, 4),
+        "attention_frac_copy_bw": round(layer_bytes / att_s / copy_bw, 3),
+        "layer_kind": type(layer).__name__,
+    }
+
+
+def run_bench(model_name: str | None, config: str | None, contexts: list[int], batch: int, presses: list[str],
+              ratios: list[float], new_tokens: int, out: str, device: str | None = None) -> list[dict]:
+    from kvforge.eval.runner import _device_name, _git_commit, _prepare_out, parse_press
+    from kvforge.models import load_model
+
+    out_dir = _prepare_out(out)
+    factories = {spec: parse_press(spec) for spec in presses if spec != "none"}
+    if config:
+        model, _ = load_model(config, random_weights=True, device=device or "auto")
+    else:
+        model, _ = load_model(model_name, device=device or "auto")
+    dev = next(model.parameters()).device
+    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    copy_bw = copy_bandwidth(dev)
+    vocab = model.config.get_text_config().vocab_size
+    rows = []
+    meta = {"model": config or model_name, "random_weights": bool(config), "device": _device_name(model),
+            "copy_TBps": round(copy_bw / 1e12, 3), "weights_gb": round(weights_bytes / 1e9, 2),
+            "git_commit": _git_commit(), "new_tokens": new_tokens}
+    print(f"{meta['device']}: copy bandwidth {meta['copy_TBps']} TB/s, weights {meta['weights_gb']} GB")
+    for n in contexts:
+        ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)
+        grid = [(spec, r) for spec in presses for r in ([0.0] if spec == "none" else ratios)]
+        base_prefill = None
+        for spec, r in grid:
+            press = None if spec == "none" else factories[spec](r)
+            row = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes)
+            row["press"] = spec
+            if spec == "none":
+                base_prefill = row["prefill_s"]
+            row["compression_overhead_s"] = None if base_prefill is None else round(row["prefill_s"] - base_prefill, 4)
+            rows.append(row)
+            print(json.dumps(row))
+            (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    with (out_dir / "bench.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    _plot(rows, out_dir / "bench.png")
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for n in sorted({r["context"] for r in rows}):
+        for press in sorted({r["press"] for r in rows if r["press"] != "none"}):
+            pts = sorted((r["compression_ratio"], r) for r in rows if r["context"] == n and r["press"] in (press,
+                                                                                                          "none"))
+            xs = [x for x, _ in pts]
+            axes[0].plot(xs, [r["decode_ms_per_token"] for _, r in pts], marker="o", label=f"{press} {n}")
+            if pts[0][1]["peak_gb"] is not None:
+                axes[1].plot(xs, [r["peak_gb"] for _, r in pts], marker="o", label=f"{press} {n}")
+    axes[0].set_ylabel("decode ms / token")
+    axes[1].set_ylabel("peak GPU memory (GB)")
+    for ax in axes:
+        ax.set_xlabel("compression ratio")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
