@@ -75,6 +75,9 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     _sync(device)
     prefill_s = time.perf_counter() - t0
     cache.armed = False
+    prefill_peak = torch.cuda.max_memory_allocated() if cuda else None
+    if cuda:  # the decode phase's own peak: weights + the kept KV + a step's activations
+        torch.cuda.reset_peak_memory_stats()
     tok = logits.argmax(-1, keepdim=True)
     pos = ids.shape[1]
     step_times = []
@@ -111,7 +114,8 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
         "tokens_per_s": round(ids.shape[0] / decode_s, 2),
         "floor_ms_per_token": round(floor_s * 1e3, 3),
         "x_floor": round(decode_s / floor_s, 2),
-        "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+        "peak_gb": round(max(prefill_peak, torch.cuda.max_memory_allocated()) / 1e9, 2) if cuda else None,
+        "decode_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
         "kv_gb": round(stats["bytes"] / 1e9, 3),
         "kv_allocated_gb": round(stats["allocated_bytes"] / 1e9, 3),
         "entries_layer": entries if isinstance(entries, int) else sum(entries),
