@@ -18,7 +18,9 @@ import torch
 
 from kvforge.cache.kvcache import KVCache
 from kvforge.cache.layers import PackedHeadLayer
+from kvforge.errors import KVForgeError
 from kvforge.generate import prefill
+from kvforge.graphs import GraphDecoder
 from kvforge.kernels.decode import decode_attention
 
 
@@ -61,17 +63,17 @@ def _attention_only(layer, query, scale, device) -> float:
     return _time(lambda: sdpa(query, keys, values, None, scale=scale), device)
 
 
-def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, weights_bytes: int) -> dict:
+def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, weights_bytes: int,
+              cuda_graph: bool = True) -> dict:
     device = ids.device
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     cache = KVCache(model, press=press, reserve=new_tokens + 8)
-    mask = torch.ones_like(ids)
     _sync(device)
     t0 = time.perf_counter()
-    logits = prefill(model, ids, mask, cache)
+    logits = prefill(model, ids, torch.ones_like(ids), cache)
     _sync(device)
     prefill_s = time.perf_counter() - t0
     cache.armed = False
@@ -81,17 +83,27 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     tok = logits.argmax(-1, keepdim=True)
     pos = ids.shape[1]
     step_times = []
+    decoder = None
+    if cuda_graph and cuda:
+        try:
+            decoder = GraphDecoder(model, cache, pos, new_tokens, ids.shape[0])
+        except KVForgeError as e:  # e.g. sliding-window layers or decode-time presses: eager decoding
+            print(f"no CUDA graph: {e}")
     with torch.inference_mode():
         for _ in range(new_tokens):
-            mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
             _sync(device)
             t = time.perf_counter()
-            out = model(input_ids=tok, attention_mask=None, position_ids=torch.full_like(tok, pos),
-                        past_key_values=cache, logits_to_keep=1)
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            if decoder is not None:
+                logits = decoder.step(tok)
+            else:
+                logits = model(input_ids=tok, position_ids=torch.full_like(tok, pos), past_key_values=cache,
+                               logits_to_keep=1).logits[:, -1]
+            tok = logits.argmax(-1, keepdim=True)
             _sync(device)
             step_times.append(time.perf_counter() - t)
             pos += 1
+    if decoder is not None:
+        decoder.close()
     decode_s = statistics.median(step_times[2:] if len(step_times) > 4 else step_times)
     stats = cache.stats()
     first = cache.compressible_layers()[0]
@@ -122,11 +134,13 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
         "attention_ms_per_layer": round(att_s * 1e3, 4),
         "attention_frac_copy_bw": round(layer_bytes / att_s / copy_bw, 3),
         "layer_kind": type(layer).__name__,
+        "cuda_graph": decoder is not None,
     }
 
 
 def run_bench(model_name: str | None, config: str | None, contexts: list[int], batch: int, presses: list[str],
-              ratios: list[float], new_tokens: int, out: str, device: str | None = None) -> list[dict]:
+              ratios: list[float], new_tokens: int, out: str, device: str | None = None,
+              cuda_graph: bool = True) -> list[dict]:
     from kvforge.eval.runner import _device_name, _git_commit, _prepare_out, parse_press
     from kvforge.models import load_model
 
@@ -151,7 +165,7 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
         base_prefill = None
         for spec, r in grid:
             press = None if spec == "none" else factories[spec](r)
-            row = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes)
+            row = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph)
             row["press"] = spec
             if spec == "none":
                 base_prefill = row["prefill_s"]

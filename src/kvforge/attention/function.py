@@ -111,6 +111,12 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
 
     from kvforge.presses.base import LayerContext
 
+    if layer.graph is not None:  # CUDA-graph decode step: lengths on the device, no host reads
+        k_flat, v_flat, offsets, lengths, max_len, total = layer.graph_segments()
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = decode_attention(query[:, :, 0], k_flat, v_flat, offsets, lengths, scale, max_len=max_len, total=total)
+        return out[:, None], None
+
     press, ctx, chosen = cache.press, None, None
     mask = None if isinstance(layer, PackedHeadLayer) else entry_mask(attention_mask, layer, q)
     if press is not None and not cache.armed and q == 1 and hasattr(press, "select"):

@@ -83,6 +83,8 @@ class DenseLayer(CacheLayerMixin):
         self.values = self._v[:, :, : self.n]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.graph is not None:
+            return self.graph_update(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
@@ -94,6 +96,49 @@ class DenseLayer(CacheLayerMixin):
         self.logical += q
         self._sync_views()
         return self.keys, self.values
+
+    # -- graph mode: one-token steps whose write position and lengths live on the device, so a whole decode
+    # step can be captured in a CUDA graph (kvforge.graphs.GraphDecoder). Host counters advance via advance().
+    graph: dict | None = None
+
+    def enter_graph_mode(self, steps: int) -> None:
+        if self.n + steps > self.capacity:
+            raise ValueError(f"graph decoding of {steps} steps needs capacity {self.n + steps}, have {self.capacity}")
+        b, h = self._k.shape[:2]
+        dev = self._k.device
+        self.graph = {
+            "pos": torch.tensor([self.n], device=dev),
+            "logical": torch.tensor([self.logical], device=dev),
+            "lengths": torch.full((b * h,), self.n, dtype=torch.int32, device=dev),
+            "offsets": torch.arange(b * h, device=dev, dtype=torch.int64) * self.capacity,
+        }
+
+    def graph_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        g = self.graph
+        self._k.index_copy_(2, g["pos"], key_states)
+        self._v.index_copy_(2, g["pos"], value_states)
+        if self.slots is not None:
+            self.slots.index_copy_(2, g["pos"], g["logical"].expand(*self.slots.shape[:2], 1))
+        g["pos"] += 1
+        g["logical"] += 1
+        g["lengths"] += 1
+        return self._k, self._v
+
+    def graph_segments(self):
+        """(k_flat, v_flat, offsets, lengths, max_len, total) for the decode kernel in graph mode."""
+        b, h, cap = self._k.shape[:3]
+        g = self.graph
+        return (self._k.view(b * h * cap, -1), self._v.view(b * h * cap, -1), g["offsets"], g["lengths"], cap,
+                b * h * cap)
+
+    def advance(self, q: int = 1) -> None:
+        """Host bookkeeping after a graph step wrote q tokens on the device."""
+        self.n += q
+        self.logical += q
+        self._sync_views()
+
+    def exit_graph_mode(self) -> None:
+        self.graph = None
 
     def _append_extra(self, q: int) -> None:
         if self.slots is not None:
@@ -394,7 +439,36 @@ class PackedHeadLayer(DenseLayer):
         self.n = self.max_len
         self._k = self._v = self.slots = None
 
+    def enter_graph_mode(self, steps: int) -> None:
+        if steps > self.room:
+            raise ValueError(f"graph decoding of {steps} steps needs {steps} spare entries per head, have {self.room}")
+        self.lengths = self.lengths.clone()  # written in place from now on: snapshots keep the old tensor
+        self.graph = {"logical": torch.tensor([self.logical], device=self.k_flat.device)}
+
+    def graph_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        dest = self.offsets + self.lengths.long()
+        self.k_flat.index_copy_(0, dest, key_states.reshape(-1, key_states.shape[-1]))
+        self.v_flat.index_copy_(0, dest, value_states.reshape(-1, value_states.shape[-1]))
+        self.slots_flat.index_copy_(0, dest, self.graph["logical"].expand(dest.shape[0]))
+        self.lengths += 1
+        self.graph["logical"] += 1
+        return self.k_flat, self.v_flat
+
+    def graph_segments(self):
+        rows = self.batch * self.heads
+        return (self.k_flat, self.v_flat, self.offsets, self.lengths, self.max_len + self.room,
+                self.total + rows * self.room)
+
+    def advance(self, q: int = 1) -> None:
+        self.max_len += q
+        self.n = self.max_len
+        self.total += self.batch * self.heads * q
+        self.room -= q
+        self.logical += q
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.graph is not None:
+            return self.graph_update(key_states, value_states)
         q = key_states.shape[-2]
         if q > self.room:  # repack with more spare room per segment (amortised: room doubles)
             keep = self.entry_valid()

@@ -1,0 +1,79 @@
+"""Decode steps captured in one CUDA graph: per-token launch overhead disappears.
+
+A decode step of an 8B model launches hundreds of small kernels; eager PyTorch spends more time launching
+them than the GPU spends reading the weights and the cache. `GraphDecoder` switches every compressible layer
+to *graph mode* (write position and segment lengths kept in device tensors, static buffers), runs one eager
+step, captures the next forward of the whole model, and then replays it once per token.
+
+Limits: one token per step, no padding in the batch, no decode-time press hooks, no stock sliding layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvforge.cache.kvcache import KVCache
+from kvforge.cache.layers import DenseLayer
+from kvforge.errors import KVForgeError
+
+
+class GraphDecoder:
+    """Greedy-friendly decoder: `step(token [B, 1]) -> logits [B, vocab]`, one captured forward per call.
+
+    Args:
+        model: the model (on CUDA; on CPU the same code runs eagerly, without capture — used by tests).
+        cache: a prefilled (and compressed) `KVCache`, disarmed.
+        position: the position id of the first token to be fed.
+        steps: the most tokens that will be fed (the layers' spare room must hold them).
+    """
+
+    def __init__(self, model, cache: KVCache, position: int, steps: int, batch: int):
+        if cache.press is not None and (hasattr(cache.press, "on_decode") or hasattr(cache.press, "select")):
+            raise KVForgeError(f"{cache.press.name} acts during decoding; it cannot run inside a CUDA graph")
+        if not all(isinstance(layer, DenseLayer) for layer in cache.layers):
+            raise KVForgeError("graph decoding needs every layer to be a kvforge layer (no sliding-window layers)")
+        self.model, self.cache = model, cache
+        device = next(model.parameters()).device
+        self.capture = device.type == "cuda"
+        for layer in cache.layers:
+            layer.enter_graph_mode(steps)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
+        self.graph = None
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        self.pos += 1
+        return out.logits[:, -1]
+
+    def _advance(self) -> None:
+        for layer in self.cache.layers:
+            layer.advance(1)
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.tok.copy_(token)
+        if self.graph is None:
+            if not self.capture:  # CPU: graph mode runs eagerly (same kernels' twins, same device counters)
+                logits = self._forward()
+                self._advance()
+                return logits
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # the first step runs eagerly (warms up), then the next is captured
+                logits = self._forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            self._advance()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+            return logits
+        self.graph.replay()
+        self._advance()
+        return self.logits
+
+    def close(self) -> None:
+        for layer in self.cache.layers:
+            layer.exit_graph_mode()
+        self.graph = None
