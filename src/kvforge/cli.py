@@ -110,7 +110,7 @@ def cmd_eval(args) -> None:
     out = run_eval(
         args.model, _csv(args.tasks), _csv(args.presses), _csv(args.ratios, float), _csv(args.length, _length),
         args.samples, args.out, seed=args.seed, max_new_tokens=args.max_new_tokens,
-        shared_prefill=not args.no_shared_prefill, argv=sys.argv[1:],
+        shared_prefill=not args.no_shared_prefill, argv=sys.argv[1:], query_aware=args.query_aware,
     )
     print(format_table(write_summary(out)))
     print(f"\nreport: {out / 'report.html'}")
@@ -132,10 +132,41 @@ def cmd_viz(args) -> None:
     print(attention_map(args.model, args.context_file, args.out, layers=args.layers))
 
 
+def cmd_bench(args) -> None:
+    from kvforge.bench import run_bench
+
+    if bool(args.random_weights) == bool(args.model):
+        raise KVForgeError("give --model M, or --random-weights with --config NAME (e.g. llama3.1-8b)")
+    run_bench(args.model, args.config if args.random_weights else None, _csv(args.context, _length), args.batch,
+              _csv(args.presses), _csv(args.ratios, float), args.new_tokens, args.out, device=args.device,
+              cuda_graph=not args.no_cuda_graph)
+    print(f"results: {args.out}/bench.json, bench.csv, bench.png")
+
+
 def cmd_demo(args) -> None:
     from kvforge.eval.demo import run_demo
 
     run_demo(args.out, model_name=args.model, samples=args.samples)
+
+
+def cmd_kvzip_head_scores(args) -> None:
+    from kvforge.kvzip_head_scores import compute_head_scores, save_head_scores
+    from kvforge.models import load_model
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    scores = compute_head_scores(model, tok, args.length, args.samples, args.seed, progress=True)
+    path = save_head_scores(args.out, scores, model=args.model, task="facts_qa", length=args.length,
+                            samples=args.samples, seed=args.seed)
+    print(f"head scores {list(scores.shape)} -> {path}")
+
+
+def cmd_headkv_scores(args) -> None:
+    from kvforge.headkv_scores import write_head_scores
+    from kvforge.models import load_model
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    res = write_head_scores(model, tok, args.out, args.model, args.task, args.length, args.samples, args.seed)
+    print(f"head scores {len(res['scores'])}x{len(res['scores'][0])} -> {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-new-tokens", type=int, default=None, help="cap on answer length (default: per task)")
     e.add_argument("--no-shared-prefill", action="store_true", help="prefill again for every press (slow)")
+    e.add_argument("--query-aware", action="store_true",
+                   help="compress context + question together, one prefill per question (SnapKV's setting)")
     e.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
     e.set_defaults(func=cmd_eval)
 
@@ -184,11 +217,46 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--layers", default=None, help="comma-separated layer indices (default: 4 spread layers)")
     va.set_defaults(func=cmd_viz)
 
+    b = sub.add_parser("bench", help="decode speed, memory and bandwidth per press and ratio")
+    b.add_argument("--model", default=None, help="a model to load (or use --random-weights --config)")
+    b.add_argument("--random-weights", action="store_true", help="random weights with a named config's shapes")
+    b.add_argument("--config", default="llama3.1-8b", help="named config for --random-weights")
+    b.add_argument("--context", default="4k,32k", help="context lengths, e.g. 4k,32k,128k")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--presses", default="none,knorm,adakv:knorm", help="comma-separated; 'none' = no press")
+    b.add_argument("--ratios", default="0.75", help="comma-separated compression ratios")
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    b.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
+    b.add_argument("--out", default="runs/bench")
+    b.set_defaults(func=cmd_bench)
+
     d = sub.add_parser("demo", help="the main job of `make demo`: a compact eval sweep on the embedded model")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--samples", type=int, default=None, help="samples per task (default: the demo's own)")
     d.set_defaults(func=cmd_demo)
+
+    kz = sub.add_parser("kvzip-head-scores", help="offline KVzip head scores [L, H_kv] for kvzip(level='head')")
+    kz.add_argument("--model", default="smollm2-135m")
+    kz.add_argument("--out", required=True, help="JSON file to write (kvzip's head_scores_path)")
+    kz.add_argument("--length", type=int, default=1000, help="calibration context length in tokens")
+    kz.add_argument("--samples", type=int, default=4, help="calibration contexts (facts_qa)")
+    kz.add_argument("--seed", type=int, default=0)
+    kz.add_argument("--dtype", default=None)
+    kz.add_argument("--device", default=None)
+    kz.set_defaults(func=cmd_kvzip_head_scores)
+
+    hk = sub.add_parser("headkv-scores", help="offline head-importance scores [L, H_kv] for headkv(scores_path=...)")
+    hk.add_argument("--model", default="smollm2-135m")
+    hk.add_argument("--out", required=True, help="JSON file to write (headkv's scores_path)")
+    hk.add_argument("--task", default="niah_single_1", help="calibration task (answers must appear in the context)")
+    hk.add_argument("--length", type=int, default=1000, help="calibration context length in tokens")
+    hk.add_argument("--samples", type=int, default=4, help="calibration samples")
+    hk.add_argument("--seed", type=int, default=0)
+    hk.add_argument("--dtype", default=None)
+    hk.add_argument("--device", default=None)
+    hk.set_defaults(func=cmd_headkv_scores)
     return p
 
 

@@ -1,0 +1,173 @@
+"""Expected attention: score each entry by the attention that *future* queries are expected to pay it.
+
+Devoto et al., "Expected Attention: KV Cache Compression by Estimating Attention from Future Queries
+Distribution", 2025, https://arxiv.org/abs/2510.00636 (kvpress `ExpectedAttentionPress`; defaults from
+kvpress: 512 future positions, 4 sinks, covariance and value norms on, epsilon 0).
+
+Method (per layer, per row, per query head):
+1. take this forward's queries except the first `n_sink` tokens and undo their RoPE (rotate each query
+   back by its own position), giving pre-RoPE queries q̃; estimate their mean μ̃ and covariance Σ̃
+   (kvpress projects the pre-norm hidden states with W_q instead; undoing RoPE on the final queries gives
+   the same pre-RoPE queries and also covers q-norm models — Qwen3, Gemma3 — which kvpress rejects);
+2. average the RoPE rotation over the next `n_future_positions` positions, R̄ = mean_t R_t (t from the
+   row's length on), and set μ = R̄ μ̃, Σ = R̄ Σ̃ R̄ᵀ (kvpress's "average rotation");
+3. for a Gaussian query q ~ N(μ, Σ), E[exp(s q·k)] = exp(s μ·k + s² kᵀΣk / 2) (s = the layer's scaling;
+   kvpress writes 1/√d); softmax these logits over the non-sink entries → expected attention;
+4. average over the query heads of each KV head (`gqa_aggregation`), then multiply by the value norm:
+   (p + epsilon)·‖v‖. Sink entries are always kept.
+
+RoPE frequencies come from the model family's own rotary-embedding class (found next to the attention
+module's class, per layer type for Gemma3, partial rotary for Phi3); dynamic/long-rope rescaling is not
+modelled. Without RoPE (or a module to read it from) step 1-2 use the queries as they are.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvforge.errors import KVForgeError
+from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups
+from kvforge.presses.registry import register
+
+_INV_FREQ: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def rope_inv_freq(module) -> torch.Tensor | None:
+    """RoPE inverse frequencies `[r/2]` (float32) used by attention `module`, or None when it has no RoPE.
+
+    `r` is the rotary dimension (less than head_dim for partial rotary). Looked up once per module from the
+    `<Family>RotaryEmbedding` class of the module's modeling file.
+    """
+    if module is None:
+        return None
+    if module in _INV_FREQ:
+        return _INV_FREQ[module]
+    inv = None
+    config = getattr(module, "config", None)
+    modeling = sys.modules.get(type(module).__module__)
+    prefix = type(module).__name__.removesuffix("Attention")
+    cls = getattr(modeling, f"{prefix}RotaryEmbedding", None) if modeling is not None else None
+    if cls is None and modeling is not None:
+        found = [v for k, v in vars(modeling).items()
+                 if k.endswith("RotaryEmbedding") and isinstance(v, type) and issubclass(v, nn.Module)]
+        cls = found[0] if len(found) == 1 else None
+    if cls is not None and config is not None:
+        emb = cls(config)
+        layer_type = getattr(module, "layer_type", None)
+        types = getattr(config, "layer_types", None)
+        if layer_type is None and types is not None and getattr(module, "layer_idx", None) is not None:
+            layer_type = types[module.layer_idx]
+        inv = getattr(emb, f"{layer_type}_inv_freq", None) if layer_type else None
+        if inv is None:
+            inv = getattr(emb, "inv_freq", None)
+        inv = None if inv is None else inv.detach().float().cpu()
+    try:
+        _INV_FREQ[module] = inv
+    except TypeError:  # not weak-referenceable: just do not cache
+        pass
+    return inv
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply a (possibly averaged) RoPE rotation to the last axis of `x` `[..., D]`.
+
+    `cos`/`sin` `[..., r/2]` broadcast against `x[..., :r/2]`; the first `r` channels are rotated in the
+    `rotate_half` convention (pairs i, i + r/2), the rest pass through (Phi3's partial rotary).
+    """
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def query_statistics(ctx: LayerContext, n_sink: int, n_future: int, use_covariance: bool,
+                     stat_window: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean `[B, Hq, D]` and covariance `[B, Hq, D, D]` (or None) of the future queries, float32.
+
+    Statistics come from this forward's real queries at positions >= `n_sink` (and within the last
+    `stat_window` tokens when given), moved to the average rotation of the next `n_future` positions.
+    """
+    b, hq, q, d = ctx.query.shape
+    n = ctx.keys.shape[2]
+    pos = ctx.token_index[:, 0, n - q :]  # [B, q] position of each query among its row's real tokens
+    use = ctx.real[:, 0, n - q :] & (pos >= n_sink)
+    if stat_window is not None:
+        use &= pos >= (ctx.n_real[:, None] - stat_window)
+    weight = use.float()[:, None, :, None]  # [B, 1, q, 1]
+    count = use.sum(-1).clamp(min=1).float()[:, None, None]  # [B, 1, 1]
+    queries = ctx.query.float()
+    inv = rope_inv_freq(ctx.module)
+    if inv is not None:
+        inv = inv.to(queries.device)
+        ang = pos.clamp(min=0).float()[..., None] * inv  # [B, q, r/2]
+        queries = rotate(queries, ang.cos()[:, None], -ang.sin()[:, None])  # undo RoPE: pre-RoPE queries
+    mu = (queries * weight).sum(2) / count  # [B, Hq, D]
+    cov = None
+    if use_covariance:
+        centered = (queries - mu[:, :, None]) * weight
+        cov = torch.einsum("bhqi,bhqj->bhij", centered, centered) / count[..., None]
+    if inv is not None:
+        t = ctx.n_real[:, None].float() + torch.arange(n_future, device=queries.device).float()  # [B, F]
+        ang = t[..., None] * inv  # [B, F, r/2]
+        cos, sin = ang.cos().mean(1), ang.sin().mean(1)  # [B, r/2]: the average rotation R̄
+        mu = rotate(mu, cos[:, None], sin[:, None])
+        if cov is not None:
+            cov = rotate(cov, cos[:, None, None], sin[:, None, None])  # Σ R̄ᵀ
+            cov = rotate(cov.transpose(-1, -2), cos[:, None, None], sin[:, None, None]).transpose(-1, -2)
+    return mu, cov
+
+
+@register("expected_attention")
+@dataclass
+class ExpectedAttentionPress(ScorerPress):
+    """Score `[B, H_kv, n]` = (E[softmax attention of a future query] + epsilon) × ‖v‖, from the mean
+    `[B, Hq, D]` and covariance `[B, Hq, D, D]` of the prefill queries `[B, Hq, q, D]` rotated to the next
+    `n_future_positions` positions; the first `n_sink` entries are always kept.
+
+    `stat_window`: None (kvpress: every prefill query after the sinks) or the number of last tokens whose
+    queries give the statistics.
+    """
+
+    paper = "https://arxiv.org/abs/2510.00636"
+    n_future_positions: int = 512
+    n_sink: int = 4
+    use_covariance: bool = True
+    use_vnorm: bool = True
+    epsilon: float = 0.0
+    stat_window: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_future_positions < 1 or self.n_sink < 0 or self.epsilon < 0:
+            raise KVForgeError(
+                f"expected_attention: n_future_positions={self.n_future_positions}, n_sink={self.n_sink}, "
+                f"epsilon={self.epsilon}; allowed: n_future_positions >= 1, n_sink >= 0, epsilon >= 0"
+            )
+        if self.stat_window is not None and self.stat_window < 1:
+            raise KVForgeError(f"expected_attention: stat_window={self.stat_window}; allowed: None or >= 1")
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        mu, cov = query_statistics(ctx, self.n_sink, self.n_future_positions, self.use_covariance,
+                                   self.stat_window)
+        keys = ctx.keys.float()  # [B, H, n, D]
+        b, h, n, d = keys.shape
+        g = ctx.groups
+        s = ctx.scaling
+        mu = mu.reshape(b, h, g, d)
+        logits = torch.einsum("bhgd,bhnd->bhgn", mu, keys) * s
+        if cov is not None:
+            cov = cov.reshape(b, h, g, d, d)
+            quad = torch.stack([((keys @ cov[:, :, i]) * keys).sum(-1) for i in range(g)], dim=2)
+            logits = logits + quad * (s * s / 2)
+        sink = ctx.token_index < self.n_sink
+        candidates = ctx.real & ~sink
+        logits = logits.masked_fill(~candidates[:, :, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        scores = aggregate_groups(probs, self.gqa_aggregation)
+        if self.use_vnorm:
+            scores = (scores + self.epsilon) * ctx.values.float().norm(dim=-1)
+        return scores.masked_fill(sink & ctx.real, float("inf"))
