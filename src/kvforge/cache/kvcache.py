@@ -30,6 +30,17 @@ def take_binding(key: torch.Tensor) -> tuple[KVCache, int] | None:
     return (cache, layer_idx) if returned is key else None
 
 
+def _entries(layer: DenseLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys, values, slots, valid) of a layer as `[B, H, n, D]`, `[B, H, n]` tensors, whatever its kind."""
+    keys, values = layer.padded() if isinstance(layer, PackedHeadLayer) else (layer.keys, layer.values)
+    b, h, n = keys.shape[:3]
+    slots = layer.entry_slots()
+    slots = torch.arange(n, device=keys.device).expand(b, h, n) if slots is None else slots
+    valid = layer.entry_valid()
+    valid = torch.ones(b, h, n, dtype=torch.bool, device=keys.device) if valid is None else valid
+    return keys, values, slots, valid
+
+
 def layer_types(config) -> list[str]:
     """`full_attention` / `sliding_attention` per layer, as transformers decides it for this config."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -127,6 +138,37 @@ class KVCache(Cache):
             layer = HeadVarlenLayer.from_dense(layer)
             self.layers[layer_idx] = layer
         return layer
+
+    @staticmethod
+    def stack(caches: list[KVCache]) -> KVCache:
+        """One cache whose batch rows are the rows of `caches`, in order (same model, same context).
+
+        Compressed layers of different sizes become one head-varlen layer, each row padded to the longest
+        with invalid entries; stock sliding layers are concatenated. Used to answer the questions of many
+        (press, ratio) forks of one prefill in a single batched generation.
+        """
+        out = caches[0].fork()
+        out.press = None
+        for i, layer in enumerate(out.layers):
+            group = [c.layers[i] for c in caches]
+            if not isinstance(layer, DenseLayer):
+                new = copy.copy(layer)
+                new.keys = torch.cat([g.keys for g in group])
+                new.values = torch.cat([g.values for g in group])
+                out.layers[i] = new
+                continue
+            parts = [_entries(g) for g in group]
+            n = max(p[0].shape[2] for p in parts)
+            padded = [[torch.nn.functional.pad(t, (0, 0, 0, n - t.shape[2])) if t.dim() == 4
+                       else torch.nn.functional.pad(t, (0, n - t.shape[2])) for t in p] for p in parts]
+            keys, values, slots, valid = (torch.cat([p[j] for p in padded]) for j in range(4))
+            new = HeadVarlenLayer(reserve=layer.reserve)
+            new.dtype, new.device, new.is_initialized, new.logical = layer.dtype, layer.device, True, layer.logical
+            new._replace(keys, values, slots)
+            new.valid = valid.new_zeros(valid.shape[0], valid.shape[1], new.capacity)
+            new.valid[:, :, :n] = valid
+            out.layers[i] = new
+        return out
 
     # -- several questions on one compressed context ---------------------------------------------------
     def snapshot(self) -> list:
