@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvforge.errors import KVForgeError
-from kvforge.generate import answer, compress_prefilled, encode, model_max_length, prefill_context
+from kvforge.generate import answer, answer_query_aware, compress_prefilled, encode, model_max_length, prefill_context
 
 SUMMARY_COLUMNS = ["task", "press", "compression_ratio", "n", "score", "baseline_score", "agreement", "seconds"]
 BASELINE = "none"
@@ -149,8 +149,13 @@ def run_eval(
     tokenizer=None,
     progress: bool = True,
     argv: list[str] | None = None,
+    query_aware: bool = False,
 ) -> Path:
-    """Run the sweep; returns the output directory (results.jsonl, summary.csv, run_meta.json, report)."""
+    """Run the sweep; returns the output directory (results.jsonl, summary.csv, run_meta.json, report).
+
+    `query_aware=True`: every (press, ratio) compresses context + question together, one prefill per question
+    (`generate.answer_query_aware`); the uncompressed baseline and perplexity tasks are unchanged.
+    """
     from kvforge.eval.tasks import make_samples
 
     if not presses:
@@ -175,7 +180,8 @@ def run_eval(
     meta_path = out_dir / "run_meta.json"
     meta = {
         "args": {"model": model_name, "tasks": tasks, "presses": presses, "ratios": ratios, "length": length,
-                 "samples": samples, "seed": seed, "max_new_tokens": max_new_tokens, "shared_prefill": shared_prefill},
+                 "samples": samples, "seed": seed, "max_new_tokens": max_new_tokens, "shared_prefill": shared_prefill,
+                 "query_aware": query_aware},
         "argv": argv, "git_commit": _git_commit(), "versions": _versions(), "device": _device_name(model),
         "started": started, "prompt_format": "chat template around context + question; answer prefix appended",
     }
@@ -206,7 +212,7 @@ def run_eval(
                 continue
             bar.set_postfix_str(f"{sample.task} {sample.id[-12:]}")
             _run_sample(model, tokenizer, sample, factories, todo, base_done, done, emit, max_new_tokens,
-                        shared_prefill, bar)
+                        shared_prefill, bar, query_aware)
     bar.close()
     meta["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta["wall_seconds"] = round(time.perf_counter() - wall0, 2)
@@ -215,7 +221,8 @@ def run_eval(
     return out_dir
 
 
-def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_new_tokens, shared, bar):
+def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_new_tokens, shared, bar,
+                query_aware=False):
     is_ppl = sample.metric == "ppl"
     mnt = max_new_tokens or sample.max_new_tokens
     continuation: list[int] = []
@@ -246,13 +253,16 @@ def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_
     for spec, ratio in todo:
         t0 = time.perf_counter()
         press = factories[spec](ratio)
-        if shared:
+        if query_aware and not is_ppl:  # context + question compressed together, once per question
+            answers, cache = answer_query_aware(model, tok, enc, press, mnt)
+            pre = 0.0
+        elif shared:
             cache = compress_prefilled(full, press, model, enc)
             pre = 0.0
         else:  # end to end: a fresh prefill with the press active
             cache = prefill_context(model, enc, press, mnt)
             pre = time.perf_counter() - t0
-        preds, ppl = evaluate(cache)
+        preds, ppl = (answers[0], float("nan")) if query_aware and not is_ppl else evaluate(cache)
         stats = cache.stats()
         emit(_record(sample, spec, ratio, preds, baseline, ppl, time.perf_counter() - t0, pre, stats))
         del cache
