@@ -48,6 +48,15 @@ def test_shared_prefill_equals_end_to_end(tmp_path, tiny, smol_tokenizer):
                for r in compressed)  # compression changed some answers: the comparison has teeth
 
 
+def test_batched_forks_equal_one_at_a_time(tmp_path, tiny, smol_tokenizer):
+    one = records(run(tmp_path / "one", tiny, smol_tokenizer))
+    many = records(run(tmp_path / "many", tiny, smol_tokenizer, press_batch=4))
+    assert one.keys() == many.keys()
+    for key in one:
+        assert one[key]["predictions"] == many[key]["predictions"], key
+        assert one[key]["kv_bytes"] == many[key]["kv_bytes"], key
+
+
 def test_outputs_and_resume_after_interrupt(tmp_path, tiny, smol_tokenizer, monkeypatch):
     full = run(tmp_path / "full", tiny, smol_tokenizer)
     for name in ("results.jsonl", "summary.csv", "run_meta.json", "report.html"):

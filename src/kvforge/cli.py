@@ -111,6 +111,7 @@ def cmd_eval(args) -> None:
         args.model, _csv(args.tasks), _csv(args.presses), _csv(args.ratios, float), _csv(args.length, _length),
         args.samples, args.out, seed=args.seed, max_new_tokens=args.max_new_tokens,
         shared_prefill=not args.no_shared_prefill, argv=sys.argv[1:], query_aware=args.query_aware,
+        press_batch=args.press_batch,
     )
     print(format_table(write_summary(out)))
     print(f"\nreport: {out / 'report.html'}")
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-new-tokens", type=int, default=None, help="cap on answer length (default: per task)")
     e.add_argument("--no-shared-prefill", action="store_true", help="prefill again for every press (slow)")
+    e.add_argument("--press-batch", type=int, default=8,
+                   help="answer this many (press, ratio) forks of a prefill as one batch (1 = one at a time)")
     e.add_argument("--query-aware", action="store_true",
                    help="compress context + question together, one prefill per question (SnapKV's setting)")
     e.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")

@@ -11,6 +11,7 @@ DEMO_TASKS = {"niah_single_1": 6, "niah_multikey_1": 4, "facts_qa": 3}  # task -
 DEMO_LENGTH = 2000
 DEMO_RATIOS = [0.25, 0.5, 0.75]
 DEMO_MAX_NEW_TOKENS = 20
+DEMO_PRESS_BATCH = 12  # (press, ratio) forks answered together as one batch
 
 
 def demo_presses() -> list[str]:
@@ -22,7 +23,7 @@ def run_demo(out: str = "runs/demo", model_name: str = "smollm2-135m", samples: 
     t0 = time.perf_counter()
     per_task = {t: samples or n for t, n in DEMO_TASKS.items()}
     run_eval(model_name, list(DEMO_TASKS), demo_presses(), DEMO_RATIOS, DEMO_LENGTH, per_task, out,
-             max_new_tokens=DEMO_MAX_NEW_TOKENS, argv=["demo"])
+             max_new_tokens=DEMO_MAX_NEW_TOKENS, argv=["demo"], press_batch=DEMO_PRESS_BATCH)
     rows = write_summary(out)
     print(format_table(rows))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; report: {out}/report.html")
