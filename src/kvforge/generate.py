@@ -211,6 +211,7 @@ def prefill_context(model, enc: Encoded, press=None, max_new_tokens: int = 64, r
     """Prefill the contexts of `enc` into a new KVCache, compressing it with `press` on the way."""
     cache = KVCache(model, press=press, reserve=enc.longest_question + max_new_tokens + 8, packed=packed)
     cache.recorded = {} if record else None
+    cache.score_memo = {} if record else None
     prefill(model, enc.ctx_ids, enc.ctx_mask, cache)
     cache.armed = False
     if press is not None and hasattr(press, "after_prefill"):  # presses with extra passes (KVzip)

@@ -88,6 +88,7 @@ class KVCache(Cache):
         self.recorded: dict | None = None
         # optional callable(LayerContext) run after every attention of a compressible layer (scoring passes)
         self.observer = None
+        self.score_memo: dict | None = None
 
     def fork(self) -> KVCache:
         """A copy that can be compressed and decoded independently of this cache.
@@ -98,6 +99,7 @@ class KVCache(Cache):
         new = copy.copy(self)
         new.layers = [copy.copy(layer) for layer in self.layers]
         new.armed, new._pending, new.recorded, new.observer = False, set(), None, None
+        new.score_memo = self.score_memo  # forks of one prefill share press scores (presses.base.cached_score)
         return new
 
     def mark_compressed(self, layer_idx: int) -> None:

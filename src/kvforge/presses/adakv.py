@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 import torch
 
 from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, Press, ScorerPress, descending_rank, keep_count, select_mask
+from kvforge.presses.base import (
+    LayerContext,
+    Press,
+    ScorerPress,
+    cached_score,
+    descending_rank,
+    keep_count,
+    select_mask,
+)
 from kvforge.presses.registry import PRESSES, register
 
 
@@ -27,7 +35,7 @@ class AdaKVPress(Press):
     """
 
     kind = "wrapper"
-    frees_memory = "yes, padded to the largest head"
+    frees_memory = "yes (packed per head on CUDA; padded to the longest head on CPU)"
     paper = "https://arxiv.org/abs/2407.11550"
     scorer: object = field(default="snapkv")
     alpha_safeguard: float = 0.2
@@ -48,7 +56,7 @@ class AdaKVPress(Press):
         k = keep_count(ctx.n_real, self.compression_ratio, self.budget)  # [B] per head
         if bool((k >= ctx.n_real).all()):
             return
-        scores = self.scorer.score(ctx).float().masked_fill(~ctx.real, float("-inf"))
+        scores = cached_score(self.scorer, ctx).float().masked_fill(~ctx.real, float("-inf"))
         b, h, n = scores.shape
         floor = (self.alpha_safeguard * k.double()).long()  # [B]
         head_rank = descending_rank(scores)

@@ -98,6 +98,24 @@ def aggregate_groups(scores: torch.Tensor, how: str) -> torch.Tensor:
     return scores.sum(2)
 
 
+def cached_score(press, ctx: LayerContext) -> torch.Tensor:
+    """`press.score(ctx)`, memoized across the forks of one recorded prefill (`KVCache.score_memo`): scores
+    do not depend on the ratio, so a sweep scores each layer once per press, not once per ratio. A hit needs
+    the very same stored entries (the memo keeps the key buffer and compares identity)."""
+    memo = getattr(ctx.cache, "score_memo", None)
+    if memo is None:
+        return press.score(ctx)
+    opts = {k: v for k, v in press.options().items() if k not in ("compression_ratio", "budget")}
+    key = (type(press).__name__, repr(opts), ctx.layer_idx)
+    buf = getattr(ctx.layer, "_k", None)
+    hit = memo.get(key)
+    if hit is not None and hit[0] is buf and buf is not None:
+        return hit[1]
+    scores = press.score(ctx)
+    memo[key] = (buf, scores)
+    return scores
+
+
 def keep_count(n: torch.Tensor, compression_ratio: float | None, budget: int | None) -> torch.Tensor:
     """Entries to keep per row from `n [B]` real entries (kvpress: `int(n * (1 - ratio))`)."""
     if budget is not None:
@@ -201,4 +219,4 @@ class ScorerPress(Press):
         k = self.keep_per_row(ctx)
         if bool((k >= ctx.n_real).all()):
             return  # nothing to remove: leave the layer untouched (no-op ratio = plain generation)
-        select_topk(ctx, self.score(ctx), k)
+        select_topk(ctx, cached_score(self, ctx), k)

@@ -107,7 +107,7 @@ class HeadKVPress(Press):
     stored in a head-varlen layer. `beta`: the shared pool is ⌊b/β⌋ of every head's budget b."""
 
     kind = "prefill"
-    frees_memory = "yes, padded to the largest head"
+    frees_memory = "yes (packed per head on CUDA; padded to the longest head on CPU)"
     paper = "https://arxiv.org/abs/2410.19258"
     scores_path: str | None = None
     beta: float = 1.01
