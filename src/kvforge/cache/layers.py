@@ -398,7 +398,8 @@ class PackedHeadLayer(DenseLayer):
     Used on CUDA (or with `KVCache(..., packed=True)`, which tests use on CPU) in place of `HeadVarlenLayer`.
     """
 
-    _STATE = ("n", "logical", "k_flat", "v_flat", "slots_flat", "offsets", "lengths", "max_len", "total", "room")
+    _STATE = ("n", "logical", "k_flat", "v_flat", "slots_flat", "offsets", "lengths", "max_len", "total", "room",
+              "press_state")
 
     def __init__(self, reserve: int = 256, **kwargs):
         super().__init__(reserve=reserve)
@@ -427,8 +428,9 @@ class PackedHeadLayer(DenseLayer):
         bi, hi, ti = keep.nonzero(as_tuple=True)
         rank = (keep.long().cumsum(-1) - 1)[bi, hi, ti]
         dest = offsets[bi * h + hi] + rank
-        self.k_flat = keys.new_empty(max(total_cap, 1), keys.shape[-1])
-        self.v_flat = values.new_empty(max(total_cap, 1), values.shape[-1])
+        # zeros, not empty: padded() exposes spare room, and a masked NaN value still poisons softmax @ V
+        self.k_flat = keys.new_zeros(max(total_cap, 1), keys.shape[-1])
+        self.v_flat = values.new_zeros(max(total_cap, 1), values.shape[-1])
         self.slots_flat = slots.new_empty(max(total_cap, 1))
         self.k_flat[dest] = keys[bi, hi, ti]
         self.v_flat[dest] = values[bi, hi, ti]

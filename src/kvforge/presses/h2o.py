@@ -1,0 +1,95 @@
+"""H2O: keep the heavy hitters (most attention received, accumulated over every query so far) and a recent window.
+
+Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models",
+NeurIPS 2023, https://arxiv.org/abs/2306.14048. Paper default: the budget split evenly between heavy hitters
+and recent tokens (`heavy_ratio` 0.5). Decode-time: the cache never holds more than the budget after a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvforge.errors import KVForgeError
+from kvforge.presses.base import GQA_AGGREGATIONS, LayerContext, Press, aggregate_groups
+from kvforge.presses.decoding import (
+    PREFILL_CHUNK,
+    attention_probs,
+    evict,
+    extend,
+    get_state,
+    keep_top,
+    new_query_valid,
+    recent_mask,
+    row_budget,
+    set_state,
+)
+from kvforge.presses.registry import register
+
+
+def received_attention(ctx: LayerContext, how: str, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Attention each entry received from this forward's real queries, summed over the queries and aggregated
+    over the query heads of each KV head (`how`), float32 `[B, H_kv, n]`. Queries in blocks of `chunk` rows
+    (the prefill's full attention matrix is never held at once)."""
+    q = ctx.query.shape[2]
+    valid = new_query_valid(ctx).float()  # [B, q]: padding queries add nothing
+    total = None
+    for start in range(0, q, chunk):
+        stop = min(q, start + chunk)
+        probs = attention_probs(ctx, slice(start, stop))  # [B, H, G, r, n]
+        part = aggregate_groups(torch.einsum("bhgrn,br->bhgn", probs, valid[:, start:stop]), how)
+        total = part if total is None else total + part
+    return total
+
+
+@register("h2o")
+@dataclass
+class H2OPress(Press):
+    """Per KV head, keep `heavy_ratio × budget` heavy hitters (highest accumulated attention `[B, H_kv, n]`)
+    plus the rest of the budget as the most recent tokens.
+
+    Prefill: scores = attention summed over every prompt query (causal), then the cache is cut to the budget
+    (`budget`, or `(1 − compression_ratio) ×` the row's prefill length). Every later forward adds its queries'
+    attention to the accumulators (kept per entry in `layer.press_state["acc"]`, gathered with the same indices
+    as the entries) and evicts the lowest non-recent entries so that the row holds at most its budget.
+    GQA: a KV head's score aggregates its query heads with `gqa_aggregation` (mean | max | sum).
+    """
+
+    kind = "decode"
+    query_aware = True
+    paper = "https://arxiv.org/abs/2306.14048"
+    heavy_ratio: float = 0.5
+    gqa_aggregation: str = "mean"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.heavy_ratio <= 1.0:
+            raise KVForgeError(f"h2o: heavy_ratio={self.heavy_ratio} is outside [0, 1]")
+        if self.gqa_aggregation not in GQA_AGGREGATIONS:
+            raise KVForgeError(
+                f"h2o: gqa_aggregation={self.gqa_aggregation!r}; allowed: {', '.join(GQA_AGGREGATIONS)}"
+            )
+
+    def _cut(self, ctx: LayerContext, acc: torch.Tensor, budget: torch.Tensor) -> dict:
+        k = torch.minimum(ctx.n_real, budget)
+        recent = k - (self.heavy_ratio * k.double()).long()
+        keep = keep_top(acc, ctx.real, k, protect=recent_mask(ctx, recent))
+        return evict(ctx, keep, {"acc": acc})
+
+    def compress(self, ctx: LayerContext) -> None:
+        acc = received_attention(ctx, self.gqa_aggregation)
+        budget = row_budget(ctx.n_real, self.compression_ratio, self.budget)
+        state = self._cut(ctx, acc, budget)
+        set_state(ctx, {"acc": state["acc"], "budget": budget})
+
+    def on_decode(self, ctx: LayerContext) -> None:
+        state = get_state(ctx)
+        n = ctx.keys.shape[2]
+        if state is None:  # a cache that skipped the prefill compression: budget from what it held before
+            before = ctx.n_real - new_query_valid(ctx).sum(-1)
+            state = {"acc": ctx.keys.new_zeros(*ctx.keys.shape[:2], 0, dtype=torch.float32),
+                     "budget": row_budget(before, self.compression_ratio, self.budget)}
+        acc = extend(state["acc"], n) + received_attention(ctx, self.gqa_aggregation)
+        kept = self._cut(ctx, acc, state["budget"])
+        set_state(ctx, {"acc": kept["acc"], "budget": state["budget"]})

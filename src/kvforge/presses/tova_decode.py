@@ -1,0 +1,60 @@
+"""TOVA, decode-time: at every step, evict the entry the newest query attends to least (averaged over heads).
+
+Oren et al., "Transformers are Multi-State RNNs", 2024, https://arxiv.org/abs/2401.06104. The policy has one
+parameter, the budget (the number of states kept). Scores are averaged over every query head of the layer,
+so all heads drop the same token and the layer stays dense (the paper found head-averaging better than
+per-head eviction). The prefill one-shot form is the `tova` press.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvforge.presses.base import LayerContext, Press
+from kvforge.presses.decoding import attention_probs, evict, get_state, keep_top, new_query_valid, row_budget, set_state
+from kvforge.presses.registry import register
+
+
+def newest_query_scores(ctx: LayerContext) -> torch.Tensor:
+    """Attention of the newest query `ctx.query[:, :, -1]` to each entry, averaged over all query heads of the
+    layer, expanded to every KV head: float32 `[B, H_kv, n]` (the same scores for every head)."""
+    q = ctx.query.shape[2]
+    probs = attention_probs(ctx, slice(q - 1, q))[:, :, :, 0]  # [B, H, G, n]
+    b, h, _, n = probs.shape
+    return probs.mean(dim=(1, 2))[:, None].expand(b, h, n)
+
+
+@register("tova_decode")
+@dataclass
+class TOVADecodePress(Press):
+    """Keep at most the budget per row (`budget`, or `(1 − compression_ratio) ×` the prefill length): whenever
+    a forward brings the cache above it, drop the entries with the lowest head-averaged attention
+    `[B, n]` from the newest query — one per decoded token. The prefill is cut to the budget the same way,
+    with the last prompt query. A multi-token forward (a question) is scored by its last query only (the
+    paper adds prompt tokens one at a time; the scores of its earlier queries saw entries it would already
+    have dropped). Any entry may go, the newest included, as in the paper.
+    """
+
+    kind = "decode"
+    query_aware = True
+    paper = "https://arxiv.org/abs/2401.06104"
+
+    def _cut(self, ctx: LayerContext, budget: torch.Tensor) -> None:
+        k = torch.minimum(ctx.n_real, budget)
+        if bool((k < ctx.n_real).any()):
+            evict(ctx, keep_top(newest_query_scores(ctx), ctx.real, k))
+
+    def compress(self, ctx: LayerContext) -> None:
+        budget = row_budget(ctx.n_real, self.compression_ratio, self.budget)
+        self._cut(ctx, budget)
+        set_state(ctx, {"budget": budget})
+
+    def on_decode(self, ctx: LayerContext) -> None:
+        state = get_state(ctx)
+        if state is None:  # a cache that skipped the prefill compression: budget from what it held before
+            before = ctx.n_real - new_query_valid(ctx).sum(-1)
+            state = {"budget": row_budget(before, self.compression_ratio, self.budget)}
+        self._cut(ctx, state["budget"])
+        set_state(ctx, state)
