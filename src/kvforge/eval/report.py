@@ -35,10 +35,13 @@ def score_curves(rows: list[dict], out_dir: Path) -> list[tuple[str, str, str]]:
     for task, rs in sorted(by_task.items()):
         fig, ax = plt.subplots(figsize=(6, 4))
         presses = sorted({r["press"] for r in rs if r["press"] != BASELINE})
-        for p in presses:
+        colors = plt.cm.tab20.colors
+        markers = "osD^vP*Xh<>p"
+        for i, p in enumerate(presses):
             pts = sorted((r["compression_ratio"], r["score"]) for r in rs if r["press"] == p and r["score"] is not None)
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=markers[i % len(markers)],
+                        color=colors[i % len(colors)], label=p, alpha=0.85)
         base = [r["score"] for r in rs if r["press"] == BASELINE and r["score"] is not None]
         if base:
             ax.axhline(base[0], color="black", linestyle="--", linewidth=1, label="uncompressed")
@@ -47,7 +50,7 @@ def score_curves(rows: list[dict], out_dir: Path) -> list[tuple[str, str, str]]:
         ax.set_ylabel("perplexity (lower is better)" if ppl else "score")
         ax.set_title(task)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         name = f"score_{task}.png"
         plots.append((f"{task}: score versus compression ratio", name, _save(fig, out_dir / name)))
     return plots
