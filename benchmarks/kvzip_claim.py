@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kvforge.eval.metrics import agreement
 from kvforge.eval.metrics import score as metric_score
 from kvforge.eval.runner import BASELINE, run_eval
 from kvforge.eval.tasks import make_samples
@@ -181,7 +182,8 @@ def _fmt(x):
     return "–" if x is None else f"{x:.2f}"
 
 
-def write_markdown(out: Path, md: Path, kept: list[float], argv: str, qa_missing: str | None) -> str:
+def write_markdown(out: Path, md: Path, kept: list[float], argv: str, qa_missing: str | None,
+                   title: str | None = None, append: bool = False, drop: tuple = ()) -> str:
     recs = []
     for sub in ("agnostic", "q1_shared", "query_aware"):
         for r in _done(out / sub / "results.jsonl").values():
@@ -189,19 +191,24 @@ def write_markdown(out: Path, md: Path, kept: list[float], argv: str, qa_missing
                 r = {**r, "press": QA}
             if sub != "agnostic" and r["press"] == BASELINE:
                 continue
+            if r["press"] in drop:
+                continue
             recs.append(r)
+    base = {(r["task"], r["sample_id"]): r["predictions"] for r in recs if r["press"] == BASELINE}
     by = defaultdict(list)
     for r in recs:
         by[(r["press"], round(1 - r["compression_ratio"], 4) if r["press"] != BASELINE else 1.0)].append(r)
     tasks = sorted({r["task"] for r in recs})
     presses = [p for p in (BASELINE, "kvzip", "snapkv", Q1, QA) if any(k[0] == p for k in by)]
-    lines = ["# KVzip claim check (SmolLM2-135M, one compressed cache, 4 questions per context)", "",
-             f"Command: `{argv}`", ""]
+    title = title or "KVzip claim check (SmolLM2-135M, one compressed cache, 4 questions per context)"
+    lines = [("## " if append else "# ") + title, "", f"Ran: `{argv}`", ""]
     n_samples = {t: len({r["sample_id"] for r in recs if r["task"] == t}) for t in tasks}
-    lines.append("Samples: " + ", ".join(f"{t} {n}" for t, n in n_samples.items()) + "; accuracy = mean per-question "
-                 "score (facts_qa: string_match_part, niah: string_match_all). `kept` = 1 − compression_ratio.")
+    lines.append("Samples: " + ", ".join(f"{t} {n}" for t, n in n_samples.items()) + " (4 questions each); accuracy "
+                 "= mean per-question score (facts_qa: string_match_part, niah: string_match_all); `agree` = token F1 "
+                 "of the answers against the uncompressed answers (1 = unchanged); Q1 = the first question (the one "
+                 f"`{Q1}` was compressed for), Q2-4 = the others. `kept` = 1 − compression_ratio.")
     lines.append("")
-    head = ["press", "kept"] + tasks + ["mean", "Q1", "Q2-4"]
+    head = ["press", "kept"] + tasks + ["mean", "Q1", "Q2-4", "agree", "agree Q1", "agree Q2-4"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in presses:
         for k in ([1.0] if p == BASELINE else sorted(kept, reverse=True)):
@@ -211,8 +218,11 @@ def write_markdown(out: Path, md: Path, kept: list[float], argv: str, qa_missing
             per_task = [_mean(r["score"] for r in rs if r["task"] == t) for t in tasks]
             q1 = _mean(r["scores"][0] for r in rs)
             rest = _mean(x for r in rs for x in r["scores"][1:])
+            ag = [(j, agreement(a, b)) for r in rs if (r["task"], r["sample_id"]) in base
+                  for j, (a, b) in enumerate(zip(r["predictions"], base[(r["task"], r["sample_id"])]))]
+            agree = [_mean(x for _, x in ag), _mean(x for j, x in ag if j == 0), _mean(x for j, x in ag if j > 0)]
             row = [p, f"{k:.1f}"] + [_fmt(x) for x in per_task] + [_fmt(_mean(x for x in per_task if x is not None)),
-                                                                    _fmt(q1), _fmt(rest)]
+                                                                    _fmt(q1), _fmt(rest)] + [_fmt(x) for x in agree]
             lines.append("| " + " | ".join(row) + " |")
     if qa_missing:
         lines += ["", f"`{QA}` row left out: {qa_missing}"]
@@ -223,6 +233,8 @@ def write_markdown(out: Path, md: Path, kept: list[float], argv: str, qa_missing
                   f"threads): prefill {o['prefill_s']:.3f} s, KVzip scoring (repeat pass + scores) "
                   f"{o['scoring_s']:.3f} s = **{o['ratio']:.2f}× prefill** (median of {o['runs']}; paper: ~2–3×)."]
     text = "\n".join(lines) + "\n"
+    if append and md.exists():
+        text = md.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + text
     md.write_text(text, encoding="utf-8")
     return text
 
@@ -243,6 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap answers (default: each task's own)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: agnostic,q1,query_aware,overhead")
     p.add_argument("--overhead-reps", type=int, default=3)
+    p.add_argument("--report-only", action="store_true", help="only (re)write the markdown from --out")
+    p.add_argument("--title", default=None, help="heading of the markdown section")
+    p.add_argument("--append", action="store_true", help="append a section to --md instead of replacing it")
+    p.add_argument("--drop", default="", help="presses to leave out of the table (e.g. runs known bad)")
     args = p.parse_args(argv)
     samples = args.samples or (2 if args.quick else 5)
     kept = [float(x) for x in args.kept.split(",")] if args.kept else (
@@ -251,6 +267,15 @@ def main(argv: list[str] | None = None) -> None:
     skip = set(filter(None, args.skip.split(",")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    cmd = "python benchmarks/kvzip_claim.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    drop = tuple(filter(None, args.drop.split(",")))
+    log = out / "commands.txt"  # every invocation that ran something, so a report names how it was made
+    if args.report_only:
+        ran = log.read_text(encoding="utf-8").strip().replace("\n", "`; `") if log.exists() else cmd
+        print(write_markdown(out, Path(args.md), kept, ran, None, args.title, args.append, drop))
+        return
+    with log.open("a", encoding="utf-8") as f:
+        f.write(cmd + "\n")
     model, tok = load_model(args.model, device=args.device)
     common = dict(length=args.length, samples=samples, seed=args.seed, max_new_tokens=args.max_new_tokens,
                   model=model, tokenizer=tok)
@@ -276,8 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     if "overhead" not in skip and not (out / "overhead.json").exists():
         o = measure_overhead(model, tok, args.length, reps=args.overhead_reps, seed=args.seed)
         (out / "overhead.json").write_text(json.dumps(o, indent=1))
-    print(write_markdown(out, Path(args.md), kept, "python benchmarks/kvzip_claim.py " + " ".join(sys.argv[1:]),
-                         qa_missing))
+    print(write_markdown(out, Path(args.md), kept, cmd, qa_missing, args.title, args.append, drop))
 
 
 if __name__ == "__main__":
