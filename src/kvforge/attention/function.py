@@ -69,7 +69,7 @@ def entry_mask(attention_mask, layer: DenseLayer, q: int, rows: slice | None = N
         if rows is None and (q == 1 or layer.n == q):
             return None  # plain decode / plain causal prefill: the backend needs no mask
         return causal_mask(q, layer.n, layer.device)[:, :, q_idx]
-    n = layer.n
+    n = layer.n if slots is None else slots.shape[-1]
     if slots is None:
         slots = torch.arange(n, device=layer.device).expand(*valid.shape[:2], n)
     b, h = slots.shape[:2]

@@ -32,7 +32,7 @@ def take_binding(key: torch.Tensor) -> tuple[KVCache, int] | None:
 
 def _entries(layer: DenseLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keys, values, slots, valid) of a layer as `[B, H, n, D]`, `[B, H, n]` tensors, whatever its kind."""
-    keys, values = layer.padded() if isinstance(layer, PackedHeadLayer) else (layer.keys, layer.values)
+    keys, values = layer.padded() if hasattr(layer, "padded") else (layer.keys, layer.values)
     b, h, n = keys.shape[:3]
     slots = layer.entry_slots()
     slots = torch.arange(n, device=keys.device).expand(b, h, n) if slots is None else slots

@@ -220,3 +220,45 @@ class ScorerPress(Press):
         if bool((k >= ctx.n_real).all()):
             return  # nothing to remove: leave the layer untouched (no-op ratio = plain generation)
         select_topk(ctx, cached_score(self, ctx), k)
+
+
+@dataclass
+class QuantizerPress(Press):
+    """A press that quantizes what a layer holds instead of evicting (KIVI, GEAR, KVQuant).
+
+    The layer becomes a `CodedLayer`: entries older than the newest `residual_length` are coded in whole
+    groups of `group_size` tokens; the rest (and new tokens, until a group fills) stay in full precision.
+    `compression_ratio` must stay 0: compose with an eviction press (`composed`) to evict as well."""
+
+    kind = "quantization"
+    bits: int = 2
+    group_size: int = 32
+    residual_length: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.budget is not None or self.compression_ratio:
+            raise KVForgeError(f"{self.name} quantizes and evicts nothing: compression_ratio must be 0 and budget "
+                               "unset; evict with another press first, e.g. composed(presses=[snapkv, "
+                               f"{self.name}])")
+        from kvforge.quant import check_bits
+
+        check_bits(self.name, self.bits, self.group_size, self.residual_length)
+
+    def codec(self, ctx: LayerContext, keys: torch.Tensor, values: torch.Tensor):  # pragma: no cover - abstract
+        """Code `keys`/`values` `[B, H_kv, m, D]` (m a multiple of group_size, or everything for head-varlen)."""
+        raise NotImplementedError
+
+    def compress(self, ctx: LayerContext) -> None:
+        from kvforge.cache.coded import CodedLayer
+        from kvforge.quant import coded_count
+
+        def build(keys, values, slots, valid):
+            n = keys.shape[2]
+            m = n if valid is not None else coded_count(n, self.group_size, self.residual_length)
+            if valid is not None and n % self.group_size:
+                raise KVForgeError(f"{self.name}: a head-varlen layer of {n} entries cannot be coded in groups of "
+                                   f"{self.group_size}; use group_size dividing it or a uniform eviction press")
+            return self.codec(ctx, keys[:, :, :m], values[:, :, :m]), m
+
+        ctx.cache.layers[ctx.layer_idx] = CodedLayer.from_layer(ctx.layer, build)

@@ -1,0 +1,150 @@
+"""Coded layers: the older entries of a layer held in a compact *code* (quantized, channel-pruned, merged
+across layers), the newer ones in a full-precision tail.
+
+`CodedLayer` is a `DenseLayer` whose dense buffer is only the tail; the coded part is a `Codec`, an
+immutable object (appending makes a new one), so snapshots, forks and restores keep working by reference.
+Attention reads `full()`: the code decoded, followed by the tail. On CPU that decoded copy is transient
+(one layer at a time, freed after its attention); on CUDA the quantized codes are read by a fused kernel
+instead (`kvforge.kernels.quant_decode`). Stored bytes are the code's bytes plus the tail's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvforge.cache.layers import DenseLayer
+from kvforge.errors import KVForgeError
+
+
+class Codec:
+    """The coded part of a layer: `m` entries. Shapes: decode() -> keys `[B, H_kv, m, Dk]`, values
+    `[B, H_kv, m, Dv]`. Subclasses are immutable."""
+
+    m: int = 0
+    # streaming codecs take entries leaving the tail: `step` entries at a time, once the tail holds more than
+    # `residual` newer ones (KIVI's full-precision residual window). step 0 = the code never grows.
+    step: int = 0
+    residual: int = 0
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def nbytes(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def index_batch(self, index: torch.Tensor) -> Codec:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> Codec:  # pragma: no cover
+        raise NotImplementedError
+
+
+def tensor_bytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class CodedLayer(DenseLayer):
+    """`codec` holds the first `codec.m` entries (logical slots `c_slots [B, H_kv, m]`, validity `c_valid` or
+    None); the dense buffer holds the `n` tail entries. Entries cannot be evicted once coded: put eviction
+    presses before a coding press (`composed`)."""
+
+    compressible = True  # still a full-attention layer: press ranks and pending sets must not shift
+
+    def __init__(self, reserve: int = 256, **kwargs):
+        super().__init__(reserve=reserve)
+        self.codec: Codec | None = None
+        self.c_slots: torch.Tensor | None = None
+        self.c_valid: torch.Tensor | None = None
+
+    @classmethod
+    def from_layer(cls, layer: DenseLayer, build) -> CodedLayer:
+        """Code the entries of `layer` (any kind). `build(keys, values, slots, valid) -> (codec, m)` codes the
+        first m entries; the rest become the tail (a streaming codec's residual window)."""
+        from kvforge.cache.kvcache import _entries
+
+        keys, values, slots, valid = _entries(layer)
+        if layer.entry_valid() is None:
+            valid = None
+        codec, m = build(keys, values, slots, valid)
+        if valid is not None and m < keys.shape[2]:
+            raise KVForgeError("a head-varlen layer must be coded whole (its tail cannot hold invalid entries)")
+        new = cls(reserve=layer.reserve)
+        new.dtype, new.device, new.is_initialized = layer.dtype, layer.device, True
+        new.codec, new.c_slots = codec, slots[:, :, :m].contiguous()
+        new.c_valid = None if valid is None else valid[:, :, :m].contiguous()
+        new._replace(keys[:, :, m:], values[:, :, m:], slots[:, :, m:])
+        new.logical = layer.logical
+        new.press_state = layer.press_state
+        return new
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every entry in full precision, coded first: `[B, H_kv, m + n, D]` (transient)."""
+        ck, cv = self.codec.decode()
+        if self.n == 0:
+            return ck, cv
+        return torch.cat([ck, self._k[:, :, : self.n]], 2), torch.cat([cv, self._v[:, :, : self.n]], 2)
+
+    padded = full  # LayerContext and KVCache.stack read entries through padded()
+
+    def entry_slots(self) -> torch.Tensor:
+        return torch.cat([self.c_slots, self.slots[:, :, : self.n]], 2)
+
+    def entry_valid(self) -> torch.Tensor | None:
+        if self.c_valid is None:
+            return None
+        tail = torch.ones(*self.c_valid.shape[:2], self.n, dtype=torch.bool, device=self.device)
+        return torch.cat([self.c_valid, tail], 2)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        super().update(key_states, value_states)
+        c = self.codec
+        if c.step and self.n >= c.residual + c.step:
+            move = (self.n - c.residual) // c.step * c.step
+            self.codec = c.append(self._k[:, :, :move], self._v[:, :, :move], self.slots[:, :, :move])
+            self.c_slots = torch.cat([self.c_slots, self.slots[:, :, :move]], 2)
+            if self.c_valid is not None:
+                self.c_valid = torch.cat([self.c_valid, self.c_valid.new_ones(*self.c_valid.shape[:2], move)], 2)
+            self._replace(self._k[:, :, move : self.n], self._v[:, :, move : self.n], self.slots[:, :, move : self.n])
+        return self.full()
+
+    # -- what a coded layer refuses --------------------------------------------------------------------------
+    def keep(self, indices: torch.Tensor) -> None:
+        raise KVForgeError("entries of a coded (quantized / channel-pruned / merged) layer cannot be evicted; "
+                           "put eviction presses before the coding press in `composed`")
+
+    keep_mask = keep
+
+    def enter_graph_mode(self, steps: int) -> None:
+        raise KVForgeError("CUDA-graph decoding does not support coded layers; decode without graphs")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if -tokens_to_remove > self.n:
+            raise KVForgeError(f"crop({tokens_to_remove}): only the {self.n} tail entries of a coded layer can go")
+        super().crop(tokens_to_remove)
+
+    # -- state ---------------------------------------------------------------------------------------------
+    _STATE = DenseLayer._STATE + ("codec", "c_slots", "c_valid")
+
+    def _index_batch_extra(self, index: torch.Tensor) -> None:
+        self.codec = self.codec.index_batch(index)
+        self.c_slots = self.c_slots[index]
+        if self.c_valid is not None:
+            self.c_valid = self.c_valid[index]
+
+    # -- accounting ----------------------------------------------------------------------------------------
+    def entry_counts(self) -> int | list[int]:
+        if self.c_valid is not None:
+            return [int(c) + self.n for c in self.c_valid.sum(-1).amax(0).tolist()]
+        return self.codec.m + self.n
+
+    def stored_bytes(self) -> int:
+        return self.codec.nbytes() + super().stored_bytes()
+
+    def allocated_bytes(self) -> int:
+        return self.codec.nbytes() + super().allocated_bytes()
+
+    def uncompressed_bytes(self) -> int:
+        b, h = self._k.shape[:2]
+        dk = self._k.shape[3]
+        return b * h * self.logical * (dk + self._v.shape[3]) * self._k.element_size()

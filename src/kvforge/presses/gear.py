@@ -1,0 +1,44 @@
+"""GEAR: quantization + low-rank approximation of its error + sparse outliers.
+
+Kang et al., "GEAR: An Efficient KV Cache Compression Recipe for Near-Lossless Generative Inference of
+LLM", 2024, https://arxiv.org/abs/2403.05527 — x ≈ Q(x − S) + L + S with S the largest-magnitude
+entries kept exactly and L a rank-r approximation of the quantization residual. Defaults follow the
+paper's GEAR-KIVI setting: 4 bits with KIVI's grouping, rank 4, 2% outliers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvforge.errors import KVForgeError
+from kvforge.presses.base import LayerContext, QuantizerPress
+from kvforge.presses.registry import register
+from kvforge.quant import GearCodec
+
+
+@register("gear")
+@dataclass
+class GearPress(QuantizerPress):
+    """Per chunk of coded tokens and per (row, KV head): outliers `[B, H_kv, s·m·D]` (flat index + value),
+    KIVI codes of the rest, factors A `[B, H_kv, m, rank]`, B `[B, H_kv, rank, D]` of the residual."""
+
+    frees_memory = "yes (bits/16 + scales + rank + outliers)"
+    paper = "https://arxiv.org/abs/2403.05527"
+    bits: int = 4
+    rank: int = 4
+    outlier_ratio: float = 0.02
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bits == 16:
+            raise KVForgeError("gear: bits=16; allowed: 2, 4, 8 (use kivi with bits=16 for the identity)")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise KVForgeError(f"gear: rank={self.rank!r} must be an integer >= 0")
+        if not 0.0 <= self.outlier_ratio < 1.0:
+            raise KVForgeError(f"gear: outlier_ratio={self.outlier_ratio!r} is outside the allowed range [0, 1)")
+
+    def codec(self, ctx: LayerContext, keys: torch.Tensor, values: torch.Tensor) -> GearCodec:
+        return GearCodec.encode(keys, values, self.bits, self.group_size, self.residual_length, self.rank,
+                                self.outlier_ratio)
