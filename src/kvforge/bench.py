@@ -161,7 +161,8 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     print(f"{meta['device']}: copy bandwidth {meta['copy_TBps']} TB/s, weights {meta['weights_gb']} GB")
     for n in contexts:
         ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)
-        grid = [(spec, r) for spec in presses for r in ([0.0] if spec == "none" else ratios)]
+        grid = [(spec, r) for spec in presses
+                for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios)]
         base_prefill = None
         for spec, r in grid:
             press = None if spec == "none" else factories[spec](r)

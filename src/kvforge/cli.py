@@ -30,13 +30,47 @@ def _entries_summary(entries: list) -> str:
     return " ".join(parts)
 
 
+def _quant_part(args) -> str | None:
+    """`--quant kivi --bits 2 ...` as a spec part (`kivi@bits=2`), or None."""
+    if not getattr(args, "quant", None):
+        for opt in ("bits", "group_size", "residual_length"):
+            if getattr(args, opt, None) is not None:
+                raise KVForgeError(f"--{opt.replace('_', '-')} needs --quant (allowed: kivi, gear, kvquant)")
+        return None
+    from kvforge.presses.registry import PRESSES
+
+    if args.quant not in PRESSES or PRESSES[args.quant].kind != "quantization":
+        allowed = sorted(n for n, c in PRESSES.items() if c.kind == "quantization")
+        raise KVForgeError(f"--quant {args.quant!r} is not a quantizer; allowed: {', '.join(allowed)}")
+    opts = "".join(f"@{o}={getattr(args, o)}" for o in ("bits", "group_size", "residual_length")
+                   if getattr(args, o, None) is not None)
+    return args.quant + opts
+
+
+def _with_quant(specs: list[str], args) -> list[str]:
+    """Append the `--quant` part to every spec (`none` becomes the quantizer alone)."""
+    q = _quant_part(args)
+    if q is None:
+        return specs
+    return [q if s == "none" else f"{s}+{q}" for s in specs]
+
+
 def _press_from_args(args):
+    from kvforge.eval.runner import parse_press
     from kvforge.presses import get_press
 
+    quant = _quant_part(args)
     if not args.press or args.press == "none":
         if args.compression_ratio is not None or args.budget is not None:
             raise KVForgeError("--compression-ratio/--budget need --press; allowed presses: kvforge presses")
-        return None
+        return None if quant is None else parse_press(quant)(0.0)
+    press = _evict_press(args, get_press)
+    if quant is None:
+        return press
+    return get_press("composed", presses=[press, parse_press(quant)(0.0)])
+
+
+def _evict_press(args, get_press):
     kwargs = {}
     if args.compression_ratio is not None:
         kwargs["compression_ratio"] = args.compression_ratio
@@ -108,7 +142,8 @@ def cmd_eval(args) -> None:
     from kvforge.eval.runner import format_table, run_eval, write_summary
 
     out = run_eval(
-        args.model, _csv(args.tasks), _csv(args.presses), _csv(args.ratios, float), _csv(args.length, _length),
+        args.model, _csv(args.tasks), _with_quant(_csv(args.presses), args), _csv(args.ratios, float),
+        _csv(args.length, _length),
         args.samples, args.out, seed=args.seed, max_new_tokens=args.max_new_tokens,
         shared_prefill=not args.no_shared_prefill, argv=sys.argv[1:], query_aware=args.query_aware,
         press_batch=args.press_batch,
@@ -139,8 +174,8 @@ def cmd_bench(args) -> None:
     if bool(args.random_weights) == bool(args.model):
         raise KVForgeError("give --model M, or --random-weights with --config NAME (e.g. llama3.1-8b)")
     run_bench(args.model, args.config if args.random_weights else None, _csv(args.context, _length), args.batch,
-              _csv(args.presses), _csv(args.ratios, float), args.new_tokens, args.out, device=args.device,
-              cuda_graph=not args.no_cuda_graph)
+              _with_quant(_csv(args.presses), args), _csv(args.ratios, float), args.new_tokens, args.out,
+              device=args.device, cuda_graph=not args.no_cuda_graph)
     print(f"results: {args.out}/bench.json, bench.csv, bench.png")
 
 
@@ -170,6 +205,13 @@ def cmd_headkv_scores(args) -> None:
     print(f"head scores {len(res['scores'])}x{len(res['scores'][0])} -> {args.out}")
 
 
+def _quant_args(parser) -> None:
+    parser.add_argument("--quant", default=None, help="quantize what the press keeps: kivi | gear | kvquant")
+    parser.add_argument("--bits", type=int, default=None, help="bits per quantized element: 2 | 4 | 8")
+    parser.add_argument("--group-size", type=int, default=None, help="tokens per key quantization group")
+    parser.add_argument("--residual-length", type=int, default=None, help="newest tokens kept in full precision")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvforge", description="KV-cache compression for Hugging Face causal LMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -185,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
     g.add_argument("--device", default=None, help="cpu | cuda | auto")
+    _quant_args(g)
     g.set_defaults(func=cmd_generate)
 
     pr = sub.add_parser("presses", help="list the registered presses")
@@ -193,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="sweep presses × ratios over generated benchmarks, one prefill per sample")
     e.add_argument("--model", default="smollm2-135m")
     e.add_argument("--tasks", required=True, help="comma-separated task names (e.g. niah_single_1,facts_qa)")
-    e.add_argument("--presses", required=True, help="comma-separated presses; wrappers as adakv:knorm")
+    e.add_argument("--presses", required=True,
+                   help="comma-separated presses; wrappers as adakv:knorm, options as kivi@bits=4, compose with +")
     e.add_argument("--ratios", default="0.25,0.5,0.75", help="comma-separated compression ratios")
     e.add_argument("--length", default="2000", help="context length(s) in model tokens, e.g. 2000 or 1k,2k")
     e.add_argument("--samples", type=int, default=5, help="samples per task and length")
@@ -205,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--query-aware", action="store_true",
                    help="compress context + question together, one prefill per question (SnapKV's setting)")
     e.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
+    _quant_args(e)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="rebuild report.html and the PNGs of an eval directory")
@@ -232,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     b.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
     b.add_argument("--out", default="runs/bench")
+    _quant_args(b)
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the main job of `make demo`: a compact eval sweep on the embedded model")

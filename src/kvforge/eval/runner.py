@@ -29,19 +29,47 @@ SUMMARY_COLUMNS = ["task", "press", "compression_ratio", "n", "score", "baseline
 BASELINE = "none"
 
 
-def parse_press(spec: str):
-    """`name` or `wrapper:scorer` (e.g. `adakv:knorm`) -> a press factory taking `compression_ratio`."""
-    from kvforge.presses import get_press
+def _option(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
-    name, _, scorer = spec.partition(":")
-    get_press(name, **({"scorer": scorer} if scorer else {}))  # validate now, with a clear error
+
+def _parse_part(part: str):
+    """`name[:scorer][@key=value...]` -> (name, options)."""
+    head, *opts = part.split("@")
+    name, _, scorer = head.partition(":")
+    options = {"scorer": scorer} if scorer else {}
+    for o in opts:
+        key, eq, value = o.partition("=")
+        if not eq or not key:
+            raise KVForgeError(f"press option {o!r} in {part!r} must look like key=value (e.g. kivi@bits=4)")
+        options[key] = _option(value)
+    return name, options
+
+
+def parse_press(spec: str):
+    """A press spec -> a factory taking `compression_ratio`. Specs: `name`, `wrapper:scorer` (`adakv:knorm`),
+    options `name@key=value` (`kivi@bits=4@group_size=32`), and `+` to compose in order
+    (`snapkv+kivi@bits=2`: SnapKV at the swept ratio, then 2-bit KIVI). Ratio-free presses (quantizers,
+    minicache) take no ratio; a spec made only of them has `factory.ratio_free = True` (run once, ratio 0)."""
+    from kvforge.presses import get_press
+    from kvforge.presses.registry import PRESSES
+
+    parts = [_parse_part(p) for p in spec.split("+")]
+    for name, options in parts:
+        get_press(name, **options)  # validate now, with a clear error
+    free = [PRESSES[name].ratio_free for name, _ in parts]
 
     def make(ratio: float):
-        kwargs = {"compression_ratio": ratio}
-        if scorer:
-            kwargs["scorer"] = scorer
-        return get_press(name, **kwargs)
+        built = [get_press(name, **options) if rf else get_press(name, compression_ratio=ratio, **options)
+                 for (name, options), rf in zip(parts, free)]
+        return built[0] if len(built) == 1 else get_press("composed", presses=built)
 
+    make.ratio_free = all(free)
     return make
 
 
@@ -195,7 +223,8 @@ def run_eval(
     results_path = out_dir / "results.jsonl"
     _drop_partial_line(results_path)
     done = _load_done(results_path)
-    grid = [(spec, r) for spec in presses for r in ratios]
+    grid = [(spec, 0.0 if factories[spec].ratio_free else r) for spec in presses for r in ratios]
+    grid = list(dict.fromkeys(grid))  # a ratio-free spec runs once
     total = len(all_samples) * (1 + len(grid))
     bar = tqdm(total=total, desc="eval", unit="run", disable=not progress, dynamic_ncols=True)
     wall0 = time.perf_counter()
@@ -234,7 +263,8 @@ def _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, 
     rest, ready = [], []
     for spec, ratio in todo:
         press = factories[spec](ratio)
-        (rest if hasattr(press, "on_decode") or hasattr(press, "select") else ready).append((spec, ratio, press))
+        alone = hasattr(press, "on_decode") or hasattr(press, "select") or _codes(press)
+        (rest if alone else ready).append((spec, ratio, press))
     for i in range(0, len(ready), batch):
         group = ready[i : i + batch]
         t0 = time.perf_counter()
@@ -251,6 +281,14 @@ def _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, 
             emit(_record(sample, spec, ratio, preds, baseline, float("nan"), each, 0.0, st))
             bar.update(1)
     return [(spec, ratio) for spec, ratio, _ in rest]
+
+
+def _codes(press) -> bool:
+    """True for quantizing presses: their forks are answered one at a time, since a stacked cache holds the
+    decoded entries and would not quantize the tokens generated afterwards. (Channel-pruned and merged layers
+    never code later tokens, so their stacked answers are the same.)"""
+    inner = getattr(press, "presses", None)
+    return press.kind == "quantization" or bool(inner and any(_codes(p) for p in inner))
 
 
 def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_new_tokens, shared, bar,

@@ -164,6 +164,7 @@ class Press:
     frees_memory: ClassVar[str] = "yes"
     extra_passes: ClassVar[str] = "0"
     paper: ClassVar[str] = ""
+    ratio_free: ClassVar[bool] = False  # takes no compression_ratio (quantizers, layer merging): sweeps run it once
 
     compression_ratio: float | None = None
     budget: int | None = None
@@ -231,6 +232,7 @@ class QuantizerPress(Press):
     `compression_ratio` must stay 0: compose with an eviction press (`composed`) to evict as well."""
 
     kind = "quantization"
+    ratio_free = True
     bits: int = 2
     group_size: int = 32
     residual_length: int = 128

@@ -92,7 +92,8 @@ class MiniCachePress(Press):
     (l, l+1) from there up. `t`: SLERP position; `gamma`: retention threshold. Evicts no tokens
     (`compression_ratio` must be 0; compose with an eviction press for more)."""
 
-    kind = "cross-layer"
+    kind = "layer"
+    ratio_free = True
     frees_memory = "yes (one direction per merged pair)"
     paper = "https://arxiv.org/abs/2405.14366"
     start: float = 0.5
