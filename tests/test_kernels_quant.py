@@ -109,35 +109,35 @@ def check_triton(b, h, g, d, m, cap, n_tail, bits, group, dtype, seed, device_le
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("fold", [True, False])
-def test_triton_matches_ref(dtype, bits, fold):
+def test_triton_matches_ref(dtype, bits):
     gen = torch.Generator().manual_seed(bits)
-    for seed, (b, group) in enumerate([(1, 128), (3, 32), (1, 32), (3, 128)]):  # fresh random inputs each time
-        m = group * int(torch.randint(1, 40, (1,), generator=gen))
+    for seed, (b, group, device_len) in enumerate([(1, 128, True), (3, 128, False), (3, 32, True), (1, 32, True)]):
+        m = group * int(torch.randint(1, 40, (1,), generator=gen))  # fresh random inputs and lengths each time
         n_tail = int(torch.randint(0, 200, (1,), generator=gen))
-        check_triton(b, 8, 4, 128, m, 200, n_tail, bits, group, dtype, seed, device_len=seed % 2 == 1, fold=fold)
+        check_triton(b, 8, 4, 128, m, 200, n_tail, bits, group, dtype, seed, device_len=device_len)
 
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("g,d", [(1, 128), (8, 128), (4, 64), (8, 64)])
-def test_triton_ragged(g, d):
-    for dtype in (torch.bfloat16, torch.float16):
-        check_triton(2, 4, g, d, 0, 64, 37, 4, 32, dtype, 1)  # nothing coded yet
-        check_triton(2, 4, g, d, 0, 64, 1, 2, 128, dtype, 2, device_len=True)
-        check_triton(1, 4, g, d, 384, 64, 0, 2, 128, dtype, 3)  # empty tail
-        check_triton(3, 4, g, d, 256, 64, 0, 4, 32, dtype, 4, device_len=True)
-        check_triton(3, 4, g, d, 4096, 96, 96, 8, 64, dtype, 5, device_len=True)  # full tail, many splits
+@pytest.mark.parametrize("g,d,dtype", [(1, 128, torch.bfloat16), (8, 128, torch.float16), (4, 64, torch.float16),
+                                       (8, 64, torch.bfloat16)])
+def test_triton_ragged(g, d, dtype):
+    for seed, (b, m, n_tail) in enumerate([(2, 0, 37), (1, 0, 1), (1, 384, 0), (3, 256, 0), (3, 4096, 96)]):
+        check_triton(b, 4, g, d, m, 96, n_tail, 4, 128, dtype, seed, device_len=True)  # m = 0, tail 0, full tail
+    check_triton(3, 4, g, d, 256, 96, 0, 2, 32, dtype, 9)  # host int length
 
 
 @pytest.mark.cuda
 @cuda
 def test_triton_variants():
-    """The other code paths: gathered unpacking, several key groups per block, groups not aligned to blocks."""
-    for seed, (bits, group, kw) in enumerate([(4, 128, dict(unpack=1, fold=False)), (2, 32, dict(unpack=1)),
-                                              (4, 16, dict(fold=False)), (2, 48, {}), (4, 128, dict(block_n=128,
-                                                                                                   num_warps=8))]):
-        check_triton(2, 8, 4, 128, group * 20, 64, 33, bits, group, torch.bfloat16, seed, device_len=True, **kw)
+    """The other code paths: dequantizing in registers (no folding), gathered unpacking, several key groups per
+    block, groups not aligned to blocks, larger blocks."""
+    variants = [(4, 128, dict(unpack=1, fold=False)), (2, 32, dict(unpack=1)), (4, 16, dict(fold=False)), (2, 48, {}),
+                (4, 128, dict(block_n=128, num_warps=8)), (8, 128, dict(fold=False)), (2, 128, dict(fold=False)),
+                (2, 32, dict(fold=False))]
+    for seed, (bits, group, kw) in enumerate(variants):
+        for dtype in (torch.bfloat16, torch.float16):
+            check_triton(2, 8, 4, 128, group * 20, 64, 33, bits, group, dtype, seed, device_len=True, **kw)
 
 
 @pytest.mark.cuda

@@ -320,3 +320,38 @@ def test_cli_quant_flags(capsys):
         _press_from_args(p.parse_args(["generate", "--quant", "snapkv"]))
     with pytest.raises(KVForgeError, match="needs --quant"):
         _press_from_args(p.parse_args(["generate", "--bits", "2"]))
+
+
+def test_fused_decode_and_graph_mode_equal_the_decoded_path(models, smol_tokenizer):
+    """Decoding straight from the KIVI codes (the fused kernel's twin on CPU; the Triton kernel on CUDA) and
+    graph mode (static tail, device-side lengths) give the tokens of the plain path that decodes the codes to
+    full precision and runs eager attention."""
+    from kvforge.attention.function import use_backend
+    from kvforge.generate import prefill
+    from kvforge.graphs import GraphDecoder
+
+    model = models["llama"]
+    ids = torch.tensor([sum(encode_prompt(smol_tokenizer, CONTEXT, QUESTION), [])])
+    tokens = {}
+    for mode in ("decoded", "fused", "graph"):
+        cache = KVCache(model, press=get_press("kivi", bits=4, group_size=4, residual_length=16), reserve=16)
+        logits = prefill(model, ids, torch.ones_like(ids), cache)
+        layer = cache.layers[0]
+        assert isinstance(layer, CodedLayer) and layer.codec.m > 0 and layer.fused()
+        tok, pos, out = logits.argmax(-1, keepdim=True), ids.shape[1], []
+        dec = GraphDecoder(model, cache, pos, steps=12, batch=1) if mode == "graph" else None
+        with torch.inference_mode(), use_backend("eager" if mode == "decoded" else "sdpa"):
+            for _ in range(12):
+                if dec is None:
+                    logits = model(input_ids=tok, position_ids=torch.tensor([[pos]]), past_key_values=cache,
+                                   logits_to_keep=1).logits[:, -1]
+                else:
+                    logits = dec.step(tok)
+                tok = logits.argmax(-1, keepdim=True)
+                out.append(int(tok))
+                pos += 1
+        if dec is not None:
+            dec.close()
+            assert cache.get_seq_length() == ids.shape[1] + 12
+        tokens[mode] = out
+    assert tokens["fused"] == tokens["decoded"] and tokens["graph"] == tokens["decoded"]

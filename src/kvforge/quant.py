@@ -105,6 +105,7 @@ class KiviCodec(Codec):
 
     def __init__(self, bits: int, group: int, residual: int, parts: tuple, m: int, dtype):
         self.bits, self.step, self.residual, self.parts, self.m, self.dtype = bits, group, residual, parts, m, dtype
+        self.fused_layout = bits != 16  # the fused decode kernel reads these parts as they are
 
     @classmethod
     def encode(cls, keys, values, bits: int, group: int, residual: int) -> KiviCodec:

@@ -15,6 +15,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from kvforge.attention.backends import BACKENDS, causal_mask
+from kvforge.cache.coded import CodedLayer
 from kvforge.cache.kvcache import take_binding
 from kvforge.cache.layers import DenseLayer, PackedHeadLayer
 from kvforge.errors import KVForgeError
@@ -111,6 +112,12 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
 
     from kvforge.presses.base import LayerContext
 
+    if isinstance(layer, CodedLayer):
+        out = _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, module, run)
+        if out is not None:
+            return out, None
+        key, value = layer.full()  # decoded copy (transient), then the generic path below
+
     if layer.graph is not None:  # CUDA-graph decode step: lengths on the device, no host reads
         k_flat, v_flat, offsets, lengths, max_len, total = layer.graph_segments()
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -150,6 +157,31 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
         # decode-time presses (H2O, TOVA, Scissorhands, DecodingPress) see every later forward
         press.on_decode(ctx or LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, module, run):
+    """Decode over a coded layer straight from its codes (fused Triton kernel: the codes are dequantized in
+    registers, no full-precision copy), when possible: one query token, no mask, no press acting while
+    decoding. Returns `[B, q, Hq, Dv]` or None (the caller then decodes the layer and runs the generic path)."""
+    q = query.shape[2]
+    press = cache.press
+    if q != 1 or not layer.fused() or cache.armed or backend_name() != "sdpa":
+        return None
+    if layer.graph is None and attention_mask is not None:
+        return None
+    if press is not None and (hasattr(press, "select") or hasattr(press, "on_decode")):
+        return None
+    from kvforge.kernels.quant_decode import quant_decode_attention
+
+    c = layer.codec
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    tail_len = layer.graph["pos"] if layer.graph is not None else layer.n
+    out = quant_decode_attention(query[:, :, 0], c.parts, c.bits, c.step, layer._k, layer._v, tail_len, scale)
+    if cache.observer is not None:
+        from kvforge.presses.base import LayerContext
+
+        cache.observer(LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
+    return out[:, None]
 
 
 def register() -> None:

@@ -97,7 +97,11 @@ class CodedLayer(DenseLayer):
         return torch.cat([self.c_valid, tail], 2)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        super().update(key_states, value_states)
+        """Append to the tail (coding whole groups that leave the residual window) and return the tail views;
+        the attention function reads the coded part itself (`full()`, or the fused kernel on CUDA)."""
+        if self.graph is not None:  # CUDA-graph step: static tail buffers, no coding until the graph exits
+            return self.graph_update(key_states, value_states)
+        DenseLayer.update(self, key_states, value_states)
         c = self.codec
         if c.step and self.n >= c.residual + c.step:
             move = (self.n - c.residual) // c.step * c.step
@@ -106,7 +110,18 @@ class CodedLayer(DenseLayer):
             if self.c_valid is not None:
                 self.c_valid = torch.cat([self.c_valid, self.c_valid.new_ones(*self.c_valid.shape[:2], move)], 2)
             self._replace(self._k[:, :, move : self.n], self._v[:, :, move : self.n], self.slots[:, :, move : self.n])
-        return self.full()
+        return self.keys, self.values
+
+    def fused(self) -> bool:
+        """True when decode attention can read the codes directly (`kvforge.kernels.quant_decode`: the Triton
+        kernel on CUDA, its torch twin elsewhere): KIVI codes, every entry valid."""
+        return getattr(self.codec, "fused_layout", False) and self.c_valid is None
+
+    def enter_graph_mode(self, steps: int) -> None:
+        if not self.fused():
+            raise KVForgeError("CUDA-graph decoding of a coded layer needs KIVI codes (2/4/8 bits); decode without "
+                               "graphs")
+        super().enter_graph_mode(steps)
 
     # -- what a coded layer refuses --------------------------------------------------------------------------
     def keep(self, indices: torch.Tensor) -> None:
@@ -114,9 +129,6 @@ class CodedLayer(DenseLayer):
                            "put eviction presses before the coding press in `composed`")
 
     keep_mask = keep
-
-    def enter_graph_mode(self, steps: int) -> None:
-        raise KVForgeError("CUDA-graph decoding does not support coded layers; decode without graphs")
 
     def crop(self, tokens_to_remove: int) -> None:
         if -tokens_to_remove > self.n:

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from kvforge.errors import KVForgeError
 from kvforge.generate import answer, answer_query_aware, compress_prefilled, encode, model_max_length, prefill_context
 
-SUMMARY_COLUMNS = ["task", "press", "compression_ratio", "n", "score", "baseline_score", "agreement", "seconds"]
+SUMMARY_COLUMNS = ["task", "press", "compression_ratio", "n", "score", "baseline_score", "agreement", "kv_fraction",
+                   "seconds"]
 BASELINE = "none"
 
 
@@ -317,8 +318,9 @@ def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_
         baseline = done[base_key]["predictions"]
     else:
         t0 = time.perf_counter()
+        full_stats = full.stats()
         baseline, ppl = evaluate(full)
-        emit(_record(sample, BASELINE, 0.0, baseline, None, ppl, time.perf_counter() - t0, prefill_s, None))
+        emit(_record(sample, BASELINE, 0.0, baseline, None, ppl, time.perf_counter() - t0, prefill_s, full_stats))
         bar.update(1)
     if shared and batch > 1 and not query_aware and not is_ppl:
         todo = _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, emit, bar, batch)
@@ -363,8 +365,15 @@ def _mean(xs) -> float | None:
 
 def summarize(records: list[dict]) -> list[dict]:
     """One row per (task, press, ratio): mean score, the baseline's mean score on the same samples,
-    mean agreement with the baseline's answers, total seconds."""
+    mean agreement with the baseline's answers, KV bytes stored as a fraction of the baseline's on the same
+    samples (packed bytes for quantizers), total seconds."""
     base = {(r["task"], r["sample_id"]): r["score"] for r in records if r["press"] == BASELINE}
+    base_bytes = {(r["task"], r["sample_id"]): r.get("kv_bytes") for r in records if r["press"] == BASELINE}
+
+    def fraction(r):
+        full = base_bytes.get((r["task"], r["sample_id"]))
+        return None if not full or r.get("kv_bytes") is None else r["kv_bytes"] / full
+
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["task"], r["press"], r["compression_ratio"])].append(r)
@@ -376,6 +385,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "score": _round(_mean(r["score"] for r in rs)),
             "baseline_score": _round(_mean(base.get((task, r["sample_id"])) for r in rs)),
             "agreement": _round(_mean(r["agreement"] for r in rs)),
+            "kv_fraction": _round(_mean(fraction(r) for r in rs)),
             "seconds": round(sum(r["seconds"] for r in rs), 2),
         })
     return rows

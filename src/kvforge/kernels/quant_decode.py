@@ -53,21 +53,22 @@ if triton is not None:
     @triton.jit
     def _codes(base, t, ok, NB: tl.constexpr, DD: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
-        """Codes `[BLOCK_N, DD]` int32 of the rows `t` of a packed `[*, NB]` uint8 buffer (NB = DD·BITS/8).
-        UNPACK 0: each byte loaded once (contiguous, vectorized), split into its PER codes, reshaped;
-        UNPACK 1: each code's byte gathered (byte i // PER, loaded PER times through L1)."""
+        """Codes `[BLOCK_N, DD]` int32 of the rows `t` of a packed `[*, NB]` uint8 buffer (NB = DD·BITS/8), each
+        byte loaded once (16-byte loads). UNPACK 0: the PER codes of a byte are interleaved in registers
+        (`tl.interleave` keeps them in the thread that loaded the byte: no data movement); UNPACK 1: shifted
+        along a third axis and reshaped (Triton lays that out across threads: slow, kept for comparison)."""
+        byte = tl.load(base + t[:, None] * NB + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0).to(tl.int32)
         if PER == 1:
-            codes = tl.load(base + t[:, None] * NB + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0)
-            codes = codes.to(tl.int32)
+            codes = byte
         elif UNPACK == 0:
-            byte = tl.load(base + t[:, None] * NB + tl.arange(0, NB)[None, :], mask=ok[:, None], other=0)
-            shifts = tl.arange(0, PER) * BITS
-            codes = (byte.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-            codes = tl.reshape(codes, [BLOCK_N, DD])
+            if PER == 2:
+                codes = tl.interleave(byte & 15, byte >> 4)
+            else:  # (c0, c2), (c1, c3) interleaved, then the pairs: c0 c1 c2 c3 of each byte in order
+                codes = tl.interleave(tl.interleave(byte & 3, (byte >> 4) & 3),
+                                      tl.interleave((byte >> 2) & 3, byte >> 6))
         else:
-            c = tl.arange(0, DD)
-            byte = tl.load(base + t[:, None] * NB + (c // PER)[None, :], mask=ok[:, None], other=0)
-            codes = (byte.to(tl.int32) >> ((c % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
+            shifts = tl.arange(0, PER) * BITS
+            codes = tl.reshape((byte[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), [BLOCK_N, DD])
         return codes
 
     @triton.jit
@@ -76,14 +77,10 @@ if triton is not None:
         return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _as_operand(codes, DT: tl.constexpr, MAGIC: tl.constexpr):
-        """Codes as matrix operands of dtype DT. MAGIC != 0: the 16-bit pattern MAGIC | c, i.e. OFF + c exactly
-        (fp16 0x6400 = 1024, bf16 0x4300 = 128), one logic op per code; the caller subtracts OFF·Σ. Else c."""
-        if MAGIC != 0:
-            x = (codes | MAGIC).to(tl.int16).to(DT, bitcast=True)
-        else:
-            x = _as_float(codes).to(DT)
-        return x
+    def _as_half(codes, BITS: tl.constexpr):
+        """Codes as fp16 matrix operands 1 + c·2^-BITS, exactly: c goes to the top mantissa bits of 1.0 (one shift
+        and one logic op, no conversion instruction); the caller scales by 2^BITS and subtracts the 1s."""
+        return ((codes << (10 - BITS)) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)
 
     @triton.jit(do_not_specialize=["tail_int"])
     def _quant_split_kernel(Q, KQ, KS, KZ, VQ, VS, VZ, TK, TV, TL, M, L, ACC, scale, m, tail_int, split,
@@ -92,7 +89,7 @@ if triton is not None:
                             DV: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr, GROUP: tl.constexpr,
                             GV: tl.constexpr, NGV: tl.constexpr, KR: tl.constexpr, KGATHER: tl.constexpr,
                             BLOCK_N: tl.constexpr, TL_PTR: tl.constexpr, UNPACK: tl.constexpr,
-                            FOLD_K: tl.constexpr, FOLD_V: tl.constexpr, MAGIC: tl.constexpr, OFF: tl.constexpr):
+                            FOLD_K: tl.constexpr, FOLD_V: tl.constexpr):
         bh = tl.program_id(0)
         s = tl.program_id(1)
         b = bh // H
@@ -126,13 +123,13 @@ if triton is not None:
             t = j + tl.arange(0, BLOCK_N)
             ok = t < c_end
             kc = _codes(kq_b, t, ok, D * BITS // 8, D, BITS, PER, BLOCK_N, UNPACK)
-            if FOLD_K:  # one key group per block: score = (q∘s)·c + q·z, codes straight into the dot
+            if FOLD_K:  # one key group per block: q·k = (q∘s)·c + q·z, the codes straight into an fp16 dot
                 kso = (j // GROUP) * D + d
                 ks = tl.load(ks_b + kso).to(tl.float32)
                 kz = tl.load(kz_b + kso).to(tl.float32)
-                qs = (qf * ks[None, :]).to(DT)
-                bias = tl.sum(qf * kz[None, :], 1) - OFF * tl.sum(qs.to(tl.float32), 1)
-                sc = (tl.dot(qs, tl.trans(_as_operand(kc, DT, MAGIC))) + bias[:, None]) * scale
+                qs = tl.clamp(qf * (ks * (1 << BITS))[None, :], -65504.0, 65504.0).to(tl.float16)
+                bias = tl.sum(qf * kz[None, :], 1) - tl.sum(qs.to(tl.float32), 1)
+                sc = (tl.dot(qs, tl.trans(_as_half(kc, BITS))) + bias[:, None]) * scale
             else:
                 if KGATHER:  # key groups not aligned with blocks: per-row scale rows
                     kso = (t // GROUP)[:, None] * D + d[None, :]
@@ -161,9 +158,9 @@ if triton is not None:
             if FOLD_V:  # one value group per row: p·v = (p∘s)·c + p·z
                 vs = tl.load(vs_b + t, mask=ok, other=0.0).to(tl.float32)
                 vz = tl.load(vz_b + t, mask=ok, other=0.0).to(tl.float32)
-                pd = (p * vs[None, :]).to(DT)
-                bias = tl.sum(p * vz[None, :], 1) - OFF * tl.sum(pd.to(tl.float32), 1)
-                acc = acc * alpha[:, None] + tl.dot(pd, _as_operand(vc, DT, MAGIC)) + bias[:, None]
+                pd = tl.clamp(p * (vs * (1 << BITS))[None, :], -65504.0, 65504.0).to(tl.float16)
+                bias = tl.sum(p * vz[None, :], 1) - tl.sum(pd.to(tl.float32), 1)
+                acc = acc * alpha[:, None] + tl.dot(pd, _as_half(vc, BITS)) + bias[:, None]
             else:
                 if NGV == 1:
                     vs = tl.load(vs_b + t, mask=ok, other=0.0).to(tl.float32)[:, None]
@@ -205,10 +202,7 @@ if triton is not None:
         tl.store(ACC + base[:, None] * DV + dv[None, :], acc, mask=real[:, None])
 
 
-_MAGIC = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}  # 16-bit patterns OFF + c, exact
-
-
-def _plan(bits: int, group: int, d: int, dv: int, dtype, block_n: int, fold: bool) -> dict:
+def _plan(bits: int, group: int, d: int, dv: int, block_n: int, fold: bool) -> dict:
     """Compile-time layout of a call: block size, how key scales map onto blocks, what gets folded."""
     per = 8 // bits
     gv = value_group(dv, group)
@@ -219,11 +213,8 @@ def _plan(bits: int, group: int, d: int, dv: int, dtype, block_n: int, fold: boo
     kr = max(1, block_n // group) if aligned else 1
     fold_k = fold and aligned and kr == 1
     fold_v = fold and gv == dv
-    magic, off = _MAGIC.get(dtype, (0, 0.0))
-    if magic == 0x4300 and bits > 7:  # bf16 holds 128 + c exactly only for c < 128
-        magic, off = 0, 0.0
     return dict(BITS=bits, PER=per, GROUP=group, GV=gv, NGV=dv // gv, KR=kr, KGATHER=not aligned,
-                BLOCK_N=block_n, FOLD_K=fold_k, FOLD_V=fold_v, MAGIC=magic, OFF=off)
+                BLOCK_N=block_n, FOLD_K=fold_k, FOLD_V=fold_v)
 
 
 def _quant_decode_triton(query, parts, bits, group, tail_k, tail_v, tail_len, scale, block_n=64, num_warps=4,
@@ -241,7 +232,7 @@ def _quant_decode_triton(query, parts, bits, group, tail_k, tail_v, tail_len, sc
         tl_ptr, tail_int, slots = tail_len, 0, tail_k.shape[2]
     else:
         tl_ptr, tail_int, slots = query, int(tail_len), int(tail_len)
-    plan = _plan(bits, group, d, dv, query.dtype, block_n, fold)
+    plan = _plan(bits, group, d, dv, block_n, fold)
     if sms is None:
         sms = torch.cuda.get_device_properties(query.device).multi_processor_count
     ns, split = _num_splits(b * h * (m + slots), m + slots, plan["BLOCK_N"], sms, waves)
@@ -266,8 +257,8 @@ def quant_decode_attention(query, parts, bits: int, group: int, tail_k, tail_v, 
                            fold: bool = True, unpack: int = 0):
     """Decode attention over coded entries + tail (see module docstring): Triton on CUDA, the twin elsewhere.
     Keyword arguments tune the kernel: `fold` folds the scales into the query / probabilities where a block has
-    one key group (and a row one value group) instead of dequantizing each element; `unpack` 0 splits loaded
-    bytes, 1 gathers each code's byte."""
+    one key group (and a row one value group) instead of dequantizing each element; `unpack` 0 interleaves the
+    codes of each loaded byte in registers, 1 unpacks along a third axis (slower layout)."""
     if not query.is_cuda or triton is None:
         return quant_decode_attention_ref(query, parts, bits, group, tail_k, tail_v, tail_len, scale)
     return _quant_decode_triton(query, parts, bits, group, tail_k, tail_v, tail_len, scale, block_n, num_warps,

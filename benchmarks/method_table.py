@@ -1,0 +1,65 @@
+"""Every method at compression ratio 0.5 next to the uncompressed baseline, on the demo tasks (issue #4).
+
+    .venv/bin/python benchmarks/method_table.py [--out runs/methods05]
+
+SmolLM2-135M on CPU, the demo's tasks and samples (niah_single_1 ×3, niah_multikey_1 ×2, facts_qa ×1 at 2k
+tokens), one prefill per sample; prefill presses at ratio 0.5, decode-time presses (h2o, tova_decode,
+scissorhands, decoding over knorm, quest) at 0.5 of the context, ratio-free ones (quantizers, minicache) once.
+Writes the eval directory (results.jsonl, summary.csv, report.html) and `method_table.md` in it.
+Interrupted runs resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from kvforge.eval.demo import DEMO_LENGTH, DEMO_MAX_NEW_TOKENS, DEMO_TASKS
+from kvforge.eval.runner import run_eval, write_summary
+
+PRESSES = [
+    # prefill scoring
+    "random", "streamingllm", "knorm", "l2norm", "snapkv", "pyramidkv", "adakv", "headkv", "tova", "h2o",
+    "observed_attention", "expected_attention", "nacl", "kvzip", "chunk:snapkv",
+    # merging
+    "cam", "kvmerger", "merge:knorm",
+    # channel / layer / quantization
+    "think", "minicache", "kivi@bits=4", "kivi@bits=2", "gear", "kvquant", "snapkv+kivi@bits=4",
+    # decode-time and selection
+    "tova_decode", "scissorhands", "decoding@press=knorm", "quest",
+]
+
+
+def table(rows: list[dict]) -> str:
+    by_press: dict[str, dict] = defaultdict(dict)
+    tasks = list(DEMO_TASKS)
+    for r in rows:
+        by_press[r["press"]][r["task"]] = r
+    lines = ["| method | " + " | ".join(tasks) + " | mean | KV bytes vs baseline |",
+             "|---|" + "---|" * (len(tasks) + 2)]
+    for press, per in by_press.items():
+        scores = [per[t]["score"] for t in tasks if t in per and per[t]["score"] is not None]
+        fr = [per[t]["kv_fraction"] for t in tasks if t in per and per[t].get("kv_fraction") is not None]
+        cells = [f"{per[t]['score']:.2f}" if t in per and per[t]["score"] is not None else "–" for t in tasks]
+        mean = f"{sum(scores) / len(scores):.2f}" if scores else "–"
+        frac = f"{sum(fr) / len(fr):.2f}" if fr else "–"
+        lines.append(f"| {press} | " + " | ".join(cells) + f" | {mean} | {frac} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/methods05")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    args = ap.parse_args()
+    run_eval("smollm2-135m", list(DEMO_TASKS), PRESSES, [args.ratio], DEMO_LENGTH, dict(DEMO_TASKS), args.out,
+             max_new_tokens=DEMO_MAX_NEW_TOKENS, argv=["benchmarks/method_table.py"], press_batch=16)
+    rows = write_summary(args.out)
+    md = table(rows)
+    Path(args.out, "method_table.md").write_text(md + "\n", encoding="utf-8")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
