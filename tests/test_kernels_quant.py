@@ -109,32 +109,34 @@ def check_triton(b, h, g, d, m, cap, n_tail, bits, group, dtype, seed, device_le
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_triton_matches_ref(dtype, bits):
-    gen = torch.Generator().manual_seed(bits)
+@pytest.mark.parametrize("fold", [False, True])
+def test_triton_matches_ref(dtype, bits, fold):
+    gen = torch.Generator().manual_seed(bits + 10 * fold)
     for seed, (b, group, device_len) in enumerate([(1, 128, True), (3, 128, False), (3, 32, True), (1, 32, True)]):
         m = group * int(torch.randint(1, 40, (1,), generator=gen))  # fresh random inputs and lengths each time
         n_tail = int(torch.randint(0, 200, (1,), generator=gen))
-        check_triton(b, 8, 4, 128, m, 200, n_tail, bits, group, dtype, seed, device_len=device_len)
+        check_triton(b, 8, 4, 128, m, 200, n_tail, bits, group, dtype, seed, device_len=device_len, fold=fold)
 
 
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("g,d,dtype", [(1, 128, torch.bfloat16), (8, 128, torch.float16), (4, 64, torch.float16),
                                        (8, 64, torch.bfloat16)])
-def test_triton_ragged(g, d, dtype):
+@pytest.mark.parametrize("fold", [False, True])
+def test_triton_ragged(g, d, dtype, fold):
     for seed, (b, m, n_tail) in enumerate([(2, 0, 37), (1, 0, 1), (1, 384, 0), (3, 256, 0), (3, 4096, 96)]):
-        check_triton(b, 4, g, d, m, 96, n_tail, 4, 128, dtype, seed, device_len=True)  # m = 0, tail 0, full tail
-    check_triton(3, 4, g, d, 256, 96, 0, 2, 32, dtype, 9)  # host int length
+        check_triton(b, 4, g, d, m, 96, n_tail, 4, 128, dtype, seed, device_len=True, fold=fold)  # m 0, tail 0, full
+    check_triton(3, 4, g, d, 256, 96, 0, 2, 32, dtype, 9, fold=fold)  # host int length
 
 
 @pytest.mark.cuda
 @cuda
 def test_triton_variants():
-    """The other code paths: dequantizing in registers (no folding), gathered unpacking, several key groups per
-    block, groups not aligned to blocks, larger blocks."""
-    variants = [(4, 128, dict(unpack=1, fold=False)), (2, 32, dict(unpack=1)), (4, 16, dict(fold=False)), (2, 48, {}),
-                (4, 128, dict(block_n=128, num_warps=8)), (8, 128, dict(fold=False)), (2, 128, dict(fold=False)),
-                (2, 32, dict(fold=False))]
+    """The other code paths: unpacking along a third axis, several key groups per block, groups not aligned to
+    blocks (dequantized and folded), larger blocks, no software pipelining."""
+    variants = [(4, 128, dict(unpack=1)), (2, 32, dict(unpack=1, fold=True)), (4, 16, {}), (2, 48, {}),
+                (2, 48, dict(fold=True)), (4, 128, dict(block_n=128, num_warps=8)), (4, 128, dict(num_stages=1)),
+                (2, 32, dict(block_n=32, num_warps=8, fold=True))]
     for seed, (bits, group, kw) in enumerate(variants):
         for dtype in (torch.bfloat16, torch.float16):
             check_triton(2, 8, 4, 128, group * 20, 64, 33, bits, group, dtype, seed, device_len=True, **kw)

@@ -151,7 +151,8 @@ def test_keys_and_slots_follow_the_entries_through_flushes():
     layer = cache.layers[0]
     new = torch.randn(1, 2, 7, 16)
     for i in range(7):
-        k, v = layer.update(new[:, :, i : i + 1], new[:, :, i : i + 1])
+        layer.update(new[:, :, i : i + 1], new[:, :, i : i + 1])
+    k, v = layer.full()
     assert torch.equal(k, torch.cat([keys, new], 2)) and torch.equal(v, torch.cat([values, new], 2))
     assert layer.entry_slots()[0, 0].tolist() == list(range(17))
 

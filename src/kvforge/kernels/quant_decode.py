@@ -218,7 +218,7 @@ def _plan(bits: int, group: int, d: int, dv: int, block_n: int, fold: bool) -> d
 
 
 def _quant_decode_triton(query, parts, bits, group, tail_k, tail_v, tail_len, scale, block_n=64, num_warps=4,
-                         num_stages=2, waves=4, fold=True, unpack=0, sms=None):
+                         num_stages=2, waves=4, fold=False, unpack=0, sms=None):
     kq, ks, kz, vq, vs, vz = (p.contiguous() for p in parts)
     b, hq, d = query.shape
     h, m = kq.shape[1], kq.shape[2]
@@ -254,7 +254,7 @@ def _quant_decode_triton(query, parts, bits, group, tail_k, tail_v, tail_len, sc
 
 def quant_decode_attention(query, parts, bits: int, group: int, tail_k, tail_v, tail_len, scale: float, *,
                            block_n: int = 64, num_warps: int = 4, num_stages: int = 2, waves: int = 4,
-                           fold: bool = True, unpack: int = 0):
+                           fold: bool = False, unpack: int = 0):
     """Decode attention over coded entries + tail (see module docstring): Triton on CUDA, the twin elsewhere.
     Keyword arguments tune the kernel: `fold` folds the scales into the query / probabilities where a block has
     one key group (and a row one value group) instead of dequantizing each element; `unpack` 0 interleaves the
