@@ -30,9 +30,10 @@ def loop_dequant(parts, bits, group):
     per, mask = 8 // bits, 2**bits - 1
 
     def codes(packed, n):
+        nb = packed.shape[-1]
         out = torch.empty(*packed.shape[:3], n, dtype=torch.float32)
         for i in range(n):
-            out[..., i] = ((packed[..., i // per].to(torch.int32) >> ((i % per) * bits)) & mask).float()
+            out[..., i] = ((packed[..., i % nb].to(torch.int32) >> ((i // nb) * bits)) & mask).float()  # bit-planes
         return out
 
     d, dv = kq.shape[-1] * per, vq.shape[-1] * per

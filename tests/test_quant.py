@@ -52,10 +52,10 @@ def test_pack_unpack_round_trip_and_size(bits):
     packed = pack(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (3, 2, 5, 64 * bits // 8)
     assert torch.equal(unpack(packed, bits), codes)
-    # element i sits in byte i // (8 // bits) at bit (i % (8 // bits)) * bits
-    per = 8 // bits
-    i = 13
-    assert int(packed[0, 0, 0, i // per]) >> ((i % per) * bits) & (2**bits - 1) == int(codes[0, 0, 0, i])
+    # bit-planes: element i sits in byte i % nb at bit (i // nb) * bits, nb = 64 * bits / 8 bytes per row
+    nb = 64 * bits // 8
+    for i in (0, 13, min(nb, 62), 63):
+        assert int(packed[0, 0, 0, i % nb]) >> ((i // nb) * bits) & (2**bits - 1) == int(codes[0, 0, 0, i])
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kvforge.cache.coded import CodedLayer
 from kvforge.cache.kvcache import KVCache
 from kvforge.cache.layers import PackedHeadLayer
 from kvforge.errors import KVForgeError
@@ -55,6 +56,14 @@ def _attention_only(layer, query, scale, device) -> float:
     """Seconds for one decode-attention call over the layer's stored entries, as the engine runs it."""
     from kvforge.attention.backends import sdpa
 
+    if isinstance(layer, CodedLayer):
+        if layer.fused():  # the engine reads the codes directly
+            from kvforge.kernels.quant_decode import quant_decode_attention
+
+            c, q = layer.codec, query[:, :, 0]
+            return _time(lambda: quant_decode_attention(q, c.parts, c.bits, c.step, layer._k, layer._v, layer.n,
+                                                        scale), device)
+        return _time(lambda: sdpa(query, *layer.full(), None, scale=scale), device)
     if isinstance(layer, PackedHeadLayer):
         q = query[:, :, 0]
         return _time(lambda: decode_attention(q, layer.k_flat, layer.v_flat, layer.offsets, layer.lengths, scale,
@@ -112,9 +121,7 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     query = torch.randn(ids.shape[0], cfg.num_attention_heads, 1, hd, dtype=model.dtype, device=device)
     att_s = _attention_only(layer, query, hd**-0.5, device)
-    per = (2 * hd) * torch.finfo(model.dtype).bits // 8
-    layer_bytes = (layer.total if isinstance(layer, PackedHeadLayer) else layer.n * layer.keys.shape[0]
-                   * layer.keys.shape[1]) * per
+    layer_bytes = layer.stored_bytes()  # what one decode step must read from this layer
     floor_s = (weights_bytes + stats["bytes"]) / copy_bw
     entries = stats["entries"][first]
     return {
@@ -138,9 +145,61 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     }
 
 
+def hf_cache(spec: str, model):
+    """A transformers cache from a spec: `dynamic` (bf16 DynamicCache) or `quanto@bits=2|4[@group_size=..]
+    [@residual_length=..]` / `hqq@...` (transformers' QuantizedCache, which needs optimum-quanto / hqq)."""
+    from transformers import DynamicCache, QuantizedCache
+
+    name, *opts = spec.split("@")
+    kw = {k: int(v) for k, _, v in (o.partition("=") for o in opts)}
+    if name == "dynamic":
+        return DynamicCache(config=model.config)
+    if name in ("quanto", "hqq"):
+        return QuantizedCache(backend=name, config=model.config, nbits=kw.get("bits", 4),
+                              q_group_size=kw.get("group_size", 64), residual_length=kw.get("residual_length", 128))
+    raise KVForgeError(f"unknown transformers cache {spec!r}; allowed: dynamic, quanto@bits=N, hqq@bits=N")
+
+
+def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int) -> dict:
+    """Plain transformers decoding (SDPA attention, the given cache, eager steps): the reference row."""
+    device = ids.device
+    cuda = device.type == "cuda"
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        cache = hf_cache(spec, model)
+        with torch.inference_mode():
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            prefill_s = time.perf_counter() - t0
+            tok, pos, times = out.logits[:, -1].argmax(-1, keepdim=True), ids.shape[1], []
+            for _ in range(new_tokens):
+                _sync(device)
+                t = time.perf_counter()
+                logits = model(input_ids=tok, position_ids=torch.full_like(tok, pos), past_key_values=cache,
+                               use_cache=True, logits_to_keep=1).logits[:, -1]
+                tok = logits.argmax(-1, keepdim=True)
+                _sync(device)
+                times.append(time.perf_counter() - t)
+                pos += 1
+    finally:
+        model.set_attn_implementation(impl)
+    decode_s = statistics.median(times[2:] if len(times) > 4 else times)
+    return {"press": f"transformers:{spec}", "compression_ratio": 0.0, "context": ids.shape[1],
+            "batch": ids.shape[0], "prefill_s": round(prefill_s, 4), "decode_ms_per_token": round(decode_s * 1e3, 3),
+            "tokens_per_s": round(ids.shape[0] / decode_s, 2),
+            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+            "layer_kind": type(cache).__name__, "cuda_graph": False}
+
+
 def run_bench(model_name: str | None, config: str | None, contexts: list[int], batch: int, presses: list[str],
               ratios: list[float], new_tokens: int, out: str, device: str | None = None,
-              cuda_graph: bool = True) -> list[dict]:
+              cuda_graph: bool = True, hf_caches: list[str] | None = None) -> list[dict]:
     from kvforge.eval.runner import _device_name, _git_commit, _prepare_out, parse_press
     from kvforge.models import load_model
 
@@ -174,8 +233,17 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
             rows.append(row)
             print(json.dumps(row))
             (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        for spec in hf_caches or []:
+            try:
+                row = hf_row(model, ids, spec, new_tokens)
+            except Exception as e:  # a missing optional backend (optimum-quanto, hqq) must not lose the run
+                row = {"press": f"transformers:{spec}", "context": n, "batch": batch, "error": str(e)[:300]}
+            rows.append(row)
+            print(json.dumps(row))
+            (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with (out_dir / "bench.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
     _plot(rows, out_dir / "bench.png")
@@ -188,11 +256,13 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if "decode_ms_per_token" in r and not r["press"].startswith("transformers:")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for n in sorted({r["context"] for r in rows}):
         for press in sorted({r["press"] for r in rows if r["press"] != "none"}):
-            pts = sorted((r["compression_ratio"], r) for r in rows if r["context"] == n and r["press"] in (press,
-                                                                                                          "none"))
+            pts = sorted(((r["compression_ratio"], r) for r in rows if r["context"] == n and r["press"] in (press,
+                                                                                                           "none")),
+                         key=lambda p: p[0])
             xs = [x for x, _ in pts]
             axes[0].plot(xs, [r["decode_ms_per_token"] for _, r in pts], marker="o", label=f"{press} {n}")
             if pts[0][1]["peak_gb"] is not None:

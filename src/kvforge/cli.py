@@ -175,7 +175,8 @@ def cmd_bench(args) -> None:
         raise KVForgeError("give --model M, or --random-weights with --config NAME (e.g. llama3.1-8b)")
     run_bench(args.model, args.config if args.random_weights else None, _csv(args.context, _length), args.batch,
               _with_quant(_csv(args.presses), args), _csv(args.ratios, float), args.new_tokens, args.out,
-              device=args.device, cuda_graph=not args.no_cuda_graph)
+              device=args.device, cuda_graph=not args.no_cuda_graph, hf_caches=_csv(args.hf_caches) if args.hf_caches
+              else None)
     print(f"results: {args.out}/bench.json, bench.csv, bench.png")
 
 
@@ -277,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     b.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
     b.add_argument("--out", default="runs/bench")
+    b.add_argument("--hf-caches", default=None,
+                   help="also time plain transformers decoding with these caches: dynamic, quanto@bits=2, ...")
     _quant_args(b)
     b.set_defaults(func=cmd_bench)
 

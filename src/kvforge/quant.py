@@ -1,8 +1,10 @@
 """KV quantization: bit packing, group quantization, and the codecs of the quantizing presses.
 
 Layout (what the fused GPU kernel reads, `kvforge.kernels.quant_decode`):
-- codes of `bits` ∈ {2, 4, 8} are packed along the channel axis, element i of a row in byte `i // (8 // bits)`
-  at bit offset `(i % (8 // bits)) * bits`: keys `[B, H, m, D·bits/8]` uint8, values likewise;
+- codes of `bits` ∈ {2, 4, 8} are packed along the channel axis in *planes*: with `nb = D·bits/8` bytes per
+  row, element i sits in byte `i % nb` at bit offset `(i // nb) · bits` (so unpacking one bit-plane gives a
+  contiguous run of channels `[k·nb, (k+1)·nb)`: a kernel can dot each plane with its slice of the query, no
+  interleaving); keys `[B, H, m, D·bits/8]` uint8, values likewise;
 - keys are quantized per channel over groups of `group` tokens: scale and minimum `[B, H, m/group, D]`;
 - values per token over groups of `gv` channels: scale and minimum `[B, H, m, D/gv]`;
 - x ≈ code · scale + minimum (asymmetric, round to nearest); scales and minima are stored in the cache dtype.
@@ -29,18 +31,18 @@ def check_bits(name: str, bits: int, group_size: int, residual_length: int) -> N
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes `[..., n]` (each < 2**bits) -> packed bytes `[..., n·bits/8]`."""
+    """uint8 codes `[..., n]` (each < 2**bits) -> packed bytes `[..., n·bits/8]` (bit-planes, see above)."""
     per = 8 // bits
-    c = codes.to(torch.int32).unflatten(-1, (codes.shape[-1] // per, per))
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
-    return (c << shifts).sum(-1).to(torch.uint8)
+    c = codes.to(torch.int32).unflatten(-1, (per, codes.shape[-1] // per))  # plane k = elements [k·nb, (k+1)·nb)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32)[:, None] * bits
+    return (c << shifts).sum(-2).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Packed bytes `[..., n·bits/8]` -> uint8 codes `[..., n]`."""
     per = 8 // bits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    return ((packed.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)).flatten(-2).to(torch.uint8)
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32)[:, None] * bits
+    return ((packed.to(torch.int32)[..., None, :] >> shifts) & (2**bits - 1)).flatten(-2).to(torch.uint8)
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int, dtype: torch.dtype):
