@@ -1,0 +1,43 @@
+#!/bin/bash
+# One GPU session in stages (each a `run` call on the warm machine; see shared/gpu/README.md for the weights):
+#   bash benchmarks/gpu_session.sh bench      carry .whl  — quantized-cache bench (+ batch rows) on random Llama-3.1-8B
+#   bash benchmarks/gpu_session.sh part1      carry .wa   — first half of the SmolLM2 GGUF
+#   bash benchmarks/gpu_session.sh accuracy   carry .wb   — assemble the GGUF, KVzip claim grid, quantization quality
+set -u
+export PYTHONPATH=/tmp/site:src
+python3 -c "import transformers; assert transformers.__version__=='5.23.0'" 2>/dev/null || \
+  (rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+   --target /tmp/site .whl/*.whl)
+OUT=${OUT:-/tmp/out}
+R=/root/runs
+mkdir -p $R
+case "$1" in
+bench)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  timeout 420 python3 -m kvforge.cli bench --random-weights --config llama3.1-8b --context 32k,128k \
+    --presses none,kivi@bits=2@group_size=128,kivi@bits=4@group_size=128 --new-tokens 24 --device cuda \
+    --hf-caches quanto@bits=2@group_size=128,quanto@bits=4@group_size=128 --out $R/bench_quant 2>&1 | grep -v Warn
+  cp $R/bench_quant/bench.json $OUT/bench_quant.json; cp $R/bench_quant/bench.png $OUT/bench_quant.png
+  timeout 150 python3 -m kvforge.cli bench --random-weights --config llama3.1-8b --context 32k --batch 4 \
+    --presses none,knorm,adakv:knorm --ratios 0.75 --new-tokens 16 --device cuda --out $R/bench_b4 2>&1 | tail -4
+  cp $R/bench_b4/bench.json $OUT/bench_batch4.json
+  ;;
+part1)
+  mkdir -p /root/smol && cp .wa/smolpart.00 /root/smol/ && ls -la /root/smol
+  ;;
+accuracy)
+  test -f /root/smol/smolpart.00 || { echo "part 1 missing: machine was given back"; exit 3; }
+  cp .wb/smolpart.01 /root/smol/
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .wb/gguf-*.whl
+  G=/root/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat /root/smol/smolpart.00 /root/smol/smolpart.01 > $G
+  echo "sha ok: $([ "$(sha256sum $G | cut -d' ' -f1)" = "$(cat .wb/sha)" ] && echo yes || echo NO)"
+  timeout ${QQ_T:-200} python3 benchmarks/quant_quality.py --device cuda --samples 10 --model $G \
+    --out $R/quant_quality 2>&1 | grep -v "eval:" | tail -14
+  cp $R/quant_quality/quant_quality.md $R/quant_quality/summary.csv $OUT/ 2>/dev/null
+  mv $OUT/summary.csv $OUT/quant_quality_summary.csv 2>/dev/null
+  timeout ${KZ_T:-300} python3 benchmarks/kvzip_claim.py --device cuda --model $G --out $R/kvzip_claim \
+    --md $R/kvzip_claim.md 2>&1 | grep -v "eval:" | tail -8
+  cp $R/kvzip_claim.md $OUT/ 2>/dev/null; cp $R/kvzip_claim/overhead.json $OUT/kvzip_overhead.json 2>/dev/null
+  ;;
+esac
