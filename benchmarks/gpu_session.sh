@@ -32,7 +32,7 @@ accuracy)
   G=/root/smol/SmolLM2-135M-Instruct.Q4_1.gguf
   cat /root/smol/smolpart.00 /root/smol/smolpart.01 > $G
   echo "sha ok: $([ "$(sha256sum $G | cut -d' ' -f1)" = "$(cat .wb/sha)" ] && echo yes || echo NO)"
-  timeout ${QQ_T:-200} python3 benchmarks/quant_quality.py --device cuda --samples 10 --model $G \
+  KVFORGE_FUSED=${KVFORGE_FUSED:-1} timeout ${QQ_T:-200} python3 benchmarks/quant_quality.py --device cuda --samples 10 --model $G \
     --out $R/quant_quality 2>&1 | grep -v "eval:" | tail -14
   cp $R/quant_quality/quant_quality.md $R/quant_quality/summary.csv $OUT/ 2>/dev/null
   mv $OUT/summary.csv $OUT/quant_quality_summary.csv 2>/dev/null

@@ -167,6 +167,8 @@ def _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, mo
     press = cache.press
     if q != 1 or not layer.fused() or cache.armed or backend_name() != "sdpa":
         return None
+    if os.environ.get("KVFORGE_FUSED", "1") == "0":  # debugging: always decode the codes, then SDPA
+        return None
     if layer.graph is None and attention_mask is not None:
         return None
     if press is not None and (hasattr(press, "select") or hasattr(press, "on_decode")):
