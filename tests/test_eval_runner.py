@@ -57,6 +57,19 @@ def test_batched_forks_equal_one_at_a_time(tmp_path, tiny, smol_tokenizer):
         assert one[key]["kv_bytes"] == many[key]["kv_bytes"], key
 
 
+def test_perplexity_with_quantizers_shared_equals_end_to_end(tmp_path, tiny, smol_tokenizer):
+    """`ppl` (no questions) through the shared prefill with eviction and quantizing presses (a crash once:
+    the cache reserve asked for the longest question of none)."""
+    kw = dict(tasks=["ppl"], presses=["knorm", "kivi@bits=2@residual_length=32"], ratios=[0.5], samples=1)
+    shared = records(run(tmp_path / "shared", tiny, smol_tokenizer, **kw))
+    e2e = records(run(tmp_path / "e2e", tiny, smol_tokenizer, shared_prefill=False, **kw))
+    assert shared.keys() == e2e.keys() and len(shared) == 3
+    ppl = {k[2]: r["score"] for k, r in shared.items()}
+    assert all(p > 1 for p in ppl.values()) and ppl["knorm"] != ppl["none"], ppl
+    for key in shared:
+        assert shared[key]["score"] == pytest.approx(e2e[key]["score"], rel=1e-5), key
+
+
 def test_outputs_and_resume_after_interrupt(tmp_path, tiny, smol_tokenizer, monkeypatch):
     full = run(tmp_path / "full", tiny, smol_tokenizer)
     for name in ("results.jsonl", "summary.csv", "run_meta.json", "report.html"):

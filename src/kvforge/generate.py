@@ -95,7 +95,7 @@ class Encoded:
 
     @property
     def longest_question(self) -> int:
-        return max(len(r) for row in self.q_rows for r in row)
+        return max((len(r) for row in self.q_rows for r in row), default=0)
 
 
 def encode(model, tokenizer, contexts: list[str], questions: list[list[str]], answer_prefix: str = "",
