@@ -72,14 +72,18 @@ def _attention_only(layer, query, scale, device) -> float:
     return _time(lambda: sdpa(query, keys, values, None, scale=scale), device)
 
 
+# storage layouts of per-head budgets, by the layer class that holds them
+LAYOUTS = {"PackedHeadLayer": "packed", "HeadVarlenLayer": "padded"}
+
+
 def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, weights_bytes: int,
-              cuda_graph: bool = True) -> dict:
+              cuda_graph: bool = True, packed: bool | None = None) -> dict:
     device = ids.device
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    cache = KVCache(model, press=press, reserve=new_tokens + 8)
+    cache = KVCache(model, press=press, reserve=new_tokens + 8, packed=packed)
     _sync(device)
     t0 = time.perf_counter()
     logits = prefill(model, ids, torch.ones_like(ids), cache)
@@ -199,13 +203,24 @@ def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int) -> dict:
 
 def run_bench(model_name: str | None, config: str | None, contexts: list[int], batch: int, presses: list[str],
               ratios: list[float], new_tokens: int, out: str, device: str | None = None,
-              cuda_graph: bool = True, hf_caches: list[str] | None = None) -> list[dict]:
+              cuda_graph: bool = True, hf_caches: list[str] | None = None, layouts: list[str] | None = None,
+              model=None) -> list[dict]:
+    """Time every (context, press, ratio) and write bench.json / bench.csv / bench.png under `out`.
+
+    `layouts` ("packed", "padded"): per-head-budget presses are timed on each of these storage layouts (packed
+    head-varlen vs a padded block with a validity mask, what a masking implementation does); by default only on
+    the device's own (packed on CUDA, padded on CPU). `model`: an already loaded model (tests)."""
     from kvforge.eval.runner import _device_name, _git_commit, _prepare_out, parse_press
     from kvforge.models import load_model
 
     out_dir = _prepare_out(out)
     factories = {spec: parse_press(spec) for spec in presses if spec != "none"}
-    if config:
+    bad = set(layouts or []) - set(LAYOUTS.values())
+    if bad:
+        raise KVForgeError(f"unknown layout(s) {sorted(bad)}; allowed: {', '.join(LAYOUTS.values())}")
+    if model is not None:
+        pass
+    elif config:
         model, _ = load_model(config, random_weights=True, device=device or "auto")
     else:
         model, _ = load_model(model_name, device=device or "auto")
@@ -229,10 +244,21 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
             row["press"] = spec
             if spec == "none":
                 base_prefill = row["prefill_s"]
-            row["compression_overhead_s"] = None if base_prefill is None else round(row["prefill_s"] - base_prefill, 4)
-            rows.append(row)
-            print(json.dumps(row))
-            (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            todo = [row]
+            own = LAYOUTS.get(row["layer_kind"])
+            if own and layouts:  # per-head budgets: the other requested layouts too, labelled
+                row["press"] = f"{spec} [{own}]"
+                for lay in layouts:
+                    if lay != own:
+                        other = bench_row(model, ids, factories[spec](r), new_tokens, copy_bw, weights_bytes,
+                                          cuda_graph, packed=lay == "packed")
+                        todo.append({**other, "press": f"{spec} [{lay}]"})
+            for row in todo:
+                row["compression_overhead_s"] = (None if base_prefill is None else
+                                                 round(row["prefill_s"] - base_prefill, 4))
+                rows.append(row)
+                print(json.dumps(row))
+                (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         for spec in hf_caches or []:
             try:
                 row = hf_row(model, ids, spec, new_tokens)
@@ -257,6 +283,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if "decode_ms_per_token" in r and not r["press"].startswith("transformers:")]
+    mem = "peak_gb" if any(r.get("peak_gb") is not None for r in rows) else "kv_gb"  # CPU: no peak counter
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for n in sorted({r["context"] for r in rows}):
         for press in sorted({r["press"] for r in rows if r["press"] != "none"}):
@@ -265,10 +292,9 @@ def _plot(rows: list[dict], path: Path) -> None:
                          key=lambda p: p[0])
             xs = [x for x, _ in pts]
             axes[0].plot(xs, [r["decode_ms_per_token"] for _, r in pts], marker="o", label=f"{press} {n}")
-            if pts[0][1]["peak_gb"] is not None:
-                axes[1].plot(xs, [r["peak_gb"] for _, r in pts], marker="o", label=f"{press} {n}")
+            axes[1].plot(xs, [r[mem] for _, r in pts], marker="o", label=f"{press} {n}")
     axes[0].set_ylabel("decode ms / token")
-    axes[1].set_ylabel("peak GPU memory (GB)")
+    axes[1].set_ylabel("peak GPU memory (GB)" if mem == "peak_gb" else "KV cache (GB)")
     for ax in axes:
         ax.set_xlabel("compression ratio")
         ax.grid(alpha=0.3)

@@ -1,0 +1,42 @@
+"""`kvforge bench` on CPU with a tiny model: files written, bytes follow the ratio, layouts, bad input."""
+
+import csv
+import json
+
+import pytest
+
+from kvforge import KVForgeError
+from kvforge.bench import run_bench
+from kvforge.cli import main
+from kvforge.models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama")
+
+
+def test_bench_rows_files_and_layouts(tmp_path, tiny):
+    rows = run_bench("tiny", None, [96], 2, ["none", "knorm", "adakv:knorm"], [0.5], 4, str(tmp_path),
+                     device="cpu", layouts=["packed", "padded"], model=tiny)
+    by = {r["press"]: r for r in rows}
+    assert set(by) == {"none", "knorm", "adakv:knorm [padded]", "adakv:knorm [packed]"}
+    assert by["adakv:knorm [packed]"]["layer_kind"] == "PackedHeadLayer"
+    assert by["adakv:knorm [padded]"]["layer_kind"] == "HeadVarlenLayer"
+    full = by["none"]["kv_gb"]
+    assert by["knorm"]["kv_gb"] == pytest.approx(full / 2, rel=0.1)  # half the entries kept (+ 4 decoded tokens)
+    assert by["adakv:knorm [packed]"]["kv_gb"] == pytest.approx(full / 2, rel=0.1)
+    for r in rows:
+        assert r["decode_ms_per_token"] > 0 and r["batch"] == 2 and r["context"] == 96
+    saved = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["press"] for r in saved] == [r["press"] for r in rows]
+    with (tmp_path / "bench.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_bench_bad_input(tmp_path, tiny, capsys):
+    with pytest.raises(KVForgeError, match="unknown layout.*allowed: packed, padded"):
+        run_bench("tiny", None, [64], 1, ["adakv:knorm"], [0.5], 2, str(tmp_path), layouts=["ragged"], model=tiny)
+    assert main(["bench", "--presses", "none"]) != 0  # neither --model nor --random-weights
+    assert "give --model M" in capsys.readouterr().err
