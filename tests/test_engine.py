@@ -4,6 +4,7 @@ import threading
 
 import pytest
 import torch
+from helpers import greedy_decode
 from transformers import DynamicCache
 
 from kvforge import KVCache, generate, get_press
@@ -232,7 +233,6 @@ def test_graph_mode_decode_equals_eager_decode(models, smol_tokenizer, press_nam
     """Graph mode (device-side write positions and lengths, as captured on CUDA) decodes exactly like the
     ordinary path; on CPU it runs eagerly through the kernel's twin."""
     from kvforge.generate import prefill
-    from kvforge.graphs import GraphDecoder
 
     model = models["llama"]
     ids = torch.tensor([sum(encode_prompt(smol_tokenizer, CONTEXT, QUESTIONS[0]), [])])
@@ -242,20 +242,5 @@ def test_graph_mode_decode_equals_eager_decode(models, smol_tokenizer, press_nam
         cache = KVCache(model, press=press, reserve=16, packed=packed)
         logits = prefill(model, ids, torch.ones_like(ids), cache)
         cache.armed = False
-        tok, pos, out = logits.argmax(-1, keepdim=True), ids.shape[1], []
-        dec = GraphDecoder(model, cache, pos, steps=12, batch=1) if mode == "graph" else None
-        with torch.inference_mode():
-            for _ in range(12):
-                if dec is None:
-                    logits = model(input_ids=tok, position_ids=torch.tensor([[pos]]), past_key_values=cache,
-                                   logits_to_keep=1).logits[:, -1]
-                else:
-                    logits = dec.step(tok)
-                tok = logits.argmax(-1, keepdim=True)
-                out.append(int(tok))
-                pos += 1
-        tokens[mode] = out
-        if dec is not None:
-            dec.close()
-            assert cache.get_seq_length() == ids.shape[1] + 12  # host bookkeeping followed the device
+        tokens[mode] = greedy_decode(model, cache, logits, ids.shape[1], 12, graph=mode == "graph")
     assert tokens["graph"] == tokens["eager"]

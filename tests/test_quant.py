@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import greedy_decode
 
 from kvforge import KVForgeError, generate, get_press
 from kvforge.cache import KVCache
@@ -329,7 +330,6 @@ def test_fused_decode_and_graph_mode_equal_the_decoded_path(models, smol_tokeniz
     full precision and runs eager attention."""
     from kvforge.attention.function import use_backend
     from kvforge.generate import prefill
-    from kvforge.graphs import GraphDecoder
 
     model = models["llama"]
     ids = torch.tensor([sum(encode_prompt(smol_tokenizer, CONTEXT, QUESTION), [])])
@@ -339,20 +339,6 @@ def test_fused_decode_and_graph_mode_equal_the_decoded_path(models, smol_tokeniz
         logits = prefill(model, ids, torch.ones_like(ids), cache)
         layer = cache.layers[0]
         assert isinstance(layer, CodedLayer) and layer.codec.m > 0 and layer.fused()
-        tok, pos, out = logits.argmax(-1, keepdim=True), ids.shape[1], []
-        dec = GraphDecoder(model, cache, pos, steps=12, batch=1) if mode == "graph" else None
-        with torch.inference_mode(), use_backend("eager" if mode == "decoded" else "sdpa"):
-            for _ in range(12):
-                if dec is None:
-                    logits = model(input_ids=tok, position_ids=torch.tensor([[pos]]), past_key_values=cache,
-                                   logits_to_keep=1).logits[:, -1]
-                else:
-                    logits = dec.step(tok)
-                tok = logits.argmax(-1, keepdim=True)
-                out.append(int(tok))
-                pos += 1
-        if dec is not None:
-            dec.close()
-            assert cache.get_seq_length() == ids.shape[1] + 12
-        tokens[mode] = out
+        with use_backend("eager" if mode == "decoded" else "sdpa"):
+            tokens[mode] = greedy_decode(model, cache, logits, ids.shape[1], 12, graph=mode == "graph")
     assert tokens["fused"] == tokens["decoded"] and tokens["graph"] == tokens["decoded"]

@@ -1,0 +1,26 @@
+"""Shared test helpers (imported by test modules; pytest puts this folder on sys.path)."""
+
+import torch
+
+
+def greedy_decode(model, cache, logits, pos: int, steps: int, graph: bool = False) -> list[int]:
+    """Greedy tokens after a prefill: `steps` single-token forwards through `cache`, eagerly or replaying a
+    `GraphDecoder` (graph mode; checks that the host bookkeeping followed the device afterwards)."""
+    from kvforge.graphs import GraphDecoder
+
+    tok, out, start = logits.argmax(-1, keepdim=True), [], pos
+    dec = GraphDecoder(model, cache, pos, steps=steps, batch=tok.shape[0]) if graph else None
+    with torch.inference_mode():
+        for _ in range(steps):
+            if dec is None:
+                logits = model(input_ids=tok, position_ids=torch.full_like(tok, pos), past_key_values=cache,
+                               logits_to_keep=1).logits[:, -1]
+            else:
+                logits = dec.step(tok)
+            tok = logits.argmax(-1, keepdim=True)
+            out.append(int(tok[0]))
+            pos += 1
+    if dec is not None:
+        dec.close()
+        assert cache.get_seq_length() == start + steps
+    return out
