@@ -3,13 +3,15 @@
 import torch
 
 
-def greedy_decode(model, cache, logits, pos: int, steps: int, graph: bool = False) -> list[int]:
+def greedy_decode(model, cache, logits, pos: int, steps: int, graph: bool = False, compile: bool = False
+                  ) -> list[int]:
     """Greedy tokens after a prefill: `steps` single-token forwards through `cache`, eagerly or replaying a
-    `GraphDecoder` (graph mode; checks that the host bookkeeping followed the device afterwards)."""
+    `GraphDecoder` (graph mode, optionally `torch.compile`d; checks that the host bookkeeping followed the
+    device afterwards)."""
     from kvforge.graphs import GraphDecoder
 
     tok, out, start = logits.argmax(-1, keepdim=True), [], pos
-    dec = GraphDecoder(model, cache, pos, steps=steps, batch=tok.shape[0]) if graph else None
+    dec = GraphDecoder(model, cache, pos, steps=steps, batch=tok.shape[0], compile=compile) if graph else None
     with torch.inference_mode():
         for _ in range(steps):
             if dec is None:

@@ -244,3 +244,21 @@ def test_graph_mode_decode_equals_eager_decode(models, smol_tokenizer, press_nam
         cache.armed = False
         tokens[mode] = greedy_decode(model, cache, logits, ids.shape[1], 12, graph=mode == "graph")
     assert tokens["graph"] == tokens["eager"]
+
+
+@pytest.mark.slow
+def test_compiled_graph_decode_equals_eager_decode(models, smol_tokenizer):
+    """`GraphDecoder(compile=True)` (torch.compile before capture; on CPU: compiled, not captured) decodes the
+    tokens of the plain eager path, with a compressed cache."""
+    from kvforge.generate import prefill
+
+    model = models["llama"]
+    ids = torch.tensor([sum(encode_prompt(smol_tokenizer, CONTEXT, QUESTIONS[0]), [])])
+    tokens = {}
+    for mode in ("eager", "compiled"):
+        cache = KVCache(model, press=get_press("knorm", compression_ratio=0.5), reserve=16)
+        logits = prefill(model, ids, torch.ones_like(ids), cache)
+        cache.armed = False
+        tokens[mode] = greedy_decode(model, cache, logits, ids.shape[1], 8, graph=mode == "compiled",
+                                     compile=mode == "compiled")
+    assert tokens["compiled"] == tokens["eager"]

@@ -77,7 +77,7 @@ LAYOUTS = {"PackedHeadLayer": "packed", "HeadVarlenLayer": "padded"}
 
 
 def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, weights_bytes: int,
-              cuda_graph: bool = True, packed: bool | None = None) -> dict:
+              cuda_graph: bool = True, packed: bool | None = None, compile: bool = False) -> dict:
     device = ids.device
     cuda = device.type == "cuda"
     if cuda:
@@ -99,7 +99,7 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     decoder = None
     if cuda_graph and cuda:
         try:
-            decoder = GraphDecoder(model, cache, pos, new_tokens, ids.shape[0])
+            decoder = GraphDecoder(model, cache, pos, new_tokens, ids.shape[0], compile=compile)
         except KVForgeError as e:  # e.g. sliding-window layers or decode-time presses: eager decoding
             print(f"no CUDA graph: {e}")
     with torch.inference_mode():
@@ -146,6 +146,7 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
         "attention_frac_copy_bw": round(layer_bytes / att_s / copy_bw, 3),
         "layer_kind": type(layer).__name__,
         "cuda_graph": decoder is not None,
+        "compiled": compile and decoder is not None,
     }
 
 
@@ -204,12 +205,13 @@ def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int) -> dict:
 def run_bench(model_name: str | None, config: str | None, contexts: list[int], batch: int, presses: list[str],
               ratios: list[float], new_tokens: int, out: str, device: str | None = None,
               cuda_graph: bool = True, hf_caches: list[str] | None = None, layouts: list[str] | None = None,
-              model=None) -> list[dict]:
+              model=None, compile: bool = False) -> list[dict]:
     """Time every (context, press, ratio) and write bench.json / bench.csv / bench.png under `out`.
 
     `layouts` ("packed", "padded"): per-head-budget presses are timed on each of these storage layouts (packed
     head-varlen vs a padded block with a validity mask, what a masking implementation does); by default only on
-    the device's own (packed on CUDA, padded on CPU). `model`: an already loaded model (tests)."""
+    the device's own (packed on CUDA, padded on CPU). `model`: an already loaded model (tests). `compile`:
+    `torch.compile` the captured decode step (`GraphDecoder(compile=True)`, experimental)."""
     from kvforge.eval.runner import _device_name, _git_commit, _prepare_out, parse_press
     from kvforge.models import load_model
 
@@ -240,7 +242,7 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
         base_prefill = None
         for spec, r in grid:
             press = None if spec == "none" else factories[spec](r)
-            row = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph)
+            row = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, compile=compile)
             row["press"] = spec
             if spec == "none":
                 base_prefill = row["prefill_s"]
@@ -251,7 +253,7 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
                 for lay in layouts:
                     if lay != own:
                         other = bench_row(model, ids, factories[spec](r), new_tokens, copy_bw, weights_bytes,
-                                          cuda_graph, packed=lay == "packed")
+                                          cuda_graph, packed=lay == "packed", compile=compile)
                         todo.append({**other, "press": f"{spec} [{lay}]"})
             for row in todo:
                 row["compression_overhead_s"] = (None if base_prefill is None else

@@ -176,7 +176,7 @@ def cmd_bench(args) -> None:
     run_bench(args.model, args.config if args.random_weights else None, _csv(args.context, _length), args.batch,
               _with_quant(_csv(args.presses), args), _csv(args.ratios, float), args.new_tokens, args.out,
               device=args.device, cuda_graph=not args.no_cuda_graph, hf_caches=_csv(args.hf_caches) if args.hf_caches
-              else None, layouts=_csv(args.layouts) if args.layouts else None)
+              else None, layouts=_csv(args.layouts) if args.layouts else None, compile=args.compile)
     print(f"results: {args.out}/bench.json, bench.csv, bench.png")
 
 
@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench")
     b.add_argument("--hf-caches", default=None,
                    help="also time plain transformers decoding with these caches: dynamic, quanto@bits=2, ...")
+    b.add_argument("--compile", action="store_true",
+                   help="torch.compile the captured decode step (experimental: fuses the model's small kernels)")
     b.add_argument("--layouts", default=None,
                    help="per-head-budget presses on these layouts too: packed,padded (default: the device's own)")
     _quant_args(b)

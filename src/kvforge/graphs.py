@@ -25,9 +25,13 @@ class GraphDecoder:
         cache: a prefilled (and compressed) `KVCache`, disarmed.
         position: the position id of the first token to be fed.
         steps: the most tokens that will be fed (the layers' spare room must hold them).
+        compile: run the step through `torch.compile` before capture (inductor fuses the model's small
+            elementwise kernels — RMSNorm, RoPE, residual adds — that dominate the non-KV time of a captured
+            step, benchmarks/NOTES.md); the first step pays the compilation. Experimental: equal tokens on CPU
+            (slow test), not yet timed on a GPU.
     """
 
-    def __init__(self, model, cache: KVCache, position: int, steps: int, batch: int):
+    def __init__(self, model, cache: KVCache, position: int, steps: int, batch: int, compile: bool = False):
         if cache.press is not None and (hasattr(cache.press, "on_decode") or hasattr(cache.press, "select")):
             raise KVForgeError(f"{cache.press.name} acts during decoding; it cannot run inside a CUDA graph")
         if not all(isinstance(layer, DenseLayer) for layer in cache.layers):
@@ -40,6 +44,8 @@ class GraphDecoder:
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
         self.graph = None
+        if compile:
+            self._forward = torch.compile(self._forward, dynamic=False)
 
     def _forward(self) -> torch.Tensor:
         out = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.cache, use_cache=True,
