@@ -95,11 +95,8 @@ def precompile(jobs) -> None:
 def exact_ref(inp, bits, group):
     """softmax attention over the coded entries dequantized in float64 (no rounding to the cache dtype) + tail."""
     q, parts, tk, tv, _ = inp
-    kq, ks, kz, vq, vs, vz = parts
-    keys = torch.cat([dequantize_keys(kq, ks, kz, bits, group, torch.float64), tk[:, :, :TAIL].double()], 2)
-    vals = torch.cat([dequantize_values(vq, vs, vz, bits, group, torch.float64), tv[:, :, :TAIL].double()], 2)
-    p = torch.softmax(torch.einsum("bhgd,bhnd->bhgn", q.double().view(1, H, G, D), keys) * D**-0.5, -1)
-    return torch.einsum("bhgn,bhnd->bhgd", p, vals).reshape(1, H * G, D)
+    return quant_decode_attention_ref(q.double(), parts, bits, group, tk, tv, TAIL, D**-0.5,
+                                      dequant_dtype=torch.float64)
 
 
 def sweep(cases, refs, exact) -> tuple[list[dict], dict]:

@@ -220,12 +220,8 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     bad = set(layouts or []) - set(LAYOUTS.values())
     if bad:
         raise KVForgeError(f"unknown layout(s) {sorted(bad)}; allowed: {', '.join(LAYOUTS.values())}")
-    if model is not None:
-        pass
-    elif config:
-        model, _ = load_model(config, random_weights=True, device=device or "auto")
-    else:
-        model, _ = load_model(model_name, device=device or "auto")
+    if model is None:
+        model, _ = load_model(config or model_name, random_weights=bool(config), device=device or "auto")
     dev = next(model.parameters()).device
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     copy_bw = copy_bandwidth(dev)

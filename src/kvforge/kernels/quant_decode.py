@@ -36,9 +36,9 @@ splits). How the codes are used, per block of BLOCK_N tokens:
 `quant_decode_attention_ref` is the slow, obviously-correct twin with the same signature. Shapes with
 nb < 16 or a head dim that is not a power of two go to the twin on CUDA too (not graph-capturable).
 
-Speed (H100, Llama-3.1-8B shapes, one layer, batch 1, benchmarks/NOTES.md): 0.56–0.69× the time of the bf16
-kernel over the dense cache at 128k (2-bit group 128: 0.58×), 0.77–0.96× at 32k; ~60× faster than dequantizing
-and running SDPA.
+Speed (Llama-3.1-8B shapes, one layer, batch 1, benchmarks/NOTES.md), time ÷ the bf16 kernel over the dense
+cache: H100 0.56–0.69× at 128k, 0.77–0.96× at 32k; H200 (faster memory, so a faster bf16 kernel) 0.79–0.97× at
+128k, 1.00–1.24× at 32k; 40–60× faster than dequantizing and running SDPA.
 """
 
 from __future__ import annotations
@@ -59,16 +59,21 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
 
-def quant_decode_attention_ref(query, parts, bits: int, group: int, tail_k, tail_v, tail_len, scale: float):
-    """Reference: dequantize the coded part (cache dtype), append the valid tail, float32 softmax attention."""
+def quant_decode_attention_ref(query, parts, bits: int, group: int, tail_k, tail_v, tail_len, scale: float,
+                               dequant_dtype: torch.dtype | None = None):
+    """Reference: dequantize the coded part (in the cache dtype, as decoding does, or `dequant_dtype`), append the
+    valid tail, softmax attention in float32 (float64 when `dequant_dtype` is float64: an exact reference)."""
     kq, ks, kz, vq, vs, vz = parts
     b, hq, d = query.shape
     h = kq.shape[1]
     g = hq // h
     n = int(tail_len)
-    keys = torch.cat([dequantize_keys(kq, ks, kz, bits, group, ks.dtype).float(), tail_k[:, :, :n].float()], 2)
-    vals = torch.cat([dequantize_values(vq, vs, vz, bits, group, vs.dtype).float(), tail_v[:, :, :n].float()], 2)
-    q = query.float().view(b, h, g, d)
+    acc = torch.float64 if dequant_dtype == torch.float64 else torch.float32
+    keys = torch.cat([dequantize_keys(kq, ks, kz, bits, group, dequant_dtype or ks.dtype).to(acc),
+                      tail_k[:, :, :n].to(acc)], 2)
+    vals = torch.cat([dequantize_values(vq, vs, vz, bits, group, dequant_dtype or vs.dtype).to(acc),
+                      tail_v[:, :, :n].to(acc)], 2)
+    q = query.to(acc).view(b, h, g, d)
     p = torch.softmax(torch.einsum("bhgd,bhnd->bhgn", q, keys) * scale, dim=-1)
     return torch.einsum("bhgn,bhnd->bhgd", p, vals).reshape(b, hq, vals.shape[-1]).to(query.dtype)
 
