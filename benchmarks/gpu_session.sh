@@ -1,6 +1,8 @@
 #!/bin/bash
 # One GPU session in stages (each a `run` call on the warm machine; see shared/gpu/README.md for the weights):
 #   bash benchmarks/gpu_session.sh bench      carry .whl  — quantized-cache bench (+ batch rows) on random Llama-3.1-8B
+#   bash benchmarks/gpu_session.sh compile    carry .whl  — compiled vs plain captured decode (bench --compile both)
+#   bash benchmarks/gpu_session.sh profile    carry .whl  — kernel profile of the compiled step; attention-only kernel
 #   bash benchmarks/gpu_session.sh part1      carry .wa   — first half of the SmolLM2 GGUF
 #   bash benchmarks/gpu_session.sh accuracy   carry .wb   — assemble the GGUF, KVzip claim grid, quantization quality
 set -u
@@ -21,6 +23,23 @@ bench)
   timeout 150 python3 -m kvforge.cli bench --random-weights --config llama3.1-8b --context 32k --batch 4 \
     --presses none,knorm,adakv:knorm --ratios 0.75 --new-tokens 16 --device cuda --out $R/bench_b4 2>&1 | tail -4
   cp $R/bench_b4/bench.json $OUT/bench_batch4.json
+  ;;
+compile)
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  timeout 60 python3 -m pytest -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -1
+  timeout ${B_T:-470} python3 -m kvforge.cli bench --random-weights --config llama3.1-8b --context ${CTX:-128k,32k} \
+    --presses none,knorm,adakv:knorm --ratios 0.75 --new-tokens 16 --device cuda --compile both \
+    --out $R/bench_compile 2>&1 | grep -v Warn | cut -c1-600
+  cp $R/bench_compile/bench.json $OUT/bench_compile.json
+  ;;
+profile)
+  for p in "" "--press knorm --ratio 0.75"; do
+    timeout 150 python3 benchmarks/profile_decode.py --context 131072 $p --compile --out $OUT/profile_compiled.json \
+      2>&1 | grep -v Warn | head -20
+    [ -z "$p" ] && mv $OUT/profile_compiled.json $OUT/profile_compiled_none_128k.json
+  done
+  mv $OUT/profile_compiled.json $OUT/profile_compiled_knorm75_128k.json
+  timeout 120 python3 benchmarks/gpu_attention.py 2>&1 | tail -25
   ;;
 part1)
   mkdir -p /root/smol && cp .wa/smolpart.00 /root/smol/ && ls -la /root/smol

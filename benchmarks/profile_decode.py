@@ -1,6 +1,6 @@
 """Where a decode step's time goes: CUDA kernels of CUDA-graph-replayed decode steps, grouped by name.
 
-    PYTHONPATH=src python benchmarks/profile_decode.py --context 32768 --press knorm --ratio 0.75
+    PYTHONPATH=src python benchmarks/profile_decode.py --context 32768 --press knorm --ratio 0.75 [--compile]
 
 Random-weight Llama-3.1-8B (bf16); prints the top kernels by total GPU time per step, the sum, and the bytes
 floor; writes `--out` (JSON) with the same table.
@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--press", default=None)
     ap.add_argument("--ratio", type=float, default=0.75)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the step before capture")
     ap.add_argument("--out", default="profile_decode.json")
     args = ap.parse_args()
     model, _ = load_model(args.config, random_weights=True, device="cuda")
@@ -36,7 +37,7 @@ def main() -> None:
     cache = KVCache(model, press=press, reserve=2 * args.steps + 16)
     tok = prefill(model, ids, torch.ones_like(ids), cache).argmax(-1, keepdim=True)
     cache.armed = False
-    dec = GraphDecoder(model, cache, ids.shape[1], 2 * args.steps + 4, 1)
+    dec = GraphDecoder(model, cache, ids.shape[1], 2 * args.steps + 4, 1, compile=args.compile)
     for _ in range(3):
         tok = dec.step(tok).argmax(-1, keepdim=True)
     torch.cuda.synchronize()

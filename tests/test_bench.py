@@ -35,7 +35,20 @@ def test_bench_rows_files_and_layouts(tmp_path, tiny):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
+def test_bench_compile_both_times_each_row_twice(tmp_path, tiny):
+    """`--compile both`: every row without and with torch.compile in the same run (on CPU the compiled step runs
+    in graph mode, uncaptured); the kept bytes are the same either way."""
+    rows = run_bench("tiny", None, [64], 1, ["none", "knorm"], [0.5], 4, str(tmp_path), device="cpu",
+                     model=tiny, compile="both")
+    assert [(r["press"], r["compiled"]) for r in rows] == [("none", False), ("none", True), ("knorm", False),
+                                                           ("knorm", True)]
+    assert rows[2]["kv_gb"] == rows[3]["kv_gb"] and all(r["decode_ms_per_token"] > 0 for r in rows)
+    assert rows[3]["compression_overhead_s"] is not None
+
+
 def test_bench_bad_input(tmp_path, tiny, capsys):
+    with pytest.raises(KVForgeError, match="unknown compile mode 'sometimes'; allowed: off, on, both"):
+        run_bench("tiny", None, [64], 1, ["none"], [0.5], 2, str(tmp_path), model=tiny, compile="sometimes")
     with pytest.raises(KVForgeError, match="unknown layout.*allowed: packed, padded"):
         run_bench("tiny", None, [64], 1, ["adakv:knorm"], [0.5], 2, str(tmp_path), layouts=["ragged"], model=tiny)
     assert main(["bench", "--presses", "none"]) != 0  # neither --model nor --random-weights

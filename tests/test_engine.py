@@ -228,7 +228,7 @@ def test_packed_head_varlen_equals_padded(models, smol_tokenizer, family):
         assert any(type(layer).__name__ == "PackedHeadLayer" for layer in packed.layers)
 
 
-@pytest.mark.parametrize("press_name,packed", [(None, None), ("knorm", None), ("adakv", True)])
+@pytest.mark.parametrize("press_name,packed", [(None, None), ("knorm", None), ("adakv", True), ("adakv", False)])
 def test_graph_mode_decode_equals_eager_decode(models, smol_tokenizer, press_name, packed):
     """Graph mode (device-side write positions and lengths, as captured on CUDA) decodes exactly like the
     ordinary path; on CPU it runs eagerly through the kernel's twin."""
@@ -246,19 +246,33 @@ def test_graph_mode_decode_equals_eager_decode(models, smol_tokenizer, press_nam
     assert tokens["graph"] == tokens["eager"]
 
 
-@pytest.mark.slow
-def test_compiled_graph_decode_equals_eager_decode(models, smol_tokenizer):
-    """`GraphDecoder(compile=True)` (torch.compile before capture; on CPU: compiled, not captured) decodes the
-    tokens of the plain eager path, with a compressed cache."""
+COMPILED_CASES = [pytest.param("adakv", True, id="adakv-packed"),
+                  pytest.param("knorm", None, id="knorm-dense", marks=pytest.mark.slow),
+                  pytest.param("adakv", False, id="adakv-padded", marks=pytest.mark.slow),
+                  pytest.param("kivi", None, id="kivi-coded", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("press_name,packed", COMPILED_CASES)
+def test_compiled_graph_decode_equals_eager_decode(models, press_name, packed):
+    """`GraphDecoder(compile=True)` (torch.compile(fullgraph=True) before capture; on CPU: compiled, not
+    captured) decodes the tokens of the plain eager path, batched, and traces ONE graph for all steps: on CUDA a
+    recompile would happen inside the capture (graph mode must keep every host value it reads constant)."""
+    from torch._dynamo.utils import counters
+
     from kvforge.generate import prefill
 
     model = models["llama"]
-    ids = torch.tensor([sum(encode_prompt(smol_tokenizer, CONTEXT, QUESTIONS[0]), [])])
+    ids = torch.randint(5, 200, (2, 48), generator=torch.Generator().manual_seed(1))
     tokens = {}
     for mode in ("eager", "compiled"):
-        cache = KVCache(model, press=get_press("knorm", compression_ratio=0.5), reserve=16)
+        torch._dynamo.reset()
+        counters.clear()
+        press = (get_press("kivi", bits=4, group_size=8, residual_length=8) if press_name == "kivi"
+                 else get_press(press_name, compression_ratio=0.5))
+        cache = KVCache(model, press=press, reserve=16, packed=packed)
         logits = prefill(model, ids, torch.ones_like(ids), cache)
         cache.armed = False
         tokens[mode] = greedy_decode(model, cache, logits, ids.shape[1], 8, graph=mode == "compiled",
                                      compile=mode == "compiled")
+    assert counters["stats"]["unique_graphs"] == 1
     assert tokens["compiled"] == tokens["eager"]

@@ -97,7 +97,7 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     pos = ids.shape[1]
     step_times = []
     decoder = None
-    if cuda_graph and cuda:
+    if (cuda_graph and cuda) or compile:  # on CPU a compiled step runs in graph mode, uncaptured
         try:
             decoder = GraphDecoder(model, cache, pos, new_tokens, ids.shape[0], compile=compile)
         except KVForgeError as e:  # e.g. sliding-window layers or decode-time presses: eager decoding
@@ -145,7 +145,7 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
         "attention_ms_per_layer": round(att_s * 1e3, 4),
         "attention_frac_copy_bw": round(layer_bytes / att_s / copy_bw, 3),
         "layer_kind": type(layer).__name__,
-        "cuda_graph": decoder is not None,
+        "cuda_graph": decoder is not None and cuda,
         "compiled": compile and decoder is not None,
     }
 
@@ -205,18 +205,22 @@ def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int) -> dict:
 def run_bench(model_name: str | None, config: str | None, contexts: list[int], batch: int, presses: list[str],
               ratios: list[float], new_tokens: int, out: str, device: str | None = None,
               cuda_graph: bool = True, hf_caches: list[str] | None = None, layouts: list[str] | None = None,
-              model=None, compile: bool = False) -> list[dict]:
+              model=None, compile: bool | str = False) -> list[dict]:
     """Time every (context, press, ratio) and write bench.json / bench.csv / bench.png under `out`.
 
     `layouts` ("packed", "padded"): per-head-budget presses are timed on each of these storage layouts (packed
     head-varlen vs a padded block with a validity mask, what a masking implementation does); by default only on
     the device's own (packed on CUDA, padded on CPU). `model`: an already loaded model (tests). `compile`:
-    `torch.compile` the captured decode step (`GraphDecoder(compile=True)`, experimental)."""
+    `torch.compile` the captured decode step (`GraphDecoder(compile=True)`): True / "on", or "both" (every row
+    twice, without and with, in the same run)."""
     from kvforge.eval.runner import _device_name, _git_commit, _prepare_out, parse_press
     from kvforge.models import load_model
 
     out_dir = _prepare_out(out)
     factories = {spec: parse_press(spec) for spec in presses if spec != "none"}
+    modes = {False: [False], "off": [False], True: [True], "on": [True], "both": [False, True]}.get(compile)
+    if modes is None:
+        raise KVForgeError(f"unknown compile mode {compile!r}; allowed: off, on, both")
     bad = set(layouts or []) - set(LAYOUTS.values())
     if bad:
         raise KVForgeError(f"unknown layout(s) {sorted(bad)}; allowed: {', '.join(LAYOUTS.values())}")
@@ -233,14 +237,14 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     print(f"{meta['device']}: copy bandwidth {meta['copy_TBps']} TB/s, weights {meta['weights_gb']} GB")
     for n in contexts:
         ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)
-        grid = [(spec, r) for spec in presses
-                for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios)]
+        grid = [(spec, r, c) for spec in presses
+                for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios) for c in modes]
         base_prefill = None
-        for spec, r in grid:
+        for spec, r, comp in grid:
             press = None if spec == "none" else factories[spec](r)
-            row = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, compile=compile)
+            row = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, compile=comp)
             row["press"] = spec
-            if spec == "none":
+            if spec == "none" and base_prefill is None:
                 base_prefill = row["prefill_s"]
             todo = [row]
             own = LAYOUTS.get(row["layer_kind"])
@@ -249,7 +253,7 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
                 for lay in layouts:
                     if lay != own:
                         other = bench_row(model, ids, factories[spec](r), new_tokens, copy_bw, weights_bytes,
-                                          cuda_graph, packed=lay == "packed", compile=compile)
+                                          cuda_graph, packed=lay == "packed", compile=comp)
                         todo.append({**other, "press": f"{spec} [{lay}]"})
             for row in todo:
                 row["compression_overhead_s"] = (None if base_prefill is None else

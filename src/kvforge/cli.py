@@ -280,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench")
     b.add_argument("--hf-caches", default=None,
                    help="also time plain transformers decoding with these caches: dynamic, quanto@bits=2, ...")
-    b.add_argument("--compile", action="store_true",
-                   help="torch.compile the captured decode step (experimental: fuses the model's small kernels)")
+    b.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                   help="torch.compile the captured decode step (fuses the model's small kernels); 'both' times "
+                        "every row without and with, in the same run")
     b.add_argument("--layouts", default=None,
                    help="per-head-budget presses on these layouts too: packed,padded (default: the device's own)")
     _quant_args(b)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvforge.cache.kvcache import KVCache
+from kvforge.cache.kvcache import GRAPH_STEP, KVCache
 from kvforge.cache.layers import DenseLayer
 from kvforge.errors import KVForgeError
 
@@ -25,10 +25,10 @@ class GraphDecoder:
         cache: a prefilled (and compressed) `KVCache`, disarmed.
         position: the position id of the first token to be fed.
         steps: the most tokens that will be fed (the layers' spare room must hold them).
-        compile: run the step through `torch.compile` before capture (inductor fuses the model's small
-            elementwise kernels — RMSNorm, RoPE, residual adds — that dominate the non-KV time of a captured
-            step, benchmarks/NOTES.md); the first step pays the compilation. Experimental: equal tokens on CPU
-            (slow test), not yet timed on a GPU.
+        compile: run the step through `torch.compile(fullgraph=True)` before capture (inductor fuses the
+            model's small elementwise kernels — RMSNorm, RoPE, residual adds — that dominate the non-KV time of a
+            captured step, benchmarks/NOTES.md); the first step pays the compilation. The step traces as one
+            graph that never recompiles while decoding (graph mode keeps every host value it reads constant).
     """
 
     def __init__(self, model, cache: KVCache, position: int, steps: int, batch: int, compile: bool = False):
@@ -39,19 +39,30 @@ class GraphDecoder:
         self.model, self.cache = model, cache
         device = next(model.parameters()).device
         self.capture = device.type == "cuda"
-        for layer in cache.layers:
-            layer.enter_graph_mode(steps)
+        with torch.inference_mode():  # the buffers are inference tensors (prefilled under inference_mode)
+            for layer in cache.layers:
+                layer.enter_graph_mode(steps)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
         self.graph = None
-        if compile:
-            self._forward = torch.compile(self._forward, dynamic=False)
+        if device.type == "cuda":
+            from kvforge.kernels.decode import sm_count
 
-    def _forward(self) -> torch.Tensor:
+            sm_count(device)  # cached before tracing
+        self._step = torch.compile(self._step_body, dynamic=False, fullgraph=True) if compile else self._step_body
+
+    def _step_body(self) -> torch.Tensor:
         out = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.cache, use_cache=True,
                          logits_to_keep=1)
         self.pos += 1
         return out.logits[:, -1]
+
+    def _forward(self) -> torch.Tensor:
+        GRAPH_STEP.cache = self.cache
+        try:
+            return self._step()
+        finally:
+            GRAPH_STEP.cache = None
 
     def _advance(self) -> None:
         for layer in self.cache.layers:
@@ -83,3 +94,7 @@ class GraphDecoder:
         for layer in self.cache.layers:
             layer.exit_graph_mode()
         self.graph = None
+        if self._step is not self._step_body:
+            # compiled code is cached per code object with guards on this decoder: drop it, so later decoders
+            # neither pile up against dynamo's recompile limit nor keep references to this cache
+            torch.compiler.reset()

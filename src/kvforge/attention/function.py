@@ -16,8 +16,8 @@ from transformers.masking_utils import sdpa_mask
 
 from kvforge.attention.backends import BACKENDS, causal_mask
 from kvforge.cache.coded import CodedLayer
-from kvforge.cache.kvcache import take_binding
-from kvforge.cache.layers import DenseLayer, PackedHeadLayer
+from kvforge.cache.kvcache import GRAPH_STEP, take_binding
+from kvforge.cache.layers import DenseLayer, HeadVarlenLayer, PackedHeadLayer
 from kvforge.errors import KVForgeError
 from kvforge.kernels.decode import decode_attention
 
@@ -93,6 +93,8 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
     """transformers attention interface: returns (`[B, q, Hq, Dv]`, None)."""
     if kwargs.get("softcap") is not None:
         raise KVForgeError("attention logit softcapping is not supported by the kvforge attention; allowed: None")
+    if GRAPH_STEP.cache is not None:  # a graph-mode decode step (GraphDecoder): no host reads, no binding
+        return _graph_step_attention(GRAPH_STEP.cache, module.layer_idx, query, scaling), None
     run = BACKENDS[backend_name()]
     q = query.shape[2]
     bound = take_binding(key)
@@ -117,12 +119,6 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
         if out is not None:
             return out, None
         key, value = layer.full()  # decoded copy (transient), then the generic path below
-
-    if layer.graph is not None:  # CUDA-graph decode step: lengths on the device, no host reads
-        k_flat, v_flat, offsets, lengths, max_len, total = layer.graph_segments()
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = decode_attention(query[:, :, 0], k_flat, v_flat, offsets, lengths, scale, max_len=max_len, total=total)
-        return out[:, None], None
 
     press, ctx, chosen = cache.press, None, None
     mask = None if isinstance(layer, PackedHeadLayer) else entry_mask(attention_mask, layer, q)
@@ -159,6 +155,27 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
+def _graph_step_attention(cache, layer_idx: int, query, scaling) -> torch.Tensor:
+    """One-token decode in graph mode (`kvforge.graphs.GraphDecoder`): write position and lengths live on the
+    device, shapes are static, so the step can be captured in a CUDA graph and traced by `torch.compile`.
+    Returns `[B, 1, Hq, Dv]`."""
+    layer = cache.layers[layer_idx]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if isinstance(layer, CodedLayer):
+        from kvforge.kernels.quant_decode import quant_decode_attention
+
+        c = layer.codec
+        out = quant_decode_attention(query[:, :, 0], c.parts, c.bits, c.step, layer._k, layer._v, layer.graph["pos"],
+                                     scale)
+    elif isinstance(layer, HeadVarlenLayer) and layer.valid is not None:
+        # the padded per-head layout: what a masking implementation does (SDPA over the block, validity mask)
+        out = BACKENDS["sdpa"](query, layer._k, layer._v, layer.valid[:, :, None, :], scale=scale)[:, :, 0]
+    else:
+        k_flat, v_flat, offsets, lengths, max_len, total = layer.graph_segments()
+        out = decode_attention(query[:, :, 0], k_flat, v_flat, offsets, lengths, scale, max_len=max_len, total=total)
+    return out[:, None]
+
+
 def _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, module, run):
     """Decode over a coded layer straight from its codes (fused Triton kernel: the codes are dequantized in
     registers, no full-precision copy), when possible: one query token, no mask, no press acting while
@@ -169,7 +186,7 @@ def _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, mo
         return None
     if os.environ.get("KVFORGE_FUSED", "1") == "0":  # debugging: always decode the codes, then SDPA
         return None
-    if layer.graph is None and attention_mask is not None:
+    if attention_mask is not None:
         return None
     if press is not None and (hasattr(press, "select") or hasattr(press, "on_decode")):
         return None
@@ -177,8 +194,7 @@ def _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, mo
 
     c = layer.codec
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    tail_len = layer.graph["pos"] if layer.graph is not None else layer.n
-    out = quant_decode_attention(query[:, :, 0], c.parts, c.bits, c.step, layer._k, layer._v, tail_len, scale)
+    out = quant_decode_attention(query[:, :, 0], c.parts, c.bits, c.step, layer._k, layer._v, layer.n, scale)
     if cache.observer is not None:
         from kvforge.presses.base import LayerContext
 

@@ -20,6 +20,17 @@ if TYPE_CHECKING:
 _BOUND: ContextVar[tuple[KVCache, int, torch.Tensor] | None] = ContextVar("kvforge_bound", default=None)
 
 
+class _GraphStep:
+    """The cache whose graph-mode decode step is running: `kvforge.graphs.GraphDecoder` sets `cache` around its
+    forward, and the attention function then finds each layer by `module.layer_idx` instead of the binding
+    (a plain attribute, not a ContextVar, so `torch.compile` traces the step in one graph)."""
+
+    cache: KVCache | None = None
+
+
+GRAPH_STEP = _GraphStep()
+
+
 def take_binding(key: torch.Tensor) -> tuple[KVCache, int] | None:
     """Return (cache, layer_idx) if `key` is what a KVCache layer just returned; clear the binding."""
     bound = _BOUND.get()
@@ -111,8 +122,16 @@ class KVCache(Cache):
     # -- the binding ---------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
-        _BOUND.set((self, layer_idx, keys))
+        if GRAPH_STEP.cache is not self:
+            _BOUND.set((self, layer_idx, keys))
         return keys, values
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """transformers' mask sizing. In graph mode the host counters lag the device, so a layer reports the
+        position of its last graph step (a constant, like a static cache's capacity: the traced step never
+        changes); the one-token mask is skipped either way."""
+        graph = getattr(self.layers[layer_idx], "graph", None)
+        return graph["limit"] - 1 if graph is not None else super().get_query_offset(layer_idx)
 
     # -- what the engine asks of layers ----------------------------------------------------------------
     def compressible_layers(self) -> list[int]:

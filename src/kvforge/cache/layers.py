@@ -111,6 +111,7 @@ class DenseLayer(CacheLayerMixin):
             "logical": torch.tensor([self.logical], device=dev),
             "lengths": torch.full((b * h,), self.n, dtype=torch.int32, device=dev),
             "offsets": torch.arange(b * h, device=dev, dtype=torch.int64) * self.capacity,
+            "limit": self.logical + steps,  # the logical length after the last graph step (get_mask_sizes)
         }
 
     def graph_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -150,6 +151,8 @@ class DenseLayer(CacheLayerMixin):
         return self.logical
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.graph is not None:  # graph mode: a constant, like a static cache's capacity (see KVCache)
+            return self.graph["limit"], 0
         return self.logical + query_length, 0
 
     def get_max_length(self) -> int:
@@ -333,6 +336,17 @@ class HeadVarlenLayer(DenseLayer):
     def entry_valid(self) -> torch.Tensor | None:
         return None if self.valid is None else self.valid[:, :, : self.n]
 
+    def enter_graph_mode(self, steps: int) -> None:
+        super().enter_graph_mode(steps)
+        if self.valid is not None:  # graph steps attend the whole block under `valid`: no NaN in the spare room
+            self._k[:, :, self.n :].zero_()
+            self._v[:, :, self.n :].zero_()
+
+    def graph_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        if self.valid is not None:
+            self.valid.index_fill_(2, self.graph["pos"], True)
+        return super().graph_update(key_states, value_states)
+
     def keep_mask(self, keep: torch.Tensor) -> None:
         """Keep entries where `keep [B, H_kv, n]` is True; each head may keep a different number.
 
@@ -445,7 +459,11 @@ class PackedHeadLayer(DenseLayer):
         if steps > self.room:
             raise ValueError(f"graph decoding of {steps} steps needs {steps} spare entries per head, have {self.room}")
         self.lengths = self.lengths.clone()  # written in place from now on: snapshots keep the old tensor
-        self.graph = {"logical": torch.tensor([self.logical], device=self.k_flat.device)}
+        # host values the step reads are fixed here (the longest segment and the total can reach, spare room
+        # included), so a traced step never sees them change
+        self.graph = {"logical": torch.tensor([self.logical], device=self.k_flat.device),
+                      "limit": self.logical + steps, "span": self.max_len + self.room,
+                      "total": self.total + self.batch * self.heads * self.room}
 
     def graph_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
         dest = self.offsets + self.lengths.long()
@@ -457,9 +475,8 @@ class PackedHeadLayer(DenseLayer):
         return self.k_flat, self.v_flat
 
     def graph_segments(self):
-        rows = self.batch * self.heads
-        return (self.k_flat, self.v_flat, self.offsets, self.lengths, self.max_len + self.room,
-                self.total + rows * self.room)
+        g = self.graph
+        return self.k_flat, self.v_flat, self.offsets, self.lengths, g["span"], g["total"]
 
     def advance(self, q: int = 1) -> None:
         self.max_len += q

@@ -7,8 +7,9 @@ segment), `lengths [B·H_kv]` (int32/64, entries of each segment). Query head `i
 Output `[B, Hq, Dv]`; a segment of length 0 gives zeros.
 
 `decode_attention` runs the Triton kernel on CUDA (flash-decoding: each segment is split along the sequence so
-batch-1 long contexts fill the GPU; a second kernel merges the splits) and the torch twin elsewhere.
-`decode_attention_ref` is the slow, obviously-correct twin with the same signature.
+batch-1 long contexts fill the GPU; a second kernel merges the splits) and `decode_attention_gather` elsewhere
+(vectorised torch: segments gathered into a padded block, no host reads, so `torch.compile` traces it).
+`decode_attention_ref` is the slow, obviously-correct twin of both, with the same signature.
 """
 
 from __future__ import annotations
@@ -41,6 +42,33 @@ def decode_attention_ref(query, k_flat, v_flat, offsets, lengths, scale: float, 
             p = torch.softmax(q @ k.T * scale, dim=-1)
             out[bi, hi * g : (hi + 1) * g] = p @ v
     return out.to(query.dtype)
+
+
+def decode_attention_gather(query, k_flat, v_flat, offsets, lengths, scale: float, max_len: int):
+    """Torch path: gather every segment into `[B·H_kv, max_len, D]` (masked past its length), softmax in
+    float32. `max_len` (host int) bounds the longest segment."""
+    b, hq, d = query.shape
+    rows = offsets.numel()
+    g = hq // (rows // b)
+    t = torch.arange(max_len, device=query.device)
+    ok = t[None, :] < lengths[:, None]  # [rows, L]
+    idx = torch.where(ok, offsets[:, None] + t[None, :], 0)
+    k = k_flat[idx].float()  # [rows, L, D]
+    v = v_flat[idx].float()
+    s = (query.reshape(rows, g, d).float() @ k.transpose(1, 2)) * scale  # [rows, G, L]
+    p = torch.softmax(s.masked_fill(~ok[:, None, :], float("-inf")), dim=-1).nan_to_num(0.0)
+    return (p @ v).reshape(b, hq, -1).to(query.dtype)
+
+
+_SMS: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: a plain dict read, which `torch.compile` traces)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
 
 
 if triton is not None:
@@ -129,7 +157,8 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
     """Decode attention over segments (see module docstring). `max_len` and `total` (host ints: the longest
     segment and the sum of lengths) avoid a device sync; they are read from `lengths` when omitted."""
     if not query.is_cuda or triton is None:
-        return decode_attention_ref(query, k_flat, v_flat, offsets, lengths, scale)
+        return decode_attention_gather(query, k_flat, v_flat, offsets, lengths, scale,
+                                       int(lengths.max()) if max_len is None else max_len)
     b, hq, d = query.shape
     rows = offsets.numel()
     h = rows // b
@@ -139,7 +168,7 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
         max_len = int(lengths.max())
     if total is None:
         total = int(lengths.sum())
-    sms = torch.cuda.get_device_properties(query.device).multi_processor_count
+    sms = sm_count(query.device)
     ns, split = _num_splits(total, max_len, block_n, sms, waves)
     gp = max(16, triton.next_power_of_2(g))
     m = torch.empty(rows, ns, g, dtype=torch.float32, device=query.device)
