@@ -242,10 +242,17 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
         base_prefill = None
         for spec, r, comp in grid:
             press = None if spec == "none" else factories[spec](r)
-            row = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, compile=comp)
+            try:
+                row = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, compile=comp)
+            except Exception as e:  # a compiler failure must not lose the run: the row records it
+                if not comp:
+                    raise
+                row = {"press": spec, "compression_ratio": r, "context": n, "batch": batch, "compiled": True,
+                       "error": f"{type(e).__name__}: {str(e)[:300]}", "layer_kind": None}
+                torch.compiler.reset()
             row["press"] = spec
             if spec == "none" and base_prefill is None:
-                base_prefill = row["prefill_s"]
+                base_prefill = row.get("prefill_s")
             todo = [row]
             own = LAYOUTS.get(row["layer_kind"])
             if own and layouts:  # per-head budgets: the other requested layouts too, labelled
@@ -256,7 +263,7 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
                                           cuda_graph, packed=lay == "packed", compile=comp)
                         todo.append({**other, "press": f"{spec} [{lay}]"})
             for row in todo:
-                row["compression_overhead_s"] = (None if base_prefill is None else
+                row["compression_overhead_s"] = (None if base_prefill is None or "prefill_s" not in row else
                                                  round(row["prefill_s"] - base_prefill, 4))
                 rows.append(row)
                 print(json.dumps(row))

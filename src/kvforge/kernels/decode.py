@@ -98,7 +98,7 @@ if triton is not None:
             ok = cols < end
             rows = off + cols.to(tl.int64)
             k = tl.load(K + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-            sc = tl.dot(q, tl.trans(k)) * scale
+            sc = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # fp32 even when a compiler passes fp64
             sc = tl.where(ok[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             alpha = tl.exp(m_i - m_new)

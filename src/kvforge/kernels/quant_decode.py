@@ -199,7 +199,7 @@ if triton is not None:
                 else:  # token t takes the row block of its key group
                     own = (kr // GP)[:, None] == (tok // GROUP)[None, :]
                     sc = tl.sum(tl.reshape(tl.where(own, sr, 0.0), [MR // GP, GP, BLOCK_N]), 0)
-                sc = sc * qk_scale
+                sc = (sc * qk_scale).to(tl.float32)
             else:  # per-element dequantization, key groups gathered per token
                 sc = tl.zeros([GP, BLOCK_N], tl.float32)
                 for k in tl.static_range(PER):
@@ -207,7 +207,7 @@ if triton is not None:
                     ks = tl.load(ks_b + kso, mask=ok, other=0.0).to(tl.float32)
                     kz = tl.load(kz_b + kso, mask=ok, other=0.0).to(tl.float32)
                     sc = tl.dot(qp[k], tl.trans((_code(kb, k, BITS) * ks + kz).to(DT)), sc)
-                sc = sc * qk_scale
+                sc = (sc * qk_scale).to(tl.float32)
             sc = tl.where(tl.trans(ok), sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -257,7 +257,7 @@ if triton is not None:
             ok = (t < end)[:, None]
             r = t - m
             kt = tl.load(tk_b + r[:, None] * stride_kn + d[None, :], mask=ok, other=0.0).to(DT)
-            sc = tl.where(tl.trans(ok), tl.dot(q, tl.trans(kt)) * qk_scale, float("-inf"))
+            sc = tl.where(tl.trans(ok), (tl.dot(q, tl.trans(kt)) * qk_scale).to(tl.float32), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(sc - m_new[:, None])
