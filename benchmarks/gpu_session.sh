@@ -27,7 +27,7 @@ bench)
 compile)
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   timeout 150 python3 -m pytest -p no:cacheprovider tests/test_kernels.py \
-    tests/test_engine.py::test_compiled_captured_decode_equals_captured_decode_on_cuda 2>&1 | tail -4
+    tests/test_engine.py::test_compiled_captured_decode_equals_captured_decode_on_cuda -x --tb=short 2>&1 | grep -v Warn | tail -${TB:-4}
   timeout ${B_T:-470} python3 -m kvforge.cli bench --random-weights --config llama3.1-8b --context ${CTX:-128k,32k} \
     --presses none,knorm,adakv:knorm --ratios 0.75 --new-tokens 16 --device cuda --compile both \
     --out $R/bench_compile 2>&1 | grep -v Warn | cut -c1-600

@@ -9,6 +9,7 @@ only with the device named (it is written into every row).
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import statistics
 import time
@@ -80,6 +81,7 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
               cuda_graph: bool = True, packed: bool | None = None, compile: bool = False) -> dict:
     device = ids.device
     cuda = device.type == "cuda"
+    gc.collect()  # nothing of an earlier row may still hold memory when this row's peak is measured
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -49,7 +49,9 @@ class GraphDecoder:
             from kvforge.kernels.decode import sm_count
 
             sm_count(device)  # cached before tracing
-        self._step = torch.compile(self._step_body, dynamic=False, fullgraph=True) if compile else self._step_body
+        # the class's function, not a bound method: a bound method stored on self is a reference cycle, and the
+        # cache (all of the KV) would then live until the garbage collector happens to run
+        self._step = torch.compile(GraphDecoder._step_body, dynamic=False, fullgraph=True) if compile else None
 
     def _step_body(self) -> torch.Tensor:
         out = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.cache, use_cache=True,
@@ -60,7 +62,7 @@ class GraphDecoder:
     def _forward(self) -> torch.Tensor:
         GRAPH_STEP.cache = self.cache
         try:
-            return self._step()
+            return self._step_body() if self._step is None else self._step(self)
         finally:
             GRAPH_STEP.cache = None
 
@@ -94,7 +96,7 @@ class GraphDecoder:
         for layer in self.cache.layers:
             layer.exit_graph_mode()
         self.graph = None
-        if self._step is not self._step_body:
+        if self._step is not None:
             # compiled code is cached per code object with guards on this decoder: drop it, so later decoders
             # neither pile up against dynamo's recompile limit nor keep references to this cache
             torch.compiler.reset()
