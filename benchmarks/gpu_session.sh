@@ -34,12 +34,10 @@ compile)
   cp $R/bench_compile/bench.json $OUT/bench_compile.json
   ;;
 profile)
-  for p in "" "--press knorm --ratio 0.75"; do
-    timeout 150 python3 benchmarks/profile_decode.py --context 131072 $p --compile --out $OUT/profile_compiled.json \
-      2>&1 | grep -v Warn | head -20
-    [ -z "$p" ] && mv $OUT/profile_compiled.json $OUT/profile_compiled_none_128k.json
-  done
-  mv $OUT/profile_compiled.json $OUT/profile_compiled_knorm75_128k.json
+  timeout 90 python3 -m pytest -p no:cacheprovider -p no:logging -x --tb=short \
+    tests/test_engine.py::test_compiled_captured_decode_equals_captured_decode_on_cuda 2>&1 | grep -E "^E |passed|failed" | head -20
+  timeout 200 python3 benchmarks/profile_decode.py --context 131072 ${PROF:---press knorm --ratio 0.75} --compile \
+      --out $OUT/profile_compiled_128k.json 2>&1 | grep -v Warn | head -24
   timeout 120 python3 benchmarks/gpu_attention.py 2>&1 | tail -25
   ;;
 part1)
