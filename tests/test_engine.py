@@ -281,15 +281,17 @@ def test_compiled_graph_decode_equals_eager_decode(models, press_name, packed):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("press_name", ["knorm", "adakv"])
-def test_compiled_captured_decode_equals_captured_decode_on_cuda(press_name):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_captured_decode_equals_captured_decode_on_cuda(press_name, dtype):
     """On CUDA: the compiled step (Triton kernels traced by inductor) captured in a CUDA graph gives the logits
-    of the uncompiled captured step (bf16, one graph, no recompiles while replaying)."""
+    of the uncompiled captured step — tightly in float32 (a wrong fusion or a stale buffer would show), loosely
+    in bf16 (inductor keeps fused chains in fp32 where eager rounds after every op) — with one traced graph."""
     from torch._dynamo.utils import counters
 
     from kvforge.generate import prefill
     from kvforge.graphs import GraphDecoder
 
-    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    model = tiny_model("llama").to("cuda", dtype)
     ids = torch.randint(5, 200, (2, 300), generator=torch.Generator().manual_seed(3)).cuda()
     logits = {}
     for compiled in (False, True):
@@ -309,7 +311,9 @@ def test_compiled_captured_decode_equals_captured_decode_on_cuda(press_name):
         if compiled:
             assert counters["stats"]["unique_graphs"] == 1
     assert logits[True].isfinite().all()
-    torch.testing.assert_close(logits[True], logits[False], rtol=3e-2, atol=3e-2)
+    scale = logits[False].abs().max()
+    err = (logits[True] - logits[False]).abs().max() / scale
+    assert err < (2e-3 if dtype == torch.float32 else 0.1), f"max error {err:.2e} of the logits' scale"
 
 
 @pytest.mark.parametrize("compiled", [False, True])
