@@ -280,9 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench")
     b.add_argument("--hf-caches", default=None,
                    help="also time plain transformers decoding with these caches: dynamic, quanto@bits=2, ...")
-    b.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+    b.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both", "autotune"],
                    help="torch.compile the captured decode step (fuses the model's small kernels); 'both' times "
-                        "every row without and with, in the same run")
+                        "every row without and with, in the same run; 'autotune' times default and max-autotune "
+                        "compilation (inductor-tuned GEMMs)")
     b.add_argument("--layouts", default=None,
                    help="per-head-budget presses on these layouts too: packed,padded (default: the device's own)")
     _quant_args(b)

@@ -29,9 +29,10 @@ class GraphDecoder:
             model's small elementwise kernels — RMSNorm, RoPE, residual adds — that dominate the non-KV time of a
             captured step, benchmarks/NOTES.md); the first step pays the compilation. The step traces as one
             graph that never recompiles while decoding (graph mode keeps every host value it reads constant).
+            A string is passed as the inductor mode (e.g. "max-autotune-no-cudagraphs": tuned Triton GEMMs).
     """
 
-    def __init__(self, model, cache: KVCache, position: int, steps: int, batch: int, compile: bool = False):
+    def __init__(self, model, cache: KVCache, position: int, steps: int, batch: int, compile: bool | str = False):
         if cache.press is not None and (hasattr(cache.press, "on_decode") or hasattr(cache.press, "select")):
             raise KVForgeError(f"{cache.press.name} acts during decoding; it cannot run inside a CUDA graph")
         if not all(isinstance(layer, DenseLayer) for layer in cache.layers):
@@ -51,7 +52,9 @@ class GraphDecoder:
             sm_count(device)  # cached before tracing
         # the class's function, not a bound method: a bound method stored on self is a reference cycle, and the
         # cache (all of the KV) would then live until the garbage collector happens to run
-        self._step = torch.compile(GraphDecoder._step_body, dynamic=False, fullgraph=True) if compile else None
+        mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
+        self._step = (torch.compile(GraphDecoder._step_body, dynamic=False, fullgraph=True, mode=mode) if compile
+                      else None)
 
     def _step_body(self) -> torch.Tensor:
         out = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.cache, use_cache=True,
