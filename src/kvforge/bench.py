@@ -150,7 +150,7 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
         "attention_frac_copy_bw": round(layer_bytes / att_s / copy_bw, 3),
         "layer_kind": type(layer).__name__,
         "cuda_graph": decoder is not None and cuda,
-        "compiled": (compile if isinstance(compile, str) else bool(compile)) and decoder is not None,
+        "compiled": (compile if isinstance(compile, str) else bool(compile)) if decoder is not None else False,
     }
 
 
