@@ -348,3 +348,69 @@ def test_graph_decoder_frees_the_cache_without_the_garbage_collector(models, com
         assert alive <= (1 if compiled else 0), f"{alive} of {len(refs)} KV buffers still alive"
     finally:
         gc.enable()
+
+
+def _hf_continuation(model, cache, ctx, q, steps, pad):
+    """Reference: transformers' generate from a prefilled cache (HF feeds the question itself)."""
+    ids = torch.cat([ctx, q], 1)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                             max_new_tokens=steps, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             pad_token_id=pad)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("press_name,packed", [(None, None), ("knorm", None), ("adakv", True), ("adakv", False)])
+def test_graph_generate_equals_transformers_generate(models, press_name, packed):
+    """`graph_generate` (question fed once, then one replayed graph step per token) gives transformers'
+    `generate` ids from the same compressed cache, batched, and follows its stopping rule: a row that emitted
+    an end-of-sequence id continues with padding, and decoding stops when every row has."""
+    from kvforge.generate import graph_generate, prefill
+
+    model = models["llama"]
+    gen = torch.Generator().manual_seed(5)
+    ctx, q = torch.randint(5, 200, (2, 60), generator=gen), torch.randint(5, 200, (2, 5), generator=gen)
+    press = None if press_name is None else get_press(press_name, compression_ratio=0.5)
+    cache = KVCache(model, press=press, reserve=24, packed=packed)
+    prefill(model, ctx, torch.ones_like(ctx), cache)
+    cache.armed = False
+    state = cache.snapshot()
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = None
+        ref = _hf_continuation(model, cache, ctx, q, 10, pad=0)
+        cache.restore(state)
+        fast = graph_generate(model, cache, q, ctx.shape[1], 10, pad_id=0)
+        cache.restore(state)
+        assert fast.tolist() == ref.tolist() and fast.shape == (2, 10)
+        model.generation_config.eos_token_id = int(ref[0, 2])  # row 0 stops after 3 tokens, row 1 may not
+        ref = _hf_continuation(model, cache, ctx, q, 10, pad=0)
+        cache.restore(state)
+        fast = graph_generate(model, cache, q, ctx.shape[1], 10, pad_id=0)
+        assert fast.tolist() == ref.tolist()
+        assert fast[0, 3:].eq(0).all()
+    finally:
+        model.generation_config.eos_token_id = saved
+
+
+def test_generate_with_graph_steps_answers_like_generate(models, smol_tokenizer):
+    """`generate(..., cuda_graph=True)` (what CUDA does by default) answers every question like the
+    transformers path, restoring the cache between questions; a padded batch falls back to transformers."""
+    from unittest.mock import patch
+
+    from kvforge.generate import generate
+    from kvforge.graphs import GraphDecoder
+
+    model = models["qwen3"]
+    press = get_press("knorm", compression_ratio=0.5)
+    with patch.object(GraphDecoder, "step", autospec=True, side_effect=GraphDecoder.step) as spy:
+        fast = generate(model, smol_tokenizer, CONTEXT, QUESTIONS, press=press, max_new_tokens=8, cuda_graph=True)
+        used = spy.call_count
+        batch = generate(model, smol_tokenizer, CONTEXTS[:2], QUESTIONS[:1], press=press, max_new_tokens=8,
+                         cuda_graph=True)
+        assert spy.call_count == used  # contexts of different lengths are padded: no graph steps
+    assert used > 0
+    assert fast == generate(model, smol_tokenizer, CONTEXT, QUESTIONS, press=press, max_new_tokens=8,
+                            cuda_graph=False)
+    assert batch == generate(model, smol_tokenizer, CONTEXTS[:2], QUESTIONS[:1], press=press, max_new_tokens=8,
+                             cuda_graph=False)

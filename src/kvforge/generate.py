@@ -120,16 +120,31 @@ def encode(model, tokenizer, contexts: list[str], questions: list[list[str]], an
     return Encoded(ctx_ids, ctx_mask, q_rows, pad_id, tokenizer, _use_template(tokenizer, chat_template))
 
 
-def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int) -> list[list[str]]:
+def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int,
+           cuda_graph: bool | None = None) -> list[list[str]]:
     """Greedy answers to every question of `enc` from `cache` (which holds the prefilled contexts).
 
-    The cache is restored after each question, so answers never see each other.
+    The cache is restored after each question, so answers never see each other. `cuda_graph` (default: on
+    CUDA) decodes each answer by replaying one captured step (`graph_generate`) when nothing in the batch is
+    padded and the cache allows it; otherwise, and on CPU by default, through transformers' `generate`.
     """
+    from kvforge.graphs import GraphDecoder
+
     state = cache.snapshot()
     answers: list[list[str]] = [[] for _ in enc.q_rows]
     device = enc.ctx_ids.device
+    use_graph = (device.type == "cuda" if cuda_graph is None else cuda_graph) and bool(enc.ctx_mask.all()) and \
+        GraphDecoder.unsupported(cache) is None
     for j in range(len(enc.q_rows[0])):
         q_ids, q_mask = _left_pad([row[j] for row in enc.q_rows], enc.pad_id, device)
+        if use_graph and q_ids.shape[1] and bool(q_mask.all()):
+            new = graph_generate(model, cache, q_ids, enc.ctx_ids.shape[1], max_new_tokens, enc.pad_id)
+            if new is not None:
+                for i, row in enumerate(new):
+                    answers[i].append(tokenizer.decode(row, skip_special_tokens=True).strip())
+                cache.restore(state)
+                continue
+            cache.restore(state)  # no room for graph steps: the question is fed again below
         ids = torch.cat([enc.ctx_ids, q_ids], dim=1)
         mask = torch.cat([enc.ctx_mask, q_mask], dim=1)
         with torch.inference_mode():
@@ -148,6 +163,40 @@ def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int) 
             answers[i].append(tokenizer.decode(row, skip_special_tokens=True).strip())
         cache.restore(state)
     return answers
+
+
+@torch.inference_mode()
+def graph_generate(model, cache: KVCache, q_ids: torch.Tensor, position: int, max_new_tokens: int,
+                   pad_id: int) -> torch.Tensor | None:
+    """Greedy decoding of `max_new_tokens` after the unpadded question ids `q_ids [B, q]` (fed at `position`,
+    the cache's length), one captured step per token (`GraphDecoder`), with `generate()`'s stopping rule: a row
+    that produced an end-of-sequence id continues with `pad_id`, and decoding stops once every row has.
+    Returns the new ids `[B, <= max_new_tokens]`, or None when the cache has no room for graph steps (the
+    question was fed: restore the cache before another attempt)."""
+    from kvforge.graphs import GraphDecoder
+
+    b, q = q_ids.shape
+    pos = torch.arange(position, position + q, device=q_ids.device).expand(b, q)
+    logits = model(input_ids=q_ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    try:
+        dec = GraphDecoder(model, cache, position + q, max(max_new_tokens - 1, 1), b)
+    except ValueError:
+        return None
+    eos = model.generation_config.eos_token_id
+    eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=q_ids.device)
+    tok = logits.argmax(-1, keepdim=True)
+    out, done = [tok], torch.isin(tok, eos)
+    try:
+        for _ in range(max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            tok = torch.where(done, pad_id, dec.step(tok).argmax(-1, keepdim=True))
+            out.append(tok)
+            done |= torch.isin(tok, eos)
+    finally:
+        dec.close()
+    return torch.cat(out, 1)
 
 
 def answer_query_aware(model, tokenizer, enc: Encoded, press, max_new_tokens: int,
@@ -231,6 +280,7 @@ def generate(
     return_cache: bool = False,
     packed: bool | None = None,
     query_aware: bool = False,
+    cuda_graph: bool | None = None,
 ):
     """Answer `questions` about `context`, compressing the context's KV cache once with `press`.
 
@@ -245,6 +295,8 @@ def generate(
 
     `query_aware=True` compresses context + question together instead, once per question (see
     `answer_query_aware`); `return_cache` then gives the last question's cache. Default: query-agnostic.
+    `cuda_graph` (default: on CUDA) replays one captured decode step per token when nothing is padded (see
+    `answer`).
     """
     batched = not isinstance(context, str)
     contexts = list(context) if batched else [context]
@@ -256,7 +308,7 @@ def generate(
         answers, cache = answer_query_aware(model, tokenizer, enc, press, max_new_tokens, packed=packed)
     else:
         cache = prefill_context(model, enc, press, max_new_tokens, packed=packed)
-        answers = answer(model, tokenizer, cache, enc, max_new_tokens)
+        answers = answer(model, tokenizer, cache, enc, max_new_tokens, cuda_graph=cuda_graph)
     result = answers if batched else answers[0]
     return (result, cache) if return_cache else result
 

@@ -32,17 +32,32 @@ class GraphDecoder:
             A string is passed as the inductor mode (e.g. "max-autotune-no-cudagraphs": tuned Triton GEMMs).
     """
 
-    def __init__(self, model, cache: KVCache, position: int, steps: int, batch: int, compile: bool | str = False):
+    @staticmethod
+    def unsupported(cache: KVCache) -> str | None:
+        """Why `cache` cannot be decoded in graph mode, or None when it can."""
         if cache.press is not None and (hasattr(cache.press, "on_decode") or hasattr(cache.press, "select")):
-            raise KVForgeError(f"{cache.press.name} acts during decoding; it cannot run inside a CUDA graph")
+            return f"{cache.press.name} acts during decoding; it cannot run inside a CUDA graph"
         if not all(isinstance(layer, DenseLayer) for layer in cache.layers):
-            raise KVForgeError("graph decoding needs every layer to be a kvforge layer (no sliding-window layers)")
+            return "graph decoding needs every layer to be a kvforge layer (no sliding-window layers)"
+        if cache.observer is not None:
+            return "an observer reads every forward; graph decoding runs none"
+        return None
+
+    def __init__(self, model, cache: KVCache, position: int, steps: int, batch: int, compile: bool | str = False):
+        why = self.unsupported(cache)
+        if why:
+            raise KVForgeError(why)
         self.model, self.cache = model, cache
         device = next(model.parameters()).device
         self.capture = device.type == "cuda"
         with torch.inference_mode():  # the buffers are inference tensors (prefilled under inference_mode)
-            for layer in cache.layers:
-                layer.enter_graph_mode(steps)
+            try:
+                for layer in cache.layers:
+                    layer.enter_graph_mode(steps)
+            except Exception:  # e.g. too little spare room: leave no layer half in graph mode
+                for layer in cache.layers:
+                    layer.exit_graph_mode()
+                raise
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
         self.graph = None

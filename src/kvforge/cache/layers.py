@@ -338,8 +338,9 @@ class HeadVarlenLayer(DenseLayer):
 
     def enter_graph_mode(self, steps: int) -> None:
         super().enter_graph_mode(steps)
-        if self.valid is not None:  # graph steps attend the whole block under `valid`: no NaN in the spare room
-            self._k[:, :, self.n :].zero_()
+        if self.valid is not None:  # graph steps attend the whole block under `valid`: the spare room is invalid
+            self.valid[:, :, self.n :] = False  # (an earlier decode, since restored, may have marked it)
+            self._k[:, :, self.n :].zero_()  # and holds no NaN (0 · NaN would still poison softmax @ V)
             self._v[:, :, self.n :].zero_()
 
     def graph_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
