@@ -394,7 +394,7 @@ def test_graph_generate_equals_transformers_generate(models, press_name, packed)
 
 
 def test_generate_with_graph_steps_answers_like_generate(models, smol_tokenizer):
-    """`generate(..., cuda_graph=True)` (what CUDA does by default) answers every question like the
+    """`generate(..., cuda_graph=True)` answers every question like the
     transformers path, restoring the cache between questions; a padded batch falls back to transformers."""
     from unittest.mock import patch
 

@@ -99,7 +99,8 @@ def cmd_generate(args) -> None:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     t1 = time.perf_counter()
     answers, cache = generate(
-        model, tok, context, questions, press=press, max_new_tokens=args.max_new_tokens, return_cache=True
+        model, tok, context, questions, press=press, max_new_tokens=args.max_new_tokens, return_cache=True,
+        cuda_graph=args.cuda_graph,
     )
     t2 = time.perf_counter()
     for q, a in zip(questions, answers):
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
     g.add_argument("--device", default=None, help="cpu | cuda | auto")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="decode by replaying one captured step per token (fast on CUDA; bf16 rounding may differ "
+                        "from plain generate)")
     _quant_args(g)
     g.set_defaults(func=cmd_generate)
 

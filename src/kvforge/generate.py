@@ -121,20 +121,21 @@ def encode(model, tokenizer, contexts: list[str], questions: list[list[str]], an
 
 
 def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int,
-           cuda_graph: bool | None = None) -> list[list[str]]:
+           cuda_graph: bool = False) -> list[list[str]]:
     """Greedy answers to every question of `enc` from `cache` (which holds the prefilled contexts).
 
-    The cache is restored after each question, so answers never see each other. `cuda_graph` (default: on
-    CUDA) decodes each answer by replaying one captured step (`graph_generate`) when nothing in the batch is
-    padded and the cache allows it; otherwise, and on CPU by default, through transformers' `generate`.
+    The cache is restored after each question, so answers never see each other. `cuda_graph=True` decodes
+    each answer by replaying one captured step per token (`graph_generate`; on CPU the same steps run uncaptured)
+    when nothing in the batch is padded and the cache allows it, otherwise through transformers' `generate`.
+    Off by default: on CUDA its attention kernel rounds differently from SDPA in bf16, so "no press == plain
+    `generate()`" holds exactly only on the default path.
     """
     from kvforge.graphs import GraphDecoder
 
     state = cache.snapshot()
     answers: list[list[str]] = [[] for _ in enc.q_rows]
     device = enc.ctx_ids.device
-    use_graph = (device.type == "cuda" if cuda_graph is None else cuda_graph) and bool(enc.ctx_mask.all()) and \
-        GraphDecoder.unsupported(cache) is None
+    use_graph = cuda_graph and bool(enc.ctx_mask.all()) and GraphDecoder.unsupported(cache) is None
     for j in range(len(enc.q_rows[0])):
         q_ids, q_mask = _left_pad([row[j] for row in enc.q_rows], enc.pad_id, device)
         if use_graph and q_ids.shape[1] and bool(q_mask.all()):
@@ -280,7 +281,7 @@ def generate(
     return_cache: bool = False,
     packed: bool | None = None,
     query_aware: bool = False,
-    cuda_graph: bool | None = None,
+    cuda_graph: bool = False,
 ):
     """Answer `questions` about `context`, compressing the context's KV cache once with `press`.
 
@@ -295,7 +296,7 @@ def generate(
 
     `query_aware=True` compresses context + question together instead, once per question (see
     `answer_query_aware`); `return_cache` then gives the last question's cache. Default: query-agnostic.
-    `cuda_graph` (default: on CUDA) replays one captured decode step per token when nothing is padded (see
+    `cuda_graph=True` replays one captured decode step per token when nothing is padded (fast on CUDA; see
     `answer`).
     """
     batched = not isinstance(context, str)
