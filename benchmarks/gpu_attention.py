@@ -133,16 +133,19 @@ def timing(copy_tbs: float, var: dict) -> list[dict]:
         t_tri = bench(lambda: decode_attention(q, k, vb.view(-1, D), offs, lens, D**-0.5, max_len=n, total=H * n,
                                                **var))
         t_sdpa = bench(lambda: F.scaled_dot_product_attention(q[:, :, None], kb, vb, enable_gqa=True))
-        def make_dense(i, n=n):
+        def make_dense(i, n=n, merge="separate"):
             kd = torch.randn(1, H, n, D, device=DEV, dtype=torch.bfloat16)
             vd = torch.randn(1, H, n, D, device=DEV, dtype=torch.bfloat16)
             qd = torch.randn(1, H * G, D, device=DEV, dtype=torch.bfloat16)
             kf, od, ld = dense_segments(kd, n)
-            return lambda: decode_attention(qd, kf, vd.view(-1, D), od, ld, D**-0.5, max_len=n, total=H * n, **var)
+            return lambda: decode_attention(qd, kf, vd.view(-1, D), od, ld, D**-0.5, max_len=n, total=H * n,
+                                            merge=merge, **var)
 
         bench_dense = graph_bench(make_dense, full_bytes)
+        bench_dense_fused = graph_bench(lambda i: make_dense(i, merge="fused"), full_bytes)
         for name, t, nbytes in (("triton dense", t_tri, full_bytes), ("sdpa dense (enable_gqa)", t_sdpa, full_bytes),
-                                ("triton dense, CUDA graph x32", bench_dense, full_bytes)):
+                                ("triton dense, CUDA graph x32", bench_dense, full_bytes),
+                                ("  same, fused merge", bench_dense_fused, full_bytes)):
             rows.append({"context": n, "kernel": name, "kept": 1.0, "ms": t, "TB/s": nbytes / t / 1e9,
                          "frac_copy": nbytes / t / 1e9 / copy_tbs})
         for keep in (1.0, 0.25):
@@ -157,13 +160,15 @@ def timing(copy_tbs: float, var: dict) -> list[dict]:
             rows.append({"context": n, "kernel": "triton packed head-varlen", "kept": keep, "ms": t,
                          "TB/s": nbytes / t / 1e9, "frac_copy": nbytes / t / 1e9 / copy_tbs})
 
-            def make(i, lengths=lengths, mx=mx):
+            def make(i, lengths=lengths, mx=mx, merge="separate"):
                 q2, k2, v2, o2, l2 = packed(lengths, 1)
-                return lambda: decode_attention(q2, k2, v2, o2, l2, D**-0.5, max_len=mx, total=sum(lengths), **var)
+                return lambda: decode_attention(q2, k2, v2, o2, l2, D**-0.5, max_len=mx, total=sum(lengths),
+                                                merge=merge, **var)
 
-            tg = graph_bench(make, nbytes)
-            rows.append({"context": n, "kernel": "triton packed, CUDA graph x32", "kept": keep, "ms": tg,
-                         "TB/s": nbytes / tg / 1e9, "frac_copy": nbytes / tg / 1e9 / copy_tbs})
+            for label, merge in (("triton packed, CUDA graph x32", "separate"), ("  same, fused merge", "fused")):
+                tg = graph_bench(lambda i, merge=merge: make(i, merge=merge), nbytes)
+                rows.append({"context": n, "kernel": label, "kept": keep, "ms": tg,
+                             "TB/s": nbytes / tg / 1e9, "frac_copy": nbytes / tg / 1e9 / copy_tbs})
             # the same budgets through SDPA on a padded layout (pad every head to the longest, mask the rest)
             kp = torch.randn(1, H, mx, D, device=DEV, dtype=torch.bfloat16)
             vp = torch.randn(1, H, mx, D, device=DEV, dtype=torch.bfloat16)

@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_session.sh bench      carry .whl  — quantized-cache bench (+ batch rows) on random Llama-3.1-8B
 #   bash benchmarks/gpu_session.sh compile    carry .whl  — compiled vs plain captured decode (bench --compile both)
 #   bash benchmarks/gpu_session.sh profile    carry .whl  — kernel profile of the compiled step; attention-only kernel
-#   bash benchmarks/gpu_session.sh autotune   carry .whl  — max-autotune compiled rows at 128k; graph_generate vs HF generate
+#   bash benchmarks/gpu_session.sh autotune   carry .whl  — kernel tests (both merges), attention-only, max-autotune
+#                                             rows at 128k (MERGE=fused for the one-launch merge), graph_generate speed
 #   bash benchmarks/gpu_session.sh part1      carry .wa   — first half of the SmolLM2 GGUF
 #   bash benchmarks/gpu_session.sh accuracy   carry .wb   — assemble the GGUF, KVzip claim grid, quantization quality
 set -u
@@ -43,7 +44,9 @@ profile)
   timeout 120 python3 benchmarks/gpu_attention.py 2>&1 | tail -25
   ;;
 autotune)
-  timeout ${B_T:-420} python3 -m kvforge.cli bench --random-weights --config llama3.1-8b --context 128k \
+  timeout 120 python3 -m pytest -p no:cacheprovider -p no:logging -q tests/test_kernels.py 2>&1 | tail -2
+  timeout 150 python3 benchmarks/gpu_attention.py 2>&1 | tail -26
+  KVFORGE_DECODE_MERGE=${MERGE:-separate} timeout ${B_T:-420} python3 -m kvforge.cli bench --random-weights --config llama3.1-8b --context 128k \
     --presses none,knorm,adakv:knorm --ratios 0.75 --new-tokens 16 --device cuda --compile autotune \
     --out $R/bench_autotune 2>&1 | grep -v -i warn | grep -E "^\{|bandwidth" | cut -c1-600
   cp $R/bench_autotune/bench.json $OUT/bench_autotune.json

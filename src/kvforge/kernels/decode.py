@@ -15,6 +15,7 @@ batch-1 long contexts fill the GPU; a second kernel merges the splits) and `deco
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -74,11 +75,10 @@ def sm_count(device: torch.device) -> int:
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh,
-                      H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                      NS, BLOCK_N: tl.constexpr):
-        bh = tl.program_id(0)
-        s = tl.program_id(1)
+    def _split_part(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh, bh, s, H: tl.constexpr,
+                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NS,
+                    BLOCK_N: tl.constexpr):
+        """Split `s` of segment `bh`: running max, sum and weighted values of its keys, stored as partials."""
         b = bh // H
         h = bh % H
         off = tl.load(OFF + bh).to(tl.int64)
@@ -114,11 +114,10 @@ if triton is not None:
         tl.store(ACC + base[:, None] * DV + dv[None, :], acc, mask=real[:, None])
 
     @triton.jit
-    def _merge_kernel(M, L, ACC, OUT, stride_ob, stride_oh, NS, H: tl.constexpr, G: tl.constexpr,
-                      DV: tl.constexpr, CH: tl.constexpr):
-        """One program per (segment, query head); splits merged CH at a time with a running max."""
-        bh = tl.program_id(0)
-        gi = tl.program_id(1)
+    def _merge_head(M, L, ACC, OUT, stride_ob, stride_oh, bh, gi, NS, H: tl.constexpr, G: tl.constexpr,
+                    DV: tl.constexpr, CH: tl.constexpr):
+        """Query head `gi` of segment `bh`: its NS partials merged CH at a time with a running max (loads
+        bypass L1: in the fused kernel other programs wrote them)."""
         b = bh // H
         h = bh % H
         dv = tl.arange(0, DV)
@@ -129,17 +128,45 @@ if triton is not None:
             s = c + tl.arange(0, CH)
             ok = s < NS
             base = (bh * NS + s) * G + gi
-            m = tl.load(M + base, mask=ok, other=float("-inf"))
+            m = tl.load(M + base, mask=ok, other=float("-inf"), cache_modifier=".cg")
             m_new = tl.maximum(m_run, tl.max(m, 0))
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             keep = tl.exp(m_run - safe)
             w = tl.exp(m - safe)
-            den = den * keep + tl.sum(tl.load(L + base, mask=ok, other=0.0) * w, 0)
-            part = tl.load(ACC + base[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
+            den = den * keep + tl.sum(tl.load(L + base, mask=ok, other=0.0, cache_modifier=".cg") * w, 0)
+            part = tl.load(ACC + base[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0,
+                           cache_modifier=".cg")
             acc = acc * keep + tl.sum(part * w[:, None], 0)
             m_run = m_new
         out = acc / tl.where(den > 0, den, 1.0)
         tl.store(OUT + b * stride_ob + (h * G + gi) * stride_oh + dv, out.to(OUT.dtype.element_ty))
+
+    @triton.jit
+    def _split_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh,
+                      H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                      NS, BLOCK_N: tl.constexpr):
+        _split_part(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh, tl.program_id(0),
+                    tl.program_id(1), H, G, GP, D, DV, NS, BLOCK_N)
+
+    @triton.jit
+    def _merge_kernel(M, L, ACC, OUT, stride_ob, stride_oh, NS, H: tl.constexpr, G: tl.constexpr,
+                      DV: tl.constexpr, CH: tl.constexpr):
+        """One program per (segment, query head)."""
+        _merge_head(M, L, ACC, OUT, stride_ob, stride_oh, tl.program_id(0), tl.program_id(1), NS, H, G, DV, CH)
+
+    @triton.jit
+    def _fused_kernel(Q, K, V, OFF, LEN, M, L, ACC, CNT, OUT, scale, split, stride_qb, stride_qh, stride_ob,
+                      stride_oh, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                      DV: tl.constexpr, NS, BLOCK_N: tl.constexpr, CH: tl.constexpr):
+        """Split and merge in one launch: each program stores its partials and counts itself in (acq_rel
+        atomic); the last of a segment's NS programs merges them and resets the counter for the next call."""
+        bh = tl.program_id(0)
+        _split_part(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh, bh, tl.program_id(1), H,
+                    G, GP, D, DV, NS, BLOCK_N)
+        if tl.atomic_add(CNT + bh, 1, sem="acq_rel") == NS - 1:
+            for gi in tl.static_range(G):
+                _merge_head(M, L, ACC, OUT, stride_ob, stride_oh, bh, gi, NS, H, G, DV, CH)
+            tl.atomic_xchg(CNT + bh, 0)
 
 
 def _num_splits(total: int, max_len: int, block_n: int, sms: int, waves: int) -> tuple[int, int]:
@@ -151,12 +178,32 @@ def _num_splits(total: int, max_len: int, block_n: int, sms: int, waves: int) ->
     return max(1, math.ceil(max(max_len, 1) / split)), split
 
 
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, rows: int) -> torch.Tensor:
+    """Arrival counters of the fused kernel, one per segment: zero between calls (the kernel resets them), so
+    one buffer per (device, rows) serves every call and every CUDA-graph replay."""
+    key = (device, rows)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(rows, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+MERGE = os.environ.get("KVFORGE_DECODE_MERGE", "separate")  # "fused": one launch (benchmarks/NOTES.md)
+
+
 def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_len: int | None = None,
                      total: int | None = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
-                     waves: int = 4):
+                     waves: int = 4, merge: str | None = None, sms: int | None = None):
     """Decode attention over segments (see module docstring). `max_len` and `total` (host ints: the longest
-    segment and the sum of lengths) avoid a device sync; they are read from `lengths` when omitted."""
-    if not query.is_cuda or triton is None:
+    segment and the sum of lengths) avoid a device sync; they are read from `lengths` when omitted. `merge`:
+    "separate" (a second kernel merges the splits) or "fused" (the last split of each segment merges, one
+    launch); default `KVFORGE_DECODE_MERGE` or separate. `sms` overrides the device's count (interpreter tests)."""
+    merge = merge or MERGE
+    if merge not in ("separate", "fused"):
+        raise ValueError(f"unknown merge {merge!r}; allowed: separate, fused")
+    if (not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1") or triton is None:
         return decode_attention_gather(query, k_flat, v_flat, offsets, lengths, scale,
                                        int(lengths.max()) if max_len is None else max_len)
     b, hq, d = query.shape
@@ -168,16 +215,22 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
         max_len = int(lengths.max())
     if total is None:
         total = int(lengths.sum())
-    sms = sm_count(query.device)
+    sms = sms or sm_count(query.device)
     ns, split = _num_splits(total, max_len, block_n, sms, waves)
     gp = max(16, triton.next_power_of_2(g))
     m = torch.empty(rows, ns, g, dtype=torch.float32, device=query.device)
     lse = torch.empty_like(m)
     acc = torch.empty(rows, ns, g, dv, dtype=torch.float32, device=query.device)
+    out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
+    if merge == "fused":
+        _fused_kernel[(rows, ns)](query, k_flat, v_flat, offsets, lengths, m, lse, acc,
+                                  _counters(query.device, rows), out, scale, split, query.stride(0),
+                                  query.stride(1), out.stride(0), out.stride(1), H=h, G=g, GP=gp, D=d, DV=dv,
+                                  NS=ns, BLOCK_N=block_n, CH=32, num_warps=num_warps, num_stages=num_stages)
+        return out
     _split_kernel[(rows, ns)](query, k_flat, v_flat, offsets, lengths, m, lse, acc, scale, split,
                               query.stride(0), query.stride(1), H=h, G=g, GP=gp, D=d, DV=dv, NS=ns,
                               BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
     _merge_kernel[(rows, g)](m, lse, acc, out, out.stride(0), out.stride(1), ns, H=h, G=g, DV=dv,
                              CH=32, num_warps=4)
     return out
