@@ -393,9 +393,43 @@ def test_graph_generate_equals_transformers_generate(models, press_name, packed)
         model.generation_config.eos_token_id = saved
 
 
+@pytest.mark.parametrize("press_name,packed", [(None, None), ("knorm", True), ("adakv", True), ("adakv", False)])
+def test_graph_generate_on_a_left_padded_batch_equals_transformers_generate(models, press_name, packed):
+    """Rows of different lengths (left padding in context and question): `graph_generate` drops the padding
+    entries, decodes each row at its own positions, and gives transformers' ids for the padded batch."""
+    from kvforge.generate import graph_generate, prefill
+
+    model = models["llama"]
+    gen = torch.Generator().manual_seed(6)
+    ctx, q = torch.randint(5, 200, (3, 50), generator=gen), torch.randint(5, 200, (3, 6), generator=gen)
+    cmask, qmask = torch.ones_like(ctx), torch.ones_like(q)
+    cmask[1, :17], cmask[2, :3], qmask[0, :2] = 0, 0, 0  # left padding
+    ctx, q = ctx.masked_fill(cmask == 0, 0), q.masked_fill(qmask == 0, 0)
+    press = None if press_name is None else get_press(press_name, compression_ratio=0.5)
+    cache = KVCache(model, press=press, reserve=24, packed=packed)
+    prefill(model, ctx, cmask, cache)
+    cache.armed = False
+    state = cache.snapshot()
+    ids, mask = torch.cat([ctx, q], 1), torch.cat([cmask, qmask], 1)
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = None
+        with torch.inference_mode():
+            ref = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 pad_token_id=0)[:, ids.shape[1]:]
+        cache.restore(state)
+        fast = graph_generate(model, cache, q, ctx.shape[1], 10, pad_id=0, mask=mask)
+        cache.restore(state)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert fast.tolist() == ref.tolist()
+    assert [type(layer) for layer in cache.layers] == [type(layer) for layer, _ in state]  # padded layers back
+
+
 def test_generate_with_graph_steps_answers_like_generate(models, smol_tokenizer):
-    """`generate(..., cuda_graph=True)` answers every question like the
-    transformers path, restoring the cache between questions; a padded batch falls back to transformers."""
+    """`generate(..., cuda_graph=True)` answers every question like the transformers path, restoring the cache
+    between questions, also for a batch whose contexts and questions are left-padded (padding entries dropped)."""
     from unittest.mock import patch
 
     from kvforge.generate import generate
@@ -406,11 +440,10 @@ def test_generate_with_graph_steps_answers_like_generate(models, smol_tokenizer)
     with patch.object(GraphDecoder, "step", autospec=True, side_effect=GraphDecoder.step) as spy:
         fast = generate(model, smol_tokenizer, CONTEXT, QUESTIONS, press=press, max_new_tokens=8, cuda_graph=True)
         used = spy.call_count
-        batch = generate(model, smol_tokenizer, CONTEXTS[:2], QUESTIONS[:1], press=press, max_new_tokens=8,
-                         cuda_graph=True)
-        assert spy.call_count == used  # contexts of different lengths are padded: no graph steps
-    assert used > 0
+        batch = generate(model, smol_tokenizer, CONTEXTS, [QUESTIONS, QUESTIONS[::-1], QUESTIONS], press=press,
+                         max_new_tokens=8, cuda_graph=True)  # padded contexts and questions
+        assert spy.call_count > used > 0
     assert fast == generate(model, smol_tokenizer, CONTEXT, QUESTIONS, press=press, max_new_tokens=8,
                             cuda_graph=False)
-    assert batch == generate(model, smol_tokenizer, CONTEXTS[:2], QUESTIONS[:1], press=press, max_new_tokens=8,
-                             cuda_graph=False)
+    assert batch == generate(model, smol_tokenizer, CONTEXTS, [QUESTIONS, QUESTIONS[::-1], QUESTIONS], press=press,
+                             max_new_tokens=8, cuda_graph=False)

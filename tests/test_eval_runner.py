@@ -57,6 +57,24 @@ def test_batched_forks_equal_one_at_a_time(tmp_path, tiny, smol_tokenizer):
         assert one[key]["kv_bytes"] == many[key]["kv_bytes"], key
 
 
+def test_graph_decoded_answers_equal_transformers_decoded(tmp_path, tiny, smol_tokenizer):
+    """`cuda_graph=True` (answers decoded by replayed graph steps; on CPU uncaptured), batched forks included,
+    records the same predictions as transformers' generate, and the run says which path it took."""
+    from unittest.mock import patch
+
+    from kvforge.graphs import GraphDecoder
+
+    plain = records(run(tmp_path / "plain", tiny, smol_tokenizer, press_batch=4))
+    with patch.object(GraphDecoder, "step", autospec=True, side_effect=GraphDecoder.step) as spy:
+        graph_out = run(tmp_path / "graph", tiny, smol_tokenizer, press_batch=4, cuda_graph=True)
+    assert spy.call_count > 0
+    graph = records(graph_out)
+    assert plain.keys() == graph.keys()
+    for key in plain:
+        assert plain[key]["predictions"] == graph[key]["predictions"], key
+    assert json.loads((graph_out / "run_meta.json").read_text())["args"]["cuda_graph"] is True
+
+
 def test_perplexity_with_quantizers_shared_equals_end_to_end(tmp_path, tiny, smol_tokenizer):
     """`ppl` (no questions) through the shared prefill with eviction and quantizing presses (a crash once:
     the cache reserve asked for the longest question of none)."""

@@ -147,7 +147,7 @@ def cmd_eval(args) -> None:
         _csv(args.length, _length),
         args.samples, args.out, seed=args.seed, max_new_tokens=args.max_new_tokens,
         shared_prefill=not args.no_shared_prefill, argv=sys.argv[1:], query_aware=args.query_aware,
-        press_batch=args.press_batch,
+        press_batch=args.press_batch, cuda_graph=args.cuda_graph,
     )
     print(format_table(write_summary(out)))
     print(f"\nreport: {out / 'report.html'}")
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer this many (press, ratio) forks of a prefill as one batch (1 = one at a time)")
     e.add_argument("--query-aware", action="store_true",
                    help="compress context + question together, one prefill per question (SnapKV's setting)")
+    e.add_argument("--cuda-graph", action="store_true",
+                   help="decode answers by replaying one captured step per token (GPU: small models stop being "
+                        "launch-bound)")
     e.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
     _quant_args(e)
     e.set_defaults(func=cmd_eval)

@@ -125,8 +125,9 @@ def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int,
     """Greedy answers to every question of `enc` from `cache` (which holds the prefilled contexts).
 
     The cache is restored after each question, so answers never see each other. `cuda_graph=True` decodes
-    each answer by replaying one captured step per token (`graph_generate`; on CPU the same steps run uncaptured)
-    when nothing in the batch is padded and the cache allows it, otherwise through transformers' `generate`.
+    each answer by replaying one captured step per token (`graph_generate`; on CPU the same steps run uncaptured;
+    a padded batch's padding entries are dropped first) when the cache allows it (kvforge layers only, no press
+    acting while decoding), otherwise through transformers' `generate`.
     Off by default: on CUDA its attention kernel rounds differently from SDPA in bf16, so "no press == plain
     `generate()`" holds exactly only on the default path.
     """
@@ -135,11 +136,12 @@ def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int,
     state = cache.snapshot()
     answers: list[list[str]] = [[] for _ in enc.q_rows]
     device = enc.ctx_ids.device
-    use_graph = cuda_graph and bool(enc.ctx_mask.all()) and GraphDecoder.unsupported(cache) is None
+    use_graph = cuda_graph and GraphDecoder.unsupported(cache) is None
     for j in range(len(enc.q_rows[0])):
         q_ids, q_mask = _left_pad([row[j] for row in enc.q_rows], enc.pad_id, device)
-        if use_graph and q_ids.shape[1] and bool(q_mask.all()):
-            new = graph_generate(model, cache, q_ids, enc.ctx_ids.shape[1], max_new_tokens, enc.pad_id)
+        if use_graph and q_ids.shape[1]:
+            new = graph_generate(model, cache, q_ids, enc.ctx_ids.shape[1], max_new_tokens, enc.pad_id,
+                                 mask=torch.cat([enc.ctx_mask, q_mask], dim=1))
             if new is not None:
                 for i, row in enumerate(new):
                     answers[i].append(tokenizer.decode(row, skip_special_tokens=True).strip())
@@ -168,21 +170,33 @@ def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int,
 
 @torch.inference_mode()
 def graph_generate(model, cache: KVCache, q_ids: torch.Tensor, position: int, max_new_tokens: int,
-                   pad_id: int) -> torch.Tensor | None:
-    """Greedy decoding of `max_new_tokens` after the unpadded question ids `q_ids [B, q]` (fed at `position`,
-    the cache's length), one captured step per token (`GraphDecoder`), with `generate()`'s stopping rule: a row
+                   pad_id: int, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Greedy decoding of `max_new_tokens` after the question ids `q_ids [B, q]` (fed at `position`, the
+    cache's length), one captured step per token (`GraphDecoder`), with `generate()`'s stopping rule: a row
     that produced an end-of-sequence id continues with `pad_id`, and decoding stops once every row has.
-    Returns the new ids `[B, <= max_new_tokens]`, or None when the cache has no room for graph steps (the
-    question was fed: restore the cache before another attempt)."""
+
+    `mask [B, position + q]` (1 = real token) for a left-padded batch: positions follow `generate()`'s rule
+    and, after the question, the padding entries are dropped from every layer (each row keeps only its real
+    tokens, per-row lengths as head-varlen segments), since a graph step attends everything stored.
+    Returns the new ids `[B, <= max_new_tokens]`, or None when graph decoding does not fit this cache (no
+    room, or entries that cannot be dropped); the question was fed: restore the cache before another attempt.
+    """
     from kvforge.graphs import GraphDecoder
 
     b, q = q_ids.shape
-    pos = torch.arange(position, position + q, device=q_ids.device).expand(b, q)
-    logits = model(input_ids=q_ids, position_ids=pos, past_key_values=cache, use_cache=True,
+    if mask is None or bool(mask.all()):
+        pos = torch.arange(position, position + q, device=q_ids.device).expand(b, q)
+        mask, nxt = None, position + q
+    else:
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, position:]
+        nxt = mask.sum(-1)
+    logits = model(input_ids=q_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
     try:
-        dec = GraphDecoder(model, cache, position + q, max(max_new_tokens - 1, 1), b)
-    except ValueError:
+        if mask is not None:
+            _drop_padding(cache, mask.bool())
+        dec = GraphDecoder(model, cache, nxt, max(max_new_tokens - 1, 1), b)
+    except (ValueError, KVForgeError):
         return None
     eos = model.generation_config.eos_token_id
     eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=q_ids.device)
@@ -198,6 +212,26 @@ def graph_generate(model, cache: KVCache, q_ids: torch.Tensor, position: int, ma
     finally:
         dec.close()
     return torch.cat(out, 1)
+
+
+def _drop_padding(cache: KVCache, mask: torch.Tensor) -> None:
+    """Remove the entries of padded positions (`mask [B, L]` False) from every kvforge layer: rows then hold
+    different numbers of entries, i.e. head-varlen layers (packed on CUDA). New buffers; `restore()` of an
+    earlier snapshot brings the padded layers back."""
+    from kvforge.cache.layers import DenseLayer
+
+    for i, layer in enumerate(cache.layers):
+        if not isinstance(layer, DenseLayer):
+            continue
+        keys = layer.padded()[0] if hasattr(layer, "padded") else layer.keys
+        b, h, n = keys.shape[:3]
+        slots = layer.entry_slots()
+        slots = torch.arange(n, device=mask.device).expand(b, h, n) if slots is None else slots
+        keep = mask.gather(1, slots.reshape(b, -1).clamp(0, mask.shape[1] - 1)).view(b, h, n)  # invalid: masked below
+        valid = layer.entry_valid()
+        keep = keep if valid is None else keep & valid
+        if not bool(keep.all()):
+            cache.keep_per_head(i, keep)
 
 
 def answer_query_aware(model, tokenizer, enc: Encoded, press, max_new_tokens: int,
@@ -296,8 +330,7 @@ def generate(
 
     `query_aware=True` compresses context + question together instead, once per question (see
     `answer_query_aware`); `return_cache` then gives the last question's cache. Default: query-agnostic.
-    `cuda_graph=True` replays one captured decode step per token when nothing is padded (fast on CUDA; see
-    `answer`).
+    `cuda_graph=True` replays one captured decode step per token (fast on CUDA; see `answer`).
     """
     batched = not isinstance(context, str)
     contexts = list(context) if batched else [context]

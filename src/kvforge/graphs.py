@@ -5,7 +5,8 @@ them than the GPU spends reading the weights and the cache. `GraphDecoder` switc
 to *graph mode* (write position and segment lengths kept in device tensors, static buffers), runs one eager
 step, captures the next forward of the whole model, and then replays it once per token.
 
-Limits: one token per step, no padding in the batch, no decode-time press hooks, no stock sliding layers.
+Limits: one token per step, no padding entries in the cache (`kvforge.generate.graph_generate` drops a padded
+batch's), no decode-time press hooks, no stock sliding layers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class GraphDecoder:
     Args:
         model: the model (on CUDA; on CPU the same code runs eagerly, without capture — used by tests).
         cache: a prefilled (and compressed) `KVCache`, disarmed.
-        position: the position id of the first token to be fed.
+        position: the position id of the first token to be fed (an int, or a tensor `[B]`, one per row).
         steps: the most tokens that will be fed (the layers' spare room must hold them).
         compile: run the step through `torch.compile(fullgraph=True)` before capture (inductor fuses the
             model's small elementwise kernels — RMSNorm, RoPE, residual adds — that dominate the non-KV time of a
@@ -43,7 +44,8 @@ class GraphDecoder:
             return "an observer reads every forward; graph decoding runs none"
         return None
 
-    def __init__(self, model, cache: KVCache, position: int, steps: int, batch: int, compile: bool | str = False):
+    def __init__(self, model, cache: KVCache, position: int | torch.Tensor, steps: int, batch: int,
+                 compile: bool | str = False):
         why = self.unsupported(cache)
         if why:
             raise KVForgeError(why)
@@ -59,7 +61,10 @@ class GraphDecoder:
                     layer.exit_graph_mode()
                 raise
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
+        if isinstance(position, torch.Tensor):  # one per row (left-padded batches: real tokens before each)
+            self.pos = position.reshape(batch, 1).to(device=device, dtype=torch.long).clone()
+        else:
+            self.pos = torch.full((batch, 1), position, dtype=torch.long, device=device)
         self.graph = None
         if device.type == "cuda":
             from kvforge.kernels.decode import sm_count

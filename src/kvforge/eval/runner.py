@@ -180,6 +180,7 @@ def run_eval(
     argv: list[str] | None = None,
     query_aware: bool = False,
     press_batch: int = 1,
+    cuda_graph: bool = False,
 ) -> Path:
     """Run the sweep; returns the output directory (results.jsonl, summary.csv, run_meta.json, report).
 
@@ -187,6 +188,8 @@ def run_eval(
     (same answers, several times faster on CPU; decode-time presses still run one at a time).
     `query_aware=True`: every (press, ratio) compresses context + question together, one prefill per question
     (`generate.answer_query_aware`); the uncompressed baseline and perplexity tasks are unchanged.
+    `cuda_graph=True`: answers are decoded by replaying one captured step per token (`generate.answer`; several
+    times faster on a GPU, where a small model's eager decoding is launch-bound).
     """
     from kvforge.eval.tasks import make_samples
 
@@ -213,7 +216,7 @@ def run_eval(
     meta = {
         "args": {"model": model_name, "tasks": tasks, "presses": presses, "ratios": ratios, "length": length,
                  "samples": samples, "seed": seed, "max_new_tokens": max_new_tokens, "shared_prefill": shared_prefill,
-                 "query_aware": query_aware, "press_batch": press_batch},
+                 "query_aware": query_aware, "press_batch": press_batch, "cuda_graph": cuda_graph},
         "argv": argv, "git_commit": _git_commit(), "versions": _versions(), "device": _device_name(model),
         "started": started, "prompt_format": "chat template around context + question; answer prefix appended",
     }
@@ -245,7 +248,7 @@ def run_eval(
                 continue
             bar.set_postfix_str(f"{sample.task} {sample.id[-12:]}")
             _run_sample(model, tokenizer, sample, factories, todo, base_done, done, emit, max_new_tokens,
-                        shared_prefill, bar, query_aware, press_batch)
+                        shared_prefill, bar, query_aware, press_batch, cuda_graph)
     bar.close()
     meta["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta["wall_seconds"] = round(time.perf_counter() - wall0, 2)
@@ -254,7 +257,8 @@ def run_eval(
     return out_dir
 
 
-def _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, emit, bar, batch) -> list:
+def _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, emit, bar, batch,
+                 cuda_graph: bool = False) -> list:
     """Answer the (press, ratio) forks of one prefill `batch` at a time, as the rows of one stacked cache
     (`KVCache.stack`). Presses that act while decoding can't share a batch: they are returned for the
     one-at-a-time path. Recorded seconds are the group's time divided evenly."""
@@ -275,7 +279,7 @@ def _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, 
         stacked = KVCache.stack(forks)
         del forks
         enc_k = Encoded(enc.ctx_ids.repeat(k, 1), enc.ctx_mask.repeat(k, 1), enc.q_rows * k, enc.pad_id)
-        answers = answer(model, tok, stacked, enc_k, mnt)
+        answers = answer(model, tok, stacked, enc_k, mnt, cuda_graph=cuda_graph)
         del stacked
         each = (time.perf_counter() - t0) / k
         for (spec, ratio, _), preds, st in zip(group, answers, stats):
@@ -293,7 +297,7 @@ def _codes(press) -> bool:
 
 
 def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_new_tokens, shared, bar,
-                query_aware=False, batch=1):
+                query_aware=False, batch=1, cuda_graph=False):
     is_ppl = sample.metric == "ppl"
     mnt = max_new_tokens or sample.max_new_tokens
     continuation: list[int] = []
@@ -308,7 +312,7 @@ def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_
     def evaluate(cache) -> tuple[list[str], float]:
         if is_ppl:
             return [], _perplexity(model, cache, enc, continuation)
-        return answer(model, tok, cache, enc, mnt)[0], float("nan")
+        return answer(model, tok, cache, enc, mnt, cuda_graph=cuda_graph)[0], float("nan")
 
     t0 = time.perf_counter()
     full = prefill_context(model, enc, None, mnt, record=shared)
@@ -323,7 +327,8 @@ def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_
         emit(_record(sample, BASELINE, 0.0, baseline, None, ppl, time.perf_counter() - t0, prefill_s, full_stats))
         bar.update(1)
     if shared and batch > 1 and not query_aware and not is_ppl:
-        todo = _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, emit, bar, batch)
+        todo = _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, emit, bar, batch,
+                            cuda_graph)
     for spec, ratio in todo:
         t0 = time.perf_counter()
         press = factories[spec](ratio)
