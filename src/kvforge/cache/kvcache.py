@@ -23,7 +23,8 @@ _BOUND: ContextVar[tuple[KVCache, int, torch.Tensor] | None] = ContextVar("kvfor
 class _GraphStep:
     """The cache whose graph-mode decode step is running: `kvforge.graphs.GraphDecoder` sets `cache` around its
     forward, and the attention function then finds each layer by `module.layer_idx` instead of the binding
-    (a plain attribute, not a ContextVar, so `torch.compile` traces the step in one graph)."""
+    (a plain attribute, not a ContextVar, so `torch.compile` traces the step in one graph). Process-wide: one
+    graph-mode forward runs at a time (decoders in several threads would need a lock)."""
 
     cache: KVCache | None = None
 
