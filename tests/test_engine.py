@@ -251,7 +251,7 @@ COMPILED_CASES = [pytest.param("adakv", True, "llama", id="adakv-packed"),
                   pytest.param("adakv", False, "llama", id="adakv-padded", marks=pytest.mark.slow),
                   pytest.param("kivi", None, "llama", id="kivi-coded", marks=pytest.mark.slow)] + [
     pytest.param("knorm", None, f, id=f"knorm-{f}", marks=pytest.mark.slow) for f in ("mistral", "qwen2", "qwen3",
-                                                                                      "phi3")]
+                                                                                      "phi3", "gemma3")]
 
 
 @pytest.mark.parametrize("press_name,packed,family", COMPILED_CASES)
@@ -259,7 +259,7 @@ def test_compiled_graph_decode_equals_eager_decode(models, press_name, packed, f
     """`GraphDecoder(compile=True)` (torch.compile(fullgraph=True) before capture; on CPU: compiled, not
     captured) decodes the tokens of the plain eager path, batched, and traces ONE graph for all steps: on CUDA a
     recompile would happen inside the capture (graph mode must keep every host value it reads constant). Every
-    family except Gemma 3 (its stock sliding-window layers cannot enter graph mode)."""
+    family (Gemma 3's sliding-window layers as rings)."""
     from torch._dynamo.utils import counters
 
     from kvforge.generate import prefill
@@ -363,14 +363,16 @@ def _hf_continuation(model, cache, ctx, q, steps, pad):
     return out[:, ids.shape[1]:]
 
 
-@pytest.mark.parametrize("press_name,packed", [(None, None), ("knorm", None), ("adakv", True), ("adakv", False)])
-def test_graph_generate_equals_transformers_generate(models, press_name, packed):
+@pytest.mark.parametrize("press_name,packed,family", [(None, None, "llama"), ("knorm", None, "llama"),
+                                                     ("adakv", True, "llama"), ("adakv", False, "llama"),
+                                                     ("knorm", None, "gemma3")])
+def test_graph_generate_equals_transformers_generate(models, press_name, packed, family):
     """`graph_generate` (question fed once, then one replayed graph step per token) gives transformers'
     `generate` ids from the same compressed cache, batched, and follows its stopping rule: a row that emitted
     an end-of-sequence id continues with padding, and decoding stops when every row has."""
     from kvforge.generate import graph_generate, prefill
 
-    model = models["llama"]
+    model = models[family]
     gen = torch.Generator().manual_seed(5)
     ctx, q = torch.randint(5, 200, (2, 60), generator=gen), torch.randint(5, 200, (2, 5), generator=gen)
     press = None if press_name is None else get_press(press_name, compression_ratio=0.5)
@@ -430,23 +432,56 @@ def test_graph_generate_on_a_left_padded_batch_equals_transformers_generate(mode
     assert [type(layer) for layer in cache.layers] == [type(layer) for layer, _ in state]  # padded layers back
 
 
-def test_generate_with_graph_steps_answers_like_generate(models, smol_tokenizer):
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_generate_with_graph_steps_answers_like_generate(models, smol_tokenizer, family):
     """`generate(..., cuda_graph=True)` answers every question like the transformers path, restoring the cache
-    between questions, also for a batch whose contexts and questions are left-padded (padding entries dropped)."""
+    between questions, also for a batch whose contexts and questions are left-padded (padding entries dropped;
+    with stock sliding-window layers, transformers' path)."""
     from unittest.mock import patch
 
     from kvforge.generate import generate
     from kvforge.graphs import GraphDecoder
 
-    model = models["qwen3"]
+    model = models[family]
     press = get_press("knorm", compression_ratio=0.5)
     with patch.object(GraphDecoder, "step", autospec=True, side_effect=GraphDecoder.step) as spy:
         fast = generate(model, smol_tokenizer, CONTEXT, QUESTIONS, press=press, max_new_tokens=8, cuda_graph=True)
         used = spy.call_count
         batch = generate(model, smol_tokenizer, CONTEXTS, [QUESTIONS, QUESTIONS[::-1], QUESTIONS], press=press,
                          max_new_tokens=8, cuda_graph=True)  # padded contexts and questions
-        assert spy.call_count > used > 0
+        assert used > 0
+        # Gemma 3's stock sliding-window layers keep their padding: the padded batch falls back to transformers
+        assert (spy.call_count > used) == (family != "gemma3")
     assert fast == generate(model, smol_tokenizer, CONTEXT, QUESTIONS, press=press, max_new_tokens=8,
                             cuda_graph=False)
     assert batch == generate(model, smol_tokenizer, CONTEXTS, [QUESTIONS, QUESTIONS[::-1], QUESTIONS], press=press,
                              max_new_tokens=8, cuda_graph=False)
+
+
+@pytest.mark.parametrize("n", [10, 48])
+def test_sliding_window_layers_run_as_rings_in_graph_mode(models, n):
+    """Gemma 3's stock sliding-window layers (window 16 in the tiny config) decode in graph mode as rings:
+    contexts shorter and longer than the window, 20 steps (the ring wraps), then 6 eager steps after the
+    stock layers are handed back — the same tokens as eager decoding throughout."""
+    from kvforge.generate import prefill
+
+    model = models["gemma3"]
+    ids = torch.randint(5, 200, (2, n), generator=torch.Generator().manual_seed(1))
+    tokens = {}
+    for mode in ("eager", "graph"):
+        cache = KVCache(model, press=get_press("knorm", compression_ratio=0.5), reserve=32)
+        logits = prefill(model, ids, torch.ones_like(ids), cache)
+        cache.armed = False
+        if mode == "eager":
+            tokens[mode] = greedy_decode(model, cache, logits, n, 26)
+            continue
+        first = greedy_decode(model, cache, logits, n, 20, graph=True)
+        sliding = [layer for layer in cache.layers if getattr(layer, "is_sliding", False)]
+        assert sliding and all(type(layer).__name__ == "DynamicSlidingWindowLayer" for layer in sliding)
+        assert all(layer.keys.shape[2] == 15 and layer.cumulative_length == n + 20 for layer in sliding)
+        tok = torch.tensor([[first[-1]]] * 2)  # produced by the last graph step, not fed yet
+        with torch.inference_mode():
+            logits = model(input_ids=tok, position_ids=torch.full_like(tok, n + 20), past_key_values=cache,
+                           logits_to_keep=1).logits[:, -1]
+        tokens[mode] = first + [int(logits[0].argmax())] + greedy_decode(model, cache, logits, n + 21, 5)
+    assert tokens["graph"] == tokens["eager"]

@@ -221,8 +221,8 @@ def _drop_padding(cache: KVCache, mask: torch.Tensor) -> None:
     from kvforge.cache.layers import DenseLayer
 
     for i, layer in enumerate(cache.layers):
-        if not isinstance(layer, DenseLayer):
-            continue
+        if not isinstance(layer, DenseLayer):  # stock sliding-window layer: its padding would stay in the ring
+            raise KVForgeError("a padded batch cannot be graph-decoded with stock sliding-window layers")
         keys = layer.padded()[0] if hasattr(layer, "padded") else layer.keys
         b, h, n = keys.shape[:3]
         slots = layer.entry_slots()

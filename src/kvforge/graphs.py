@@ -6,16 +6,25 @@ to *graph mode* (write position and segment lengths kept in device tensors, stat
 step, captures the next forward of the whole model, and then replays it once per token.
 
 Limits: one token per step, no padding entries in the cache (`kvforge.generate.graph_generate` drops a padded
-batch's), no decode-time press hooks, no stock sliding layers.
+batch's from kvforge layers; stock sliding-window layers, run as rings, must be unpadded), no decode-time press
+hooks.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from kvforge.cache.kvcache import GRAPH_STEP, KVCache
 from kvforge.cache.layers import DenseLayer
+from kvforge.cache.ring import RingLayer
 from kvforge.errors import KVForgeError
+
+
+def _stock_sliding(layer) -> bool:
+    """transformers' sliding-window layer, initialised and not recording its past (a ring serves it)."""
+    return (isinstance(layer, DynamicSlidingWindowLayer) and layer.is_initialized and not layer.record_past
+            and layer.keys is not None)
 
 
 class GraphDecoder:
@@ -38,8 +47,8 @@ class GraphDecoder:
         """Why `cache` cannot be decoded in graph mode, or None when it can."""
         if cache.press is not None and (hasattr(cache.press, "on_decode") or hasattr(cache.press, "select")):
             return f"{cache.press.name} acts during decoding; it cannot run inside a CUDA graph"
-        if not all(isinstance(layer, DenseLayer) for layer in cache.layers):
-            return "graph decoding needs every layer to be a kvforge layer (no sliding-window layers)"
+        if not all(isinstance(layer, DenseLayer) or _stock_sliding(layer) for layer in cache.layers):
+            return "graph decoding needs kvforge layers or transformers' sliding-window layers"
         if cache.observer is not None:
             return "an observer reads every forward; graph decoding runs none"
         return None
@@ -52,13 +61,16 @@ class GraphDecoder:
         self.model, self.cache = model, cache
         device = next(model.parameters()).device
         self.capture = device.type == "cuda"
+        self.rings: dict[int, RingLayer] = {}  # stock sliding-window layers, swapped for rings while decoding
         with torch.inference_mode():  # the buffers are inference tensors (prefilled under inference_mode)
             try:
-                for layer in cache.layers:
-                    layer.enter_graph_mode(steps)
+                for i, layer in enumerate(cache.layers):
+                    if _stock_sliding(layer):
+                        self.rings[i] = cache.layers[i] = RingLayer.from_stock(layer, steps)
+                    else:
+                        layer.enter_graph_mode(steps)
             except Exception:  # e.g. too little spare room: leave no layer half in graph mode
-                for layer in cache.layers:
-                    layer.exit_graph_mode()
+                self._leave_graph_mode()
                 raise
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         if isinstance(position, torch.Tensor):  # one per row (left-padded batches: real tokens before each)
@@ -115,9 +127,16 @@ class GraphDecoder:
         self._advance()
         return self.logits
 
+    def _leave_graph_mode(self) -> None:
+        for i, layer in enumerate(self.cache.layers):
+            if i in self.rings:
+                self.cache.layers[i] = self.rings[i].to_stock()
+            elif isinstance(layer, DenseLayer):
+                layer.exit_graph_mode()
+        self.rings = {}
+
     def close(self) -> None:
-        for layer in self.cache.layers:
-            layer.exit_graph_mode()
+        self._leave_graph_mode()
         self.graph = None
         if self._step is not None:
             # compiled code is cached per code object with guards on this decoder: drop it, so later decoders
