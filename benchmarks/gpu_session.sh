@@ -7,6 +7,7 @@
 #                                             rows at 128k (MERGE=fused for the one-launch merge), graph_generate speed
 #   bash benchmarks/gpu_session.sh part1      carry .wa   — first half of the SmolLM2 GGUF
 #   bash benchmarks/gpu_session.sh accuracy   carry .wb   — assemble the GGUF, KVzip claim grid, quantization quality
+#                                             (MT_T=seconds: the method table first, MT_N samples per task, graph decoding)
 set -u
 export PYTHONPATH=/tmp/site:src
 python3 -c "import transformers; assert transformers.__version__=='5.23.0'" 2>/dev/null || \
@@ -63,6 +64,9 @@ accuracy)
   G=/root/smol/SmolLM2-135M-Instruct.Q4_1.gguf
   cat /root/smol/smolpart.00 /root/smol/smolpart.01 > $G
   echo "sha ok: $([ "$(sha256sum $G | cut -d' ' -f1)" = "$(cat .wb/sha)" ] && echo yes || echo NO)"
+  [ "${MT_T:-0}" = 0 ] || { timeout $MT_T python3 benchmarks/method_table.py --model $G --device cuda --cuda-graph \
+    --samples ${MT_N:-10} --out $R/methods 2>&1 | grep -v "eval:" | tail -36; cp $R/methods/method_table.md \
+    $R/methods/summary.csv $R/methods/run_meta.json $OUT/ 2>/dev/null; }
   [ "${QQ_T:-200}" = 0 ] || KVFORGE_FUSED=${KVFORGE_FUSED:-1} timeout ${QQ_T:-200} python3 benchmarks/quant_quality.py --device cuda --samples 10 --model $G \
     --out $R/quant_quality 2>&1 | grep -v "eval:" | tail -14
   cp $R/quant_quality/quant_quality.md $R/quant_quality/summary.csv $OUT/ 2>/dev/null

@@ -1,6 +1,7 @@
 """Every method at compression ratio 0.5 next to the uncompressed baseline, on the demo tasks (issue #4).
 
-    .venv/bin/python benchmarks/method_table.py [--out runs/methods05]
+    .venv/bin/python benchmarks/method_table.py [--out runs/methods05] [--samples N] [--model M.gguf --device cuda
+        --cuda-graph]
 
 SmolLM2-135M on CPU, the demo's tasks and samples (niah_single_1 ×3, niah_multikey_1 ×2, facts_qa ×1 at 2k
 tokens), one prefill per sample; prefill presses at ratio 0.5, decode-time presses (h2o, tova_decode,
@@ -12,6 +13,7 @@ Interrupted runs resume.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -52,9 +54,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/methods05")
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--model", default="smollm2-135m", help="alias, directory or .gguf (the GPU gets the GGUF)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--samples", type=int, default=None, help="per task (default: the demo's counts)")
+    ap.add_argument("--cuda-graph", action="store_true", help="decode answers by replaying captured steps")
     args = ap.parse_args()
-    run_eval("smollm2-135m", list(DEMO_TASKS), PRESSES, [args.ratio], DEMO_LENGTH, dict(DEMO_TASKS), args.out,
-             max_new_tokens=DEMO_MAX_NEW_TOKENS, argv=["benchmarks/method_table.py"], press_batch=16)
+    from kvforge.models import load_model
+
+    model, tok = load_model(args.model, device=args.device)
+    samples = dict(DEMO_TASKS) if args.samples is None else dict.fromkeys(DEMO_TASKS, args.samples)
+    run_eval(args.model, list(DEMO_TASKS), PRESSES, [args.ratio], DEMO_LENGTH, samples, args.out,
+             max_new_tokens=DEMO_MAX_NEW_TOKENS, argv=sys.argv, press_batch=16, model=model, tokenizer=tok,
+             cuda_graph=args.cuda_graph)
     rows = write_summary(args.out)
     md = table(rows)
     Path(args.out, "method_table.md").write_text(md + "\n", encoding="utf-8")
