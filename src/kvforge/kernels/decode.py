@@ -163,7 +163,9 @@ if triton is not None:
         bh = tl.program_id(0)
         _split_part(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh, bh, tl.program_id(1), H,
                     G, GP, D, DV, NS, BLOCK_N)
-        if tl.atomic_add(CNT + bh, 1, sem="acq_rel") == NS - 1:
+        tl.debug_barrier()  # every thread's partial stores happen before the release below
+        if tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu") == NS - 1:
+            tl.debug_barrier()  # and every thread's loads of the others' partials after the acquire
             for gi in tl.static_range(G):
                 _merge_head(M, L, ACC, OUT, stride_ob, stride_oh, bh, gi, NS, H, G, DV, CH)
             tl.atomic_xchg(CNT + bh, 0)
