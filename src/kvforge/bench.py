@@ -206,18 +206,46 @@ def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int) -> dict:
             "layer_kind": type(cache).__name__, "cuda_graph": False}
 
 
+def _press_rows(model, ids, spec: str, factory, ratio: float, comp, new_tokens: int, copy_bw: float,
+                weights_bytes: int, cuda_graph: bool, layouts: list[str] | None) -> list[dict]:
+    """One grid point: the row on the device's own storage (a compiler failure is recorded in the row, not
+    raised), then, for per-head budgets, the same press on the other requested layouts."""
+    press = None if spec == "none" else factory(ratio)
+    try:
+        row = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, compile=comp)
+    except Exception as e:
+        if not comp:
+            raise
+        torch.compiler.reset()
+        row = {"compression_ratio": ratio, "context": ids.shape[1], "batch": ids.shape[0], "compiled": True,
+               "error": f"{type(e).__name__}: {str(e)[:300]}", "layer_kind": None}
+    row["press"] = spec
+    out = [row]
+    own = LAYOUTS.get(row["layer_kind"])
+    if own and layouts:  # per-head budgets: the other requested layouts too, labelled
+        row["press"] = f"{spec} [{own}]"
+        for lay in layouts:
+            if lay != own:
+                other = bench_row(model, ids, factory(ratio), new_tokens, copy_bw, weights_bytes, cuda_graph,
+                                  packed=lay == "packed", compile=comp)
+                out.append({**other, "press": f"{spec} [{lay}]"})
+    return out
+
+
 def run_bench(model_name: str | None, config: str | None, contexts: list[int], batch: int, presses: list[str],
               ratios: list[float], new_tokens: int, out: str, device: str | None = None,
               cuda_graph: bool = True, hf_caches: list[str] | None = None, layouts: list[str] | None = None,
-              model=None, compile: bool | str = False) -> list[dict]:
+              model=None, compile: bool | str = False, merges: list[str] | None = None) -> list[dict]:
     """Time every (context, press, ratio) and write bench.json / bench.csv / bench.png under `out`.
 
     `layouts` ("packed", "padded"): per-head-budget presses are timed on each of these storage layouts (packed
     head-varlen vs a padded block with a validity mask, what a masking implementation does); by default only on
     the device's own (packed on CUDA, padded on CPU). `model`: an already loaded model (tests). `compile`:
     `torch.compile` the captured decode step (`GraphDecoder(compile=True)`): True / "on", or "both" (every row
-    twice, without and with, in the same run)."""
+    twice, without and with, in the same run). `merges` ("separate", "fused"): every row with each form of the
+    decode kernel's split merge (`kvforge.kernels.decode`), in the same run."""
     from kvforge.eval.runner import _device_name, _git_commit, _prepare_out, parse_press
+    from kvforge.kernels import decode as decode_kernel
     from kvforge.models import load_model
 
     out_dir = _prepare_out(out)
@@ -226,6 +254,9 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
              "autotune": [True, AUTOTUNE]}.get(compile)
     if modes is None:
         raise KVForgeError(f"unknown compile mode {compile!r}; allowed: off, on, both, autotune")
+    bad_merges = set(merges or []) - {"separate", "fused"}
+    if bad_merges:
+        raise KVForgeError(f"unknown merge(s) {sorted(bad_merges)}; allowed: separate, fused")
     bad = set(layouts or []) - set(LAYOUTS.values())
     if bad:
         raise KVForgeError(f"unknown layout(s) {sorted(bad)}; allowed: {', '.join(LAYOUTS.values())}")
@@ -240,47 +271,37 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
             "copy_TBps": round(copy_bw / 1e12, 3), "weights_gb": round(weights_bytes / 1e9, 2),
             "git_commit": _git_commit(), "new_tokens": new_tokens}
     print(f"{meta['device']}: copy bandwidth {meta['copy_TBps']} TB/s, weights {meta['weights_gb']} GB")
-    for n in contexts:
-        ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)
-        grid = [(spec, r, c) for spec in presses
-                for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios) for c in modes]
-        base_prefill = None
-        for spec, r, comp in grid:
-            press = None if spec == "none" else factories[spec](r)
-            try:
-                row = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, compile=comp)
-            except Exception as e:  # a compiler failure must not lose the run: the row records it
-                if not comp:
-                    raise
-                row = {"press": spec, "compression_ratio": r, "context": n, "batch": batch, "compiled": True,
-                       "error": f"{type(e).__name__}: {str(e)[:300]}", "layer_kind": None}
-                torch.compiler.reset()
-            row["press"] = spec
-            if spec == "none" and base_prefill is None:
-                base_prefill = row.get("prefill_s")
-            todo = [row]
-            own = LAYOUTS.get(row["layer_kind"])
-            if own and layouts:  # per-head budgets: the other requested layouts too, labelled
-                row["press"] = f"{spec} [{own}]"
-                for lay in layouts:
-                    if lay != own:
-                        other = bench_row(model, ids, factories[spec](r), new_tokens, copy_bw, weights_bytes,
-                                          cuda_graph, packed=lay == "packed", compile=comp)
-                        todo.append({**other, "press": f"{spec} [{lay}]"})
-            for row in todo:
-                row["compression_overhead_s"] = (None if base_prefill is None or "prefill_s" not in row else
-                                                 round(row["prefill_s"] - base_prefill, 4))
-                rows.append(row)
-                print(json.dumps(row))
-                (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        for spec in hf_caches or []:
-            try:
-                row = hf_row(model, ids, spec, new_tokens)
-            except Exception as e:  # a missing optional backend (optimum-quanto, hqq) must not lose the run
-                row = {"press": f"transformers:{spec}", "context": n, "batch": batch, "error": str(e)[:300]}
-            rows.append(row)
-            print(json.dumps(row))
-            (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    def emit(row: dict) -> None:  # finished rows reach the disk at once: an interrupted run keeps them
+        rows.append(row)
+        print(json.dumps(row))
+        (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+    default_merge = decode_kernel.MERGE
+    try:
+        for n in contexts:
+            ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)
+            grid = [(spec, r, c, m) for spec in presses
+                    for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios) for c in modes
+                    for m in (merges or [decode_kernel.MERGE])]
+            base_prefill = None
+            for spec, r, comp, merge in grid:
+                decode_kernel.MERGE = merge
+                todo = _press_rows(model, ids, spec, factories.get(spec), r, comp, new_tokens, copy_bw,
+                                   weights_bytes, cuda_graph, layouts)
+                if spec == "none" and base_prefill is None:
+                    base_prefill = todo[0].get("prefill_s")
+                for row in todo:
+                    row["merge"] = merge
+                    row["compression_overhead_s"] = (None if base_prefill is None or "prefill_s" not in row else
+                                                     round(row["prefill_s"] - base_prefill, 4))
+                    emit(row)
+            for spec in hf_caches or []:
+                try:
+                    emit(hf_row(model, ids, spec, new_tokens))
+                except Exception as e:  # a missing optional backend (optimum-quanto, hqq) must not lose the run
+                    emit({"press": f"transformers:{spec}", "context": n, "batch": batch, "error": str(e)[:300]})
+    finally:
+        decode_kernel.MERGE = default_merge
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with (out_dir / "bench.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
