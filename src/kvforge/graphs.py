@@ -40,6 +40,8 @@ class GraphDecoder:
             captured step, benchmarks/NOTES.md); the first step pays the compilation. The step traces as one
             graph that never recompiles while decoding (graph mode keeps every host value it reads constant).
             A string is passed as the inductor mode (e.g. "max-autotune-no-cudagraphs": tuned Triton GEMMs).
+            `close()` then calls `torch.compiler.reset()` — process-wide: other compiled code recompiles on its
+            next call — so that successive decoders neither hit dynamo's recompile limit nor keep old caches.
     """
 
     @staticmethod
