@@ -59,11 +59,8 @@ def _attention_only(layer, query, scale, device) -> float:
 
     if isinstance(layer, CodedLayer):
         if layer.fused():  # the engine reads the codes directly
-            from kvforge.kernels.quant_decode import quant_decode_attention
-
-            c, q = layer.codec, query[:, :, 0]
-            return _time(lambda: quant_decode_attention(q, c.parts, c.bits, c.step, layer._k, layer._v, layer.n,
-                                                        scale), device)
+            q = query[:, :, 0]
+            return _time(lambda: layer.fused_attention(q, scale), device)
         return _time(lambda: sdpa(query, *layer.full(), None, scale=scale), device)
     if isinstance(layer, PackedHeadLayer):
         q = query[:, :, 0]

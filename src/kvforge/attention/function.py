@@ -162,11 +162,7 @@ def _graph_step_attention(cache, layer_idx: int, query, scaling) -> torch.Tensor
     layer = cache.layers[layer_idx]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if isinstance(layer, CodedLayer):
-        from kvforge.kernels.quant_decode import quant_decode_attention
-
-        c = layer.codec
-        out = quant_decode_attention(query[:, :, 0], c.parts, c.bits, c.step, layer._k, layer._v, layer.graph["pos"],
-                                     scale)
+        out = layer.fused_attention(query[:, :, 0], scale, tail_len=layer.graph["pos"])
     elif isinstance(layer, HeadVarlenLayer) and layer.valid is not None:
         # the padded per-head layout: what a masking implementation does (SDPA over the block, validity mask)
         out = BACKENDS["sdpa"](query, layer._k, layer._v, layer.valid[:, :, None, :], scale=scale)[:, :, 0]
@@ -190,11 +186,8 @@ def _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, mo
         return None
     if press is not None and (hasattr(press, "select") or hasattr(press, "on_decode")):
         return None
-    from kvforge.kernels.quant_decode import quant_decode_attention
-
-    c = layer.codec
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = quant_decode_attention(query[:, :, 0], c.parts, c.bits, c.step, layer._k, layer._v, layer.n, scale)
+    out = layer.fused_attention(query[:, :, 0], scale)
     if cache.observer is not None:
         from kvforge.presses.base import LayerContext
 

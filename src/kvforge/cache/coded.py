@@ -117,6 +117,16 @@ class CodedLayer(DenseLayer):
         kernel on CUDA, its torch twin elsewhere): KIVI codes, every entry valid."""
         return getattr(self.codec, "fused_layout", False) and self.c_valid is None
 
+    def fused_attention(self, query: torch.Tensor, scale: float, tail_len=None) -> torch.Tensor:
+        """Decode attention read straight from the codes (`fused()` layers): `query [B, Hq, D]` ->
+        `[B, Hq, Dv]`. `tail_len`: the tail entries to read (an int, or a device tensor in graph mode; default
+        the host count)."""
+        from kvforge.kernels.quant_decode import quant_decode_attention
+
+        c = self.codec
+        return quant_decode_attention(query, c.parts, c.bits, c.step, self._k, self._v,
+                                      self.n if tail_len is None else tail_len, scale)
+
     def enter_graph_mode(self, steps: int) -> None:
         if not self.fused():
             raise KVForgeError("CUDA-graph decoding of a coded layer needs KIVI codes (2/4/8 bits); decode without "
