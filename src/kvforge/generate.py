@@ -142,12 +142,11 @@ def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int,
         if use_graph and q_ids.shape[1]:
             new = graph_generate(model, cache, q_ids, enc.ctx_ids.shape[1], max_new_tokens, enc.pad_id,
                                  mask=torch.cat([enc.ctx_mask, q_mask], dim=1))
+            cache.restore(state)  # answered, or no room for graph steps: the question is fed again below
             if new is not None:
                 for i, row in enumerate(new):
                     answers[i].append(tokenizer.decode(row, skip_special_tokens=True).strip())
-                cache.restore(state)
                 continue
-            cache.restore(state)  # no room for graph steps: the question is fed again below
         ids = torch.cat([enc.ctx_ids, q_ids], dim=1)
         mask = torch.cat([enc.ctx_mask, q_mask], dim=1)
         with torch.inference_mode():
@@ -179,7 +178,8 @@ def graph_generate(model, cache: KVCache, q_ids: torch.Tensor, position: int, ma
     and, after the question, the padding entries are dropped from every layer (each row keeps only its real
     tokens, per-row lengths as head-varlen segments), since a graph step attends everything stored.
     Returns the new ids `[B, <= max_new_tokens]`, or None when graph decoding does not fit this cache (no
-    room, or entries that cannot be dropped); the question was fed: restore the cache before another attempt.
+    room, or entries that cannot be dropped: `KVCache.drop_positions`); the question was fed: restore the cache
+    before another attempt.
     """
     from kvforge.graphs import GraphDecoder
 
@@ -194,7 +194,7 @@ def graph_generate(model, cache: KVCache, q_ids: torch.Tensor, position: int, ma
                    logits_to_keep=1).logits[:, -1]
     try:
         if mask is not None:
-            _drop_padding(cache, mask.bool())
+            cache.drop_positions(~mask.bool())
         dec = GraphDecoder(model, cache, nxt, max(max_new_tokens - 1, 1), b)
     except (ValueError, KVForgeError):
         return None
@@ -212,26 +212,6 @@ def graph_generate(model, cache: KVCache, q_ids: torch.Tensor, position: int, ma
     finally:
         dec.close()
     return torch.cat(out, 1)
-
-
-def _drop_padding(cache: KVCache, mask: torch.Tensor) -> None:
-    """Remove the entries of padded positions (`mask [B, L]` False) from every kvforge layer: rows then hold
-    different numbers of entries, i.e. head-varlen layers (packed on CUDA). New buffers; `restore()` of an
-    earlier snapshot brings the padded layers back."""
-    from kvforge.cache.layers import DenseLayer
-
-    for i, layer in enumerate(cache.layers):
-        if not isinstance(layer, DenseLayer):  # stock sliding-window layer: its padding would stay in the ring
-            raise KVForgeError("a padded batch cannot be graph-decoded with stock sliding-window layers")
-        keys = layer.padded()[0] if hasattr(layer, "padded") else layer.keys
-        b, h, n = keys.shape[:3]
-        slots = layer.entry_slots()
-        slots = torch.arange(n, device=mask.device).expand(b, h, n) if slots is None else slots
-        keep = mask.gather(1, slots.reshape(b, -1).clamp(0, mask.shape[1] - 1)).view(b, h, n)  # invalid: masked below
-        valid = layer.entry_valid()
-        keep = keep if valid is None else keep & valid
-        if not bool(keep.all()):
-            cache.keep_per_head(i, keep)
 
 
 def answer_query_aware(model, tokenizer, enc: Encoded, press, max_new_tokens: int,

@@ -10,6 +10,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from kvforge.cache.layers import DenseLayer, HeadVarlenLayer, PackedHeadLayer
+from kvforge.errors import KVForgeError
 
 if TYPE_CHECKING:
     from kvforge.presses.base import Press
@@ -152,6 +153,19 @@ class KVCache(Cache):
         layer = self.to_head_varlen(layer_idx)
         layer.keep_mask(keep)
         return layer
+
+    def drop_positions(self, drop: torch.Tensor) -> None:
+        """Remove the entries of logical positions where `drop [B, L]` is True (a batch's padding) from every
+        layer: rows then hold different numbers of entries, i.e. head-varlen layers. New buffers, so `restore()`
+        of an earlier snapshot brings the old layers back. Stock sliding-window layers cannot drop entries."""
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, DenseLayer):
+                raise KVForgeError("entries cannot be dropped from transformers' sliding-window layers")
+            _, _, slots, valid = _entries(layer)
+            b, h, n = slots.shape
+            keep = ~drop.gather(1, slots.reshape(b, -1).clamp(0, drop.shape[1] - 1)).view(b, h, n) & valid
+            if not bool(keep.all()):
+                self.keep_per_head(i, keep)
 
     def to_head_varlen(self, layer_idx: int) -> HeadVarlenLayer:
         """Switch layer `layer_idx` to per-head storage (kept entries are carried over)."""
