@@ -35,16 +35,14 @@ class RingLayer(DenseLayer):
         ring._k[:, :, :m] = keys
         ring._v[:, :, :m] = values
         ring.n, ring.logical, ring.written = m, stock.cumulative_length, m
-        ring.graph = {
-            "pos": torch.tensor([m % ring.window], device=ring.device),  # next slot to write
-            "lengths": torch.full((b * h,), m, dtype=torch.int32, device=ring.device),
-            "offsets": torch.arange(b * h, device=ring.device, dtype=torch.int64) * ring.window,
-            "limit": ring.logical + steps,
-        }
+        ring.enter_graph_mode(steps)
         return ring
 
-    def enter_graph_mode(self, steps: int) -> None:  # built in graph mode (from_stock)
-        pass
+    def enter_graph_mode(self, steps: int) -> None:
+        """The dense layer's graph state (next slot m, lengths m, segment offsets); a ring never runs out of
+        room, so none is checked."""
+        super().enter_graph_mode(0)
+        self.graph["limit"] = self.logical + steps
 
     def graph_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
         g = self.graph
