@@ -77,14 +77,24 @@ LAYOUTS = {"PackedHeadLayer": "packed", "HeadVarlenLayer": "padded"}
 
 
 def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, weights_bytes: int,
-              cuda_graph: bool = True, packed: bool | None = None, compile: bool = False) -> dict:
+              cuda_graph: bool = True, packed: bool | None = None, compile: bool | str = False,
+              variants: list[tuple] | None = None) -> list[dict]:
+    """Prefill and compress once, then time `new_tokens` decode steps per variant `(compile, merge)` on that
+    same cache, one after another (default: one variant, `(compile, current merge)`); one row per variant.
+
+    Each variant decodes from where the previous one stopped (the context grows by `new_tokens` per variant,
+    reserved up front), so N variants cost one prefill instead of N. A compiler failure of a compiled variant
+    is recorded in its row, not raised."""
+    from kvforge.kernels import decode as decode_kernel
+
+    variants = variants or [(compile, decode_kernel.MERGE)]
     device = ids.device
     cuda = device.type == "cuda"
     gc.collect()  # nothing of an earlier row may still hold memory when this row's peak is measured
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    cache = KVCache(model, press=press, reserve=new_tokens + 8, packed=packed)
+    cache = KVCache(model, press=press, reserve=new_tokens * len(variants) + 8, packed=packed)
     _sync(device)
     t0 = time.perf_counter()
     logits = prefill(model, ids, torch.ones_like(ids), cache)
@@ -92,33 +102,77 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     prefill_s = time.perf_counter() - t0
     cache.armed = False
     prefill_peak = torch.cuda.max_memory_allocated() if cuda else None
-    if cuda:  # the decode phase's own peak: weights + the kept KV + a step's activations
-        torch.cuda.reset_peak_memory_stats()
     tok = logits.argmax(-1, keepdim=True)
     pos = ids.shape[1]
-    step_times = []
+    rows = []
+    default_merge = decode_kernel.MERGE
+    try:
+        for comp, merge in variants:
+            decode_kernel.MERGE = merge
+            if cuda:  # the decode phase's own peak: weights + the kept KV + a step's activations
+                gc.collect()
+                torch.cuda.reset_peak_memory_stats()
+            base = {"press": "none" if press is None else press.name,
+                    "compression_ratio": 0.0 if press is None else press.compression_ratio,
+                    "context": ids.shape[1], "batch": ids.shape[0], "prefill_s": round(prefill_s, 4), "merge": merge}
+            try:
+                decode_s, setup_s, tok, pos, graphed = _decode_steps(model, cache, tok, pos, new_tokens,
+                                                                     cuda_graph and cuda, comp)
+            except Exception as e:
+                if not comp:
+                    raise
+                torch.compiler.reset()
+                rows.append({**base, "compiled": comp if isinstance(comp, str) else True, "layer_kind": None,
+                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                continue
+            rows.append({**base, **_row_measures(model, cache, ids, decode_s, copy_bw, weights_bytes, prefill_peak),
+                         "setup_s": round(setup_s, 2), "cuda_graph": graphed and cuda,
+                         "compiled": (comp if isinstance(comp, str) else bool(comp)) if graphed else False})
+    finally:
+        decode_kernel.MERGE = default_merge
+    return rows
+
+
+def _decode_steps(model, cache: KVCache, tok: torch.Tensor, pos: int, new_tokens: int, cuda_graph: bool,
+                  compile: bool | str) -> tuple[float, float, torch.Tensor, int, bool]:
+    """Greedy-decode `new_tokens` steps: (median seconds per step, seconds to build the graph step, last token,
+    next position, whether a GraphDecoder ran). On CPU a compiled step runs in graph mode, uncaptured."""
+    device = tok.device
     decoder = None
-    if (cuda_graph and cuda) or compile:  # on CPU a compiled step runs in graph mode, uncaptured
+    t0 = time.perf_counter()
+    if cuda_graph or compile:
         try:
-            decoder = GraphDecoder(model, cache, pos, new_tokens, ids.shape[0], compile=compile)
+            decoder = GraphDecoder(model, cache, pos, new_tokens, tok.shape[0], compile=compile)
         except KVForgeError as e:  # e.g. sliding-window layers or decode-time presses: eager decoding
             print(f"no CUDA graph: {e}")
-    with torch.inference_mode():
-        for _ in range(new_tokens):
-            _sync(device)
-            t = time.perf_counter()
-            if decoder is not None:
-                logits = decoder.step(tok)
-            else:
-                logits = model(input_ids=tok, position_ids=torch.full_like(tok, pos), past_key_values=cache,
-                               logits_to_keep=1).logits[:, -1]
-            tok = logits.argmax(-1, keepdim=True)
-            _sync(device)
-            step_times.append(time.perf_counter() - t)
-            pos += 1
-    if decoder is not None:
-        decoder.close()
+    setup_s = time.perf_counter() - t0
+    step_times = []
+    try:
+        with torch.inference_mode():
+            for _ in range(new_tokens):
+                _sync(device)
+                t = time.perf_counter()
+                if decoder is not None:
+                    logits = decoder.step(tok)
+                else:
+                    logits = model(input_ids=tok, position_ids=torch.full_like(tok, pos), past_key_values=cache,
+                                   logits_to_keep=1).logits[:, -1]
+                tok = logits.argmax(-1, keepdim=True)
+                _sync(device)
+                step_times.append(time.perf_counter() - t)
+                pos += 1
+    finally:
+        if decoder is not None:
+            decoder.close()
     decode_s = statistics.median(step_times[2:] if len(step_times) > 4 else step_times)
+    return decode_s, setup_s, tok, pos, decoder is not None
+
+
+def _row_measures(model, cache: KVCache, ids: torch.Tensor, decode_s: float, copy_bw: float, weights_bytes: int,
+                  prefill_peak: int | None) -> dict:
+    """The row's numbers after a decode: speed against the bytes floor, memory, attention-only time."""
+    device = ids.device
+    cuda = device.type == "cuda"
     stats = cache.stats()
     first = cache.compressible_layers()[0]
     layer = cache.layers[first]
@@ -130,10 +184,6 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     floor_s = (weights_bytes + stats["bytes"]) / copy_bw
     entries = stats["entries"][first]
     return {
-        "press": "none" if press is None else press.name,
-        "compression_ratio": 0.0 if press is None else press.compression_ratio,
-        "context": ids.shape[1], "batch": ids.shape[0],
-        "prefill_s": round(prefill_s, 4),
         "decode_ms_per_token": round(decode_s * 1e3, 3),
         "tokens_per_s": round(ids.shape[0] / decode_s, 2),
         "floor_ms_per_token": round(floor_s * 1e3, 3),
@@ -146,8 +196,6 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
         "attention_ms_per_layer": round(att_s * 1e3, 4),
         "attention_frac_copy_bw": round(layer_bytes / att_s / copy_bw, 3),
         "layer_kind": type(layer).__name__,
-        "cuda_graph": decoder is not None and cuda,
-        "compiled": (compile if isinstance(compile, str) else bool(compile)) if decoder is not None else False,
     }
 
 
@@ -203,29 +251,22 @@ def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int) -> dict:
             "layer_kind": type(cache).__name__, "cuda_graph": False}
 
 
-def _press_rows(model, ids, spec: str, factory, ratio: float, comp, new_tokens: int, copy_bw: float,
-                weights_bytes: int, cuda_graph: bool, layouts: list[str] | None) -> list[dict]:
-    """One grid point: the row on the device's own storage (a compiler failure is recorded in the row, not
-    raised), then, for per-head budgets, the same press on the other requested layouts."""
+def _press_rows(model, ids, spec: str, factory, ratio: float, variants: list[tuple], new_tokens: int,
+                copy_bw: float, weights_bytes: int, cuda_graph: bool, layouts: list[str] | None) -> list[dict]:
+    """One grid point: one prefill on the device's own storage timed for every (compile, merge) variant, then,
+    for per-head budgets, the same press on the other requested layouts."""
     press = None if spec == "none" else factory(ratio)
-    try:
-        row = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, compile=comp)
-    except Exception as e:
-        if not comp:
-            raise
-        torch.compiler.reset()
-        row = {"compression_ratio": ratio, "context": ids.shape[1], "batch": ids.shape[0], "compiled": True,
-               "error": f"{type(e).__name__}: {str(e)[:300]}", "layer_kind": None}
-    row["press"] = spec
-    out = [row]
-    own = LAYOUTS.get(row["layer_kind"])
+    rows = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, variants=variants)
+    own = next((LAYOUTS.get(r["layer_kind"]) for r in rows if r.get("layer_kind")), None)
+    out = []
+    for row in rows:
+        out.append({**row, "press": f"{spec} [{own}]" if own and layouts else spec})
     if own and layouts:  # per-head budgets: the other requested layouts too, labelled
-        row["press"] = f"{spec} [{own}]"
         for lay in layouts:
             if lay != own:
                 other = bench_row(model, ids, factory(ratio), new_tokens, copy_bw, weights_bytes, cuda_graph,
-                                  packed=lay == "packed", compile=comp)
-                out.append({**other, "press": f"{spec} [{lay}]"})
+                                  packed=lay == "packed", variants=variants)
+                out += [{**o, "press": f"{spec} [{lay}]"} for o in other]
     return out
 
 
@@ -238,9 +279,11 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     `layouts` ("packed", "padded"): per-head-budget presses are timed on each of these storage layouts (packed
     head-varlen vs a padded block with a validity mask, what a masking implementation does); by default only on
     the device's own (packed on CUDA, padded on CPU). `model`: an already loaded model (tests). `compile`:
-    `torch.compile` the captured decode step (`GraphDecoder(compile=True)`): True / "on", or "both" (every row
-    twice, without and with, in the same run). `merges` ("separate", "fused"): every row with each form of the
-    decode kernel's split merge (`kvforge.kernels.decode`), in the same run."""
+    `torch.compile` the captured decode step (`GraphDecoder(compile=True)`): True / "on", "both" (every row
+    twice, without and with, in the same run), "autotune" (default and inductor's max-autotune GEMMs) or
+    "max-autotune" (only the latter). `merges` ("separate", "fused"): every row with each form of the decode
+    kernel's split merge (`kvforge.kernels.decode`), in the same run. The variants of one row (compile modes x
+    merges) share one prefill: each decodes `new_tokens` more on the same compressed cache."""
     from kvforge.eval.runner import _device_name, _git_commit, _prepare_out, parse_press
     from kvforge.kernels import decode as decode_kernel
     from kvforge.models import load_model
@@ -248,9 +291,9 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     out_dir = _prepare_out(out)
     factories = {spec: parse_press(spec) for spec in presses if spec != "none"}
     modes = {False: [False], "off": [False], True: [True], "on": [True], "both": [False, True],
-             "autotune": [True, AUTOTUNE]}.get(compile)
+             "autotune": [True, AUTOTUNE], "max-autotune": [AUTOTUNE]}.get(compile)
     if modes is None:
-        raise KVForgeError(f"unknown compile mode {compile!r}; allowed: off, on, both, autotune")
+        raise KVForgeError(f"unknown compile mode {compile!r}; allowed: off, on, both, autotune, max-autotune")
     bad_merges = set(merges or []) - {"separate", "fused"}
     if bad_merges:
         raise KVForgeError(f"unknown merge(s) {sorted(bad_merges)}; allowed: separate, fused")
@@ -273,32 +316,26 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
         print(json.dumps(row))
         (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
-    default_merge = decode_kernel.MERGE
-    try:
-        for n in contexts:
-            ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)
-            grid = [(spec, r, c, m) for spec in presses
-                    for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios) for c in modes
-                    for m in (merges or [decode_kernel.MERGE])]
-            base_prefill = None
-            for spec, r, comp, merge in grid:
-                decode_kernel.MERGE = merge
-                todo = _press_rows(model, ids, spec, factories.get(spec), r, comp, new_tokens, copy_bw,
-                                   weights_bytes, cuda_graph, layouts)
-                if spec == "none" and base_prefill is None:
-                    base_prefill = todo[0].get("prefill_s")
-                for row in todo:
-                    row["merge"] = merge
-                    row["compression_overhead_s"] = (None if base_prefill is None or "prefill_s" not in row else
-                                                     round(row["prefill_s"] - base_prefill, 4))
-                    emit(row)
-            for spec in hf_caches or []:
-                try:
-                    emit(hf_row(model, ids, spec, new_tokens))
-                except Exception as e:  # a missing optional backend (optimum-quanto, hqq) must not lose the run
-                    emit({"press": f"transformers:{spec}", "context": n, "batch": batch, "error": str(e)[:300]})
-    finally:
-        decode_kernel.MERGE = default_merge
+    variants = [(c, m) for c in modes for m in (merges or [decode_kernel.MERGE])]
+    for n in contexts:
+        ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)
+        grid = [(spec, r) for spec in presses
+                for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios)]
+        base_prefill = None
+        for spec, r in grid:
+            todo = _press_rows(model, ids, spec, factories.get(spec), r, variants, new_tokens, copy_bw,
+                               weights_bytes, cuda_graph, layouts)
+            if spec == "none" and base_prefill is None:
+                base_prefill = todo[0].get("prefill_s")
+            for row in todo:
+                row["compression_overhead_s"] = (None if base_prefill is None or "prefill_s" not in row else
+                                                 round(row["prefill_s"] - base_prefill, 4))
+                emit(row)
+        for spec in hf_caches or []:
+            try:
+                emit(hf_row(model, ids, spec, new_tokens))
+            except Exception as e:  # a missing optional backend (optimum-quanto, hqq) must not lose the run
+                emit({"press": f"transformers:{spec}", "context": n, "batch": batch, "error": str(e)[:300]})
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with (out_dir / "bench.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)

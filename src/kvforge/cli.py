@@ -288,10 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench")
     b.add_argument("--hf-caches", default=None,
                    help="also time plain transformers decoding with these caches: dynamic, quanto@bits=2, ...")
-    b.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both", "autotune"],
+    b.add_argument("--compile", nargs="?", const="on", default="off",
+                   choices=["off", "on", "both", "autotune", "max-autotune"],
                    help="torch.compile the captured decode step (fuses the model's small kernels); 'both' times "
                         "every row without and with, in the same run; 'autotune' times default and max-autotune "
-                        "compilation (inductor-tuned GEMMs)")
+                        "compilation (inductor-tuned GEMMs), 'max-autotune' only the latter; the variants of a "
+                        "row share its prefill")
     b.add_argument("--merges", default=None,
                    help="time every row with each form of the decode kernel's split merge: separate,fused")
     b.add_argument("--layouts", default=None,
