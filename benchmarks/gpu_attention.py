@@ -133,19 +133,17 @@ def timing(copy_tbs: float, var: dict) -> list[dict]:
         t_tri = bench(lambda: decode_attention(q, k, vb.view(-1, D), offs, lens, D**-0.5, max_len=n, total=H * n,
                                                **var))
         t_sdpa = bench(lambda: F.scaled_dot_product_attention(q[:, :, None], kb, vb, enable_gqa=True))
-        def make_dense(i, n=n, merge="separate"):
+        def make_dense(i, n=n):
             kd = torch.randn(1, H, n, D, device=DEV, dtype=torch.bfloat16)
             vd = torch.randn(1, H, n, D, device=DEV, dtype=torch.bfloat16)
             qd = torch.randn(1, H * G, D, device=DEV, dtype=torch.bfloat16)
             kf, od, ld = dense_segments(kd, n)
             return lambda: decode_attention(qd, kf, vd.view(-1, D), od, ld, D**-0.5, max_len=n, total=H * n,
-                                            merge=merge, **var)
+                                            **var)
 
         bench_dense = graph_bench(make_dense, full_bytes)
-        bench_dense_fused = graph_bench(lambda i: make_dense(i, merge="fused"), full_bytes)
         for name, t, nbytes in (("triton dense", t_tri, full_bytes), ("sdpa dense (enable_gqa)", t_sdpa, full_bytes),
-                                ("triton dense, CUDA graph x32", bench_dense, full_bytes),
-                                ("  same, fused merge", bench_dense_fused, full_bytes)):
+                                ("triton dense, CUDA graph x32", bench_dense, full_bytes)):
             rows.append({"context": n, "kernel": name, "kept": 1.0, "ms": t, "TB/s": nbytes / t / 1e9,
                          "frac_copy": nbytes / t / 1e9 / copy_tbs})
         for keep in (1.0, 0.25):
@@ -160,15 +158,13 @@ def timing(copy_tbs: float, var: dict) -> list[dict]:
             rows.append({"context": n, "kernel": "triton packed head-varlen", "kept": keep, "ms": t,
                          "TB/s": nbytes / t / 1e9, "frac_copy": nbytes / t / 1e9 / copy_tbs})
 
-            def make(i, lengths=lengths, mx=mx, merge="separate"):
+            def make(i, lengths=lengths, mx=mx):
                 q2, k2, v2, o2, l2 = packed(lengths, 1)
-                return lambda: decode_attention(q2, k2, v2, o2, l2, D**-0.5, max_len=mx, total=sum(lengths),
-                                                merge=merge, **var)
+                return lambda: decode_attention(q2, k2, v2, o2, l2, D**-0.5, max_len=mx, total=sum(lengths), **var)
 
-            for label, merge in (("triton packed, CUDA graph x32", "separate"), ("  same, fused merge", "fused")):
-                tg = graph_bench(lambda i, merge=merge: make(i, merge=merge), nbytes)
-                rows.append({"context": n, "kernel": label, "kept": keep, "ms": tg,
-                             "TB/s": nbytes / tg / 1e9, "frac_copy": nbytes / tg / 1e9 / copy_tbs})
+            tg = graph_bench(make, nbytes)
+            rows.append({"context": n, "kernel": "triton packed, CUDA graph x32", "kept": keep, "ms": tg,
+                         "TB/s": nbytes / tg / 1e9, "frac_copy": nbytes / tg / 1e9 / copy_tbs})
             # the same budgets through SDPA on a padded layout (pad every head to the longest, mask the rest)
             kp = torch.randn(1, H, mx, D, device=DEV, dtype=torch.bfloat16)
             vp = torch.randn(1, H, mx, D, device=DEV, dtype=torch.bfloat16)
@@ -181,9 +177,12 @@ def timing(copy_tbs: float, var: dict) -> list[dict]:
     return rows
 
 
+SWEEP = [(w, bn, st, nw) for w in (2, 3, 4, 6) for bn in (64, 128) for st in (1, 2, 3) for nw in (4, 8)]
+
+
 def sweep(copy_tbs: float) -> list[dict]:
-    """Per-call time in a CUDA graph x32 at 128k, full and 25% packed (ragged), for waves x block x merge: where
-    the fixed per-call cost of the 25% case goes (target: 25% <= 0.3x of full)."""
+    """Per-call time in a CUDA graph x32 at 128k, full and 25% packed (ragged), for waves x block x stages x
+    warps: where the fixed per-call cost of the 25% case goes (target: 25% <= 0.3x of full)."""
     rows = []
     n = 128 * 1024
     w = torch.rand(H, generator=torch.Generator().manual_seed(1)) + 0.5
@@ -191,23 +190,27 @@ def sweep(copy_tbs: float) -> list[dict]:
         lengths = (w / w.sum() * H * n * keep).long().clamp(max=n).tolist()
         inputs = [packed(lengths, 1) for _ in range(2)]  # graph_bench rotates over <= 2 sets at these sizes
         nbytes = 2 * sum(lengths) * D * 2
-        for waves in (1, 2, 3, 4, 6, 8):
-            for block_n in (64, 128):
-                for merge in ("separate", "fused"):
-                    def make(i, waves=waves, block_n=block_n, merge=merge, inputs=inputs, lengths=lengths):
-                        q2, k2, v2, o2, l2 = inputs[i % len(inputs)]
-                        return lambda: decode_attention(q2, k2, v2, o2, l2, D**-0.5, max_len=max(lengths),
-                                                        total=sum(lengths), waves=waves, block_n=block_n,
-                                                        merge=merge)
-                    t = graph_bench(make, nbytes)
-                    rows.append({"kept": keep, "waves": waves, "block_n": block_n, "merge": merge, "ms": t,
-                                 "frac_copy": nbytes / t / 1e9 / copy_tbs})
+        for waves, block_n, stages, warps in SWEEP:
+            kw = dict(waves=waves, block_n=block_n, num_stages=stages, num_warps=warps)
+
+            def make(i, inputs=inputs, lengths=lengths, kw=kw):  # noqa: B006 (bound per variant, never mutated)
+                q2, k2, v2, o2, l2 = inputs[i % len(inputs)]
+                return lambda: decode_attention(q2, k2, v2, o2, l2, D**-0.5, max_len=max(lengths),
+                                                total=sum(lengths), **kw)
+            try:
+                t = graph_bench(make, nbytes)
+            except Exception as e:  # e.g. a tile that needs more shared memory than the device has
+                print(f"sweep variant {(waves, block_n, stages, warps)} failed: {type(e).__name__}")
+                continue
+            rows.append({"kept": keep, "waves": waves, "block_n": block_n, "stages": stages, "warps": warps,
+                         "ms": t, "frac_copy": nbytes / t / 1e9 / copy_tbs})
         del inputs
         torch.cuda.empty_cache()
-    full = {(r["waves"], r["block_n"], r["merge"]): r["ms"] for r in rows if r["kept"] == 1.0}
+    key = ("waves", "block_n", "stages", "warps")
+    full = {tuple(r[k] for k in key): r["ms"] for r in rows if r["kept"] == 1.0}
     for r in rows:
-        if r["kept"] == 0.25:
-            r["of_full_same_variant"] = r["ms"] / full[(r["waves"], r["block_n"], r["merge"])]
+        if r["kept"] == 0.25 and full:
+            r["of_full_same_variant"] = r["ms"] / full.get(tuple(r[k] for k in key), float("nan"))
             r["of_full_best"] = r["ms"] / min(full.values())
     return rows
 

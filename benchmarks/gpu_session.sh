@@ -3,10 +3,9 @@
 #   bash benchmarks/gpu_session.sh bench      carry .whl  — quantized-cache bench (+ batch rows) on random Llama-3.1-8B
 #   bash benchmarks/gpu_session.sh compile    carry .whl  — compiled vs plain captured decode (bench --compile both)
 #   bash benchmarks/gpu_session.sh profile    carry .whl  — kernel profile of the compiled step; attention-only kernel
-#   bash benchmarks/gpu_session.sh autotune   carry .whl  — PARTS="kernels merges autotune generate": kernel tests
-#                                             (both merges) + attention-only (+ waves/block/merge sweep); 128k rows
-#                                             with both merges; max-autotune rows (MERGES=separate,fused: both
-#                                             merges; AT_MODE=autotune: default compile too); graph_generate speed
+#   bash benchmarks/gpu_session.sh autotune   carry .whl  — PARTS="kernels autotune generate": kernel tests +
+#                                             attention-only (+ launch-parameter sweep); 128k max-autotune rows
+#                                             (AT_MODE=autotune: default compile too); graph_generate speed
 #   bash benchmarks/gpu_session.sh part1      carry .wa   — first half of the SmolLM2 GGUF
 #   bash benchmarks/gpu_session.sh accuracy   carry .wb   — assemble the GGUF, KVzip claim grid, quantization quality
 #                                             (MT_T=seconds: the method table first, MT_N samples per task, graph decoding)
@@ -46,20 +45,15 @@ profile)
       --out $OUT/profile_compiled_128k.json 2>&1 | grep -v Warn | head -24
   timeout 120 python3 benchmarks/gpu_attention.py 2>&1 | tail -25
   ;;
-autotune)  # PARTS: any of kernels merges autotune generate (default: all; ~10 min each for merges/autotune)
-  for part in ${PARTS:-kernels merges autotune generate}; do case $part in
+autotune)  # PARTS: any of kernels autotune generate (default: all)
+  for part in ${PARTS:-kernels autotune generate}; do case $part in
   kernels)
     timeout 120 python3 -m pytest -p no:cacheprovider -p no:logging -q tests/test_kernels.py 2>&1 | tail -2
     timeout 180 python3 benchmarks/gpu_attention.py 2>&1 | tail -42 ;;
-  merges)
-    timeout ${B_T:-420} python3 -m kvforge.cli bench --random-weights --config llama3.1-8b --context 128k \
-      --presses none,knorm,adakv:knorm --ratios 0.75 --new-tokens 16 --device cuda --compile on \
-      --merges separate,fused --out $R/bench_merges 2>&1 | grep -E "^\{|bandwidth" | cut -c1-600
-    cp $R/bench_merges/bench.json $OUT/bench_merges.json ;;
   autotune)
     timeout ${B_T:-420} python3 -m kvforge.cli bench --random-weights --config llama3.1-8b --context 128k \
       --presses none,knorm,adakv:knorm --ratios 0.75 --new-tokens 16 --device cuda --compile ${AT_MODE:-max-autotune} \
-      ${MERGES:+--merges $MERGES} --out $R/bench_autotune 2>&1 | grep -E "^\{|bandwidth" | cut -c1-600
+      --out $R/bench_autotune 2>&1 | grep -E "^\{|bandwidth" | cut -c1-600
     cp $R/bench_autotune/bench.json $OUT/bench_autotune.json ;;
   generate)
     timeout ${G_T:-150} python3 benchmarks/generate_speed.py --random-weights --config llama3.1-8b --context 32768 \

@@ -1,10 +1,10 @@
-"""The decode kernels (both merges) run on the CPU through Triton's interpreter, against the float64 twin.
+"""The decode kernels (split + merge) run on the CPU through Triton's interpreter, against the float64 twin.
 
     pip install --target /tmp/tri triton==3.6.0 numpy==2.2.6   # the interpreter's range() needs numpy < 2.3
     PYTHONPATH=/tmp/tri:src python benchmarks/interpret_decode.py
 
-Programs run one after another here, so this checks the arithmetic and the counter reset of the fused merge,
-not its memory ordering (tests/test_kernels.py checks that on a GPU). Exits 1 on a failure.
+Checks the arithmetic of the Triton code without a GPU (tests/test_kernels.py runs it on one). Exits 1 on a
+failure.
 """
 
 import os
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import torch  # noqa: E402
 from test_kernels import packed_case  # noqa: E402
 
-from kvforge.kernels.decode import _COUNTERS, decode_attention, decode_attention_ref  # noqa: E402
+from kvforge.kernels.decode import decode_attention, decode_attention_ref  # noqa: E402
 
 
 def main() -> int:
@@ -27,16 +27,12 @@ def main() -> int:
         lengths = [0, 1] + torch.randint(0, 300, (b * h - 2,), generator=gen).tolist()
         q, k, v, offs, lens = packed_case(lengths, b, h, g, d, dtype=torch.float16, seed=seed)
         ref = decode_attention_ref(q.double(), k.double(), v.double(), offs, lens, d**-0.5).float()
-        for merge in ("separate", "fused"):
-            for rep in range(2):  # a second call needs the counters back at zero
-                out = decode_attention(q, k, v, offs, lens, d**-0.5, merge=merge, sms=2, block_n=16,
-                                       waves=2).float()
-                err = ((out - ref).norm() / ref.norm()).item()
-                ok &= err < 1e-2 and not out.isnan().any()
-                print(f"seed {seed} {merge:8} call {rep}: relative error {err:.2e}")
-    counters_zero = all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
-    print("counters back at zero:", counters_zero)
-    return 0 if ok and counters_zero else 1
+        for block_n in (16, 32):
+            out = decode_attention(q, k, v, offs, lens, d**-0.5, sms=2, block_n=block_n, waves=2).float()
+            err = ((out - ref).norm() / ref.norm()).item()
+            ok &= err < 1e-2 and not out.isnan().any()
+            print(f"seed {seed} block {block_n}: relative error {err:.2e}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

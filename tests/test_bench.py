@@ -51,21 +51,6 @@ def test_bench_compile_both_times_each_row_twice(tmp_path, tiny):
     assert rows[2]["entries_layer"] < rows[0]["entries_layer"]  # knorm 0.5 kept fewer
 
 
-def test_bench_merges_label_rows_and_restore_the_default(tmp_path, tiny):
-    """`--merges separate,fused`: each row once per form of the split merge, labelled; the kernel's default is
-    back afterwards (on CPU both forms run the same gather path: same bytes)."""
-    from kvforge.kernels import decode
-
-    before = decode.MERGE
-    rows = run_bench("tiny", None, [64], 1, ["none", "knorm"], [0.5], 3, str(tmp_path), device="cpu",
-                     model=tiny, merges=["separate", "fused"])
-    assert [(r["press"], r["merge"]) for r in rows] == [("none", "separate"), ("none", "fused"),
-                                                        ("knorm", "separate"), ("knorm", "fused")]
-    assert rows[2]["kv_gb"] == rows[3]["kv_gb"] and decode.MERGE == before
-    with pytest.raises(KVForgeError, match=r"unknown merge\(s\) \['late'\]; allowed: separate, fused"):
-        run_bench("tiny", None, [64], 1, ["none"], [0.5], 2, str(tmp_path), model=tiny, merges=["late"])
-
-
 def test_bench_bad_input(tmp_path, tiny, capsys):
     with pytest.raises(KVForgeError,
                        match="unknown compile mode 'sometimes'; allowed: off, on, both, autotune, max-autotune"):

@@ -78,16 +78,14 @@ LAYOUTS = {"PackedHeadLayer": "packed", "HeadVarlenLayer": "padded"}
 
 def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, weights_bytes: int,
               cuda_graph: bool = True, packed: bool | None = None, compile: bool | str = False,
-              variants: list[tuple] | None = None) -> list[dict]:
-    """Prefill and compress once, then time `new_tokens` decode steps per variant `(compile, merge)` on that
-    same cache, one after another (default: one variant, `(compile, current merge)`); one row per variant.
+              variants: list | None = None) -> list[dict]:
+    """Prefill and compress once, then time `new_tokens` decode steps per compile variant (`False`, `True` or
+    an inductor mode) on that same cache, one after another (default: `[compile]`); one row per variant.
 
     Each variant decodes from where the previous one stopped (the context grows by `new_tokens` per variant,
     reserved up front), so N variants cost one prefill instead of N. A compiler failure of a compiled variant
     is recorded in its row, not raised."""
-    from kvforge.kernels import decode as decode_kernel
-
-    variants = variants or [(compile, decode_kernel.MERGE)]
+    variants = variants or [compile]
     device = ids.device
     cuda = device.type == "cuda"
     gc.collect()  # nothing of an earlier row may still hold memory when this row's peak is measured
@@ -105,38 +103,34 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     tok = logits.argmax(-1, keepdim=True)
     pos = ids.shape[1]
     rows = []
-    default_merge = decode_kernel.MERGE
-    try:
-        for comp, merge in variants:
-            decode_kernel.MERGE = merge
-            if cuda:  # the decode phase's own peak: weights + the kept KV + a step's activations
-                gc.collect()
-                torch.cuda.reset_peak_memory_stats()
-            base = {"press": "none" if press is None else press.name,
-                    "compression_ratio": 0.0 if press is None else press.compression_ratio,
-                    "context": ids.shape[1], "batch": ids.shape[0], "prefill_s": round(prefill_s, 4), "merge": merge}
-            try:
-                decode_s, setup_s, tok, pos, graphed = _decode_steps(model, cache, tok, pos, new_tokens,
-                                                                     cuda_graph and cuda, comp)
-            except Exception as e:
-                if not comp:
-                    raise
-                torch.compiler.reset()
-                rows.append({**base, "compiled": comp if isinstance(comp, str) else True, "layer_kind": None,
-                             "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                continue
-            rows.append({**base, **_row_measures(model, cache, ids, decode_s, copy_bw, weights_bytes, prefill_peak),
-                         "setup_s": round(setup_s, 2), "cuda_graph": graphed and cuda,
-                         "compiled": (comp if isinstance(comp, str) else bool(comp)) if graphed else False})
-    finally:
-        decode_kernel.MERGE = default_merge
+    for comp in variants:
+        if cuda:  # the decode phase's own peak: weights + the kept KV + a step's activations
+            gc.collect()
+            torch.cuda.reset_peak_memory_stats()
+        base = {"press": "none" if press is None else press.name,
+                "compression_ratio": 0.0 if press is None else press.compression_ratio,
+                "context": ids.shape[1], "batch": ids.shape[0], "prefill_s": round(prefill_s, 4)}
+        try:
+            decode_s, first_s, tok, pos, graphed = _decode_steps(model, cache, tok, pos, new_tokens,
+                                                                 cuda_graph and cuda, comp)
+        except Exception as e:
+            if not comp:
+                raise
+            torch.compiler.reset()
+            rows.append({**base, "compiled": comp if isinstance(comp, str) else True, "layer_kind": None,
+                         "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            continue
+        rows.append({**base, **_row_measures(model, cache, ids, decode_s, copy_bw, weights_bytes, prefill_peak),
+                     "first_step_s": round(first_s, 2), "cuda_graph": graphed and cuda,
+                     "compiled": (comp if isinstance(comp, str) else bool(comp)) if graphed else False})
     return rows
 
 
 def _decode_steps(model, cache: KVCache, tok: torch.Tensor, pos: int, new_tokens: int, cuda_graph: bool,
                   compile: bool | str) -> tuple[float, float, torch.Tensor, int, bool]:
-    """Greedy-decode `new_tokens` steps: (median seconds per step, seconds to build the graph step, last token,
-    next position, whether a GraphDecoder ran). On CPU a compiled step runs in graph mode, uncaptured."""
+    """Greedy-decode `new_tokens` steps: (median seconds per step, seconds of the first step including building
+    the graph step — compilation, capture —, last token, next position, whether a GraphDecoder ran). On CPU a
+    compiled step runs in graph mode, uncaptured."""
     device = tok.device
     decoder = None
     t0 = time.perf_counter()
@@ -145,7 +139,7 @@ def _decode_steps(model, cache: KVCache, tok: torch.Tensor, pos: int, new_tokens
             decoder = GraphDecoder(model, cache, pos, new_tokens, tok.shape[0], compile=compile)
         except KVForgeError as e:  # e.g. sliding-window layers or decode-time presses: eager decoding
             print(f"no CUDA graph: {e}")
-    setup_s = time.perf_counter() - t0
+    build_s = time.perf_counter() - t0
     step_times = []
     try:
         with torch.inference_mode():
@@ -165,7 +159,7 @@ def _decode_steps(model, cache: KVCache, tok: torch.Tensor, pos: int, new_tokens
         if decoder is not None:
             decoder.close()
     decode_s = statistics.median(step_times[2:] if len(step_times) > 4 else step_times)
-    return decode_s, setup_s, tok, pos, decoder is not None
+    return decode_s, build_s + step_times[0], tok, pos, decoder is not None
 
 
 def _row_measures(model, cache: KVCache, ids: torch.Tensor, decode_s: float, copy_bw: float, weights_bytes: int,
@@ -251,9 +245,9 @@ def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int) -> dict:
             "layer_kind": type(cache).__name__, "cuda_graph": False}
 
 
-def _press_rows(model, ids, spec: str, factory, ratio: float, variants: list[tuple], new_tokens: int,
+def _press_rows(model, ids, spec: str, factory, ratio: float, variants: list, new_tokens: int,
                 copy_bw: float, weights_bytes: int, cuda_graph: bool, layouts: list[str] | None) -> list[dict]:
-    """One grid point: one prefill on the device's own storage timed for every (compile, merge) variant, then,
+    """One grid point: one prefill on the device's own storage timed for every compile variant, then,
     for per-head budgets, the same press on the other requested layouts."""
     press = None if spec == "none" else factory(ratio)
     rows = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, variants=variants)
@@ -273,7 +267,7 @@ def _press_rows(model, ids, spec: str, factory, ratio: float, variants: list[tup
 def run_bench(model_name: str | None, config: str | None, contexts: list[int], batch: int, presses: list[str],
               ratios: list[float], new_tokens: int, out: str, device: str | None = None,
               cuda_graph: bool = True, hf_caches: list[str] | None = None, layouts: list[str] | None = None,
-              model=None, compile: bool | str = False, merges: list[str] | None = None) -> list[dict]:
+              model=None, compile: bool | str = False) -> list[dict]:
     """Time every (context, press, ratio) and write bench.json / bench.csv / bench.png under `out`.
 
     `layouts` ("packed", "padded"): per-head-budget presses are timed on each of these storage layouts (packed
@@ -281,11 +275,9 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     the device's own (packed on CUDA, padded on CPU). `model`: an already loaded model (tests). `compile`:
     `torch.compile` the captured decode step (`GraphDecoder(compile=True)`): True / "on", "both" (every row
     twice, without and with, in the same run), "autotune" (default and inductor's max-autotune GEMMs) or
-    "max-autotune" (only the latter). `merges` ("separate", "fused"): every row with each form of the decode
-    kernel's split merge (`kvforge.kernels.decode`), in the same run. The variants of one row (compile modes x
-    merges) share one prefill: each decodes `new_tokens` more on the same compressed cache."""
+    "max-autotune" (only the latter). The compile variants of one row share one prefill: each decodes
+    `new_tokens` more on the same compressed cache."""
     from kvforge.eval.runner import _device_name, _git_commit, _prepare_out, parse_press
-    from kvforge.kernels import decode as decode_kernel
     from kvforge.models import load_model
 
     out_dir = _prepare_out(out)
@@ -294,9 +286,6 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
              "autotune": [True, AUTOTUNE], "max-autotune": [AUTOTUNE]}.get(compile)
     if modes is None:
         raise KVForgeError(f"unknown compile mode {compile!r}; allowed: off, on, both, autotune, max-autotune")
-    bad_merges = set(merges or []) - {"separate", "fused"}
-    if bad_merges:
-        raise KVForgeError(f"unknown merge(s) {sorted(bad_merges)}; allowed: separate, fused")
     bad = set(layouts or []) - set(LAYOUTS.values())
     if bad:
         raise KVForgeError(f"unknown layout(s) {sorted(bad)}; allowed: {', '.join(LAYOUTS.values())}")
@@ -316,14 +305,13 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
         print(json.dumps(row))
         (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
-    variants = [(c, m) for c in modes for m in (merges or [decode_kernel.MERGE])]
     for n in contexts:
         ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)
         grid = [(spec, r) for spec in presses
                 for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios)]
         base_prefill = None
         for spec, r in grid:
-            todo = _press_rows(model, ids, spec, factories.get(spec), r, variants, new_tokens, copy_bw,
+            todo = _press_rows(model, ids, spec, factories.get(spec), r, modes, new_tokens, copy_bw,
                                weights_bytes, cuda_graph, layouts)
             if spec == "none" and base_prefill is None:
                 base_prefill = todo[0].get("prefill_s")

@@ -177,8 +177,7 @@ def cmd_bench(args) -> None:
     run_bench(args.model, args.config if args.random_weights else None, _csv(args.context, _length), args.batch,
               _with_quant(_csv(args.presses), args), _csv(args.ratios, float), args.new_tokens, args.out,
               device=args.device, cuda_graph=not args.no_cuda_graph, hf_caches=_csv(args.hf_caches) if args.hf_caches
-              else None, layouts=_csv(args.layouts) if args.layouts else None, compile=args.compile,
-              merges=_csv(args.merges) if args.merges else None)
+              else None, layouts=_csv(args.layouts) if args.layouts else None, compile=args.compile)
     print(f"results: {args.out}/bench.json, bench.csv, bench.png")
 
 
@@ -294,8 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "every row without and with, in the same run; 'autotune' times default and max-autotune "
                         "compilation (inductor-tuned GEMMs), 'max-autotune' only the latter; the variants of a "
                         "row share its prefill")
-    b.add_argument("--merges", default=None,
-                   help="time every row with each form of the decode kernel's split merge: separate,fused")
     b.add_argument("--layouts", default=None,
                    help="per-head-budget presses on these layouts too: packed,padded (default: the device's own)")
     _quant_args(b)

@@ -61,24 +61,36 @@ def decode_attention_gather(query, k_flat, v_flat, offsets, lengths, scale: floa
     return (p @ v).reshape(b, hq, -1).to(query.dtype)
 
 
-_SMS: dict[int, int] = {}
+_DEVICE: dict[int, tuple[int, int, int]] = {}
+
+
+def _device_facts(device: torch.device) -> tuple[int, int, int]:
+    """(SMs, block_n, waves) of a CUDA device, cached (a plain dict read, which `torch.compile` traces).
+    128-key tiles and 3 waves where a program may use >= 160 KiB of shared memory (H100/H200/A100: best of the
+    sweep in benchmarks/NOTES.md), else 64-key tiles and 4 waves."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE:
+        props = torch.cuda.get_device_properties(idx)
+        big = getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024
+        _DEVICE[idx] = (props.multi_processor_count, *((128, 3) if big else (64, 4)))
+    return _DEVICE[idx]
 
 
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached: a plain dict read, which `torch.compile` traces)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
+    """Streaming multiprocessors of a CUDA device."""
+    return _device_facts(device)[0]
 
 
 if triton is not None:
 
     @triton.jit
-    def _split_part(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh, bh, s, H: tl.constexpr,
-                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NS,
-                    BLOCK_N: tl.constexpr):
-        """Split `s` of segment `bh`: running max, sum and weighted values of its keys, stored as partials."""
+    def _split_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh,
+                      H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                      NS, BLOCK_N: tl.constexpr):
+        """Program (segment bh, split s): running max, sum and weighted values of the split's keys for the G
+        query heads of the segment's group (each K/V tile loaded once), stored as partials."""
+        bh = tl.program_id(0)
+        s = tl.program_id(1)
         b = bh // H
         h = bh % H
         off = tl.load(OFF + bh).to(tl.int64)
@@ -114,10 +126,11 @@ if triton is not None:
         tl.store(ACC + base[:, None] * DV + dv[None, :], acc, mask=real[:, None])
 
     @triton.jit
-    def _merge_head(M, L, ACC, OUT, stride_ob, stride_oh, bh, gi, NS, H: tl.constexpr, G: tl.constexpr,
-                    DV: tl.constexpr, CH: tl.constexpr):
-        """Query head `gi` of segment `bh`: its NS partials merged CH at a time with a running max (loads
-        bypass L1: in the fused kernel other programs wrote them)."""
+    def _merge_kernel(M, L, ACC, OUT, stride_ob, stride_oh, NS, H: tl.constexpr, G: tl.constexpr,
+                      DV: tl.constexpr, CH: tl.constexpr):
+        """Program (segment bh, query head gi): its NS partials merged CH at a time with a running max."""
+        bh = tl.program_id(0)
+        gi = tl.program_id(1)
         b = bh // H
         h = bh % H
         dv = tl.arange(0, DV)
@@ -128,47 +141,17 @@ if triton is not None:
             s = c + tl.arange(0, CH)
             ok = s < NS
             base = (bh * NS + s) * G + gi
-            m = tl.load(M + base, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            m = tl.load(M + base, mask=ok, other=float("-inf"))
             m_new = tl.maximum(m_run, tl.max(m, 0))
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             keep = tl.exp(m_run - safe)
             w = tl.exp(m - safe)
-            den = den * keep + tl.sum(tl.load(L + base, mask=ok, other=0.0, cache_modifier=".cg") * w, 0)
-            part = tl.load(ACC + base[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0,
-                           cache_modifier=".cg")
+            den = den * keep + tl.sum(tl.load(L + base, mask=ok, other=0.0) * w, 0)
+            part = tl.load(ACC + base[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
             acc = acc * keep + tl.sum(part * w[:, None], 0)
             m_run = m_new
         out = acc / tl.where(den > 0, den, 1.0)
         tl.store(OUT + b * stride_ob + (h * G + gi) * stride_oh + dv, out.to(OUT.dtype.element_ty))
-
-    @triton.jit
-    def _split_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh,
-                      H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                      NS, BLOCK_N: tl.constexpr):
-        _split_part(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh, tl.program_id(0),
-                    tl.program_id(1), H, G, GP, D, DV, NS, BLOCK_N)
-
-    @triton.jit
-    def _merge_kernel(M, L, ACC, OUT, stride_ob, stride_oh, NS, H: tl.constexpr, G: tl.constexpr,
-                      DV: tl.constexpr, CH: tl.constexpr):
-        """One program per (segment, query head)."""
-        _merge_head(M, L, ACC, OUT, stride_ob, stride_oh, tl.program_id(0), tl.program_id(1), NS, H, G, DV, CH)
-
-    @triton.jit
-    def _fused_kernel(Q, K, V, OFF, LEN, M, L, ACC, CNT, OUT, scale, split, stride_qb, stride_qh, stride_ob,
-                      stride_oh, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                      DV: tl.constexpr, NS, BLOCK_N: tl.constexpr, CH: tl.constexpr):
-        """Split and merge in one launch: each program stores its partials and counts itself in (acq_rel
-        atomic); the last of a segment's NS programs merges them and resets the counter for the next call."""
-        bh = tl.program_id(0)
-        _split_part(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh, bh, tl.program_id(1), H,
-                    G, GP, D, DV, NS, BLOCK_N)
-        tl.debug_barrier()  # every thread's partial stores happen before the release below
-        if tl.atomic_add(CNT + bh, 1, sem="acq_rel", scope="gpu") == NS - 1:
-            tl.debug_barrier()  # and every thread's loads of the others' partials after the acquire
-            for gi in tl.static_range(G):
-                _merge_head(M, L, ACC, OUT, stride_ob, stride_oh, bh, gi, NS, H, G, DV, CH)
-            tl.atomic_xchg(CNT + bh, 0)
 
 
 def _num_splits(total: int, max_len: int, block_n: int, sms: int, waves: int) -> tuple[int, int]:
@@ -180,31 +163,12 @@ def _num_splits(total: int, max_len: int, block_n: int, sms: int, waves: int) ->
     return max(1, math.ceil(max(max_len, 1) / split)), split
 
 
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, rows: int) -> torch.Tensor:
-    """Arrival counters of the fused kernel, one per segment: zero between calls (the kernel resets them), so
-    one buffer per (device, rows) serves every call and every CUDA-graph replay."""
-    key = (device, rows)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(rows, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
-
-
-MERGE = os.environ.get("KVFORGE_DECODE_MERGE", "separate")  # "fused": one launch (benchmarks/NOTES.md)
-
-
 def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_len: int | None = None,
-                     total: int | None = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
-                     waves: int = 4, merge: str | None = None, sms: int | None = None):
+                     total: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                     num_stages: int = 2, waves: int | None = None, sms: int | None = None):
     """Decode attention over segments (see module docstring). `max_len` and `total` (host ints: the longest
-    segment and the sum of lengths) avoid a device sync; they are read from `lengths` when omitted. `merge`:
-    "separate" (a second kernel merges the splits) or "fused" (the last split of each segment merges, one
-    launch); default `KVFORGE_DECODE_MERGE` or separate. `sms` overrides the device's count (interpreter tests)."""
-    merge = merge or MERGE
-    if merge not in ("separate", "fused"):
-        raise ValueError(f"unknown merge {merge!r}; allowed: separate, fused")
+    segment and the sum of lengths) avoid a device sync; they are read from `lengths` when omitted. `block_n`,
+    `waves` default to the device's (`_device_facts`); `sms` overrides the device's count (interpreter tests)."""
     if (not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1") or triton is None:
         return decode_attention_gather(query, k_flat, v_flat, offsets, lengths, scale,
                                        int(lengths.max()) if max_len is None else max_len)
@@ -217,6 +181,9 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
         max_len = int(lengths.max())
     if total is None:
         total = int(lengths.sum())
+    if block_n is None or waves is None:
+        dflt = _device_facts(query.device)[1:] if query.is_cuda else (64, 4)
+        block_n, waves = block_n or dflt[0], waves or dflt[1]
     sms = sms or sm_count(query.device)
     ns, split = _num_splits(total, max_len, block_n, sms, waves)
     gp = max(16, triton.next_power_of_2(g))
@@ -224,12 +191,6 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
     lse = torch.empty_like(m)
     acc = torch.empty(rows, ns, g, dv, dtype=torch.float32, device=query.device)
     out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
-    if merge == "fused":
-        _fused_kernel[(rows, ns)](query, k_flat, v_flat, offsets, lengths, m, lse, acc,
-                                  _counters(query.device, rows), out, scale, split, query.stride(0),
-                                  query.stride(1), out.stride(0), out.stride(1), H=h, G=g, GP=gp, D=d, DV=dv,
-                                  NS=ns, BLOCK_N=block_n, CH=32, num_warps=num_warps, num_stages=num_stages)
-        return out
     _split_kernel[(rows, ns)](query, k_flat, v_flat, offsets, lengths, m, lse, acc, scale, split,
                               query.stride(0), query.stride(1), H=h, G=g, GP=gp, D=d, DV=dv, NS=ns,
                               BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
