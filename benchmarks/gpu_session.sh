@@ -47,12 +47,15 @@ profile)
   ;;
 autotune)  # PARTS: any of kernels autotune generate (default: all)
   for part in ${PARTS:-kernels autotune generate}; do case $part in
+  tests)
+    timeout 120 python3 -m pytest -p no:cacheprovider -p no:logging -q tests/test_kernels.py 2>&1 | tail -2 ;;
   kernels)
     timeout 120 python3 -m pytest -p no:cacheprovider -p no:logging -q tests/test_kernels.py 2>&1 | tail -2
     timeout 180 python3 benchmarks/gpu_attention.py 2>&1 | tail -42 ;;
   autotune)
     timeout ${B_T:-420} python3 -m kvforge.cli bench --random-weights --config llama3.1-8b --context 128k \
-      --presses none,knorm,adakv:knorm --ratios 0.75 --new-tokens 16 --device cuda --compile ${AT_MODE:-max-autotune} \
+      --presses ${AT_PRESSES:-none,knorm,adakv:knorm} --ratios 0.75 --new-tokens 16 --device cuda \
+      --compile ${AT_MODE:-max-autotune} \
       --out $R/bench_autotune 2>&1 | grep -E "^\{|bandwidth" | cut -c1-600
     cp $R/bench_autotune/bench.json $OUT/bench_autotune.json ;;
   generate)
