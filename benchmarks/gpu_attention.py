@@ -8,6 +8,7 @@ Writes $OUT/gpu_attention.json and prints a table. Llama-3.1-8B shapes: 32 query
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -177,7 +178,15 @@ def timing(copy_tbs: float, var: dict) -> list[dict]:
     return rows
 
 
-SWEEP = [(w, bn, st, nw) for w in (2, 3, 4, 6) for bn in (64, 128) for st in (1, 2, 3) for nw in (4, 8)]
+# (waves, tile, stages, warps, fit): fit = the smallest split (a multiple of 16, not of the tile) that still
+# needs only `waves` rounds of programs: sum over segments of ceil(len / split) <= waves x SMs, guaranteed by
+# ceil(total / (waves x SMs - segments)); the default rounds the split up to a whole tile instead
+SWEEP = [(w, bn, st, 4, fit) for w in (2, 3, 4) for bn in (64, 128) for st in (2, 3) for fit in (False, True)]
+
+
+def fit_split(total: int, waves: int, rows: int) -> int | None:
+    slots = waves * torch.cuda.get_device_properties(0).multi_processor_count - rows
+    return None if slots <= 0 else max(16, math.ceil(math.ceil(total / slots) / 16) * 16)
 
 
 def sweep(copy_tbs: float) -> list[dict]:
@@ -190,8 +199,9 @@ def sweep(copy_tbs: float) -> list[dict]:
         lengths = (w / w.sum() * H * n * keep).long().clamp(max=n).tolist()
         inputs = [packed(lengths, 1) for _ in range(2)]  # graph_bench rotates over <= 2 sets at these sizes
         nbytes = 2 * sum(lengths) * D * 2
-        for waves, block_n, stages, warps in SWEEP:
-            kw = dict(waves=waves, block_n=block_n, num_stages=stages, num_warps=warps)
+        for waves, block_n, stages, warps, fit in SWEEP:
+            kw = dict(waves=waves, block_n=block_n, num_stages=stages, num_warps=warps,
+                      split=fit_split(sum(lengths), waves, H) if fit else None)
 
             def make(i, inputs=inputs, lengths=lengths, kw=kw):  # noqa: B006 (bound per variant, never mutated)
                 q2, k2, v2, o2, l2 = inputs[i % len(inputs)]
@@ -200,13 +210,13 @@ def sweep(copy_tbs: float) -> list[dict]:
             try:
                 t = graph_bench(make, nbytes)
             except Exception as e:  # e.g. a tile that needs more shared memory than the device has
-                print(f"sweep variant {(waves, block_n, stages, warps)} failed: {type(e).__name__}")
+                print(f"sweep variant {(waves, block_n, stages, warps, fit)} failed: {type(e).__name__}")
                 continue
             rows.append({"kept": keep, "waves": waves, "block_n": block_n, "stages": stages, "warps": warps,
-                         "ms": t, "frac_copy": nbytes / t / 1e9 / copy_tbs})
+                         "fit": fit, "split": kw["split"], "ms": t, "frac_copy": nbytes / t / 1e9 / copy_tbs})
         del inputs
         torch.cuda.empty_cache()
-    key = ("waves", "block_n", "stages", "warps")
+    key = ("waves", "block_n", "stages", "warps", "fit")
     full = {tuple(r[k] for k in key): r["ms"] for r in rows if r["kept"] == 1.0}
     for r in rows:
         if r["kept"] == 0.25 and full:

@@ -38,6 +38,12 @@ def test_twin_matches_eager_on_dense_and_ragged():
         torch.testing.assert_close(out[bi, hi * g : (hi + 1) * g], want, rtol=1e-5, atol=1e-5)
 
 
+def test_bad_split_is_rejected():
+    q, k, v, offs, lens = packed_case([3, 2], 1, 2, 2, 16)
+    with pytest.raises(ValueError, match="split=0: must be a positive number of keys per program"):
+        decode_attention(q, k, v, offs, lens, 0.25, split=0)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gather_path_matches_twin_on_fresh_ragged_inputs(seed):
     """The vectorised torch path (CPU decode, traceable by torch.compile) equals the per-segment loop on fresh
@@ -57,16 +63,18 @@ def test_gather_path_matches_twin_on_fresh_ragged_inputs(seed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b", [1, 3])
-@pytest.mark.parametrize("block_n", [64, 128])
-def test_triton_matches_twin(dtype, b, block_n):
-    """Both tile sizes (the device default and the other) on fresh inputs; a second call gives the same."""
+@pytest.mark.parametrize("block_n,split", [(64, None), (128, None), (128, 200)])
+def test_triton_matches_twin(dtype, b, block_n, split):
+    """Both tile sizes (the device default and the other), and splits that end mid-tile, on fresh inputs; a
+    second call gives the same."""
     h, g, d = 8, 4, 128
     for seed in range(3):  # fresh random inputs each time, ragged lengths including 0 and 1
         lengths = torch.randint(0, 3000, (b * h,), generator=torch.Generator().manual_seed(seed)).tolist()
         lengths[0], lengths[-1] = 0, 1
         q, k, v, offs, lens = packed_case(lengths, b, h, g, d, dtype, "cuda", seed)
-        out = decode_attention(q, k, v, offs, lens, d**-0.5, block_n=block_n)
-        torch.testing.assert_close(decode_attention(q, k, v, offs, lens, d**-0.5, block_n=block_n), out)
+        out = decode_attention(q, k, v, offs, lens, d**-0.5, block_n=block_n, split=split)
+        torch.testing.assert_close(decode_attention(q, k, v, offs, lens, d**-0.5, block_n=block_n, split=split),
+                                   out)
         ref = decode_attention_ref(q.double(), k.double(), v.double(), offs, lens, d**-0.5)
         assert not torch.isnan(out).any()
         err = (out.double() - ref).norm() / ref.norm()

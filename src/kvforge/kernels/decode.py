@@ -154,21 +154,28 @@ if triton is not None:
         tl.store(OUT + b * stride_ob + (h * G + gi) * stride_oh + dv, out.to(OUT.dtype.element_ty))
 
 
-def _num_splits(total: int, max_len: int, block_n: int, sms: int, waves: int) -> tuple[int, int]:
+def _num_splits(total: int, max_len: int, block_n: int, sms: int, waves: int,
+                split: int | None = None) -> tuple[int, int]:
     """Keys per split (a block multiple) sized from the *total* entries so the busy programs fill the GPU
     `waves` times even when heads are ragged; splits per segment cover the longest one (shorter segments'
-    extra programs exit at once)."""
-    per_program = math.ceil(max(total, 1) / (waves * sms))
-    split = max(block_n, math.ceil(per_program / block_n) * block_n)
+    extra programs exit at once). An explicit `split` (any positive count: a split's last tile is masked) is
+    taken as given."""
+    if split is None:
+        per_program = math.ceil(max(total, 1) / (waves * sms))
+        split = max(block_n, math.ceil(per_program / block_n) * block_n)
     return max(1, math.ceil(max(max_len, 1) / split)), split
 
 
 def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_len: int | None = None,
                      total: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                     num_stages: int = 2, waves: int | None = None, sms: int | None = None):
+                     num_stages: int = 2, waves: int | None = None, sms: int | None = None,
+                     split: int | None = None):
     """Decode attention over segments (see module docstring). `max_len` and `total` (host ints: the longest
     segment and the sum of lengths) avoid a device sync; they are read from `lengths` when omitted. `block_n`,
-    `waves` default to the device's (`_device_facts`); `sms` overrides the device's count (interpreter tests)."""
+    `waves` default to the device's (`_device_facts`); `sms` overrides the device's count (interpreter tests);
+    `split` fixes the keys per program (default: from `total` and `waves`, `_num_splits`)."""
+    if split is not None and split < 1:
+        raise ValueError(f"split={split}: must be a positive number of keys per program")
     if (not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1") or triton is None:
         return decode_attention_gather(query, k_flat, v_flat, offsets, lengths, scale,
                                        int(lengths.max()) if max_len is None else max_len)
@@ -185,7 +192,7 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
         dflt = _device_facts(query.device)[1:] if query.is_cuda else (64, 4)
         block_n, waves = block_n or dflt[0], waves or dflt[1]
     sms = sms or sm_count(query.device)
-    ns, split = _num_splits(total, max_len, block_n, sms, waves)
+    ns, split = _num_splits(total, max_len, block_n, sms, waves, split)
     gp = max(16, triton.next_power_of_2(g))
     m = torch.empty(rows, ns, g, dtype=torch.float32, device=query.device)
     lse = torch.empty_like(m)
