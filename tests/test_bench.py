@@ -59,3 +59,38 @@ def test_bench_bad_input(tmp_path, tiny, capsys):
         run_bench("tiny", None, [64], 1, ["adakv:knorm"], [0.5], 2, str(tmp_path), layouts=["ragged"], model=tiny)
     assert main(["bench", "--presses", "none"]) != 0  # neither --model nor --random-weights
     assert "give --model M" in capsys.readouterr().err
+
+
+def test_bench_resumes_an_interrupted_run(tmp_path, tiny, monkeypatch):
+    """A run stopped mid-grid keeps its finished rows; the next run with the same set-up times only what is
+    missing (rows kept verbatim, labelled with the run that timed them); another set-up starts afresh."""
+    import kvforge.bench as bench
+
+    real = bench._press_rows
+    calls = []
+
+    def counted(model, ids, spec, *a, **k):
+        calls.append(spec)
+        if spec == "knorm" and stop:
+            raise KeyboardInterrupt
+        return real(model, ids, spec, *a, **k)
+
+    monkeypatch.setattr(bench, "_press_rows", counted)
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        run_bench("tiny", None, [48], 1, ["none", "knorm"], [0.5], 3, str(tmp_path), device="cpu", model=tiny)
+    first = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["press"] for r in first] == ["none"]
+
+    stop, calls[:] = False, []
+    rows = run_bench("tiny", None, [48], 1, ["none", "knorm"], [0.5], 3, str(tmp_path), device="cpu", model=tiny)
+    assert calls == ["knorm"]  # "none" was not timed again
+    assert rows[0] == first[0] and [r["press"] for r in rows] == ["none", "knorm"]
+    assert rows[1]["compression_overhead_s"] == pytest.approx(rows[1]["prefill_s"] - rows[0]["prefill_s"], abs=1e-3)
+    meta = json.loads((tmp_path / "bench.json").read_text())["meta"]
+    assert len(meta["runs"]) == 2 and rows[1]["run_started"] == meta["runs"][1]["started"]
+
+    calls[:] = []  # another set-up (more new tokens): nothing of the earlier rows is kept
+    rows = run_bench("tiny", None, [48], 1, ["none", "knorm"], [0.5], 4, str(tmp_path), device="cpu", model=tiny)
+    assert calls == ["none", "knorm"] and len(rows) == 2
+    assert len(json.loads((tmp_path / "bench.json").read_text())["meta"]["runs"]) == 1

@@ -13,9 +13,11 @@ import gc
 import json
 import statistics
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from kvforge.cache.coded import CodedLayer
 from kvforge.cache.kvcache import KVCache
@@ -264,6 +266,26 @@ def _press_rows(model, ids, spec: str, factory, ratio: float, variants: list, ne
     return out
 
 
+def _resumable(path: Path, setup: dict) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Rows of an earlier run in `path` with the same set-up, by grid point (points with an error row are left
+    out: they run again), and that file's runs; nothing when the file is missing or its set-up differs."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}, []
+    meta = old.get("meta", {})
+    if {k: meta.get(k) for k in setup} != json.loads(json.dumps(setup)):
+        if old.get("rows"):
+            print(f"{path}: an earlier run with another set-up; starting afresh")
+        return {}, []
+    by_point: dict[str, list[dict]] = {}
+    for row in old.get("rows", []):
+        if "point" in row:
+            by_point.setdefault(row["point"], []).append(row)
+    kept = {p: rs for p, rs in by_point.items() if not any("error" in r for r in rs)}
+    return kept, meta.get("runs", [])
+
+
 def run_bench(model_name: str | None, config: str | None, contexts: list[int], batch: int, presses: list[str],
               ratios: list[float], new_tokens: int, out: str, device: str | None = None,
               cuda_graph: bool = True, hf_caches: list[str] | None = None, layouts: list[str] | None = None,
@@ -276,7 +298,9 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     `torch.compile` the captured decode step (`GraphDecoder(compile=True)`): True / "on", "both" (every row
     twice, without and with, in the same run), "autotune" (default and inductor's max-autotune GEMMs) or
     "max-autotune" (only the latter). The compile variants of one row share one prefill: each decodes
-    `new_tokens` more on the same compressed cache."""
+    `new_tokens` more on the same compressed cache. An interrupted run resumes: rows already in `out`/bench.json
+    from the same set-up (model, device, batch, new tokens, compile modes, layouts) are kept, not re-timed; each
+    row names the run (`run_started`) that timed it, and `meta.runs` lists every run's copy bandwidth."""
     from kvforge.eval.runner import _device_name, _git_commit, _prepare_out, parse_press
     from kvforge.models import load_model
 
@@ -295,35 +319,56 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     copy_bw = copy_bandwidth(dev)
     vocab = model.config.get_text_config().vocab_size
-    rows = []
-    meta = {"model": config or model_name, "random_weights": bool(config), "device": _device_name(model),
-            "copy_TBps": round(copy_bw / 1e12, 3), "weights_gb": round(weights_bytes / 1e9, 2),
-            "git_commit": _git_commit(), "new_tokens": new_tokens}
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    setup = {"model": config or model_name, "random_weights": bool(config), "device": _device_name(model),
+             "batch": batch, "new_tokens": new_tokens, "compile": modes, "cuda_graph": cuda_graph,
+             "layouts": layouts}
+    this_run = {"started": started, "copy_TBps": round(copy_bw / 1e12, 3), "git_commit": _git_commit()}
+    meta = {**setup, **this_run, "weights_gb": round(weights_bytes / 1e9, 2)}
+    saved, runs = _resumable(out_dir / "bench.json", setup)
+    meta["runs"] = runs + [this_run]
+    if saved:
+        print(f"resuming: {sum(len(v) for v in saved.values())} finished rows of an earlier run kept")
     print(f"{meta['device']}: copy bandwidth {meta['copy_TBps']} TB/s, weights {meta['weights_gb']} GB")
-    def emit(row: dict) -> None:  # finished rows reach the disk at once: an interrupted run keeps them
-        rows.append(row)
-        print(json.dumps(row))
+    rows = []
+
+    def emit(point: str, new: list[dict]) -> None:  # a finished point reaches the disk at once
+        for row in new:
+            row.setdefault("point", point)
+            row.setdefault("run_started", started)
+            rows.append(row)
+            tqdm.write(json.dumps(row))
         (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
+    grids = {n: [(spec, r) for spec in presses
+                 for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios)] for n in contexts}
+    bar = tqdm(total=sum(len(g) + len(hf_caches or []) for g in grids.values()), desc="bench", unit="row",
+               dynamic_ncols=True)
     for n in contexts:
         ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)
-        grid = [(spec, r) for spec in presses
-                for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios)]
         base_prefill = None
-        for spec, r in grid:
-            todo = _press_rows(model, ids, spec, factories.get(spec), r, modes, new_tokens, copy_bw,
-                               weights_bytes, cuda_graph, layouts)
+        for spec, r in grids[n]:
+            point = f"{n}/{spec}/{r}"
+            bar.set_postfix_str(point)
+            todo = saved.get(point) or _press_rows(model, ids, spec, factories.get(spec), r, modes, new_tokens,
+                                                   copy_bw, weights_bytes, cuda_graph, layouts)
             if spec == "none" and base_prefill is None:
                 base_prefill = todo[0].get("prefill_s")
-            for row in todo:
-                row["compression_overhead_s"] = (None if base_prefill is None or "prefill_s" not in row else
-                                                 round(row["prefill_s"] - base_prefill, 4))
-                emit(row)
+            if point not in saved:
+                for row in todo:
+                    row["compression_overhead_s"] = (None if base_prefill is None or "prefill_s" not in row else
+                                                     round(row["prefill_s"] - base_prefill, 4))
+            emit(point, todo)
+            bar.update()
         for spec in hf_caches or []:
+            point = f"{n}/transformers:{spec}"
             try:
-                emit(hf_row(model, ids, spec, new_tokens))
+                todo = saved.get(point) or [hf_row(model, ids, spec, new_tokens)]
             except Exception as e:  # a missing optional backend (optimum-quanto, hqq) must not lose the run
-                emit({"press": f"transformers:{spec}", "context": n, "batch": batch, "error": str(e)[:300]})
+                todo = [{"press": f"transformers:{spec}", "context": n, "batch": batch, "error": str(e)[:300]}]
+            emit(point, todo)
+            bar.update()
+    bar.close()
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with (out_dir / "bench.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)

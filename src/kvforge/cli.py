@@ -284,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     b.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
-    b.add_argument("--out", default="runs/bench")
+    b.add_argument("--out", default="runs/bench",
+                   help="results folder; a run stopped midway resumes there (rows of the same set-up are kept, "
+                        "not re-timed): another folder times everything afresh")
     b.add_argument("--hf-caches", default=None,
                    help="also time plain transformers decoding with these caches: dynamic, quanto@bits=2, ...")
     b.add_argument("--compile", nargs="?", const="on", default="off",
