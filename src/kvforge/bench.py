@@ -387,14 +387,16 @@ def _plot(rows: list[dict], path: Path) -> None:
     rows = [r for r in rows if "decode_ms_per_token" in r and not r["press"].startswith("transformers:")]
     mem = "peak_gb" if any(r.get("peak_gb") is not None for r in rows) else "kv_gb"  # CPU: no peak counter
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    variants = sorted({str(r.get("compiled", False)) for r in rows})  # one line per compile variant
     for n in sorted({r["context"] for r in rows}):
         for press in sorted({r["press"] for r in rows if r["press"] != "none"}):
-            pts = sorted(((r["compression_ratio"], r) for r in rows if r["context"] == n and r["press"] in (press,
-                                                                                                           "none")),
-                         key=lambda p: p[0])
-            xs = [x for x, _ in pts]
-            axes[0].plot(xs, [r["decode_ms_per_token"] for _, r in pts], marker="o", label=f"{press} {n}")
-            axes[1].plot(xs, [r[mem] for _, r in pts], marker="o", label=f"{press} {n}")
+            for v in variants:
+                pts = sorted(((r["compression_ratio"], r) for r in rows if r["context"] == n and r["press"] in
+                              (press, "none") and str(r.get("compiled", False)) == v), key=lambda p: p[0])
+                xs = [x for x, _ in pts]
+                label = f"{press} {n}" + (f" compiled={v}" if len(variants) > 1 else "")
+                axes[0].plot(xs, [r["decode_ms_per_token"] for _, r in pts], marker="o", label=label)
+                axes[1].plot(xs, [r[mem] for _, r in pts], marker="o", label=label)
     axes[0].set_ylabel("decode ms / token")
     axes[1].set_ylabel("peak GPU memory (GB)" if mem == "peak_gb" else "KV cache (GB)")
     for ax in axes:
