@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvforge.kernels.decode import _device_facts, _num_splits, _split_part
+from kvforge.kernels.decode import _plan, _split_part
 
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
@@ -70,18 +70,9 @@ def decode_attention_one_launch(query, k_flat, v_flat, offsets, lengths, scale: 
                                 block_n: int | None = None, waves: int | None = None, split: int | None = None,
                                 num_warps: int = 4, num_stages: int = 2, sms: int | None = None, ch: int = 16):
     """`kvforge.kernels.decode.decode_attention` in one launch (CUDA, or Triton's interpreter with `sms`)."""
-    b, hq, d = query.shape
-    rows = offsets.numel()
-    h = rows // b
-    g = hq // h
-    dv = v_flat.shape[-1]
-    dflt = _device_facts(query.device) if query.is_cuda else (sms, 64, 4)
-    block_n, waves, sms = block_n or dflt[1], waves or dflt[2], sms or dflt[0]
-    ns, split = _num_splits(total, max_len, block_n, sms, waves, split)
-    m = torch.empty(rows, ns, g, dtype=torch.float32, device=query.device)
-    lse = torch.empty_like(m)
-    acc = torch.empty(rows, ns, g, dv, dtype=torch.float32, device=query.device)
-    out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
+    h, g, block_n, ns, split, m, lse, acc, out = _plan(query, v_flat, offsets, lengths, max_len, total, block_n,
+                                                       waves, sms, split)
+    rows, d, dv = offsets.numel(), query.shape[-1], v_flat.shape[-1]
     _one_launch_kernel[(rows, ns)](query, k_flat, v_flat, offsets, lengths, m, lse, acc,
                                    _counters(query.device, rows), out, scale, split, query.stride(0),
                                    query.stride(1), out.stride(0), out.stride(1), H=h, G=g,

@@ -172,6 +172,25 @@ def _num_splits(total: int, max_len: int, block_n: int, sms: int, waves: int,
     return max(1, math.ceil(max(max_len, 1) / split)), split
 
 
+def _plan(query, v_flat, offsets, lengths, max_len, total, block_n, waves, sms, split):
+    """What a launch over segments needs, shared by the kernel forms: (KV heads H, group G, tile, splits per
+    segment, keys per split, and the partial buffers m, l `[rows, NS, G]`, acc `[rows, NS, G, Dv]`, out)."""
+    b, hq, _ = query.shape
+    rows = offsets.numel()
+    h = rows // b
+    g = hq // h
+    max_len = int(lengths.max()) if max_len is None else max_len
+    total = int(lengths.sum()) if total is None else total
+    if block_n is None or waves is None:
+        dflt = _device_facts(query.device)[1:] if query.is_cuda else (64, 4)
+        block_n, waves = block_n or dflt[0], waves or dflt[1]
+    ns, split = _num_splits(total, max_len, block_n, sms or sm_count(query.device), waves, split)
+    m = torch.empty(rows, ns, g, dtype=torch.float32, device=query.device)
+    acc = torch.empty(rows, ns, g, v_flat.shape[-1], dtype=torch.float32, device=query.device)
+    out = torch.empty(b, hq, v_flat.shape[-1], dtype=query.dtype, device=query.device)
+    return h, g, block_n, ns, split, m, torch.empty_like(m), acc, out
+
+
 def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_len: int | None = None,
                      total: int | None = None, block_n: int | None = None, num_warps: int = 4,
                      num_stages: int = 2, waves: int | None = None, sms: int | None = None,
@@ -185,25 +204,10 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
     if (not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1") or triton is None:
         return decode_attention_gather(query, k_flat, v_flat, offsets, lengths, scale,
                                        int(lengths.max()) if max_len is None else max_len)
-    b, hq, d = query.shape
-    rows = offsets.numel()
-    h = rows // b
-    g = hq // h
-    dv = v_flat.shape[-1]
-    if max_len is None:
-        max_len = int(lengths.max())
-    if total is None:
-        total = int(lengths.sum())
-    if block_n is None or waves is None:
-        dflt = _device_facts(query.device)[1:] if query.is_cuda else (64, 4)
-        block_n, waves = block_n or dflt[0], waves or dflt[1]
-    sms = sms or sm_count(query.device)
-    ns, split = _num_splits(total, max_len, block_n, sms, waves, split)
+    h, g, block_n, ns, split, m, lse, acc, out = _plan(query, v_flat, offsets, lengths, max_len, total, block_n,
+                                                       waves, sms, split)
+    rows, d, dv = offsets.numel(), query.shape[-1], v_flat.shape[-1]
     gp = max(16, triton.next_power_of_2(g))
-    m = torch.empty(rows, ns, g, dtype=torch.float32, device=query.device)
-    lse = torch.empty_like(m)
-    acc = torch.empty(rows, ns, g, dv, dtype=torch.float32, device=query.device)
-    out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
     _split_kernel[(rows, ns)](query, k_flat, v_flat, offsets, lengths, m, lse, acc, scale, split,
                               query.stride(0), query.stride(1), H=h, G=g, GP=gp, D=d, DV=dv, NS=ns,
                               BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
