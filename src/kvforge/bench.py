@@ -79,15 +79,14 @@ LAYOUTS = {"PackedHeadLayer": "packed", "HeadVarlenLayer": "padded"}
 
 
 def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, weights_bytes: int,
-              cuda_graph: bool = True, packed: bool | None = None, compile: bool | str = False,
-              variants: list | None = None) -> list[dict]:
+              cuda_graph: bool = True, packed: bool | None = None,
+              variants: tuple | list = (False,)) -> list[dict]:
     """Prefill and compress once, then time `new_tokens` decode steps per compile variant (`False`, `True` or
-    an inductor mode) on that same cache, one after another (default: `[compile]`); one row per variant.
+    an inductor mode) on that same cache, one after another; one row per variant.
 
     Each variant decodes from where the previous one stopped (the context grows by `new_tokens` per variant,
     reserved up front), so N variants cost one prefill instead of N. A compiler failure of a compiled variant
     is recorded in its row, not raised."""
-    variants = variants or [compile]
     device = ids.device
     cuda = device.type == "cuda"
     gc.collect()  # nothing of an earlier row may still hold memory when this row's peak is measured
@@ -254,9 +253,7 @@ def _press_rows(model, ids, spec: str, factory, ratio: float, variants: list, ne
     press = None if spec == "none" else factory(ratio)
     rows = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, variants=variants)
     own = next((LAYOUTS.get(r["layer_kind"]) for r in rows if r.get("layer_kind")), None)
-    out = []
-    for row in rows:
-        out.append({**row, "press": f"{spec} [{own}]" if own and layouts else spec})
+    out = [{**row, "press": f"{spec} [{own}]" if own and layouts else spec} for row in rows]
     if own and layouts:  # per-head budgets: the other requested layouts too, labelled
         for lay in layouts:
             if lay != own:
