@@ -79,3 +79,34 @@ def test_triton_matches_twin(dtype, b, block_n, split):
         assert not torch.isnan(out).any()
         err = (out.double() - ref).norm() / ref.norm()
         assert err < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs CUDA compute capability >= 9")
+def test_pdl_launch_waits_for_its_inputs_in_a_graph():
+    """`pdl=True` captured between the kernel that writes the query and one that reads the output: every replay
+    (query zeroed, then rewritten inside the graph) equals the twin, so neither kernel reads early."""
+    h, g, d = 8, 4, 128
+    lengths = torch.randint(0, 5000, (2 * h,), generator=torch.Generator().manual_seed(7)).tolist()
+    lengths[0], lengths[-1] = 0, 1
+    src, k, v, offs, lens = packed_case(lengths, 2, h, g, d, torch.bfloat16, "cuda", 7)
+    ref = decode_attention_ref(src.double(), k.double(), v.double(), offs, lens, d**-0.5)
+    q = torch.zeros_like(src)
+    mx, tot = max(lengths), sum(lengths)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        q.copy_(src)
+        decode_attention(q, k, v, offs, lens, d**-0.5, max_len=mx, total=tot, pdl=True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q.copy_(src)
+        out = decode_attention(q, k, v, offs, lens, d**-0.5, max_len=mx, total=tot, pdl=True).float() * 1.0
+    for _ in range(3):
+        q.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not out.isnan().any()
+        assert (out.double() - ref).norm() / ref.norm() < 1e-2

@@ -22,6 +22,7 @@ import torch
 try:  # Triton is present on CUDA machines; the CPU path never needs it
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
@@ -61,18 +62,19 @@ def decode_attention_gather(query, k_flat, v_flat, offsets, lengths, scale: floa
     return (p @ v).reshape(b, hq, -1).to(query.dtype)
 
 
-_DEVICE: dict[int, tuple[int, int, int]] = {}
+_DEVICE: dict[int, tuple[int, int, int, bool]] = {}
 
 
-def _device_facts(device: torch.device) -> tuple[int, int, int]:
-    """(SMs, block_n, waves) of a CUDA device, cached (a plain dict read, which `torch.compile` traces).
+def _device_facts(device: torch.device) -> tuple[int, int, int, bool]:
+    """(SMs, block_n, waves, PDL) of a CUDA device, cached (a plain dict read, which `torch.compile` traces).
     128-key tiles and 3 waves where a program may use >= 160 KiB of shared memory (H100/H200/A100: best of the
-    sweep in benchmarks/NOTES.md), else 64-key tiles and 4 waves."""
+    sweep in benchmarks/NOTES.md), else 64-key tiles and 4 waves; programmatic dependent launch from compute
+    capability 9 (Hopper) on."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _DEVICE:
         props = torch.cuda.get_device_properties(idx)
         big = getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024
-        _DEVICE[idx] = (props.multi_processor_count, *((128, 3) if big else (64, 4)))
+        _DEVICE[idx] = (props.multi_processor_count, *((128, 3) if big else (64, 4)), props.major >= 9)
     return _DEVICE[idx]
 
 
@@ -126,15 +128,23 @@ if triton is not None:
     @triton.jit
     def _split_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh,
                       H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                      NS, BLOCK_N: tl.constexpr):
-        """One program per (segment, split)."""
+                      NS, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """One program per (segment, split). PDL (programmatic dependent launch, Hopper+): the program may start
+        while the previous kernel finishes; it waits for that kernel's writes before its first load, and lets
+        the merge kernel be scheduled at once (the merge waits for this kernel's completion)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         _split_part(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh, tl.program_id(0),
                     tl.program_id(1), H, G, GP, D, DV, NS, BLOCK_N)
 
     @triton.jit
     def _merge_kernel(M, L, ACC, OUT, stride_ob, stride_oh, NS, H: tl.constexpr, G: tl.constexpr,
-                      DV: tl.constexpr, CH: tl.constexpr):
+                      DV: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr):
         """Program (segment bh, query head gi): its NS partials merged CH at a time with a running max."""
+        if PDL:  # as in the split kernel: wait for the partials, let the next kernel be scheduled
+            gdc_wait()
+            gdc_launch_dependents()
         bh = tl.program_id(0)
         gi = tl.program_id(1)
         b = bh // H
@@ -173,7 +183,7 @@ def _num_splits(total: int, max_len: int, block_n: int, sms: int, waves: int,
 
 
 def _plan(query, v_flat, offsets, lengths, max_len, total, block_n, waves, sms, split):
-    """What a launch over segments needs, shared by the kernel forms: (KV heads H, group G, tile, splits per
+    """What the split and merge launches need: (KV heads H, group G, tile, splits per
     segment, keys per split, and the partial buffers m, l `[rows, NS, G]`, acc `[rows, NS, G, Dv]`, out)."""
     b, hq, _ = query.shape
     rows = offsets.numel()
@@ -182,7 +192,7 @@ def _plan(query, v_flat, offsets, lengths, max_len, total, block_n, waves, sms, 
     max_len = int(lengths.max()) if max_len is None else max_len
     total = int(lengths.sum()) if total is None else total
     if block_n is None or waves is None:
-        dflt = _device_facts(query.device)[1:] if query.is_cuda else (64, 4)
+        dflt = _device_facts(query.device)[1:3] if query.is_cuda else (64, 4)
         block_n, waves = block_n or dflt[0], waves or dflt[1]
     ns, split = _num_splits(total, max_len, block_n, sms or sm_count(query.device), waves, split)
     m = torch.empty(rows, ns, g, dtype=torch.float32, device=query.device)
@@ -194,25 +204,44 @@ def _plan(query, v_flat, offsets, lengths, max_len, total, block_n, waves, sms, 
 def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_len: int | None = None,
                      total: int | None = None, block_n: int | None = None, num_warps: int = 4,
                      num_stages: int = 2, waves: int | None = None, sms: int | None = None,
-                     split: int | None = None):
+                     split: int | None = None, pdl: bool | None = None):
     """Decode attention over segments (see module docstring). `max_len` and `total` (host ints: the longest
     segment and the sum of lengths) avoid a device sync; they are read from `lengths` when omitted. `block_n`,
     `waves` default to the device's (`_device_facts`); `sms` overrides the device's count (interpreter tests);
-    `split` fixes the keys per program (default: from `total` and `waves`, `_num_splits`)."""
+    `split` fixes the keys per program (default: from `total` and `waves`, `_num_splits`); `pdl` launches both
+    kernels with programmatic dependent launch (default: where the device has it, compute capability >= 9, and
+    not inside `torch.compile`, whose kernel analysis cannot read the launch-control instructions and would
+    then treat every input as written)."""
     if split is not None and split < 1:
         raise ValueError(f"split={split}: must be a positive number of keys per program")
     if (not query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1") or triton is None:
         return decode_attention_gather(query, k_flat, v_flat, offsets, lengths, scale,
                                        int(lengths.max()) if max_len is None else max_len)
-    h, g, block_n, ns, split, m, lse, acc, out = _plan(query, v_flat, offsets, lengths, max_len, total, block_n,
-                                                       waves, sms, split)
-    rows, d, dv = offsets.numel(), query.shape[-1], v_flat.shape[-1]
-    gp = max(16, triton.next_power_of_2(g))
-    _split_kernel[(rows, ns)](query, k_flat, v_flat, offsets, lengths, m, lse, acc, scale, split,
-                              query.stride(0), query.stride(1), H=h, G=g, GP=gp, D=d, DV=dv, NS=ns,
-                              BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    _merge_kernel[(rows, g)](m, lse, acc, out, out.stride(0), out.stride(1), ns, H=h, G=g, DV=dv,
-                             CH=32, num_warps=4)
+    plan = _plan(query, v_flat, offsets, lengths, max_len, total, block_n, waves, sms, split)
+    if pdl is None:
+        pdl = query.is_cuda and _device_facts(query.device)[3] and not torch.compiler.is_compiling()
+    _launch_split(plan, query, k_flat, v_flat, offsets, lengths, scale, num_warps, num_stages, pdl)
+    return _launch_merge(plan, pdl)
+
+
+def _launch_split(plan, query, k_flat, v_flat, offsets, lengths, scale, num_warps, num_stages, pdl):
+    """The split kernel of a `_plan`: partials into its m, l, acc buffers."""
+    h, g, block_n, ns, split, m, lse, acc, _ = plan
+    extra = {"launch_pdl": True} if pdl else {}
+    _split_kernel[(offsets.numel(), ns)](query, k_flat, v_flat, offsets, lengths, m, lse, acc, scale, split,
+                                        query.stride(0), query.stride(1), H=h, G=g,
+                                        GP=max(16, triton.next_power_of_2(g)), D=query.shape[-1],
+                                        DV=v_flat.shape[-1], NS=ns, BLOCK_N=block_n, PDL=pdl,
+                                        num_warps=num_warps, num_stages=num_stages, **extra)
+
+
+def _launch_merge(plan, pdl: bool) -> torch.Tensor:
+    """The merge kernel of a `_plan`: its partials into its output `[B, Hq, Dv]`, up to 64 splits per pass (one
+    pass for the splits of a 128k call at the default launch sizes)."""
+    h, g, _, ns, _, m, lse, acc, out = plan
+    extra = {"launch_pdl": True} if pdl else {}
+    _merge_kernel[(m.shape[0], g)](m, lse, acc, out, out.stride(0), out.stride(1), ns, H=h, G=g, DV=acc.shape[-1],
+                                   CH=min(64, triton.next_power_of_2(ns)), PDL=pdl, num_warps=4, **extra)
     return out
 
 

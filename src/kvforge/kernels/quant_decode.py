@@ -47,14 +47,12 @@ import math
 
 import torch
 
-from kvforge.kernels.decode import _num_splits
+from kvforge.kernels.decode import _launch_merge, _num_splits
 from kvforge.quant import dequantize_keys, dequantize_values, value_group
 
 try:  # Triton is present on CUDA machines; the CPU path never needs it
     import triton
     import triton.language as tl
-
-    from kvforge.kernels.decode import _merge_kernel
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
@@ -337,9 +335,7 @@ def _quant_decode_triton(query, parts, bits, group, tail_k, tail_v, tail_len, sc
         tail_v.stride(0), tail_v.stride(1), tail_v.stride(2), ns, H=h, G=g, GP=triton.next_power_of_2(g), D=d,
         DV=dv, TL_PTR=tl_ptr is not query, num_warps=num_warps, num_stages=num_stages, **plan)
     out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
-    _merge_kernel[(rows, g)](mx, lse, acc, out, out.stride(0), out.stride(1), ns, H=h, G=g, DV=dv, CH=32,
-                             num_warps=4)
-    return out
+    return _launch_merge((h, g, None, ns, None, mx, lse, acc, out), pdl=False)  # the dense path's merge
 
 
 def quant_decode_attention(query, parts, bits: int, group: int, tail_k, tail_v, tail_len, scale: float, *,
