@@ -34,6 +34,11 @@ def main() -> int:
             err = ((out - ref).norm() / ref.norm()).item()
             ok &= err < 1e-2 and not out.isnan().any()
             print(f"seed {seed} block {block_n} split {split} SMs {sms}: relative error {err:.2e}")
+    try:  # no programmatic dependent launch off a Hopper-class GPU: a clear error, not a launch failure
+        decode_attention(q, k, v, offs, lens, d**-0.5, sms=2, pdl=True)
+        ok = False
+    except ValueError as e:
+        print("pdl=True on the interpreter:", e)
     return 0 if ok else 1
 
 

@@ -22,9 +22,12 @@ import torch
 try:  # Triton is present on CUDA machines; the CPU path never needs it
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
+try:  # programmatic dependent launch (Triton >= 3.3)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - CPU-only installs and older Triton
+    gdc_wait = gdc_launch_dependents = None
 
 
 def decode_attention_ref(query, k_flat, v_flat, offsets, lengths, scale: float, max_len: int | None = None):
@@ -69,12 +72,13 @@ def _device_facts(device: torch.device) -> tuple[int, int, int, bool]:
     """(SMs, block_n, waves, PDL) of a CUDA device, cached (a plain dict read, which `torch.compile` traces).
     128-key tiles and 3 waves where a program may use >= 160 KiB of shared memory (H100/H200/A100: best of the
     sweep in benchmarks/NOTES.md), else 64-key tiles and 4 waves; programmatic dependent launch from compute
-    capability 9 (Hopper) on."""
+    capability 9 (Hopper) on, where Triton has it."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _DEVICE:
         props = torch.cuda.get_device_properties(idx)
         big = getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024
-        _DEVICE[idx] = (props.multi_processor_count, *((128, 3) if big else (64, 4)), props.major >= 9)
+        pdl = props.major >= 9 and gdc_wait is not None
+        _DEVICE[idx] = (props.multi_processor_count, *((128, 3) if big else (64, 4)), pdl)
     return _DEVICE[idx]
 
 
@@ -218,8 +222,12 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
         return decode_attention_gather(query, k_flat, v_flat, offsets, lengths, scale,
                                        int(lengths.max()) if max_len is None else max_len)
     plan = _plan(query, v_flat, offsets, lengths, max_len, total, block_n, waves, sms, split)
+    can_pdl = query.is_cuda and _device_facts(query.device)[3]
+    if pdl and not can_pdl:
+        raise ValueError("pdl=True needs a CUDA device of compute capability >= 9 and Triton >= 3.3; this is "
+                         f"{torch.cuda.get_device_name(query.device) if query.is_cuda else query.device}")
     if pdl is None:
-        pdl = query.is_cuda and _device_facts(query.device)[3] and not torch.compiler.is_compiling()
+        pdl = can_pdl and not torch.compiler.is_compiling()
     _launch_split(plan, query, k_flat, v_flat, offsets, lengths, scale, num_warps, num_stages, pdl)
     return _launch_merge(plan, pdl)
 
