@@ -2,6 +2,14 @@
 
 import torch
 
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]  # the tiny random models of every family
+CONTEXT = (
+    "Mira keeps bees on the hill behind the mill. Every spring she counts the hives, paints the doors blue "
+    "and writes the numbers in a red notebook. The miller's son helps her carry the frames. "
+) * 2
+CONTEXTS = [CONTEXT, CONTEXT[:140], "A short note about the mill and the river."]  # ragged: a padded batch
+QUESTIONS = ["What colour are the hive doors?", "Who helps Mira?"]
+
 
 def greedy_decode(model, cache, logits, pos: int, steps: int, graph: bool = False, compile: bool = False
                   ) -> list[int]:

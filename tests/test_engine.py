@@ -4,21 +4,13 @@ import threading
 
 import pytest
 import torch
-from helpers import greedy_decode
+from helpers import CONTEXT, CONTEXTS, FAMILIES, QUESTIONS, greedy_decode
 from transformers import DynamicCache
 
 from kvforge import KVCache, generate, get_press
 from kvforge.cache import DenseLayer, HeadVarlenLayer
 from kvforge.generate import encode_prompt
 from kvforge.models import tiny_model
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
-CONTEXT = (
-    "Mira keeps bees on the hill behind the mill. Every spring she counts the hives, paints the doors blue "
-    "and writes the numbers in a red notebook. The miller's son helps her carry the frames. "
-) * 2
-CONTEXTS = [CONTEXT, CONTEXT[:140], "A short note about the mill and the river."]
-QUESTIONS = ["What colour are the hive doors?", "Who helps Mira?"]
 
 
 @pytest.fixture(scope="module")

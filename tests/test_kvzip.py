@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import CONTEXT, CONTEXTS, QUESTIONS
 from transformers import DynamicCache
 
 from kvforge import generate, get_press
@@ -15,12 +16,6 @@ from kvforge.generate import answer, compress_prefilled, encode, prefill_context
 from kvforge.models import tiny_model
 from kvforge.presses import kvzip as kz
 
-CONTEXT = (
-    "Mira keeps bees on the hill behind the mill. Every spring she counts the hives, paints the doors blue "
-    "and writes the numbers in a red notebook. The miller's son helps her carry the frames. "
-) * 2
-CONTEXTS = [CONTEXT, CONTEXT[:140], "A short note about the mill and the river."]
-QUESTIONS = ["What colour are the hive doors?", "Who helps Mira?"]
 CHUNK = 24  # several chunks per context, so the "starting with" prompt is exercised
 
 

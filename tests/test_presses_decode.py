@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import CONTEXT, QUESTIONS
 
 from kvforge import KVCache, generate, get_press
 from kvforge.cache import DenseLayer, HeadVarlenLayer
@@ -15,12 +16,7 @@ from kvforge.models import tiny_model
 from kvforge.presses.base import LayerContext
 from kvforge.presses.decoding import evict
 
-CONTEXT = (
-    "Mira keeps bees on the hill behind the mill. Every spring she counts the hives, paints the doors blue "
-    "and writes the numbers in a red notebook. The miller's son helps her carry the frames. "
-) * 2
 CONTEXTS = [CONTEXT, "A short note about the mill, the river and the bees."]
-QUESTIONS = ["What colour are the hive doors?", "Who helps Mira?"]
 D = 16
 
 

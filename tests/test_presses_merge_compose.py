@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from helpers import CONTEXT, QUESTIONS
 
 from kvforge import KVForgeError, generate, get_press
 from kvforge.cache import DenseLayer, HeadVarlenLayer, KVCache
@@ -20,12 +21,7 @@ from kvforge.models import tiny_config, tiny_model
 from kvforge.presses import LayerContext, Press, ScorerPress
 from kvforge.presses.chunk import ChunkPress
 
-CONTEXT = (
-    "Mira keeps bees on the hill behind the mill. Every spring she counts the hives, paints the doors blue "
-    "and writes the numbers in a red notebook. The miller's son helps her carry the frames. "
-) * 2
 CONTEXTS = [CONTEXT, "A short note about the mill and the river, and the bees that live by the water."]
-QUESTIONS = ["What colour are the hive doors?", "Who helps Mira?"]
 H_KV, G, D = 2, 2, 16  # tiny llama: 2 KV heads, 4 query heads, head_dim 16
 
 

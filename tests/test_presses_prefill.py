@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from helpers import CONTEXTS, QUESTIONS
 from transformers import LlamaConfig
 
 from kvforge import KVForgeError, generate, get_press
@@ -439,14 +440,6 @@ def test_cli_headkv_scores_writes_a_file_headkv_reads(tmp_path, monkeypatch, smo
 # ---------------------------------------------------------------------------------------------------------
 # end to end: a batch equals each context alone
 # ---------------------------------------------------------------------------------------------------------
-CONTEXT = (
-    "Mira keeps bees on the hill behind the mill. Every spring she counts the hives, paints the doors blue "
-    "and writes the numbers in a red notebook. The miller's son helps her carry the frames. "
-) * 2
-CONTEXTS = [CONTEXT, CONTEXT[:140], "A short note about the mill and the river."]
-QUESTION = ["What colour are the hive doors?"]
-
-
 @pytest.fixture(scope="module")
 def models():
     out = {f: tiny_model(f) for f in ("llama", "gemma3")}
@@ -470,7 +463,7 @@ def test_batch_equals_each_context_alone(models, smol_tokenizer, tmp_path, famil
         kwargs = dict(window_size=8, scores_path=write_scores(tmp_path, torch.rand(
             model.config.num_hidden_layers, model.config.num_key_value_heads, generator=g).tolist()))
     press = get_press(name, compression_ratio=0.5, **kwargs)
-    batch, cache = generate(model, tok, CONTEXTS, QUESTION, press=press, max_new_tokens=4, return_cache=True)
-    assert batch == [generate(model, tok, c, QUESTION, press=press, max_new_tokens=4) for c in CONTEXTS]
+    batch, cache = generate(model, tok, CONTEXTS, QUESTIONS[:1], press=press, max_new_tokens=4, return_cache=True)
+    assert batch == [generate(model, tok, c, QUESTIONS[:1], press=press, max_new_tokens=4) for c in CONTEXTS]
     assert all(row[0] for row in batch)  # real answers: the comparison means something
     assert cache.stats()["bytes"] < cache.stats()["uncompressed_bytes"]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import greedy_decode
+from helpers import CONTEXT, CONTEXTS, FAMILIES, QUESTIONS, greedy_decode
 
 from kvforge import KVForgeError, generate, get_press
 from kvforge.cache import KVCache
@@ -24,14 +24,6 @@ from kvforge.quant import (
     quantize_values,
     unpack,
 )
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
-CONTEXT = (
-    "Mira keeps bees on the hill behind the mill. Every spring she counts the hives, paints the doors blue "
-    "and writes the numbers in a red notebook. The miller's son helps her carry the frames. "
-) * 2
-CONTEXTS = [CONTEXT, CONTEXT[:140], "A short note about the mill and the river."]
-QUESTION = "What colour are the hive doors?"
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +96,7 @@ def kivi_bytes(m, tail, b, h, d, bits, group, elem=4):
 def test_packed_byte_count_equals_formula(models, smol_tokenizer, bits):
     model = models["llama"]
     press = get_press("kivi", bits=bits, group_size=8, residual_length=8)
-    _, cache = generate(model, smol_tokenizer, CONTEXTS, [QUESTION], press=press, max_new_tokens=5,
+    _, cache = generate(model, smol_tokenizer, CONTEXTS, QUESTIONS[:1], press=press, max_new_tokens=5,
                         return_cache=True)
     cfg = model.config
     d = cfg.hidden_size // cfg.num_attention_heads
@@ -166,13 +158,13 @@ def test_identity_quantizer_equals_plain_generate(models, smol_tokenizer, family
     plain `generate()`'s, batched (left padding) and alone."""
     model = models[family]
     press = get_press("kivi", bits=16, group_size=4, residual_length=3)
-    got = generate(model, smol_tokenizer, CONTEXTS, [QUESTION], press=press, max_new_tokens=24)
-    assert [a[0] for a in got] == plain(model, smol_tokenizer, CONTEXTS, QUESTION, 24)
+    got = generate(model, smol_tokenizer, CONTEXTS, QUESTIONS[:1], press=press, max_new_tokens=24)
+    assert [a[0] for a in got] == plain(model, smol_tokenizer, CONTEXTS, QUESTIONS[0], 24)
 
 
 def next_logits(model, tok, press):
-    ids = torch.tensor([sum(encode_prompt(tok, CONTEXT, QUESTION), [])])
-    n_ctx = len(encode_prompt(tok, CONTEXT, QUESTION)[0])
+    ids = torch.tensor([sum(encode_prompt(tok, CONTEXT, QUESTIONS[0]), [])])
+    n_ctx = len(encode_prompt(tok, CONTEXT, QUESTIONS[0])[0])
     cache = KVCache(model, press=press)
     with torch.no_grad():
         model(ids[:, :n_ctx], past_key_values=cache, use_cache=True)
@@ -197,14 +189,14 @@ def test_8bit_logits_within_1e2_of_full_precision(models, smol, smol_tokenizer, 
 def test_eviction_then_quantization_compose(models, smol_tokenizer):
     model = models["llama"]
     snap = get_press("snapkv", compression_ratio=0.5)
-    alone, c_alone = generate(model, smol_tokenizer, CONTEXTS, [QUESTION], press=snap, max_new_tokens=12,
+    alone, c_alone = generate(model, smol_tokenizer, CONTEXTS, QUESTIONS[:1], press=snap, max_new_tokens=12,
                               return_cache=True)
     identity = get_press("composed", presses=[get_press("snapkv", compression_ratio=0.5),
                                               get_press("kivi", bits=16, group_size=4, residual_length=2)])
-    assert generate(model, smol_tokenizer, CONTEXTS, [QUESTION], press=identity, max_new_tokens=12) == alone
+    assert generate(model, smol_tokenizer, CONTEXTS, QUESTIONS[:1], press=identity, max_new_tokens=12) == alone
     both = get_press("composed", presses=[get_press("snapkv", compression_ratio=0.5),
                                           get_press("kivi", bits=2, group_size=4, residual_length=2)])
-    _, c_both = generate(model, smol_tokenizer, CONTEXTS, [QUESTION], press=both, max_new_tokens=12,
+    _, c_both = generate(model, smol_tokenizer, CONTEXTS, QUESTIONS[:1], press=both, max_new_tokens=12,
                          return_cache=True)
     assert c_both.stats()["entries"] == c_alone.stats()["entries"]  # the same tokens, fewer bits
     layer = c_both.layers[0]
@@ -332,7 +324,7 @@ def test_fused_decode_and_graph_mode_equal_the_decoded_path(models, smol_tokeniz
     from kvforge.generate import prefill
 
     model = models["llama"]
-    ids = torch.tensor([sum(encode_prompt(smol_tokenizer, CONTEXT, QUESTION), [])])
+    ids = torch.tensor([sum(encode_prompt(smol_tokenizer, CONTEXT, QUESTIONS[0]), [])])
     tokens = {}
     for mode in ("decoded", "fused", "graph"):
         cache = KVCache(model, press=get_press("kivi", bits=4, group_size=4, residual_length=16), reserve=16)
