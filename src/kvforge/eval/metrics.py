@@ -48,15 +48,19 @@ def normalize_answer(text: str) -> str:
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
+def _f_measure(overlap: int, n_pred: int, n_ref: int) -> float:
+    """Harmonic mean of precision overlap/n_pred and recall overlap/n_ref (0 without overlap)."""
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / n_pred, overlap / n_ref
+    return 2 * precision * recall / (precision + recall)
+
+
 def _f1(prediction: str, gold: str) -> float:
     pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
     if not pred or not ref:  # SQuAD v2 convention: both empty -> 1, one empty -> 0
         return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return _f_measure(sum((Counter(pred) & Counter(ref)).values()), len(pred), len(ref))
 
 
 def f1(prediction: str, golds: list[str]) -> float:
@@ -86,11 +90,7 @@ def lcs_length(a: list[str], b: list[str]) -> int:
 
 def _rouge_l(prediction: str, gold: str) -> float:
     pred, ref = _rouge_tokens(prediction), _rouge_tokens(gold)
-    lcs = lcs_length(pred, ref) if pred and ref else 0
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return _f_measure(lcs_length(pred, ref) if pred and ref else 0, len(pred), len(ref))
 
 
 def rouge_l(prediction: str, golds: list[str]) -> float:
