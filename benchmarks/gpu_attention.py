@@ -271,6 +271,27 @@ def sweep(copy_tbs: float) -> list[dict]:
     return rows
 
 
+def read_floor(copy_tbs: float) -> list[dict]:
+    """What a plain read of the same bytes costs: torch.sum (float32 accumulation) over a bf16 buffer the size
+    of the 128k whole cache's K + V (537 MB) and of a quarter of it, captured x32 in a graph like the attention
+    rows. If a quarter of the bytes already takes > 0.3x as long here, the attention target is below what one
+    streaming kernel can do on this device."""
+    rows = []
+    n = 128 * 1024
+    for keep in (1.0, 0.25):
+        nbytes = int(2 * H * n * D * 2 * keep)
+
+        def make(i, nbytes=nbytes):
+            x = torch.randn(nbytes // 2, device=DEV, dtype=torch.bfloat16)
+            return lambda: torch.sum(x, dtype=torch.float32)
+        t = graph_bench(make, nbytes)
+        rows.append({"kernel": "torch sum (read only)", "kept": keep, "bytes": nbytes, "ms": t,
+                     "TB/s": nbytes / t / 1e9, "frac_copy": nbytes / t / 1e9 / copy_tbs})
+        torch.cuda.empty_cache()
+    rows[1]["of_full"] = rows[1]["ms"] / rows[0]["ms"]
+    return rows
+
+
 def main() -> int:
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     copy_tbs = copy_bandwidth()
@@ -286,6 +307,9 @@ def main() -> int:
     for r in times:
         print(f"{r['context']:>8} {r['kernel']:<28} {r['kept']:>5} {r['ms']:>8.4f} {r['TB/s']:>6.2f} "
               f"{r['frac_copy']:>7.1%}")
+    floor = read_floor(copy_tbs)
+    for r in floor:
+        print("read floor", {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
     swept = sweep(copy_tbs) if os.environ.get("KVFORGE_SWEEP", "1") == "1" else []
     parts = [r for r in swept if "part" in r]
     variants = [r for r in swept if "part" not in r]
@@ -294,7 +318,7 @@ def main() -> int:
         print("sweep", {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
     with open(os.path.join(OUT, "gpu_attention.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": copy_tbs, "checks": checks, "variant": var,
-                   "timing": times, "sweep": swept}, f, indent=2)
+                   "timing": times, "read_floor": floor, "sweep": swept}, f, indent=2)
     print("correctness:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
