@@ -2,7 +2,8 @@
 # One GPU session in stages (each a `run` call on the warm machine; see shared/gpu/README.md for the weights):
 #   bash benchmarks/gpu_session.sh bench      carry .whl  — quantized-cache bench (+ batch rows) on random Llama-3.1-8B
 #   bash benchmarks/gpu_session.sh compile    carry .whl  — compiled vs plain captured decode (bench --compile both)
-#   bash benchmarks/gpu_session.sh profile    carry .whl  — kernel profile of the compiled step; attention-only kernel
+#   bash benchmarks/gpu_session.sh profile    carry .whl  — kernel profile of the compiled step (PROF_COMPILE="--compile
+#                                             max-autotune-no-cudagraphs": with tuned GEMMs); attention-only kernel
 #   bash benchmarks/gpu_session.sh autotune   carry .whl  — PARTS="kernels autotune generate": kernel tests +
 #                                             attention-only (+ launch-parameter sweep); 128k max-autotune rows
 #                                             (AT_MODE=autotune: default compile too); graph_generate speed
@@ -41,7 +42,8 @@ profile)
   timeout 120 python3 -m pytest -p no:cacheprovider -p no:logging --tb=short \
     tests/test_engine.py::test_compiled_captured_decode_equals_captured_decode_on_cuda 2>&1 | grep -E "^E |passed|failed" | head -20
   [ "${TEST_ONLY:-0}" = 1 ] && exit 0
-  timeout 200 python3 benchmarks/profile_decode.py --context 131072 ${PROF:---press knorm --ratio 0.75} --compile \
+  timeout ${PROF_T:-200} python3 benchmarks/profile_decode.py --context 131072 ${PROF:---press knorm --ratio 0.75} \
+      ${PROF_COMPILE:---compile} \
       --out $OUT/profile_compiled_128k.json 2>&1 | grep -v Warn | head -24
   timeout 120 python3 benchmarks/gpu_attention.py 2>&1 | tail -25
   ;;
