@@ -90,11 +90,19 @@ def sm_count(device: torch.device) -> int:
 if triton is not None:
 
     @triton.jit
-    def _split_part(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh, bh, s, H: tl.constexpr,
-                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NS,
-                    BLOCK_N: tl.constexpr):
-        """Split `s` of segment `bh`: running max, sum and weighted values of the split's keys for the G query
-        heads of the segment's group (each K/V tile loaded once), stored as partials `[rows, NS, G(, DV)]`."""
+    def _split_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh,
+                      H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                      NS, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """Program (segment bh, split s): running max, sum and weighted values of the split's keys for the G query
+        heads of the segment's group (each K/V tile loaded once), stored as partials `[rows, NS, G(, DV)]`.
+        PDL (programmatic dependent launch, Hopper+): the program may start while the previous kernel finishes;
+        it waits for that kernel's writes before its first load, and lets the merge kernel be scheduled at once
+        (the merge waits for this kernel's completion)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        bh = tl.program_id(0)
+        s = tl.program_id(1)
         b = bh // H
         h = bh % H
         off = tl.load(OFF + bh).to(tl.int64)
@@ -128,19 +136,6 @@ if triton is not None:
         tl.store(M + base, m_i, mask=real)
         tl.store(L + base, l_i, mask=real)
         tl.store(ACC + base[:, None] * DV + dv[None, :], acc, mask=real[:, None])
-
-    @triton.jit
-    def _split_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh,
-                      H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                      NS, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-        """One program per (segment, split). PDL (programmatic dependent launch, Hopper+): the program may start
-        while the previous kernel finishes; it waits for that kernel's writes before its first load, and lets
-        the merge kernel be scheduled at once (the merge waits for this kernel's completion)."""
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-        _split_part(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh, tl.program_id(0),
-                    tl.program_id(1), H, G, GP, D, DV, NS, BLOCK_N)
 
     @triton.jit
     def _merge_kernel(M, L, ACC, OUT, stride_ob, stride_oh, NS, H: tl.constexpr, G: tl.constexpr,
