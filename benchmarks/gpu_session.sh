@@ -48,7 +48,7 @@ profile)
   timeout 120 python3 benchmarks/gpu_attention.py 2>&1 | tail -25
   ;;
 autotune)  # PARTS: any of kernels autotune generate (default: all)
-  for part in ${PARTS:-kernels autotune generate}; do case $part in
+  for part in ${PARTS:-kernels autotune generate}; do case $part in  # also: tests, tprofile
   tests)
     timeout 120 python3 -m pytest -p no:cacheprovider -p no:logging -q tests/test_kernels.py 2>&1 | tail -2 ;;
   kernels)
@@ -60,6 +60,9 @@ autotune)  # PARTS: any of kernels autotune generate (default: all)
       --compile ${AT_MODE:-max-autotune} \
       --out $R/bench_autotune 2>&1 | grep -E "^\{|bandwidth" | cut -c1-600
     cp $R/bench_autotune/bench.json $OUT/bench_autotune.json ;;
+  tprofile)  # kernel profile of the max-autotune step (knorm 0.75, 128k): where its overhead above the floor goes
+    timeout ${PROF_T:-300} python3 benchmarks/profile_decode.py --context 131072 ${PROF:---press knorm --ratio 0.75} \
+      --compile max-autotune-no-cudagraphs --out $OUT/profile_autotune_128k.json 2>&1 | grep -v Warn | head -16 ;;
   generate)
     timeout ${G_T:-150} python3 benchmarks/generate_speed.py --random-weights --config llama3.1-8b --context 32768 \
       --new-tokens 32 --device cuda --out $OUT/generate_speed.json 2>&1 | grep "^{" ;;
