@@ -53,7 +53,7 @@ autotune)  # PARTS: any of kernels autotune generate (default: all)
     timeout 120 python3 -m pytest -p no:cacheprovider -p no:logging -q tests/test_kernels.py 2>&1 | tail -2 ;;
   kernels)
     timeout 120 python3 -m pytest -p no:cacheprovider -p no:logging -q tests/test_kernels.py 2>&1 | tail -2
-    timeout 240 python3 benchmarks/gpu_attention.py 2>&1 | tail -44 ;;
+    timeout 300 python3 benchmarks/gpu_attention.py 2>&1 | tail -72 ;;
   autotune)
     timeout ${B_T:-420} python3 -m kvforge.cli bench --random-weights --config llama3.1-8b --context 128k \
       --presses ${AT_PRESSES:-none,knorm,adakv:knorm} --ratios 0.75 --new-tokens 16 --device cuda \

@@ -90,30 +90,12 @@ def sm_count(device: torch.device) -> int:
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh,
-                      H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                      NS, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-        """Program (segment bh, split s): running max, sum and weighted values of the split's keys for the G query
-        heads of the segment's group (each K/V tile loaded once), stored as partials `[rows, NS, G(, DV)]`.
-        PDL (programmatic dependent launch, Hopper+): the program may start while the previous kernel finishes;
-        it waits for that kernel's writes before its first load, and lets the merge kernel be scheduled at once
-        (the merge waits for this kernel's completion)."""
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-        bh = tl.program_id(0)
-        s = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        off = tl.load(OFF + bh).to(tl.int64)
-        n = tl.load(LEN + bh).to(tl.int32)
-        start = s * split
-        end = tl.minimum(start + split, n)
-        g = tl.arange(0, GP)
+    def _attend_range(q, K, V, off, start, end, scale, D: tl.constexpr, DV: tl.constexpr, GP: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+        """Keys start..end-1 of the segment at `off`, for the `[GP, D]` queries `q` of one KV head's group: the
+        running max, sum and weighted values (each K/V tile loaded once for all G query heads)."""
         d = tl.arange(0, D)
         dv = tl.arange(0, DV)
-        q = tl.load(Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None],
-                    other=0.0)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, DV], tl.float32)
@@ -131,11 +113,45 @@ if triton is not None:
             v = tl.load(V + rows[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        base = (bh * NS + s) * G + g  # partial results [rows, NS, G(, DV)]: only the real group rows
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _store_partial(M, L, ACC, m_i, l_i, acc, slot, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr):
+        """Partial results of one (segment, split) slot into `[rows, NS, G(, DV)]`: only the real group rows."""
+        g = tl.arange(0, GP)
+        base = slot * G + g
         real = g < G
         tl.store(M + base, m_i, mask=real)
         tl.store(L + base, l_i, mask=real)
-        tl.store(ACC + base[:, None] * DV + dv[None, :], acc, mask=real[:, None])
+        tl.store(ACC + base[:, None] * DV + tl.arange(0, DV)[None, :], acc, mask=real[:, None])
+
+    @triton.jit
+    def _load_group_queries(Q, stride_qb, stride_qh, bh, H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                            D: tl.constexpr):
+        """The G query heads reading KV head bh % H of row bh // H, padded to GP rows: `[GP, D]`."""
+        g = tl.arange(0, GP)
+        return tl.load(Q + (bh // H) * stride_qb + ((bh % H) * G + g)[:, None] * stride_qh + tl.arange(0, D)[None, :],
+                       mask=(g < G)[:, None], other=0.0)
+
+    @triton.jit
+    def _split_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh,
+                      H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                      NS, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """Program (segment bh, split s): the split's partial results (`_attend_range`) into slot (bh, s).
+        PDL (programmatic dependent launch, Hopper+): the program may start while the previous kernel finishes;
+        it waits for that kernel's writes before its first load, and lets the merge kernel be scheduled at once
+        (the merge waits for this kernel's completion)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        bh = tl.program_id(0)
+        s = tl.program_id(1)
+        off = tl.load(OFF + bh).to(tl.int64)
+        n = tl.load(LEN + bh).to(tl.int32)
+        start = s * split
+        q = _load_group_queries(Q, stride_qb, stride_qh, bh, H, G, GP, D)
+        m_i, l_i, acc = _attend_range(q, K, V, off, start, tl.minimum(start + split, n), scale, D, DV, GP, BLOCK_N)
+        _store_partial(M, L, ACC, m_i, l_i, acc, bh * NS + s, G, GP, DV)
 
     @triton.jit
     def _merge_kernel(M, L, ACC, OUT, stride_ob, stride_oh, NS, H: tl.constexpr, G: tl.constexpr,
