@@ -22,11 +22,11 @@ import triton.language as tl
 
 from kvforge.kernels.decode import (
     _attend_range,
-    _device_facts,
     _launch_merge,
+    _launch_sizes,
     _load_group_queries,
+    _partials,
     _store_partial,
-    sm_count,
 )
 
 
@@ -34,6 +34,13 @@ from kvforge.kernels.decode import (
 def _owner(t, T, P):
     """The program whose tile range holds global tile t."""
     return ((t + 1) * P - 1) // T
+
+
+@triton.jit
+def _store_neutral(M, L, ACC, slot, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr):
+    """A slot no program fills: max -inf, sum 0, values 0 (the merge gives it weight 0)."""
+    _store_partial(M, L, ACC, tl.full([GP], float("-inf"), tl.float32), tl.zeros([GP], tl.float32),
+                   tl.zeros([GP, DV], tl.float32), slot, G, GP, DV)
 
 
 @triton.jit
@@ -67,9 +74,7 @@ def _balanced_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, stride_qb, stride_qh, 
                 _store_partial(M, L, ACC, m_i, l_i, acc, r * NS + p - p_first, G, GP, DV)
                 if hi == c + nt:  # the segment's last piece: neutral partials in its unused slots
                     for sl in range(p - p_first + 1, NS):
-                        _store_partial(M, L, ACC, tl.full([GP], float("-inf"), tl.float32),
-                                       tl.zeros([GP], tl.float32), tl.zeros([GP, DV], tl.float32), r * NS + sl,
-                                       G, GP, DV)
+                        _store_neutral(M, L, ACC, r * NS + sl, G, GP, DV)
     # empty segments: every slot neutral, written by the program that owns the position where they sit
     for r in range(0, ROWS):
         sel = r_idx == r
@@ -78,9 +83,7 @@ def _balanced_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, stride_qb, stride_qh, 
             owner = tl.where(T == 0, 0, _owner(tl.minimum(c, T - 1), tl.maximum(T, 1), P))
             if owner == p:
                 for sl in range(0, NS):
-                    _store_partial(M, L, ACC, tl.full([GP], float("-inf"), tl.float32),
-                                   tl.zeros([GP], tl.float32), tl.zeros([GP, DV], tl.float32), r * NS + sl,
-                                   G, GP, DV)
+                    _store_neutral(M, L, ACC, r * NS + sl, G, GP, DV)
 
 
 def balanced_slots(max_len: int, total: int, block_n: int, programs: int) -> int:
@@ -99,19 +102,13 @@ def decode_attention_balanced(query, k_flat, v_flat, offsets, lengths, scale: fl
     rows = offsets.numel()
     h = rows // b
     g = hq // h
-    dv = v_flat.shape[-1]
-    if block_n is None or waves is None:
-        dflt = _device_facts(query.device)[1:3] if query.is_cuda else (64, 4)
-        block_n, waves = block_n or dflt[0], waves or dflt[1]
-    programs = waves * (sms or sm_count(query.device))
+    block_n, waves, sms = _launch_sizes(query, block_n, waves, sms)
+    programs = waves * sms
     ns = balanced_slots(max_len, total, block_n, programs)
-    m = torch.empty(rows, ns, g, dtype=torch.float32, device=query.device)
-    lse = torch.empty_like(m)
-    acc = torch.empty(rows, ns, g, dv, dtype=torch.float32, device=query.device)
-    out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
+    m, lse, acc, out = _partials(query, v_flat, rows, ns, g)
     gp = max(16, triton.next_power_of_2(g))
     _balanced_kernel[(programs,)](query, k_flat, v_flat, offsets, lengths, m, lse, acc, scale, query.stride(0),
-                                  query.stride(1), rows, programs, ns, H=h, G=g, GP=gp, D=d, DV=dv,
+                                  query.stride(1), rows, programs, ns, H=h, G=g, GP=gp, D=d, DV=v_flat.shape[-1],
                                   BLOCK_N=block_n, RB=triton.next_power_of_2(rows), num_warps=num_warps,
                                   num_stages=num_stages)
     return _launch_merge((h, g, block_n, ns, None, m, lse, acc, out), pdl=False)

@@ -197,23 +197,34 @@ def _num_splits(total: int, max_len: int, block_n: int, sms: int, waves: int,
     return max(1, math.ceil(max(max_len, 1) / split)), split
 
 
-def _plan(query, v_flat, offsets, lengths, max_len, total, block_n, waves, sms, split):
-    """What the split and merge launches need: (KV heads H, group G, tile, splits per
-    segment, keys per split, and the partial buffers m, l `[rows, NS, G]`, acc `[rows, NS, G, Dv]`, out)."""
-    b, hq, _ = query.shape
-    rows = offsets.numel()
-    h = rows // b
-    g = hq // h
-    max_len = int(lengths.max()) if max_len is None else max_len
-    total = int(lengths.sum()) if total is None else total
+def _launch_sizes(query, block_n, waves, sms) -> tuple[int, int, int]:
+    """(keys per tile, waves, SMs): the given ones, else the device's (`_device_facts`; 64 x 4 off CUDA)."""
     if block_n is None or waves is None:
         dflt = _device_facts(query.device)[1:3] if query.is_cuda else (64, 4)
         block_n, waves = block_n or dflt[0], waves or dflt[1]
-    ns, split = _num_splits(total, max_len, block_n, sms or sm_count(query.device), waves, split)
+    return block_n, waves, sms or sm_count(query.device)
+
+
+def _partials(query, v_flat, rows: int, ns: int, g: int):
+    """Buffers of a split launch: m, l `[rows, NS, G]`, acc `[rows, NS, G, Dv]` (float32) and the output
+    `[B, Hq, Dv]`."""
     m = torch.empty(rows, ns, g, dtype=torch.float32, device=query.device)
     acc = torch.empty(rows, ns, g, v_flat.shape[-1], dtype=torch.float32, device=query.device)
-    out = torch.empty(b, hq, v_flat.shape[-1], dtype=query.dtype, device=query.device)
-    return h, g, block_n, ns, split, m, torch.empty_like(m), acc, out
+    out = torch.empty(*query.shape[:2], v_flat.shape[-1], dtype=query.dtype, device=query.device)
+    return m, torch.empty_like(m), acc, out
+
+
+def _plan(query, v_flat, offsets, lengths, max_len, total, block_n, waves, sms, split):
+    """What the split and merge launches need: (KV heads H, group G, tile, splits per segment, keys per split,
+    and the `_partials` buffers m, l, acc, out)."""
+    rows = offsets.numel()
+    h = rows // query.shape[0]
+    g = query.shape[1] // h
+    max_len = int(lengths.max()) if max_len is None else max_len
+    total = int(lengths.sum()) if total is None else total
+    block_n, waves, sms = _launch_sizes(query, block_n, waves, sms)
+    ns, split = _num_splits(total, max_len, block_n, sms, waves, split)
+    return h, g, block_n, ns, split, *_partials(query, v_flat, rows, ns, g)
 
 
 def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_len: int | None = None,
