@@ -16,6 +16,9 @@ import torch.nn.functional as F
 import triton
 from decode_balanced import decode_attention_balanced  # the balanced-programs prototype (same folder)
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from test_kernels import pdl_graph_replays  # noqa: E402  (the CUDA test's graph set-up)
+
 from kvforge.kernels.decode import (
     _launch_merge,
     _launch_split,
@@ -124,29 +127,11 @@ def check_correctness() -> list[dict]:
 
 
 def pdl_in_graph(q, k, v, offs, lens, ref) -> tuple[float, bool]:
-    """`pdl=True` where it matters: captured in a CUDA graph right after the kernel that writes the query and
-    before one that reads the output, replayed three times on a fresh query (the same values): the worst
-    relative error against the reference, and whether any NaN appeared."""
-    src = q.clone()
-    qin = torch.zeros_like(q)
-    mx, tot = int(lens.max()), int(lens.sum())
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        qin.copy_(src)
-        decode_attention(qin, k, v, offs, lens, D**-0.5, max_len=mx, total=tot, pdl=True).mul(1.0)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        qin.copy_(src)
-        res = decode_attention(qin, k, v, offs, lens, D**-0.5, max_len=mx, total=tot, pdl=True).mul(1.0)
-    worst, nan = 0.0, False
-    for _ in range(3):
-        qin.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        worst, nan = max(worst, rel_err(res, ref)), nan or bool(torch.isnan(res).any())
-    return worst, nan
+    """`pdl=True` where it matters (tests/test_kernels.py `pdl_graph_replays`: in a CUDA graph between the
+    kernel that writes the query and one that reads the output, three replays): the worst relative error
+    against the reference, and whether any NaN appeared."""
+    outs = [o.clone() for o in pdl_graph_replays(q, k, v, offs, lens)]
+    return max(rel_err(o, ref) for o in outs), any(bool(torch.isnan(o).any()) for o in outs)
 
 
 VARIANTS = [dict(block_n=bn, num_stages=st, waves=w, num_warps=nw) for bn in (64, 128) for st in (2, 3, 4)

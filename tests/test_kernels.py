@@ -19,6 +19,30 @@ def packed_case(lengths, b, h, g, d, dtype=torch.float32, device="cpu", seed=0):
     return [t.to(device) for t in (q, k, v, offs, lens)]
 
 
+def pdl_graph_replays(src, k, v, offs, lens, replays: int = 3):
+    """`decode_attention(pdl=True)` captured in a CUDA graph right after a kernel that writes its query (a copy
+    of `src`) and before one that reads its output; yields the output after each replay, the query zeroed
+    before each (so a kernel that read early would see zeros). Also used by benchmarks/gpu_attention.py."""
+    q = torch.zeros_like(src)
+    d = src.shape[-1]
+    mx, tot = int(lens.max()), int(lens.sum())
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        q.copy_(src)
+        decode_attention(q, k, v, offs, lens, d**-0.5, max_len=mx, total=tot, pdl=True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q.copy_(src)
+        out = decode_attention(q, k, v, offs, lens, d**-0.5, max_len=mx, total=tot, pdl=True).float() * 1.0
+    for _ in range(replays):
+        q.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        yield out
+
+
 def test_twin_matches_eager_on_dense_and_ragged():
     b, h, g, d, n = 2, 3, 2, 16, 20
     kb, vb, q = torch.randn(b, h, n + 5, d), torch.randn(b, h, n + 5, d), torch.randn(b, h * g, d)
@@ -92,21 +116,6 @@ def test_pdl_launch_waits_for_its_inputs_in_a_graph():
     lengths[0], lengths[-1] = 0, 1
     src, k, v, offs, lens = packed_case(lengths, 2, h, g, d, torch.bfloat16, "cuda", 7)
     ref = decode_attention_ref(src.double(), k.double(), v.double(), offs, lens, d**-0.5)
-    q = torch.zeros_like(src)
-    mx, tot = max(lengths), sum(lengths)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        q.copy_(src)
-        decode_attention(q, k, v, offs, lens, d**-0.5, max_len=mx, total=tot, pdl=True)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        q.copy_(src)
-        out = decode_attention(q, k, v, offs, lens, d**-0.5, max_len=mx, total=tot, pdl=True).float() * 1.0
-    for _ in range(3):
-        q.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
+    for out in pdl_graph_replays(src, k, v, offs, lens):
         assert not out.isnan().any()
         assert (out.double() - ref).norm() / ref.norm() < 1e-2
