@@ -14,7 +14,6 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
-from decode_balanced import decode_attention_balanced  # the balanced-programs prototype (same folder)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from test_kernels import pdl_graph_replays  # noqa: E402  (the CUDA test's graph set-up)
@@ -113,13 +112,6 @@ def check_correctness() -> list[dict]:
             row = {"case": name, "dtype": str(dtype), "rel_err": err, "nan": bool(torch.isnan(out).any())}
             row["pdl_rel_err"], nan = pdl_in_graph(q, k, v, offs, lens, ref)
             row["nan"] |= nan
-            try:  # the prototype: a failure is reported (and fails the run) without stopping the measurements
-                ob = decode_attention_balanced(q, k, v, offs, lens, D**-0.5, max_len=int(lens.max()),
-                                               total=int(lens.sum()))
-                row["balanced_rel_err"] = rel_err(ob, ref)
-                row["nan"] |= bool(torch.isnan(ob).any())
-            except Exception as e:
-                row["balanced_rel_err"], row["balanced_error"] = float("nan"), f"{type(e).__name__}: {e}"[:300]
             if sd is not None:
                 row["rel_err_vs_sdpa"] = rel_err(out, sd)
             rows.append(row)
@@ -211,15 +203,13 @@ def timing(copy_tbs: float, var: dict) -> list[dict]:
     return rows
 
 
-# (waves, tile, stages, pdl, balanced): pdl = both kernels launched with programmatic dependent launch;
-# balanced = the prototype of decode_balanced.py (equal tile ranges per program across segments; no PDL)
-SWEEP = [(w, bn, st, pdl, False) for w in (2, 3, 4) for bn in (64, 128) for st in (2, 3) for pdl in (False, True)]
-SWEEP += [(w, bn, 2, False, True) for w in (2, 3, 4) for bn in (64, 128)]
+# (waves, tile, stages, pdl): pdl = both kernels launched with programmatic dependent launch
+SWEEP = [(w, bn, st, pdl) for w in (2, 3, 4) for bn in (64, 128) for st in (2, 3) for pdl in (False, True)]
 
 
 def sweep(copy_tbs: float) -> list[dict]:
     """Per-call time in a CUDA graph x32 at 128k, full and 25% packed (ragged), for waves x block x stages x
-    PDL (and the balanced prototype), and where the time of the default variant goes: split kernel alone,
+    PDL, and where the time of the default variant goes: split kernel alone,
     merge kernel alone (target: 25% <= 0.3x of full)."""
     rows = []
     n = 128 * 1024
@@ -228,20 +218,19 @@ def sweep(copy_tbs: float) -> list[dict]:
         inputs = [packed(lengths, 1) for _ in range(2)]  # graph_bench rotates over <= 2 sets at these sizes
         nbytes = 2 * sum(lengths) * D * 2
         mx, tot = max(lengths), sum(lengths)
-        for waves, block_n, stages, pdl, bal in SWEEP:
-            kw = dict(waves=waves, block_n=block_n, num_stages=stages) | ({} if bal else {"pdl": pdl})
-            fn = decode_attention_balanced if bal else decode_attention
+        for waves, block_n, stages, pdl in SWEEP:
+            kw = dict(waves=waves, block_n=block_n, num_stages=stages, pdl=pdl)
 
-            def make(i, inputs=inputs, kw=kw, fn=fn):  # noqa: B006 (per variant, never mutated)
+            def make(i, inputs=inputs, kw=kw):  # noqa: B006 (per variant, never mutated)
                 q2, k2, v2, o2, l2 = inputs[i % len(inputs)]
-                return lambda: fn(q2, k2, v2, o2, l2, D**-0.5, max_len=mx, total=tot, **kw)
+                return lambda: decode_attention(q2, k2, v2, o2, l2, D**-0.5, max_len=mx, total=tot, **kw)
             try:
                 t = graph_bench(make, nbytes)
             except Exception as e:  # e.g. a tile that needs more shared memory than the device has
-                print(f"sweep variant {(waves, block_n, stages, pdl, bal)} failed: {type(e).__name__}: {e}"[:300])
+                print(f"sweep variant {(waves, block_n, stages, pdl)} failed: {type(e).__name__}: {e}"[:300])
                 continue
-            rows.append({"kept": keep, "waves": waves, "block_n": block_n, "stages": stages, "pdl": pdl,
-                         "balanced": bal, "ms": t, "frac_copy": nbytes / t / 1e9 / copy_tbs})
+            rows.append({"kept": keep, "waves": waves, "block_n": block_n, "stages": stages, "pdl": pdl, "ms": t,
+                         "frac_copy": nbytes / t / 1e9 / copy_tbs})
         for pdl in (False, True):  # default launch parameters: the split kernel alone, the merge kernel alone
             plans = [_plan(q2, v2, o2, l2, mx, tot, None, None, None, None) for q2, _, v2, o2, l2 in inputs]
 
@@ -258,7 +247,7 @@ def sweep(copy_tbs: float) -> list[dict]:
             rows.append({"kept": keep, "part": "merge kernel only", "pdl": pdl, "ms": graph_bench(merge_only, nbytes)})
         del inputs
         torch.cuda.empty_cache()
-    key = ("waves", "block_n", "stages", "pdl", "balanced")
+    key = ("waves", "block_n", "stages", "pdl")
     full = {tuple(r[k] for k in key): r["ms"] for r in rows if r["kept"] == 1.0 and "part" not in r}
     for r in rows:
         if r["kept"] == 0.25 and full and "part" not in r:
@@ -296,7 +285,6 @@ def main() -> int:
     for c in checks:
         print(c)
     ok = all(max(c["rel_err"], c["pdl_rel_err"]) < 1e-2 and not c["nan"] for c in checks)
-    ok_balanced = all(c["balanced_rel_err"] < 1e-2 for c in checks)  # NaN (an error) fails too
     var = tune() if os.environ.get("KVFORGE_TUNE") else {}  # default: the engine's own launch parameters
     print("chosen variant:", var)
     times = timing(copy_tbs, var)
@@ -311,13 +299,12 @@ def main() -> int:
     parts = [r for r in swept if "part" in r]
     variants = [r for r in swept if "part" not in r]
     for r in parts + sorted((r for r in variants if r["kept"] == 1.0), key=lambda r: r["ms"])[:6] + sorted(
-            (r for r in variants if r["kept"] == 0.25), key=lambda r: r["ms"])[:8] + [
-            r for r in variants if r["balanced"]]:
+            (r for r in variants if r["kept"] == 0.25), key=lambda r: r["ms"])[:8]:
         print("sweep", {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
     with open(os.path.join(OUT, "gpu_attention.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "copy_TBps": copy_tbs, "checks": checks, "variant": var,
                    "timing": times, "read_floor": floor, "sweep": swept}, f, indent=2)
-    print("correctness:", "PASS" if ok else "FAIL", "| balanced prototype:", "PASS" if ok_balanced else "FAIL")
+    print("correctness:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
 
