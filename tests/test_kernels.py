@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from kvforge.attention.backends import eager
-from kvforge.kernels.decode import decode_attention, decode_attention_gather, decode_attention_ref, dense_segments
+from kvforge.kernels.decode import (
+    _plan,
+    decode_attention,
+    decode_attention_gather,
+    decode_attention_ref,
+    dense_segments,
+)
 
 
 def packed_case(lengths, b, h, g, d, dtype=torch.float32, device="cpu", seed=0):
@@ -69,6 +75,26 @@ def test_bad_split_is_rejected():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_launch_has_a_program_for_every_pair_with_keys_and_no_idle_grid(seed):
+    """The split kernel's grid covers every (segment, split) pair that has keys, Σ ⌈n / split⌉, whether `total`
+    is the real sum or a bound (graph mode), and is smaller than the (segment × splits of the longest) grid
+    when heads are ragged: e.g. a quarter of a 128k cache with skewed per-head budgets."""
+    gen = torch.Generator().manual_seed(seed)
+    for b, h in ((1, 8), (3, 8), (2, 32)):
+        lengths = (torch.rand(b * h, generator=gen) ** 3 * 60_000).long()  # skewed, some near 0
+        lengths[torch.randint(0, b * h, (3,), generator=gen)] = 0
+        q = torch.zeros(b, h * 4, 128)
+        v = torch.zeros(1, 128)
+        for slack in (0, 1000):  # exact total / a graph-mode bound with spare room per segment
+            total = int(lengths.sum()) + slack * b * h
+            plan = _plan(q, v, torch.zeros(b * h), lengths, int(lengths.max()) + slack, total, 128, 3, 132, None)
+            need = int(((lengths + plan.split - 1) // plan.split).sum())
+            assert need <= plan.programs <= b * h * plan.ns
+            assert plan.programs <= total // plan.split + b * h
+        assert plan.programs < b * h * plan.ns  # fewer than one program per slot of the longest head
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gather_path_matches_twin_on_fresh_ragged_inputs(seed):
     """The vectorised torch path (CPU decode, traceable by torch.compile) equals the per-segment loop on fresh
     random ragged segments (lengths 0 and 1 included), batch > 1, with max_len larger than any segment."""
@@ -103,6 +129,28 @@ def test_triton_matches_twin(dtype, b, block_n, split):
         assert not torch.isnan(out).any()
         err = (out.double() - ref).norm() / ref.norm()
         assert err < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_reads_only_the_partials_it_wrote():
+    """Skewed heads, empty segments first, inside and last, and graph-mode bounds (longest and total with spare
+    room): with unwritten memory filled with NaN (deterministic mode), any partial slot the merge read but no
+    split program wrote would show as NaN."""
+    h, g, d = 8, 4, 128
+    lengths = [0, 9000, 0, 1, 300, 0, 2, 17, 0, 4500, 128, 129, 0, 0, 5, 0]
+    q, k, v, offs, lens = packed_case(lengths, 2, h, g, d, torch.bfloat16, "cuda", 3)
+    ref = decode_attention_ref(q.double(), k.double(), v.double(), offs, lens, d**-0.5)
+    torch.use_deterministic_algorithms(True)
+    try:
+        for slack in (0, 700):
+            out = decode_attention(q, k, v, offs, lens, d**-0.5, max_len=max(lengths) + slack,
+                                   total=sum(lengths) + slack * len(lengths))
+            assert not out.isnan().any()
+            assert (out.double() - ref).norm() / ref.norm() < 1e-2
+            assert out[0, :g].abs().max() == 0  # the empty first segment gives zeros
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.cuda
