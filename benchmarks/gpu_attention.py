@@ -241,9 +241,8 @@ def sweep(copy_tbs: float) -> list[dict]:
                 q2, k2, v2, o2, l2 = inputs[i % len(inputs)]
                 return lambda: _launch_split(plans[i % len(plans)], q2, k2, v2, o2, l2, D**-0.5, 4, 2, pdl)
 
-            def merge_only(i, plans=plans, pdl=pdl, inputs=inputs):
-                pl, l2 = plans[i % len(plans)], inputs[i % len(inputs)][4]
-                return lambda: _launch_merge(pl.m, pl.lse, pl.acc, pl.out, pl.h, pdl, l2, pl.split)
+            def merge_only(i, plans=plans, pdl=pdl):
+                return lambda: _launch_merge(plans[i % len(plans)], pdl)
             rows.append({"kept": keep, "part": "split kernel only", "pdl": pdl, "ms": graph_bench(split_only, nbytes)})
             rows.append({"kept": keep, "part": "merge kernel only", "pdl": pdl, "ms": graph_bench(merge_only, nbytes)})
         del inputs

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple
 
 import torch
 
@@ -135,44 +134,29 @@ if triton is not None:
                        mask=(g < G)[:, None], other=0.0)
 
     @triton.jit
-    def _split_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh, ROWS,
+    def _split_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh,
                       H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                      NS, RP: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-        """Program p: the p-th (segment, split) pair that has keys — segments in order, segment bh cut into
-        ⌈n_bh / split⌉ splits — its partial results (`_attend_range`) into slot (bh, s). Only pairs with keys
-        get a program (ragged heads leave no idle programs holding an SM); programs past the last pair, launched
-        for a bound on the lengths, do nothing. Each program finds its pair from all the segments' lengths
-        (`RP` >= ROWS of them, loaded with the offsets in the same round trip as before).
+                      NS, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """Program (segment bh, split s): the split's partial results (`_attend_range`) into slot (bh, s).
         PDL (programmatic dependent launch, Hopper+): the program may start while the previous kernel finishes;
         it waits for that kernel's writes before its first load, and lets the merge kernel be scheduled at once
         (the merge waits for this kernel's completion)."""
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
-        p = tl.program_id(0)
-        r = tl.arange(0, RP)
-        real = r < ROWS
-        lens = tl.load(LEN + r, mask=real, other=0).to(tl.int32)
-        offs = tl.load(OFF + r, mask=real, other=0).to(tl.int64)
-        count = (lens + split - 1) // split  # splits with keys, per segment
-        ends = tl.cumsum(count, 0)  # one past each segment's last pair
-        bh = tl.sum((ends <= p).to(tl.int32), 0)  # the segment of pair p (ROWS: no pair left)
-        if bh < ROWS:
-            mine = r == bh
-            s = p - tl.sum(tl.where(mine, ends - count, 0), 0)
-            n = tl.sum(tl.where(mine, lens, 0), 0)
-            off = tl.sum(tl.where(mine, offs, 0), 0)
-            start = s * split
-            q = _load_group_queries(Q, stride_qb, stride_qh, bh, H, G, GP, D)
-            m_i, l_i, acc = _attend_range(q, K, V, off, start, tl.minimum(start + split, n), scale, D, DV, GP,
-                                          BLOCK_N)
-            _store_partial(M, L, ACC, m_i, l_i, acc, bh * NS + s, G, GP, DV)
+        bh = tl.program_id(0)
+        s = tl.program_id(1)
+        off = tl.load(OFF + bh).to(tl.int64)
+        n = tl.load(LEN + bh).to(tl.int32)
+        start = s * split
+        q = _load_group_queries(Q, stride_qb, stride_qh, bh, H, G, GP, D)
+        m_i, l_i, acc = _attend_range(q, K, V, off, start, tl.minimum(start + split, n), scale, D, DV, GP, BLOCK_N)
+        _store_partial(M, L, ACC, m_i, l_i, acc, bh * NS + s, G, GP, DV)
 
     @triton.jit
-    def _merge_kernel(M, L, ACC, OUT, stride_ob, stride_oh, NS, LEN, split, H: tl.constexpr, G: tl.constexpr,
-                      DV: tl.constexpr, CH: tl.constexpr, COUNTED: tl.constexpr, PDL: tl.constexpr):
-        """Program (segment bh, query head gi): its partials merged CH at a time with a running max — all NS of
-        them, or with COUNTED the ⌈LEN[bh] / split⌉ the split kernel wrote (none for an empty segment: zeros)."""
+    def _merge_kernel(M, L, ACC, OUT, stride_ob, stride_oh, NS, H: tl.constexpr, G: tl.constexpr,
+                      DV: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr):
+        """Program (segment bh, query head gi): its NS partials merged CH at a time with a running max."""
         if PDL:  # as in the split kernel: wait for the partials, let the next kernel be scheduled
             gdc_wait()
             gdc_launch_dependents()
@@ -184,13 +168,9 @@ if triton is not None:
         m_run = tl.full([1], float("-inf"), tl.float32)
         den = tl.zeros([1], tl.float32)
         acc = tl.zeros([DV], tl.float32)
-        if COUNTED:
-            ns = (tl.load(LEN + bh).to(tl.int32) + split - 1) // split
-        else:
-            ns = NS
-        for c in range(0, ns, CH):
+        for c in range(0, NS, CH):
             s = c + tl.arange(0, CH)
-            ok = s < ns
+            ok = s < NS
             base = (bh * NS + s) * G + gi
             m = tl.load(M + base, mask=ok, other=float("-inf"))
             m_new = tl.maximum(m_run, tl.max(m, 0))
@@ -234,25 +214,9 @@ def _partials(query, v_flat, rows: int, ns: int, g: int):
     return m, torch.empty_like(m), acc, out
 
 
-class _Plan(NamedTuple):
-    """What the split and merge launches need: KV heads, group size, keys per tile, splits per segment (slots
-    of the partial buffers), keys per split, programs of the split launch, and the `_partials` buffers."""
-
-    h: int
-    g: int
-    block_n: int
-    ns: int
-    split: int
-    programs: int
-    m: torch.Tensor
-    lse: torch.Tensor
-    acc: torch.Tensor
-    out: torch.Tensor
-
-
-def _plan(query, v_flat, offsets, lengths, max_len, total, block_n, waves, sms, split) -> _Plan:
-    """The `_Plan` of a call. Programs: one per (segment, split) pair with keys, at most
-    Σ ⌈n_i / split⌉ <= total // split + rows, for `total` >= the real sum (a bound in graph mode)."""
+def _plan(query, v_flat, offsets, lengths, max_len, total, block_n, waves, sms, split):
+    """What the split and merge launches need: (KV heads H, group G, tile, splits per segment, keys per split,
+    and the `_partials` buffers m, l, acc, out)."""
     rows = offsets.numel()
     h = rows // query.shape[0]
     g = query.shape[1] // h
@@ -260,8 +224,7 @@ def _plan(query, v_flat, offsets, lengths, max_len, total, block_n, waves, sms, 
     total = int(lengths.sum()) if total is None else total
     block_n, waves, sms = _launch_sizes(query, block_n, waves, sms)
     ns, split = _num_splits(total, max_len, block_n, sms, waves, split)
-    programs = max(1, min(rows * ns, total // split + rows))
-    return _Plan(h, g, block_n, ns, split, programs, *_partials(query, v_flat, rows, ns, g))
+    return h, g, block_n, ns, split, *_partials(query, v_flat, rows, ns, g)
 
 
 def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_len: int | None = None,
@@ -288,31 +251,27 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
     if pdl is None:
         pdl = can_pdl and not torch.compiler.is_compiling()
     _launch_split(plan, query, k_flat, v_flat, offsets, lengths, scale, num_warps, num_stages, pdl)
-    return _launch_merge(plan.m, plan.lse, plan.acc, plan.out, plan.h, pdl, lengths, plan.split)
+    return _launch_merge(plan, pdl)
 
 
-def _launch_split(plan: _Plan, query, k_flat, v_flat, offsets, lengths, scale, num_warps, num_stages, pdl):
+def _launch_split(plan, query, k_flat, v_flat, offsets, lengths, scale, num_warps, num_stages, pdl):
     """The split kernel of a `_plan`: partials into its m, l, acc buffers."""
+    h, g, block_n, ns, split, m, lse, acc, _ = plan
     extra = {"launch_pdl": True} if pdl else {}
-    rows = offsets.numel()
-    _split_kernel[(plan.programs,)](query, k_flat, v_flat, offsets, lengths, plan.m, plan.lse, plan.acc, scale,
-                                    plan.split, query.stride(0), query.stride(1), rows, H=plan.h, G=plan.g,
-                                    GP=max(16, triton.next_power_of_2(plan.g)), D=query.shape[-1],
-                                    DV=v_flat.shape[-1], NS=plan.ns, RP=triton.next_power_of_2(rows),
-                                    BLOCK_N=plan.block_n, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
-                                    **extra)
+    _split_kernel[(offsets.numel(), ns)](query, k_flat, v_flat, offsets, lengths, m, lse, acc, scale, split,
+                                        query.stride(0), query.stride(1), H=h, G=g,
+                                        GP=max(16, triton.next_power_of_2(g)), D=query.shape[-1],
+                                        DV=v_flat.shape[-1], NS=ns, BLOCK_N=block_n, PDL=pdl,
+                                        num_warps=num_warps, num_stages=num_stages, **extra)
 
 
-def _launch_merge(m, lse, acc, out, h: int, pdl: bool, lengths=None, split: int = 1) -> torch.Tensor:
-    """The merge kernel: partials `m, lse [rows, NS, G]`, `acc [rows, NS, G, Dv]` into `out [B, Hq, Dv]`, up to
-    64 splits per pass (one pass for the splits of a 128k call at the default launch sizes). With `lengths`, a
-    segment has ⌈n / split⌉ partials (what `_split_kernel` writes); without, all NS slots are written."""
-    rows, ns, g = m.shape
+def _launch_merge(plan, pdl: bool) -> torch.Tensor:
+    """The merge kernel of a `_plan`: its partials into its output `[B, Hq, Dv]`, up to 64 splits per pass (one
+    pass for the splits of a 128k call at the default launch sizes)."""
+    h, g, _, ns, _, m, lse, acc, out = plan
     extra = {"launch_pdl": True} if pdl else {}
-    _merge_kernel[(rows, g)](m, lse, acc, out, out.stride(0), out.stride(1), ns,
-                             m if lengths is None else lengths, split, H=h, G=g, DV=acc.shape[-1],
-                             CH=min(64, triton.next_power_of_2(ns)), COUNTED=lengths is not None, PDL=pdl,
-                             num_warps=4, **extra)
+    _merge_kernel[(m.shape[0], g)](m, lse, acc, out, out.stride(0), out.stride(1), ns, H=h, G=g, DV=acc.shape[-1],
+                                   CH=min(64, triton.next_power_of_2(ns)), PDL=pdl, num_warps=4, **extra)
     return out
 
 

@@ -335,7 +335,7 @@ def _quant_decode_triton(query, parts, bits, group, tail_k, tail_v, tail_len, sc
         tail_v.stride(0), tail_v.stride(1), tail_v.stride(2), ns, H=h, G=g, GP=triton.next_power_of_2(g), D=d,
         DV=dv, TL_PTR=tl_ptr is not query, num_warps=num_warps, num_stages=num_stages, **plan)
     out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
-    return _launch_merge(mx, lse, acc, out, h, pdl=False)  # the dense path's merge, every slot written
+    return _launch_merge((h, g, None, ns, None, mx, lse, acc, out), pdl=False)  # the dense path's merge
 
 
 def quant_decode_attention(query, parts, bits: int, group: int, tail_k, tail_v, tail_len, scale: float, *,
