@@ -6,7 +6,7 @@ import json
 import pytest
 
 from kvforge import KVForgeError
-from kvforge.bench import run_bench
+from kvforge.bench import against_none, run_bench
 from kvforge.cli import main
 from kvforge.models import tiny_model
 
@@ -33,6 +33,28 @@ def test_bench_rows_files_and_layouts(tmp_path, tiny):
     with (tmp_path / "bench.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert by["none"]["speedup_vs_none"] == 1.0 and by["knorm"]["speedup_vs_none"] > 0
+    assert by["knorm"].get("memory_freed_of_kv_removed") is None  # no peak counter on CPU
+    assert saved[1]["speedup_vs_none"] == by[saved[1]["press"]]["speedup_vs_none"]
+
+
+def test_against_none_on_constructed_rows():
+    """Speed and freed memory relative to the `none` row of the same context and compile variant only."""
+    rows = [{"press": "none", "context": 128, "batch": 1, "compiled": True, "decode_ms_per_token": 9.0,
+             "kv_gb": 17.0, "decode_peak_gb": 35.0},
+            {"press": "knorm", "context": 128, "batch": 1, "compiled": True, "decode_ms_per_token": 6.0,
+             "kv_gb": 4.0, "decode_peak_gb": 22.5},
+            {"press": "knorm", "context": 128, "batch": 1, "compiled": False, "decode_ms_per_token": 7.0,
+             "kv_gb": 4.0, "decode_peak_gb": 22.0},
+            {"press": "knorm", "context": 64, "batch": 1, "compiled": True, "decode_ms_per_token": 3.0,
+             "kv_gb": 2.0, "decode_peak_gb": 20.0},
+            {"press": "knorm", "context": 128, "batch": 1, "compiled": True, "decode_ms_per_token": 6.0,
+             "kv_gb": 4.0, "decode_peak_gb": 22.5, "run_started": "another run"}]
+    against_none(rows)
+    assert rows[0]["speedup_vs_none"] == 1.0 and "memory_freed_of_kv_removed" not in rows[0]
+    assert rows[1]["speedup_vs_none"] == 1.5
+    assert rows[1]["memory_freed_of_kv_removed"] == pytest.approx(12.5 / 13.0, abs=1e-3)
+    assert not any("speedup_vs_none" in r for r in rows[2:])  # no none row of that variant, context or run
 
 
 def test_bench_compile_both_times_each_row_twice(tmp_path, tiny):
@@ -85,7 +107,9 @@ def test_bench_resumes_an_interrupted_run(tmp_path, tiny, monkeypatch):
     stop, calls[:] = False, []
     rows = run_bench("tiny", None, [48], 1, ["none", "knorm"], [0.5], 3, str(tmp_path), device="cpu", model=tiny)
     assert calls == ["knorm"]  # "none" was not timed again
-    assert rows[0] == first[0] and [r["press"] for r in rows] == ["none", "knorm"]
+    assert {k: v for k, v in rows[0].items() if k != "speedup_vs_none"} == first[0]
+    assert [r["press"] for r in rows] == ["none", "knorm"]
+    assert "speedup_vs_none" not in rows[1]  # none was timed by the earlier run: no cross-run ratio
     assert rows[1]["compression_overhead_s"] == pytest.approx(rows[1]["prefill_s"] - rows[0]["prefill_s"], abs=1e-3)
     meta = json.loads((tmp_path / "bench.json").read_text())["meta"]
     assert len(meta["runs"]) == 2 and rows[1]["run_started"] == meta["runs"][1]["started"]

@@ -366,6 +366,14 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
             emit(point, todo)
             bar.update()
     bar.close()
+    against_none(rows)
+    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    for r in rows:
+        if r.get("speedup_vs_none") is not None and r["press"] != "none":
+            freed = r.get("memory_freed_of_kv_removed")
+            print(f"{r['press']} {r['compression_ratio']} at {r['context']}: {r['speedup_vs_none']}x the decode speed "
+                  f"of none" + ("" if freed is None else f", decode peak memory freed {freed:.0%} of the KV bytes "
+                                "removed"))
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with (out_dir / "bench.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -373,6 +381,26 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
         w.writerows(rows)
     _plot(rows, out_dir / "bench.png")
     return rows
+
+
+def against_none(rows: list[dict]) -> None:
+    """Add to each row, against the `none` row of the same context, batch and compile variant timed in the same run
+    (a resumed run's rows are not compared with an earlier run's):
+    `speedup_vs_none` (none's decode time / the row's) and, where peaks were measured (CUDA),
+    `memory_freed_of_kv_removed` ((none's decode peak − the row's) / (none's KV bytes − the row's)): 1.0 means
+    every byte the press removed from the cache left the GPU's peak."""
+    def key(r: dict) -> tuple:
+        return r.get("context"), r.get("batch"), r.get("compiled", False), r.get("run_started")
+
+    base = {key(r): r for r in rows if r.get("press") == "none" and "decode_ms_per_token" in r}
+    for r in rows:
+        ref = base.get(key(r))
+        if ref is None or "decode_ms_per_token" not in r:
+            continue
+        r["speedup_vs_none"] = round(ref["decode_ms_per_token"] / r["decode_ms_per_token"], 3)
+        removed = ref["kv_gb"] - r["kv_gb"]
+        if r.get("decode_peak_gb") is not None and ref.get("decode_peak_gb") is not None and removed > 0:
+            r["memory_freed_of_kv_removed"] = round((ref["decode_peak_gb"] - r["decode_peak_gb"]) / removed, 3)
 
 
 def _plot(rows: list[dict], path: Path) -> None:
