@@ -297,7 +297,8 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     "max-autotune" (only the latter). The compile variants of one row share one prefill: each decodes
     `new_tokens` more on the same compressed cache. An interrupted run resumes: rows already in `out`/bench.json
     from the same set-up (model, device, batch, new tokens, compile modes, layouts) are kept, not re-timed; each
-    row names the run (`run_started`) that timed it, and `meta.runs` lists every run's copy bandwidth."""
+    row names the run (`run_started`, to the microsecond: it tells runs apart) that timed it, and `meta.runs` lists
+    every run's copy bandwidth."""
     from kvforge.eval.runner import _device_name, _git_commit, _prepare_out, parse_press
     from kvforge.models import load_model
 
@@ -316,7 +317,7 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     copy_bw = copy_bandwidth(dev)
     vocab = model.config.get_text_config().vocab_size
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     setup = {"model": config or model_name, "random_weights": bool(config), "device": _device_name(model),
              "batch": batch, "new_tokens": new_tokens, "compile": modes, "cuda_graph": cuda_graph,
              "layouts": layouts}
