@@ -246,7 +246,8 @@ def sweep(copy_tbs: float) -> list[dict]:
                 return lambda: _launch_split(plans[i % len(plans)], q2, k2, v2, o2, l2, D**-0.5, 4, 2, pdl)
 
             def merge_only(i, plans=plans, pdl=pdl):
-                return lambda: _launch_merge(plans[i % len(plans)], pdl)
+                h, m, lse, acc, out = plans[i % len(plans)][0], *plans[i % len(plans)][5:]
+                return lambda: _launch_merge(m, lse, acc, out, h, pdl)
             rows.append({"kept": keep, "part": "split kernel only", "pdl": pdl, "ms": graph_bench(split_only, nbytes)})
             rows.append({"kept": keep, "part": "merge kernel only", "pdl": pdl, "ms": graph_bench(merge_only, nbytes)})
         del inputs

@@ -251,7 +251,8 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
     if pdl is None:
         pdl = can_pdl and not torch.compiler.is_compiling()
     _launch_split(plan, query, k_flat, v_flat, offsets, lengths, scale, num_warps, num_stages, pdl)
-    return _launch_merge(plan, pdl)
+    h, m, lse, acc, out = plan[0], *plan[5:]
+    return _launch_merge(m, lse, acc, out, h, pdl)
 
 
 def _launch_split(plan, query, k_flat, v_flat, offsets, lengths, scale, num_warps, num_stages, pdl):
@@ -265,13 +266,14 @@ def _launch_split(plan, query, k_flat, v_flat, offsets, lengths, scale, num_warp
                                         num_warps=num_warps, num_stages=num_stages, **extra)
 
 
-def _launch_merge(plan, pdl: bool) -> torch.Tensor:
-    """The merge kernel of a `_plan`: its partials into its output `[B, Hq, Dv]`, up to 64 splits per pass (one
-    pass for the splits of a 128k call at the default launch sizes)."""
-    h, g, _, ns, _, m, lse, acc, out = plan
+def _launch_merge(m, lse, acc, out, h: int, pdl: bool) -> torch.Tensor:
+    """The merge kernel: partials `m, lse [rows, NS, G]`, `acc [rows, NS, G, Dv]` (from `_partials`) into `out`
+    `[B, Hq, Dv]`, up to 64 splits per pass (one pass for the splits of a 128k call at the default launch
+    sizes). Serves the split kernel here and the quantized one (`kvforge.kernels.quant_decode`)."""
+    rows, ns, g = m.shape
     extra = {"launch_pdl": True} if pdl else {}
-    _merge_kernel[(m.shape[0], g)](m, lse, acc, out, out.stride(0), out.stride(1), ns, H=h, G=g, DV=acc.shape[-1],
-                                   CH=min(64, triton.next_power_of_2(ns)), PDL=pdl, num_warps=4, **extra)
+    _merge_kernel[(rows, g)](m, lse, acc, out, out.stride(0), out.stride(1), ns, H=h, G=g, DV=acc.shape[-1],
+                             CH=min(64, triton.next_power_of_2(ns)), PDL=pdl, num_warps=4, **extra)
     return out
 
 

@@ -47,7 +47,7 @@ import math
 
 import torch
 
-from kvforge.kernels.decode import _launch_merge, _num_splits
+from kvforge.kernels.decode import _launch_merge, _num_splits, _partials, sm_count
 from kvforge.quant import dequantize_keys, dequantize_values, value_group
 
 try:  # Triton is present on CUDA machines; the CPU path never needs it
@@ -319,23 +319,17 @@ def _quant_decode_triton(query, parts, bits, group, tail_k, tail_v, tail_len, sc
         tl_ptr, tail_int, slots = tail_len, 0, tail_k.shape[2]
     else:
         tl_ptr, tail_int, slots = query, int(tail_len), int(tail_len)
-    if sms is None:
-        sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-    ns, split = _num_splits(b * h * (m + slots), m + slots, plan["BLOCK_N"], sms, waves)
+    ns, split = _num_splits(b * h * (m + slots), m + slots, plan["BLOCK_N"], sms or sm_count(query.device), waves)
     if split > MAX_SPLIT:  # long shares lose precision (see MAX_SPLIT): more programs, merged as usual
         split = max(MAX_SPLIT, plan["BLOCK_N"])
         ns = -(-(m + slots) // split)
-    rows = b * h
-    mx = torch.empty(rows, ns, g, dtype=torch.float32, device=query.device)
-    lse = torch.empty_like(mx)
-    acc = torch.empty(rows, ns, g, dv, dtype=torch.float32, device=query.device)
-    _quant_split_kernel[(rows, ns)](
+    mx, lse, acc, out = _partials(query, tail_v, b * h, ns, g)
+    _quant_split_kernel[(b * h, ns)](
         query, kq, ks, kz, vq, vs, vz, tail_k, tail_v, tl_ptr, mx, lse, acc, scale / math.log(2), m, tail_int,
         split, query.stride(0), query.stride(1), tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
         tail_v.stride(0), tail_v.stride(1), tail_v.stride(2), ns, H=h, G=g, GP=triton.next_power_of_2(g), D=d,
         DV=dv, TL_PTR=tl_ptr is not query, num_warps=num_warps, num_stages=num_stages, **plan)
-    out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
-    return _launch_merge((h, g, None, ns, None, mx, lse, acc, out), pdl=False)  # the dense path's merge
+    return _launch_merge(mx, lse, acc, out, h, pdl=False)  # the dense path's merge
 
 
 def quant_decode_attention(query, parts, bits: int, group: int, tail_k, tail_v, tail_len, scale: float, *,
