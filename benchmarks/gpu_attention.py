@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from test_kernels import pdl_graph_replays  # noqa: E402  (the CUDA test's graph set-up)
 
 from kvforge.kernels.decode import (
-    _launch_merge,
+    launch_merge,
     _launch_split,
     _plan,
     decode_attention,
@@ -247,7 +247,7 @@ def sweep(copy_tbs: float) -> list[dict]:
 
             def merge_only(i, plans=plans, pdl=pdl):
                 h, m, lse, acc, out = plans[i % len(plans)][0], *plans[i % len(plans)][5:]
-                return lambda: _launch_merge(m, lse, acc, out, h, pdl)
+                return lambda: launch_merge(m, lse, acc, out, h, pdl)
             rows.append({"kept": keep, "part": "split kernel only", "pdl": pdl, "ms": graph_bench(split_only, nbytes)})
             rows.append({"kept": keep, "part": "merge kernel only", "pdl": pdl, "ms": graph_bench(merge_only, nbytes)})
         del inputs

@@ -25,7 +25,7 @@ from gpu_attention import bench, copy_bandwidth, graph_bench
 
 from kvforge.kernels.decode import decode_attention, dense_segments
 from kvforge.kernels.quant_decode import _plan, _quant_decode_triton, quant_decode_attention, quant_decode_attention_ref
-from kvforge.quant import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from kvforge.kernels.quantize import dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
 DEV = "cuda"
 H, G, D = 8, 4, 128

@@ -16,7 +16,7 @@ def greedy_decode(model, cache, logits, pos: int, steps: int, graph: bool = Fals
     """Greedy tokens after a prefill: `steps` single-token forwards through `cache`, eagerly or replaying a
     `GraphDecoder` (graph mode, optionally `torch.compile`d; checks that the host bookkeeping followed the
     device afterwards)."""
-    from kvforge.graphs import GraphDecoder
+    from kvforge.cache.graphs import GraphDecoder
 
     tok, out, start = logits.argmax(-1, keepdim=True), [], pos
     dec = GraphDecoder(model, cache, pos, steps=steps, batch=tok.shape[0], compile=compile) if graph else None

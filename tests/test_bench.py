@@ -6,8 +6,8 @@ import json
 import pytest
 
 from kvforge import KVForgeError
-from kvforge.bench import against_none, run_bench
 from kvforge.cli import main
+from kvforge.eval.bench import against_none, run_bench
 from kvforge.models import tiny_model
 
 
@@ -86,7 +86,7 @@ def test_bench_bad_input(tmp_path, tiny, capsys):
 def test_bench_resumes_an_interrupted_run(tmp_path, tiny, monkeypatch):
     """A run stopped mid-grid keeps its finished rows; the next run with the same set-up times only what is
     missing (rows kept verbatim, labelled with the run that timed them); another set-up starts afresh."""
-    import kvforge.bench as bench
+    import kvforge.eval.bench as bench
 
     real = bench._press_rows
     calls = []

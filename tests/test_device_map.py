@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvforge import generate, get_press
-from kvforge.attention.function import use_kvforge_attention
+from kvforge.config import enable_kvforge_attention
 from kvforge.models import tiny_model
 
 CONTEXT = "Mira keeps bees on the hill behind the mill. She paints the hive doors blue every spring. " * 3
@@ -23,7 +23,7 @@ def test_split_device_map_matches_single_device(tmp_path, smol_tokenizer, press_
     split = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32, device_map=device_map,
                                                  offload_folder=str(tmp_path / "offload"))
     split.eval()
-    use_kvforge_attention(split)
+    enable_kvforge_attention(split)
     assert getattr(split, "hf_device_map", None) and "disk" in split.hf_device_map.values()
     press = None if press_name is None else get_press(press_name, compression_ratio=0.5)
     q = ["What colour are the doors?"]

@@ -283,8 +283,8 @@ def test_compiled_captured_decode_equals_captured_decode_on_cuda(press_name, dty
     in bf16 (inductor keeps fused chains in fp32 where eager rounds after every op) — with one traced graph."""
     from torch._dynamo.utils import counters
 
+    from kvforge.cache.graphs import GraphDecoder
     from kvforge.generate import prefill
-    from kvforge.graphs import GraphDecoder
 
     model = tiny_model("llama").to("cuda", dtype)
     ids = torch.randint(5, 200, (2, 300), generator=torch.Generator().manual_seed(3)).cuda()
@@ -319,8 +319,8 @@ def test_graph_decoder_frees_the_cache_without_the_garbage_collector(models, com
     import gc
     import weakref
 
+    from kvforge.cache.graphs import GraphDecoder
     from kvforge.generate import prefill
-    from kvforge.graphs import GraphDecoder
 
     model = models["llama"]
     ids = torch.randint(5, 200, (1, 40), generator=torch.Generator().manual_seed(2))
@@ -431,8 +431,8 @@ def test_generate_with_graph_steps_answers_like_generate(models, smol_tokenizer,
     with stock sliding-window layers, transformers' path)."""
     from unittest.mock import patch
 
+    from kvforge.cache.graphs import GraphDecoder
     from kvforge.generate import generate
-    from kvforge.graphs import GraphDecoder
 
     model = models[family]
     press = get_press("knorm", compression_ratio=0.5)

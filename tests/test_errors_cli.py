@@ -5,9 +5,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from kvforge import KVForgeError, generate, get_press, list_presses
-from kvforge.attention import use_kvforge_attention
 from kvforge.attention.backends import eager, sdpa
 from kvforge.cli import main
+from kvforge.config import enable_kvforge_attention
 from kvforge.models import tiny_model
 
 
@@ -64,7 +64,7 @@ def test_context_longer_than_model(smol_tokenizer):
 def test_unsupported_architecture():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
     with pytest.raises(KVForgeError) as e:
-        use_kvforge_attention(model)
+        enable_kvforge_attention(model)
     msg = one_line(e)
     assert "gpt2" in msg and "llama" in msg
 

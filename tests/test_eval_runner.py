@@ -62,7 +62,7 @@ def test_graph_decoded_answers_equal_transformers_decoded(tmp_path, tiny, smol_t
     records the same predictions as transformers' generate, and the run says which path it took."""
     from unittest.mock import patch
 
-    from kvforge.graphs import GraphDecoder
+    from kvforge.cache.graphs import GraphDecoder
 
     plain = records(run(tmp_path / "plain", tiny, smol_tokenizer, press_batch=4))
     with patch.object(GraphDecoder, "step", autospec=True, side_effect=GraphDecoder.step) as spy:

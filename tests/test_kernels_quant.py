@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kvforge.kernels.quant_decode import _quant_decode_triton, quant_decode_attention, quant_decode_attention_ref
-from kvforge.quant import quantize_keys, quantize_values, value_group
+from kvforge.kernels.quantize import quantize_keys, quantize_values, value_group
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

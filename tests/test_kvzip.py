@@ -239,7 +239,7 @@ def test_options_are_checked():
 
 
 def test_head_scores_command(models, smol_tokenizer, tmp_path):
-    from kvforge.kvzip_head_scores import compute_head_scores, save_head_scores
+    from kvforge.calibrate.kvzip import compute_head_scores, save_head_scores
 
     model, tok = models["llama"], smol_tokenizer
     scores = compute_head_scores(model, tok, length=300, samples=2, chunk_size=128)

@@ -16,9 +16,9 @@ from transformers import LlamaConfig
 
 from kvforge import KVForgeError, generate, get_press
 from kvforge.cache import KVCache
+from kvforge.calibrate.headkv import _answer_token_positions, head_scores
 from kvforge.cli import main
 from kvforge.generate import encode_prompt
-from kvforge.headkv_scores import _answer_token_positions, head_scores
 from kvforge.models import tiny_model
 from kvforge.presses.base import LayerContext
 from kvforge.presses.expected_attention import query_statistics

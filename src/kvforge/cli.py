@@ -56,8 +56,8 @@ def _with_quant(specs: list[str], args) -> list[str]:
 
 
 def _press_from_args(args):
-    from kvforge.eval.runner import parse_press
     from kvforge.presses import get_press
+    from kvforge.presses.registry import parse_press
 
     quant = _quant_part(args)
     if not args.press or args.press == "none":
@@ -164,13 +164,13 @@ def cmd_report(args) -> None:
 
 
 def cmd_viz(args) -> None:
-    from kvforge.viz import attention_map
+    from kvforge.eval.viz import attention_map
 
     print(attention_map(args.model, args.context_file, args.out, layers=args.layers))
 
 
 def cmd_bench(args) -> None:
-    from kvforge.bench import run_bench
+    from kvforge.eval.bench import run_bench
 
     if bool(args.random_weights) == bool(args.model):
         raise KVForgeError("give --model M, or --random-weights with --config NAME (e.g. llama3.1-8b)")
@@ -188,7 +188,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_kvzip_head_scores(args) -> None:
-    from kvforge.kvzip_head_scores import compute_head_scores, save_head_scores
+    from kvforge.calibrate.kvzip import compute_head_scores, save_head_scores
     from kvforge.models import load_model
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -199,7 +199,7 @@ def cmd_kvzip_head_scores(args) -> None:
 
 
 def cmd_headkv_scores(args) -> None:
-    from kvforge.headkv_scores import write_head_scores
+    from kvforge.calibrate.headkv import write_head_scores
     from kvforge.models import load_model
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -8,46 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.cache.kvcache import KVCache
+from kvforge.config import text_config
 from kvforge.errors import KVForgeError
-
-_SPLIT = "\x00KVFORGE-QUESTION\x00"
-
-
-def format_prompt(tokenizer, context: str, question: str, chat_template: bool | None = None) -> tuple[str, str]:
-    """Split the prompt into (context text, question text).
-
-    With a chat template (default when the tokenizer has one) the context is the template's prefix plus
-    the context; the question carries the rest of the user turn and the assistant prefix (kvpress's
-    pipeline does the same), so only the context is compressed.
-    """
-    context = context.rstrip()
-    if not _use_template(tokenizer, chat_template):
-        return context, "\n\n" + question
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": context + _SPLIT + question}], add_generation_prompt=True, tokenize=False
-    )
-    head, tail = text.split(_SPLIT)
-    return head, "\n\n" + tail
-
-
-def _use_template(tokenizer, chat_template: bool | None) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
-
-
-def encode_prompt(
-    tokenizer, context: str, question: str, answer_prefix: str = "", chat_template: bool | None = None
-) -> tuple[list[int], list[int]]:
-    """Token ids of (context, question + answer prefix), tokenized separately: the exact ids kvforge feeds
-    the model. Plain `model.generate` on their concatenation is the uncompressed reference."""
-    ctx_text, q_text = format_prompt(tokenizer, context, question, chat_template)
-    special = not _use_template(tokenizer, chat_template)
-    ctx = tokenizer(ctx_text, add_special_tokens=special)["input_ids"]
-    q = tokenizer(q_text + answer_prefix, add_special_tokens=False)["input_ids"]
-    return ctx, q
+from kvforge.prompt import encode_prompt, format_prompt, use_template  # noqa: F401  (re-exported)
 
 
 def model_max_length(model) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     return int(getattr(cfg, "max_position_embeddings", 0) or 0)
 
 
@@ -117,7 +84,7 @@ def encode(model, tokenizer, contexts: list[str], questions: list[list[str]], an
             f"the model's maximum of {limit} tokens; shorten the context"
         )
     ctx_ids, ctx_mask = _left_pad(ctx_rows, pad_id, device)
-    return Encoded(ctx_ids, ctx_mask, q_rows, pad_id, tokenizer, _use_template(tokenizer, chat_template))
+    return Encoded(ctx_ids, ctx_mask, q_rows, pad_id, tokenizer, use_template(tokenizer, chat_template))
 
 
 def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int,
@@ -131,7 +98,7 @@ def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int,
     Off by default: on CUDA its attention kernel rounds differently from SDPA in bf16, so "no press == plain
     `generate()`" holds exactly only on the default path.
     """
-    from kvforge.graphs import GraphDecoder
+    from kvforge.cache.graphs import GraphDecoder
 
     state = cache.snapshot()
     answers: list[list[str]] = [[] for _ in enc.q_rows]
@@ -181,7 +148,7 @@ def graph_generate(model, cache: KVCache, q_ids: torch.Tensor, position: int, ma
     room, or entries that cannot be dropped: `KVCache.drop_positions`); the question was fed: restore the cache
     before another attempt.
     """
-    from kvforge.graphs import GraphDecoder
+    from kvforge.cache.graphs import GraphDecoder
 
     b, q = q_ids.shape
     if mask is None or bool(mask.all()):

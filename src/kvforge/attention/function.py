@@ -15,6 +15,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from kvforge.attention.backends import BACKENDS, causal_mask
+from kvforge.attention.context import LayerContext
+from kvforge.attention.masks import entry_mask
 from kvforge.cache.coded import CodedLayer
 from kvforge.cache.kvcache import GRAPH_STEP, take_binding
 from kvforge.cache.layers import DenseLayer, HeadVarlenLayer, PackedHeadLayer
@@ -46,49 +48,6 @@ class use_backend:
         _local.backend = self.prev
 
 
-def entry_mask(attention_mask, layer: DenseLayer, q: int, rows: slice | None = None) -> torch.Tensor | None:
-    """Mask over the layer's stored entries `[B, 1 | H_kv, q, n]` (True = attend), or None.
-
-    `attention_mask` is what transformers built in logical slot space (`[B, 1, q, L]` bool, or None for
-    plain causal). Stored entry t holds logical slot `slots[..., t]`; it is visible to query i when that
-    slot is visible in the logical mask (causality, padding, windows) and the entry is valid.
-    """
-    slots, valid = layer.entry_slots(), layer.entry_valid()
-    total = layer.logical  # logical length including the q current tokens
-    if rows is not None:
-        start, stop, _ = rows.indices(q)
-        q_idx = torch.arange(start, stop, device=layer.device)
-    else:
-        q_idx = torch.arange(q, device=layer.device)
-    if attention_mask is not None and rows is not None:
-        attention_mask = attention_mask[:, :, rows]
-    if attention_mask is None and valid is None and rows is None and q == 1:
-        return None  # decode without padding: every stored entry is in the past and visible
-    if slots is None and valid is None:
-        if attention_mask is not None:
-            return attention_mask
-        if rows is None and (q == 1 or layer.n == q):
-            return None  # plain decode / plain causal prefill: the backend needs no mask
-        return causal_mask(q, layer.n, layer.device)[:, :, q_idx]
-    n = layer.n if slots is None else slots.shape[-1]
-    if slots is None:
-        slots = torch.arange(n, device=layer.device).expand(*valid.shape[:2], n)
-    b, h = slots.shape[:2]
-    nq = len(q_idx)
-    if attention_mask is None:
-        qslot = total - q + q_idx
-        m = slots[:, :, None, :] <= qslot[None, None, :, None]
-    else:
-        if attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask == 0
-        m = attention_mask.expand(b, h, nq, attention_mask.shape[-1]).gather(
-            3, slots[:, :, None, :].expand(b, h, nq, n)
-        )
-    if valid is not None:
-        m = m & valid[:, :, None, :]
-    return m
-
-
 def kvforge_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: returns (`[B, q, Hq, Dv]`, None)."""
     if kwargs.get("softcap") is not None:
@@ -111,8 +70,6 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
             mask = causal_mask(q, key.shape[2], key.device)
         out = run(query, key, value, mask, scale=scaling, is_causal=is_causal)
         return out.transpose(1, 2).contiguous(), None
-
-    from kvforge.presses.base import LayerContext
 
     if isinstance(layer, CodedLayer):
         out = _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, module, run)
@@ -156,7 +113,7 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
 
 
 def _graph_step_attention(cache, layer_idx: int, query, scaling) -> torch.Tensor:
-    """One-token decode in graph mode (`kvforge.graphs.GraphDecoder`): write position and lengths live on the
+    """One-token decode in graph mode (`kvforge.cache.graphs.GraphDecoder`): write position and lengths live on the
     device, shapes are static, so the step can be captured in a CUDA graph and traced by `torch.compile`.
     Returns `[B, 1, Hq, Dv]`."""
     layer = cache.layers[layer_idx]
@@ -189,9 +146,7 @@ def _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, mo
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     out = layer.fused_attention(query[:, :, 0], scale)
     if cache.observer is not None:
-        from kvforge.presses.base import LayerContext
-
-        cache.observer(LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
+            cache.observer(LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
     return out[:, None]
 
 
@@ -204,12 +159,3 @@ def register() -> None:
     """
     AttentionInterface.register(NAME, kvforge_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
-
-
-def use_kvforge_attention(model) -> None:
-    """Switch `model` to the kvforge attention implementation (checks the architecture first)."""
-    from kvforge.models import check_supported
-
-    check_supported(model.config)
-    register()
-    model.set_attn_implementation(NAME)

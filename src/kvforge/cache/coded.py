@@ -49,6 +49,7 @@ class CodedLayer(DenseLayer):
     presses before a coding press (`composed`)."""
 
     compressible = True  # still a full-attention layer: press ranks and pending sets must not shift
+    rewritable = False
 
     def __init__(self, reserve: int = 256, **kwargs):
         super().__init__(reserve=reserve)
@@ -60,9 +61,7 @@ class CodedLayer(DenseLayer):
     def from_layer(cls, layer: DenseLayer, build) -> CodedLayer:
         """Code the entries of `layer` (any kind). `build(keys, values, slots, valid) -> (codec, m)` codes the
         first m entries; the rest become the tail (a streaming codec's residual window)."""
-        from kvforge.cache.kvcache import _entries
-
-        keys, values, slots, valid = _entries(layer)
+        keys, values, slots, valid = layer.entries()
         if layer.entry_valid() is None:
             valid = None
         codec, m = build(keys, values, slots, valid)
@@ -85,7 +84,7 @@ class CodedLayer(DenseLayer):
             return ck, cv
         return torch.cat([ck, self._k[:, :, : self.n]], 2), torch.cat([cv, self._v[:, :, : self.n]], 2)
 
-    padded = full  # LayerContext and KVCache.stack read entries through padded()
+    kv = full
 
     def entry_slots(self) -> torch.Tensor:
         return torch.cat([self.c_slots, self.slots[:, :, : self.n]], 2)

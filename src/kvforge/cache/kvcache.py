@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import copy
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from kvforge.cache.layers import DenseLayer, HeadVarlenLayer, PackedHeadLayer
+from kvforge.config import layer_types, text_config
 from kvforge.errors import KVForgeError
-
-if TYPE_CHECKING:
-    from kvforge.presses.base import Press
 
 # The layer whose `update()` ran last in this thread/context, and the key tensor it returned. The attention
 # function only trusts it when the key it receives *is* that tensor, so a binding can never leak into a
@@ -22,7 +20,7 @@ _BOUND: ContextVar[tuple[KVCache, int, torch.Tensor] | None] = ContextVar("kvfor
 
 
 class _GraphStep:
-    """The cache whose graph-mode decode step is running: `kvforge.graphs.GraphDecoder` sets `cache` around its
+    """The cache whose graph-mode decode step is running: `kvforge.cache.graphs.GraphDecoder` sets `cache` around its
     forward, and the attention function then finds each layer by `module.layer_idx` instead of the binding
     (a plain attribute, not a ContextVar, so `torch.compile` traces the step in one graph). Process-wide: one
     graph-mode forward runs at a time (decoders in several threads would need a lock)."""
@@ -43,27 +41,6 @@ def take_binding(key: torch.Tensor) -> tuple[KVCache, int] | None:
     return (cache, layer_idx) if returned is key else None
 
 
-def _entries(layer: DenseLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys, values, slots, valid) of a layer as `[B, H, n, D]`, `[B, H, n]` tensors, whatever its kind."""
-    keys, values = layer.padded() if hasattr(layer, "padded") else (layer.keys, layer.values)
-    b, h, n = keys.shape[:3]
-    slots = layer.entry_slots()
-    slots = torch.arange(n, device=keys.device).expand(b, h, n) if slots is None else slots
-    valid = layer.entry_valid()
-    valid = torch.ones(b, h, n, dtype=torch.bool, device=keys.device) if valid is None else valid
-    return keys, values, slots, valid
-
-
-def layer_types(config) -> list[str]:
-    """`full_attention` / `sliding_attention` per layer, as transformers decides it for this config."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = getattr(cfg, "layer_types", None)
-    if types is None:
-        sliding = getattr(cfg, "sliding_window", None) is not None
-        types = ["sliding_attention" if sliding else "full_attention"] * cfg.num_hidden_layers
-    return list(types)
-
-
 class KVCache(Cache):
     """A compressible KV cache usable as `past_key_values` in `model.generate` or a forward call.
 
@@ -81,9 +58,8 @@ class KVCache(Cache):
             than as a padded block (`HeadVarlenLayer`). Default: packed on CUDA, padded on CPU.
     """
 
-    def __init__(self, model: Any, press: Press | None = None, reserve: int = 256, packed: bool | None = None):
-        config = getattr(model, "config", model)
-        cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    def __init__(self, model: Any, press: Any = None, reserve: int = 256, packed: bool | None = None):
+        cfg = text_config(model)
         layers = []
         for t in layer_types(cfg):
             if t in ("sliding_attention", "chunked_attention"):
@@ -161,7 +137,7 @@ class KVCache(Cache):
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, DenseLayer):
                 raise KVForgeError("entries cannot be dropped from transformers' sliding-window layers")
-            _, _, slots, valid = _entries(layer)
+            _, _, slots, valid = layer.entries()
             b, h, n = slots.shape
             keep = ~drop.gather(1, slots.reshape(b, -1).clamp(0, drop.shape[1] - 1)).view(b, h, n) & valid
             if not bool(keep.all()):
@@ -193,7 +169,7 @@ class KVCache(Cache):
                 new.values = torch.cat([g.values for g in group])
                 out.layers[i] = new
                 continue
-            parts = [_entries(g) for g in group]
+            parts = [g.entries() for g in group]
             n = max(p[0].shape[2] for p in parts)
             padded = [[torch.nn.functional.pad(t, (0, 0, 0, n - t.shape[2])) if t.dim() == 4
                        else torch.nn.functional.pad(t, (0, n - t.shape[2])) for t in p] for p in parts]

@@ -31,7 +31,8 @@ class DenseLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = True
-    compressible = True
+    compressible = True  # a full-attention layer presses act on
+    rewritable = True  # replace_entries() may overwrite stored keys/values (merging presses)
 
     def __init__(self, reserve: int = 256, **kwargs):
         super().__init__()
@@ -98,7 +99,7 @@ class DenseLayer(CacheLayerMixin):
         return self.keys, self.values
 
     # -- graph mode: one-token steps whose write position and lengths live on the device, so a whole decode
-    # step can be captured in a CUDA graph (kvforge.graphs.GraphDecoder). Host counters advance via advance().
+    # step can be captured in a CUDA graph (kvforge.cache.graphs.GraphDecoder). Host counters advance via advance().
     graph: dict | None = None
 
     def enter_graph_mode(self, steps: int) -> None:
@@ -165,6 +166,22 @@ class DenseLayer(CacheLayerMixin):
     def entry_valid(self) -> torch.Tensor | None:
         """`[B, H_kv, n]` bool, or None when every stored entry is valid."""
         return None
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys `[B, H_kv, n, Dk]` and values `[B, H_kv, n, Dv]` of every stored entry, whatever the layer kind
+        (a padded block for per-head layouts, see `entry_valid`; decoded codes for coded layers). Read only."""
+        return self.keys, self.values
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`kv()` plus logical slots `[B, H_kv, n]` (int64) and validity `[B, H_kv, n]` (bool; the padding of
+        per-head layouts is False), as tensors whatever the layer kind. Read only."""
+        keys, values = self.kv()
+        b, h, n = keys.shape[:3]
+        slots = self.entry_slots()
+        slots = torch.arange(n, device=keys.device).expand(b, h, n) if slots is None else slots
+        valid = self.entry_valid()
+        valid = torch.ones(b, h, n, dtype=torch.bool, device=keys.device) if valid is None else valid
+        return keys, values, slots, valid
 
     # -- pruning ---------------------------------------------------------------------------------
     def _full_slots(self) -> torch.Tensor:
@@ -413,6 +430,7 @@ class PackedHeadLayer(DenseLayer):
     Used on CUDA (or with `KVCache(..., packed=True)`, which tests use on CPU) in place of `HeadVarlenLayer`.
     """
 
+    rewritable = False
     _STATE = ("n", "logical", "k_flat", "v_flat", "slots_flat", "offsets", "lengths", "max_len", "total", "room",
               "press_state")
 
@@ -524,6 +542,8 @@ class PackedHeadLayer(DenseLayer):
         idx, _ = self._gather_index()
         shape = (self.batch, self.heads, self.max_len)
         return self.k_flat[idx].view(*shape, -1), self.v_flat[idx].view(*shape, -1)
+
+    kv = padded
 
     def entry_slots(self) -> torch.Tensor:
         idx, valid = self._gather_index()

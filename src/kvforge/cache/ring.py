@@ -1,4 +1,4 @@
-"""`RingLayer`: a stock sliding-window layer in graph mode (`kvforge.graphs.GraphDecoder`).
+"""`RingLayer`: a stock sliding-window layer in graph mode (`kvforge.cache.graphs.GraphDecoder`).
 
 transformers' `DynamicSlidingWindowLayer` keeps the last `window - 1` tokens and concatenates each new one,
 so shapes change every step and it cannot be captured. While a graph decoder runs, each such layer is swapped

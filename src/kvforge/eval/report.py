@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kvforge.eval.runner import BASELINE, SUMMARY_COLUMNS, read_results, summarize  # noqa: E402
+from kvforge.eval.results import BASELINE, SUMMARY_COLUMNS, read_results, summarize  # noqa: E402
 
 
 def _save(fig, path: Path) -> str:

@@ -8,14 +8,9 @@ they finish; re-running the same command skips finished work, so an interrupted 
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import os
-import platform
-import subprocess
 import time
-from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,119 +18,19 @@ import torch
 from tqdm.auto import tqdm
 
 from kvforge.errors import KVForgeError
+from kvforge.eval.report import write_report
+from kvforge.eval.results import (  # noqa: F401
+    BASELINE,
+    SUMMARY_COLUMNS,
+    format_table,
+    load_done,
+    read_results,
+    summarize,
+    write_summary_csv,
+)
+from kvforge.eval.runs import device_name, drop_partial_line, git_commit, prepare_out, versions
 from kvforge.generate import answer, answer_query_aware, compress_prefilled, encode, model_max_length, prefill_context
-
-SUMMARY_COLUMNS = ["task", "press", "compression_ratio", "n", "score", "baseline_score", "agreement", "kv_fraction",
-                   "seconds"]
-BASELINE = "none"
-
-
-def _option(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _parse_part(part: str):
-    """`name[:scorer][@key=value...]` -> (name, options)."""
-    head, *opts = part.split("@")
-    name, _, scorer = head.partition(":")
-    options = {"scorer": scorer} if scorer else {}
-    for o in opts:
-        key, eq, value = o.partition("=")
-        if not eq or not key:
-            raise KVForgeError(f"press option {o!r} in {part!r} must look like key=value (e.g. kivi@bits=4)")
-        options[key] = _option(value)
-    return name, options
-
-
-def parse_press(spec: str):
-    """A press spec -> a factory taking `compression_ratio`. Specs: `name`, `wrapper:scorer` (`adakv:knorm`),
-    options `name@key=value` (`kivi@bits=4@group_size=32`), and `+` to compose in order
-    (`snapkv+kivi@bits=2`: SnapKV at the swept ratio, then 2-bit KIVI). Ratio-free presses (quantizers,
-    minicache) take no ratio; a spec made only of them has `factory.ratio_free = True` (run once, ratio 0)."""
-    from kvforge.presses import get_press
-    from kvforge.presses.registry import PRESSES
-
-    parts = [_parse_part(p) for p in spec.split("+")]
-    for name, options in parts:
-        get_press(name, **options)  # validate now, with a clear error
-    free = [PRESSES[name].ratio_free for name, _ in parts]
-
-    def make(ratio: float):
-        built = [get_press(name, **options) if rf else get_press(name, compression_ratio=ratio, **options)
-                 for (name, options), rf in zip(parts, free)]
-        return built[0] if len(built) == 1 else get_press("composed", presses=built)
-
-    make.ratio_free = all(free)
-    return make
-
-
-def _git_commit() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _device_name(model) -> str:
-    dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _versions() -> dict:
-    import transformers
-
-    import kvforge
-
-    return {"kvforge": kvforge.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
-def _prepare_out(out: str | os.PathLike) -> Path:
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise KVForgeError(f"output directory {str(path)!r} is not writable: {e.strerror}") from None
-    return path
-
-
-def _drop_partial_line(results: Path) -> None:
-    """An interrupt can cut the last line short: drop it so appended records start on a fresh line."""
-    if not results.exists():
-        return
-    data = results.read_bytes()
-    if data and not data.endswith(b"\n"):
-        results.write_bytes(data[: data.rfind(b"\n") + 1])
-
-
-def _load_done(results: Path) -> dict[tuple, dict]:
-    done = {}
-    if results.exists():
-        with results.open(encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by an interrupt: that unit is simply redone
-                    continue
-                done[(r["task"], r["sample_id"], r["press"], r["compression_ratio"])] = r
-    return done
+from kvforge.presses.registry import parse_press  # noqa: F401  (re-exported)
 
 
 def _score_answers(sample, predictions: list[str], baseline: list[str] | None) -> tuple[list[float], float | None]:
@@ -201,7 +96,7 @@ def run_eval(
         if not 0.0 <= r < 1.0:
             raise KVForgeError(f"ratio {r} is outside the allowed range [0, 1)")
     factories = {spec: parse_press(spec) for spec in presses}
-    out_dir = _prepare_out(out)
+    out_dir = prepare_out(out)
     if model is None:
         from kvforge.models import load_model
 
@@ -217,7 +112,7 @@ def run_eval(
         "args": {"model": model_name, "tasks": tasks, "presses": presses, "ratios": ratios, "length": length,
                  "samples": samples, "seed": seed, "max_new_tokens": max_new_tokens, "shared_prefill": shared_prefill,
                  "query_aware": query_aware, "press_batch": press_batch, "cuda_graph": cuda_graph},
-        "argv": argv, "git_commit": _git_commit(), "versions": _versions(), "device": _device_name(model),
+        "argv": argv, "git_commit": git_commit(), "versions": versions(), "device": device_name(model),
         "started": started, "prompt_format": "chat template around context + question; answer prefix appended",
     }
     meta_path.write_text(json.dumps(meta, indent=2))
@@ -225,8 +120,8 @@ def run_eval(
     per_task = samples if isinstance(samples, dict) else dict.fromkeys(tasks, samples)
     all_samples = [s for t in tasks for n in lengths for s in make_samples(t, tokenizer, n, per_task[t], seed)]
     results_path = out_dir / "results.jsonl"
-    _drop_partial_line(results_path)
-    done = _load_done(results_path)
+    drop_partial_line(results_path)
+    done = load_done(results_path)
     grid = [(spec, 0.0 if factories[spec].ratio_free else r) for spec in presses for r in ratios]
     grid = list(dict.fromkeys(grid))  # a ratio-free spec runs once
     total = len(all_samples) * (1 + len(grid))
@@ -363,70 +258,8 @@ def _record(sample, press, ratio, preds, baseline, ppl, seconds, prefill_s, stat
     }
 
 
-def _mean(xs) -> float | None:
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return sum(xs) / len(xs) if xs else None
-
-
-def summarize(records: list[dict]) -> list[dict]:
-    """One row per (task, press, ratio): mean score, the baseline's mean score on the same samples,
-    mean agreement with the baseline's answers, KV bytes stored as a fraction of the baseline's on the same
-    samples (packed bytes for quantizers), total seconds."""
-    base = {(r["task"], r["sample_id"]): r["score"] for r in records if r["press"] == BASELINE}
-    base_bytes = {(r["task"], r["sample_id"]): r.get("kv_bytes") for r in records if r["press"] == BASELINE}
-
-    def fraction(r):
-        full = base_bytes.get((r["task"], r["sample_id"]))
-        return None if not full or r.get("kv_bytes") is None else r["kv_bytes"] / full
-
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in records:
-        groups[(r["task"], r["press"], r["compression_ratio"])].append(r)
-    rows = []
-    for (task, press, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != BASELINE,
-                                                                            kv[0][1], kv[0][2])):
-        rows.append({
-            "task": task, "press": press, "compression_ratio": ratio, "n": len(rs),
-            "score": _round(_mean(r["score"] for r in rs)),
-            "baseline_score": _round(_mean(base.get((task, r["sample_id"])) for r in rs)),
-            "agreement": _round(_mean(r["agreement"] for r in rs)),
-            "kv_fraction": _round(_mean(fraction(r) for r in rs)),
-            "seconds": round(sum(r["seconds"] for r in rs), 2),
-        })
-    return rows
-
-
-def _round(x):
-    return None if x is None else round(x, 4)
-
-
-def read_results(out_dir: str | os.PathLike) -> list[dict]:
-    return list(_load_done(Path(out_dir) / "results.jsonl").values())
-
-
 def write_summary(out_dir: str | os.PathLike) -> list[dict]:
-    """Write `summary.csv` (and the HTML report) from `results.jsonl`; returns the summary rows."""
-    out_dir = Path(out_dir)
-    rows = summarize(read_results(out_dir))
-    with (out_dir / "summary.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r[k] is None else r[k]) for k in SUMMARY_COLUMNS})
-    try:
-        from kvforge.eval.report import write_report
-
-        write_report(out_dir)
-    except ImportError:  # report module not available: the CSV is still complete
-        pass
+    """Write `summary.csv` and the HTML report from `results.jsonl`; returns the summary rows."""
+    rows = write_summary_csv(out_dir)
+    write_report(out_dir)
     return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    """The summary as an aligned text table."""
-    cols = SUMMARY_COLUMNS
-    cells = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)

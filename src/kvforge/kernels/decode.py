@@ -185,7 +185,7 @@ if triton is not None:
         tl.store(OUT + b * stride_ob + (h * G + gi) * stride_oh + dv, out.to(OUT.dtype.element_ty))
 
 
-def _num_splits(total: int, max_len: int, block_n: int, sms: int, waves: int,
+def num_splits(total: int, max_len: int, block_n: int, sms: int, waves: int,
                 split: int | None = None) -> tuple[int, int]:
     """Keys per split (a block multiple) sized from the *total* entries so the busy programs fill the GPU
     `waves` times even when heads are ragged; splits per segment cover the longest one (shorter segments'
@@ -205,7 +205,7 @@ def _launch_sizes(query, block_n, waves, sms) -> tuple[int, int, int]:
     return block_n, waves, sms or sm_count(query.device)
 
 
-def _partials(query, v_flat, rows: int, ns: int, g: int):
+def partials(query, v_flat, rows: int, ns: int, g: int):
     """Buffers of a split launch: m, l `[rows, NS, G]`, acc `[rows, NS, G, Dv]` (float32) and the output
     `[B, Hq, Dv]`."""
     m = torch.empty(rows, ns, g, dtype=torch.float32, device=query.device)
@@ -216,15 +216,15 @@ def _partials(query, v_flat, rows: int, ns: int, g: int):
 
 def _plan(query, v_flat, offsets, lengths, max_len, total, block_n, waves, sms, split):
     """What the split and merge launches need: (KV heads H, group G, tile, splits per segment, keys per split,
-    and the `_partials` buffers m, l, acc, out)."""
+    and the `partials` buffers m, l, acc, out)."""
     rows = offsets.numel()
     h = rows // query.shape[0]
     g = query.shape[1] // h
     max_len = int(lengths.max()) if max_len is None else max_len
     total = int(lengths.sum()) if total is None else total
     block_n, waves, sms = _launch_sizes(query, block_n, waves, sms)
-    ns, split = _num_splits(total, max_len, block_n, sms, waves, split)
-    return h, g, block_n, ns, split, *_partials(query, v_flat, rows, ns, g)
+    ns, split = num_splits(total, max_len, block_n, sms, waves, split)
+    return h, g, block_n, ns, split, *partials(query, v_flat, rows, ns, g)
 
 
 def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_len: int | None = None,
@@ -234,7 +234,7 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
     """Decode attention over segments (see module docstring). `max_len` and `total` (host ints: the longest
     segment and the sum of lengths) avoid a device sync; they are read from `lengths` when omitted. `block_n`,
     `waves` default to the device's (`_device_facts`); `sms` overrides the device's count (interpreter tests);
-    `split` fixes the keys per program (default: from `total` and `waves`, `_num_splits`); `pdl` launches both
+    `split` fixes the keys per program (default: from `total` and `waves`, `num_splits`); `pdl` launches both
     kernels with programmatic dependent launch (default: where the device has it, compute capability >= 9, and
     not inside `torch.compile`, whose kernel analysis cannot read the launch-control instructions and would
     then treat every input as written)."""
@@ -252,7 +252,7 @@ def decode_attention(query, k_flat, v_flat, offsets, lengths, scale: float, max_
         pdl = can_pdl and not torch.compiler.is_compiling()
     _launch_split(plan, query, k_flat, v_flat, offsets, lengths, scale, num_warps, num_stages, pdl)
     h, m, lse, acc, out = plan[0], *plan[5:]
-    return _launch_merge(m, lse, acc, out, h, pdl)
+    return launch_merge(m, lse, acc, out, h, pdl)
 
 
 def _launch_split(plan, query, k_flat, v_flat, offsets, lengths, scale, num_warps, num_stages, pdl):
@@ -266,8 +266,8 @@ def _launch_split(plan, query, k_flat, v_flat, offsets, lengths, scale, num_warp
                                         num_warps=num_warps, num_stages=num_stages, **extra)
 
 
-def _launch_merge(m, lse, acc, out, h: int, pdl: bool) -> torch.Tensor:
-    """The merge kernel: partials `m, lse [rows, NS, G]`, `acc [rows, NS, G, Dv]` (from `_partials`) into `out`
+def launch_merge(m, lse, acc, out, h: int, pdl: bool) -> torch.Tensor:
+    """The merge kernel: partials `m, lse [rows, NS, G]`, `acc [rows, NS, G, Dv]` (from `partials`) into `out`
     `[B, Hq, Dv]`, up to 64 splits per pass (one pass for the splits of a 128k call at the default launch
     sizes). Serves the split kernel here and the quantized one (`kvforge.kernels.quant_decode`)."""
     rows, ns, g = m.shape

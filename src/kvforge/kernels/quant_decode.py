@@ -1,5 +1,5 @@
 """Decode attention over a KIVI-quantized cache, reading the codes straight into the tensor cores: one query token
-per row, the keys and values of each (row, KV head) being `m` coded entries (the layout of `kvforge.quant`)
+per row, the keys and values of each (row, KV head) being `m` coded entries (the layout of `kvforge.kernels.quantize`)
 followed by a full-precision tail of `tail_len` entries. No full-precision copy of the coded part is ever made.
 
 Shapes: `query [B, Hq, D]`; `parts = (kq, ks, kz, vq, vs, vz)` as `quantize_keys(...) + quantize_values(...)`
@@ -47,8 +47,8 @@ import math
 
 import torch
 
-from kvforge.kernels.decode import _launch_merge, _num_splits, _partials, sm_count
-from kvforge.quant import dequantize_keys, dequantize_values, value_group
+from kvforge.kernels.decode import launch_merge, num_splits, partials, sm_count
+from kvforge.kernels.quantize import dequantize_keys, dequantize_values, value_group
 
 try:  # Triton is present on CUDA machines; the CPU path never needs it
     import triton
@@ -319,17 +319,17 @@ def _quant_decode_triton(query, parts, bits, group, tail_k, tail_v, tail_len, sc
         tl_ptr, tail_int, slots = tail_len, 0, tail_k.shape[2]
     else:
         tl_ptr, tail_int, slots = query, int(tail_len), int(tail_len)
-    ns, split = _num_splits(b * h * (m + slots), m + slots, plan["BLOCK_N"], sms or sm_count(query.device), waves)
+    ns, split = num_splits(b * h * (m + slots), m + slots, plan["BLOCK_N"], sms or sm_count(query.device), waves)
     if split > MAX_SPLIT:  # long shares lose precision (see MAX_SPLIT): more programs, merged as usual
         split = max(MAX_SPLIT, plan["BLOCK_N"])
         ns = -(-(m + slots) // split)
-    mx, lse, acc, out = _partials(query, tail_v, b * h, ns, g)
+    mx, lse, acc, out = partials(query, tail_v, b * h, ns, g)
     _quant_split_kernel[(b * h, ns)](
         query, kq, ks, kz, vq, vs, vz, tail_k, tail_v, tl_ptr, mx, lse, acc, scale / math.log(2), m, tail_int,
         split, query.stride(0), query.stride(1), tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
         tail_v.stride(0), tail_v.stride(1), tail_v.stride(2), ns, H=h, G=g, GP=triton.next_power_of_2(g), D=d,
         DV=dv, TL_PTR=tl_ptr is not query, num_warps=num_warps, num_stages=num_stages, **plan)
-    return _launch_merge(mx, lse, acc, out, h, pdl=False)  # the dense path's merge
+    return launch_merge(mx, lse, acc, out, h, pdl=False)  # the dense path's merge
 
 
 def quant_decode_attention(query, parts, bits: int, group: int, tail_k, tail_v, tail_len, scale: float, *,

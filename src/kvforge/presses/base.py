@@ -8,85 +8,16 @@ It decides which entries the layer keeps and tells the layer (`keep`, `keep_mask
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from functools import cached_property
 from typing import ClassVar
 
 import torch
 
+from kvforge.attention.context import LayerContext
+from kvforge.cache.coded import CodedLayer
 from kvforge.errors import KVForgeError
+from kvforge.kernels.quantize import check_bits, coded_count
 
 GQA_AGGREGATIONS = ("mean", "max", "sum")
-
-
-class LayerContext:
-    """Everything a press may read for one layer, computed lazily.
-
-    Shapes: `query [B, Hq, q, D]` (this forward's queries), `keys [B, H_kv, n, D]`, `values [B, H_kv, n, Dv]`
-    (every stored entry of the layer, the new ones included), `real [B, H_kv, n]` (entry is a real token,
-    not padding or an invalid slot), `token_index [B, H_kv, n]` (position among the row's real tokens).
-    """
-
-    def __init__(self, module, cache, layer_idx: int, query: torch.Tensor, attention_mask, scaling: float | None):
-        self.module = module
-        self.cache = cache
-        self.layer_idx = layer_idx
-        self.layer = cache.layers[layer_idx]
-        self.query = query
-        self.attention_mask = attention_mask
-        self.scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        compressible = cache.compressible_layers()
-        self.rank = compressible.index(layer_idx)  # index among compressible layers
-        self.num_layers = len(compressible)
-
-    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if hasattr(self.layer, "padded"):  # packed head-varlen: a padded view (entry_valid marks real ones)
-            return self.layer.padded()
-        return self.layer.keys, self.layer.values
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self._kv()[0]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self._kv()[1]
-
-    @property
-    def groups(self) -> int:
-        return self.query.shape[1] // self.keys.shape[1]
-
-    def mask(self, rows: slice | None = None) -> torch.Tensor:
-        """Bool mask of (some of) this forward's queries over the stored entries, `[B, 1 | H_kv, r, n]`."""
-        from kvforge.attention.function import entry_mask
-
-        q = self.query.shape[2]
-        m = entry_mask(self.attention_mask, self.layer, q, rows=rows if rows is not None else slice(0, q))
-        return m
-
-    @cached_property
-    def real(self) -> torch.Tensor:
-        b, h, n = self.keys.shape[:3]
-        return self.mask(slice(-1, None))[:, :, 0].expand(b, h, n)
-
-    @cached_property
-    def n_real(self) -> torch.Tensor:
-        """Real entries per row `[B]` (the most any head holds)."""
-        return self.real.sum(-1).amax(-1)
-
-    @cached_property
-    def token_index(self) -> torch.Tensor:
-        return self.real.long().cumsum(-1) - 1
-
-    def window_attention(self, window: int) -> torch.Tensor:
-        """Softmax attention of the last `window` queries over every entry, float32, `[B, H_kv, G, w, n]`."""
-        b, hq, q, d = self.query.shape
-        h = self.keys.shape[1]
-        w = min(window, q)
-        qw = self.query[:, :, q - w :].float().reshape(b, h, self.groups, w, d)
-        logits = torch.einsum("bhgwd,bhnd->bhgwn", qw, self.keys.float()) * self.scaling
-        mask = self.mask(slice(q - w, q))  # [B, 1|H, w, n]
-        logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
-        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
 def aggregate_groups(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -243,8 +174,6 @@ class QuantizerPress(Press):
             raise KVForgeError(f"{self.name} quantizes and evicts nothing: compression_ratio must be 0 and budget "
                                "unset; evict with another press first, e.g. composed(presses=[snapkv, "
                                f"{self.name}])")
-        from kvforge.quant import check_bits
-
         check_bits(self.name, self.bits, self.group_size, self.residual_length)
 
     def codec(self, ctx: LayerContext, keys: torch.Tensor, values: torch.Tensor):  # pragma: no cover - abstract
@@ -252,9 +181,6 @@ class QuantizerPress(Press):
         raise NotImplementedError
 
     def compress(self, ctx: LayerContext) -> None:
-        from kvforge.cache.coded import CodedLayer
-        from kvforge.quant import coded_count
-
         def build(keys, values, slots, valid):
             n = keys.shape[2]
             m = n if valid is not None else coded_count(n, self.group_size, self.residual_length)

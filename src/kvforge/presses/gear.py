@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kvforge.cache.codecs import GearCodec
 from kvforge.errors import KVForgeError
 from kvforge.presses.base import LayerContext, QuantizerPress
 from kvforge.presses.registry import register
-from kvforge.quant import GearCodec
 
 
 @register("gear")

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
+from kvforge.cache.codecs import KiviCodec
 from kvforge.presses.base import LayerContext, QuantizerPress
 from kvforge.presses.registry import register
-from kvforge.quant import KiviCodec
 
 
 @register("kivi")
 @dataclass
 class KiviPress(QuantizerPress):
     """Keys `[B, H_kv, m, D]` -> codes packed along D (`bits` each), scale/min per (token group, channel);
-    values -> codes, scale/min per (token, channel group). See `kvforge.quant` for the byte layout."""
+    values -> codes, scale/min per (token, channel group). See `kvforge.kernels.quantize` for the byte layout."""
 
     frees_memory = "yes (bits/16 + scales)"
     paper = "https://arxiv.org/abs/2402.02750"

@@ -44,6 +44,7 @@ import torch
 from kvforge.errors import KVForgeError
 from kvforge.presses.base import LayerContext, Press, descending_rank
 from kvforge.presses.registry import register
+from kvforge.prompt import format_prompt, use_template
 
 REPEAT_FIRST = "\n\nRepeat the previous context exactly."
 REPEAT_NEXT = "\n\nRepeat the part of the previous context exactly, starting with "
@@ -62,9 +63,7 @@ def template_parts(tokenizer, chat_template: bool | None) -> tuple[list[int], li
     builds around contexts and questions. Without a chat template: (special tokens `tokenizer("")` adds,
     no suffix).
     """
-    from kvforge.generate import _use_template, format_prompt
-
-    if not _use_template(tokenizer, chat_template):
+    if not use_template(tokenizer, chat_template):
         return list(tokenizer("", add_special_tokens=True)["input_ids"]), []
     head, tail = format_prompt(tokenizer, "", "", chat_template=True)
     prefix = tokenizer(head, add_special_tokens=False)["input_ids"]

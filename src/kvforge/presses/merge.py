@@ -66,7 +66,7 @@ def keep_merged(ctx: LayerContext, selected: torch.Tensor, keys: torch.Tensor | 
     priority = selected.to(torch.int8) * 2 + (~real).to(torch.int8)
     idx = priority.topk(kmax, dim=-1, sorted=False).indices.sort(-1).values  # [B, H, kmax]
     layer = ctx.layer
-    if (keys is not None or values is not None) and hasattr(layer, "padded"):
+    if (keys is not None or values is not None) and not layer.rewritable:
         raise KVForgeError("merging presses cannot rewrite entries of packed per-head storage (a per-head press "
                            "ran first on CUDA); use KVCache(..., packed=False) or put the merge press first")
     layer.keep(idx)

@@ -88,3 +88,44 @@ if __name__ == "__main__":  # `python -m kvforge.presses.registry`: run against 
     import kvforge.presses.registry as registry
 
     print("README.md updated" if registry.update_readme() else "README.md already current")
+
+
+def _option(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_part(part: str):
+    """`name[:scorer][@key=value...]` -> (name, options)."""
+    head, *opts = part.split("@")
+    name, _, scorer = head.partition(":")
+    options = {"scorer": scorer} if scorer else {}
+    for o in opts:
+        key, eq, value = o.partition("=")
+        if not eq or not key:
+            raise KVForgeError(f"press option {o!r} in {part!r} must look like key=value (e.g. kivi@bits=4)")
+        options[key] = _option(value)
+    return name, options
+
+
+def parse_press(spec: str):
+    """A press spec -> a factory taking `compression_ratio`. Specs: `name`, `wrapper:scorer` (`adakv:knorm`),
+    options `name@key=value` (`kivi@bits=4@group_size=32`), and `+` to compose in order
+    (`snapkv+kivi@bits=2`: SnapKV at the swept ratio, then 2-bit KIVI). Ratio-free presses (quantizers,
+    minicache) take no ratio; a spec made only of them has `factory.ratio_free = True` (run once, ratio 0)."""
+    parts = [_parse_part(p) for p in spec.split("+")]
+    for name, options in parts:
+        get_press(name, **options)  # validate now, with a clear error
+    free = [PRESSES[name].ratio_free for name, _ in parts]
+
+    def make(ratio: float):
+        built = [get_press(name, **options) if rf else get_press(name, compression_ratio=ratio, **options)
+                 for (name, options), rf in zip(parts, free)]
+        return built[0] if len(built) == 1 else get_press("composed", presses=built)
+
+    make.ratio_free = all(free)
+    return make

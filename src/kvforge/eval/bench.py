@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from kvforge.cache.coded import CodedLayer
+from kvforge.cache.graphs import GraphDecoder
 from kvforge.cache.kvcache import KVCache
 from kvforge.cache.layers import PackedHeadLayer
 from kvforge.errors import KVForgeError
 from kvforge.generate import prefill
-from kvforge.graphs import GraphDecoder
 from kvforge.kernels.decode import decode_attention
 
 
@@ -299,10 +299,11 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     from the same set-up (model, device, batch, new tokens, compile modes, layouts) are kept, not re-timed; each
     row names the run (`run_started`, to the microsecond: it tells runs apart) that timed it, and `meta.runs` lists
     every run's copy bandwidth."""
-    from kvforge.eval.runner import _device_name, _git_commit, _prepare_out, parse_press
+    from kvforge.eval.runs import device_name, git_commit, prepare_out
     from kvforge.models import load_model
+    from kvforge.presses.registry import parse_press
 
-    out_dir = _prepare_out(out)
+    out_dir = prepare_out(out)
     factories = {spec: parse_press(spec) for spec in presses if spec != "none"}
     modes = {False: [False], "off": [False], True: [True], "on": [True], "both": [False, True],
              "autotune": [True, AUTOTUNE], "max-autotune": [AUTOTUNE]}.get(compile)
@@ -318,10 +319,10 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     copy_bw = copy_bandwidth(dev)
     vocab = model.config.get_text_config().vocab_size
     started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-    setup = {"model": config or model_name, "random_weights": bool(config), "device": _device_name(model),
+    setup = {"model": config or model_name, "random_weights": bool(config), "device": device_name(model),
              "batch": batch, "new_tokens": new_tokens, "compile": modes, "cuda_graph": cuda_graph,
              "layouts": layouts}
-    this_run = {"started": started, "copy_TBps": round(copy_bw / 1e12, 3), "git_commit": _git_commit()}
+    this_run = {"started": started, "copy_TBps": round(copy_bw / 1e12, 3), "git_commit": git_commit()}
     meta = {**setup, **this_run, "weights_gb": round(weights_bytes / 1e9, 2)}
     saved, runs = _resumable(out_dir / "bench.json", setup)
     meta["runs"] = runs + [this_run]

@@ -1,0 +1,50 @@
+"""Masks over a layer's stored entries, from the mask transformers builds in logical slot space."""
+
+from __future__ import annotations
+
+import torch
+
+from kvforge.attention.backends import causal_mask
+
+
+def entry_mask(attention_mask, layer, q: int, rows: slice | None = None) -> torch.Tensor | None:
+    """Mask over the layer's stored entries `[B, 1 | H_kv, q, n]` (True = attend), or None.
+
+    `attention_mask` is what transformers built in logical slot space (`[B, 1, q, L]` bool, or None for
+    plain causal). Stored entry t holds logical slot `slots[..., t]`; it is visible to query i when that
+    slot is visible in the logical mask (causality, padding, windows) and the entry is valid.
+    """
+    slots, valid = layer.entry_slots(), layer.entry_valid()
+    total = layer.logical  # logical length including the q current tokens
+    if rows is not None:
+        start, stop, _ = rows.indices(q)
+        q_idx = torch.arange(start, stop, device=layer.device)
+    else:
+        q_idx = torch.arange(q, device=layer.device)
+    if attention_mask is not None and rows is not None:
+        attention_mask = attention_mask[:, :, rows]
+    if attention_mask is None and valid is None and rows is None and q == 1:
+        return None  # decode without padding: every stored entry is in the past and visible
+    if slots is None and valid is None:
+        if attention_mask is not None:
+            return attention_mask
+        if rows is None and (q == 1 or layer.n == q):
+            return None  # plain decode / plain causal prefill: the backend needs no mask
+        return causal_mask(q, layer.n, layer.device)[:, :, q_idx]
+    n = layer.n if slots is None else slots.shape[-1]
+    if slots is None:
+        slots = torch.arange(n, device=layer.device).expand(*valid.shape[:2], n)
+    b, h = slots.shape[:2]
+    nq = len(q_idx)
+    if attention_mask is None:
+        qslot = total - q + q_idx
+        m = slots[:, :, None, :] <= qslot[None, None, :, None]
+    else:
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask == 0
+        m = attention_mask.expand(b, h, nq, attention_mask.shape[-1]).gather(
+            3, slots[:, :, None, :].expand(b, h, nq, n)
+        )
+    if valid is not None:
+        m = m & valid[:, :, None, :]
+    return m

@@ -1,0 +1,93 @@
+"""A run's records (`results.jsonl`) and their summary (`summary.csv`, a text table)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+SUMMARY_COLUMNS = ["task", "press", "compression_ratio", "n", "score", "baseline_score", "agreement", "kv_fraction",
+                   "seconds"]
+BASELINE = "none"
+
+
+def load_done(results: Path) -> dict[tuple, dict]:
+    done = {}
+    if results.exists():
+        with results.open(encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by an interrupt: that unit is simply redone
+                    continue
+                done[(r["task"], r["sample_id"], r["press"], r["compression_ratio"])] = r
+    return done
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (task, press, ratio): mean score, the baseline's mean score on the same samples,
+    mean agreement with the baseline's answers, KV bytes stored as a fraction of the baseline's on the same
+    samples (packed bytes for quantizers), total seconds."""
+    base = {(r["task"], r["sample_id"]): r["score"] for r in records if r["press"] == BASELINE}
+    base_bytes = {(r["task"], r["sample_id"]): r.get("kv_bytes") for r in records if r["press"] == BASELINE}
+
+    def fraction(r):
+        full = base_bytes.get((r["task"], r["sample_id"]))
+        return None if not full or r.get("kv_bytes") is None else r["kv_bytes"] / full
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["task"], r["press"], r["compression_ratio"])].append(r)
+    rows = []
+    for (task, press, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != BASELINE,
+                                                                            kv[0][1], kv[0][2])):
+        rows.append({
+            "task": task, "press": press, "compression_ratio": ratio, "n": len(rs),
+            "score": _round(_mean(r["score"] for r in rs)),
+            "baseline_score": _round(_mean(base.get((task, r["sample_id"])) for r in rs)),
+            "agreement": _round(_mean(r["agreement"] for r in rs)),
+            "kv_fraction": _round(_mean(fraction(r) for r in rs)),
+            "seconds": round(sum(r["seconds"] for r in rs), 2),
+        })
+    return rows
+
+
+def _round(x):
+    return None if x is None else round(x, 4)
+
+
+def read_results(out_dir: str | os.PathLike) -> list[dict]:
+    return list(load_done(Path(out_dir) / "results.jsonl").values())
+
+
+def write_summary_csv(out_dir: str | os.PathLike) -> list[dict]:
+    """Write `summary.csv` from `results.jsonl`; returns the summary rows."""
+    out_dir = Path(out_dir)
+    rows = summarize(read_results(out_dir))
+    with (out_dir / "summary.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r[k] is None else r[k]) for k in SUMMARY_COLUMNS})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The summary as an aligned text table."""
+    cols = SUMMARY_COLUMNS
+    cells = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
