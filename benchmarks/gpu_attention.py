@@ -1,8 +1,9 @@
 """Attention-only decode on the GPU: correctness of the Triton segments kernel, then its bandwidth.
 
-Run on the lent H100 (from the repo root, transformers 5.23 carried as wheels):
+Run on a CUDA machine from the repository root (it imports the CUDA test's graph set-up from tests/):
     PYTHONPATH=src python3 benchmarks/gpu_attention.py
-Writes $OUT/gpu_attention.json and prints a table. Llama-3.1-8B shapes: 32 query / 8 KV heads, D = 128, bf16.
+Writes $OUT/gpu_attention.json (OUT defaults to .) and prints a table; results: benchmarks/README.md.
+Llama-3.1-8B shapes: 32 query / 8 KV heads, D = 128, bf16.
 """
 
 from __future__ import annotations
@@ -77,8 +78,7 @@ def budgets(n: int, keep: float, skewed: bool = False) -> list[int]:
     """Per-head entries kept of an n-token cache: all n at keep = 1 (the whole cache: what an uncompressed cache
     holds), else ragged budgets around the mean (AdaKV-like, 0.5-1.5x the mean) summing to keep x the whole
     cache; `skewed`: heavy-tailed budgets (weights rand^3, so one head may keep the whole cache and others
-    almost nothing, as AdaKV's can on a trained model), each clamped at n, so the sum may fall a little short.
-    (Before 2026-11-30 keep = 1 was ragged too, clamped at n: 88% of the whole cache; see NOTES.md.)"""
+    almost nothing, as AdaKV's can on a trained model), each clamped at n, so the sum may fall a little short."""
     if keep >= 1.0:
         return [n] * H
     gen = torch.Generator().manual_seed(1)

@@ -1,7 +1,7 @@
 """Attention-only decode over a KIVI-quantized cache on the GPU: the fused kernel against the bf16 baseline.
 
-Run on the lent H100 (from the repo root, transformers 5.23 carried as wheels):
-    PYTHONPATH=src python3 benchmarks/gpu_quant.py --out $OUT/gpu_quant.json
+Run on a CUDA machine from the repository root (results: benchmarks/README.md):
+    PYTHONPATH=src python3 benchmarks/gpu_quant.py --out gpu_quant.json
 One layer, Llama-3.1-8B shapes (32 query / 8 KV heads, D = 128, bf16, batch 1), contexts 32k and 128k, bits 2
 and 4, key/value groups 128 and 32, a full-precision tail of 128 entries (buffer of 256, length on the device).
 Rows: (a) the fused kernel `quant_decode_attention`, (b) `decode_attention` over the dense bf16 cache of the

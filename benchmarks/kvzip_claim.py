@@ -17,7 +17,7 @@ Rows (kvforge `compression_ratio` = 1 − kept fraction):
 Per-question columns: `Q1` (the question snapkv-q1-shared was compressed for) vs `Q2-4` (the others).
 
 Resumable (results are appended as they finish; re-run the same command). Writes `<out>/*/results.jsonl`,
-`<out>/overhead.json` and the markdown table (default `benchmarks/kvzip_claim.md`).
+`<out>/overhead.json` and the markdown table (default `runs/kvzip_claim.md`; the results: benchmarks/README.md).
 
     python benchmarks/kvzip_claim.py --quick            # 2 samples/task, kept 0.3/0.5/0.7/0.9
     python benchmarks/kvzip_claim.py                    # 5 samples/task, kept 0.1..0.9 (long on CPU)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="runs/kvzip_claim")
-    p.add_argument("--md", default="benchmarks/kvzip_claim.md")
+    p.add_argument("--md", default="runs/kvzip_claim.md")
     p.add_argument("--quick", action="store_true", help="2 samples per task, kept 0.3/0.5/0.7/0.9")
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--kept", default=None, help="kept fractions, comma-separated (default 0.1..0.9)")

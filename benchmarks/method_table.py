@@ -1,4 +1,4 @@
-"""Every method at compression ratio 0.5 next to the uncompressed baseline, on the demo tasks (issue #4).
+"""Every method at compression ratio 0.5 next to the uncompressed baseline, on the demo tasks.
 
     .venv/bin/python benchmarks/method_table.py [--out runs/methods05] [--samples N] [--model M.gguf --device cuda
         --cuda-graph]

@@ -1,4 +1,4 @@
-"""Quantization quality on the embedded model (issue #6): KIVI, GEAR and KVQuant-style at 4 and 2 bits versus
+"""Quantization quality on the embedded model: KIVI, GEAR and KVQuant-style at 4 and 2 bits versus
 full precision, on the demo tasks and perplexity, in one `run_eval` (one prefill per sample, every quantizer
 coding a fork of it).
 

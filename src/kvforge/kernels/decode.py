@@ -70,8 +70,8 @@ _DEVICE: dict[int, tuple[int, int, int, bool]] = {}
 
 def _device_facts(device: torch.device) -> tuple[int, int, int, bool]:
     """(SMs, block_n, waves, PDL) of a CUDA device, cached (a plain dict read, which `torch.compile` traces).
-    128-key tiles and 3 waves where a program may use >= 160 KiB of shared memory (H100/H200/A100: best of the
-    sweep in benchmarks/NOTES.md), else 64-key tiles and 4 waves; programmatic dependent launch from compute
+    128-key tiles and 3 waves where a program may use >= 160 KiB of shared memory (H100/H200/A100 class; measured:
+    see docs/decisions.md), else 64-key tiles and 4 waves; programmatic dependent launch from compute
     capability 9 (Hopper) on, where Triton has it."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _DEVICE:

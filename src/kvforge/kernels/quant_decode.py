@@ -36,9 +36,8 @@ splits). How the codes are used, per block of BLOCK_N tokens:
 `quant_decode_attention_ref` is the slow, obviously-correct twin with the same signature. Shapes with
 nb < 16 or a head dim that is not a power of two go to the twin on CUDA too (not graph-capturable).
 
-Speed (Llama-3.1-8B shapes, one layer, batch 1, benchmarks/NOTES.md), time ÷ the bf16 kernel over the dense
-cache: H100 0.56–0.69× at 128k, 0.77–0.96× at 32k; H200 (faster memory, so a faster bf16 kernel) 0.79–0.97× at
-128k, 1.00–1.24× at 32k; 40–60× faster than dequantizing and running SDPA.
+Speed against the bf16 kernel over the dense cache and against dequantizing then running SDPA — measured: see
+benchmarks/README.md; why the codes are used this way: docs/decisions.md.
 """
 
 from __future__ import annotations
@@ -274,7 +273,7 @@ if triton is not None:
             tl.store(ACC + base[:, None] * DV + ch * W + cw[None, :], accs[ch], mask=real[:, None])
 
 
-# Entries per program at most. Measured on the H100 (benchmarks/NOTES.md): the error against an exact float64
+# Entries per program at most. Measured (see docs/decisions.md): the error against an exact float64
 # reference grows with a program's share, 2.3e-3 at 1024 entries, 3.6e-3 at 2048, 7.2e-3 at 4096 and 1e-1 for
 # one program over 128k (2-bit; 4-bit about half), independent of the block size — most likely the tensor
 # cores' accumulation of the value-code sums Σ (p·s)·c and Σ p·z, which cancel each other to a far smaller
