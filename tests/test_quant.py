@@ -14,7 +14,7 @@ from kvforge.eval.runner import parse_press
 from kvforge.generate import encode_prompt
 from kvforge.models import tiny_config, tiny_model
 from kvforge.presses import LayerContext
-from kvforge.presses.kvquant import kmeans_levels, rope_frequencies, rotate
+from kvforge.presses.kvquant import kmeans_levels
 from kvforge.quant import (
     dequantize_keys,
     dequantize_values,
@@ -24,6 +24,7 @@ from kvforge.quant import (
     quantize_values,
     unpack,
 )
+from kvforge.rope import apply, rope_for_layer, unapply
 
 
 @pytest.fixture(scope="module")
@@ -247,11 +248,12 @@ def test_gear_outliers_exact_and_error_below_kivi():
 def test_kvquant_rope_inverse_round_trip_every_family():
     for family in FAMILIES:
         cfg = tiny_config(family)
-        inv, scaling = rope_frequencies(cfg.get_text_config(), "cpu")
-        x = torch.randn(2, 2, 9, cfg.get_text_config().head_dim or 16)
-        pos = torch.randint(0, 500, (2, 2, 9))
-        back = rotate(rotate(x, pos, inv, scaling, inverse=True), pos, inv, scaling, inverse=False)
-        assert torch.allclose(back, x, atol=1e-5), family
+        for layer in range(cfg.num_hidden_layers):
+            rope = rope_for_layer(cfg, layer)
+            x = torch.randn(2, 2, 9, cfg.get_text_config().head_dim or 16)
+            pos = torch.randint(0, 500, (2, 2, 9))
+            back = apply(unapply(x, pos, rope), pos, rope)
+            assert torch.allclose(back, x, atol=1e-5), (family, layer)
 
 
 def test_kvquant_keeps_sinks_and_outliers_exact_and_fits_non_uniform_levels():
@@ -263,9 +265,9 @@ def test_kvquant_keeps_sinks_and_outliers_exact_and_fits_non_uniform_levels():
     assert torch.allclose(k[:, :, 0], keys[:, :, 0], atol=1e-5)  # the sink token, every channel
     assert torch.allclose(v[:, :, 0], values[:, :, 0])
     # the outlier is exact before RoPE (where KVQuant quantizes; RoPE then mixes it with its channel pair)
-    inv, scaling = rope_frequencies(tiny_config("llama"), "cpu")
+    rope = rope_for_layer(tiny_config("llama"), 0)
     pos = torch.arange(64).expand(1, 2, 64)
-    pre_k, pre_true = (rotate(x, pos, inv, scaling, inverse=True) for x in (k, keys))
+    pre_k, pre_true = (unapply(x, pos, rope) for x in (k, keys))
     assert abs(pre_k[0, 1, 30, 7] - pre_true[0, 1, 30, 7]) < 1e-4
     # non-uniform levels: on Gaussian data the fitted codebook beats uniform levels
     x = torch.randn(20000).clamp(-3, 3) / 3

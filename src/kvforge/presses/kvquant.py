@@ -22,53 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from kvforge.cache.coded import Codec, tensor_bytes
 from kvforge.errors import KVForgeError
 from kvforge.presses.base import LayerContext, QuantizerPress
 from kvforge.presses.registry import register
 from kvforge.quant import dequantize_values, pack, quantize_values, unpack
-
-STATIC_ROPE = ("default", "linear", "llama3", "yarn", "proportional")
-
-
-def rope_frequencies(config, device) -> tuple[torch.Tensor, float]:
-    """(inv_freq `[rot/2]`, attention scaling) of the full-attention layers of `config`."""
-    params = config.rope_parameters
-    layer_type = None
-    if "full_attention" in params and isinstance(params["full_attention"], dict):
-        layer_type, params = "full_attention", params["full_attention"]
-    rope_type = params.get("rope_type", "default")
-    if rope_type not in STATIC_ROPE:
-        raise KVForgeError(f"kvquant: rope_type {rope_type!r} has position-dependent frequencies; allowed: "
-                           f"{', '.join(STATIC_ROPE)}")
-    if rope_type == "default":
-        head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        dim = int(head * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
-        inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
-        return inv, 1.0
-    kwargs = {"layer_type": layer_type} if layer_type else {}
-    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device, **kwargs)
-    return inv.float(), float(scaling)
-
-
-def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, inverse: bool):
-    """Apply (or undo) rotate-half RoPE on the first 2·len(inv_freq) channels of x `[B, H, m, D]` at
-    `positions [B, H, m]`."""
-    rot = 2 * inv_freq.numel()
-    ang = positions[..., None].float() * inv_freq  # [B, H, m, rot/2]
-    emb = torch.cat([ang, ang], -1)
-    cos, sin = emb.cos(), emb.sin()
-    xr, rest = x[..., :rot].float(), x[..., rot:]
-    half = rot // 2
-    if inverse:
-        xr = xr / scaling
-        sin = -sin
-    rotated = xr * cos + torch.cat([-xr[..., half:], xr[..., :half]], -1) * sin
-    if not inverse:
-        rotated = rotated * scaling
-    return torch.cat([rotated.to(x.dtype), rest], -1)
+from kvforge.rope import SEQ_LEN_TYPES, STATIC_TYPES, Rope, apply, rope_for_layer, unapply
 
 
 def kmeans_levels(x: torch.Tensor, levels: int, iters: int = 8) -> torch.Tensor:
@@ -94,9 +54,8 @@ class KVQuantCodec(Codec):
         self.step, self.residual = press.group_size, press.residual_length
 
     @classmethod
-    def encode(cls, press, keys, values, positions, pad, rope) -> KVQuantCodec:
-        inv, scaling = rope
-        pre = rotate(keys, positions, inv, scaling, inverse=True).float()
+    def encode(cls, press, keys, values, positions, pad, rope: Rope) -> KVQuantCodec:
+        pre = unapply(keys, positions, rope).float()
         p = press.outlier_ratio / 2
         b, h, m, d = pre.shape
         if m:
@@ -114,10 +73,10 @@ class KVQuantCodec(Codec):
 
     def append(self, keys, values, slots=None, positions=None) -> KVQuantCodec:
         press = self.press
-        lo, hi, levels, (inv, scaling) = self.calib
+        lo, hi, levels, rope = self.calib
         if positions is None:  # position of an entry = its logical slot − the left padding of its row
             positions = slots - self.pad[:, None, None]
-        pre = rotate(keys, positions, inv, scaling, inverse=True).float()
+        pre = unapply(keys, positions, rope).float()
         b, h, m, d = pre.shape
         lo_f, hi_f = lo.float()[:, :, None], hi.float()[:, :, None]
         norm = (pre - lo_f) / (hi_f - lo_f) * 2 - 1
@@ -138,14 +97,14 @@ class KVQuantCodec(Codec):
         return new
 
     def decode(self):
-        lo, hi, levels, (inv, scaling) = self.calib
+        lo, hi, levels, rope = self.calib
         press = self.press
         ks, vs = [], []
         for kq, vq, idx, kx, vx, positions in self.chunks:
             norm = levels[unpack(kq, press.bits).long()]
             pre = ((norm + 1) / 2 * (hi.float() - lo.float())[:, :, None] + lo.float()[:, :, None]).to(kx.dtype)
             pre = pre.flatten(2).scatter(-1, idx.long(), kx).view(pre.shape)
-            k = rotate(pre, positions, inv, scaling, inverse=False)
+            k = apply(pre, positions, rope)
             v = dequantize_values(*vq, press.bits, press.group_size, kx.dtype)
             if vx is not None:
                 v = v.flatten(2).scatter(-1, idx.long(), vx).view_as(v)
@@ -195,5 +154,8 @@ class KVQuantPress(QuantizerPress):
             mask = mask if mask.dtype == torch.bool else mask == 0
             pad = (~mask[:, 0, -1, : ctx.layer.logical]).sum(-1)
         positions = slots[:, :, :m] - pad[:, None, None]
-        rope = rope_frequencies(ctx.cache.config, keys.device)
+        rope = rope_for_layer(ctx.cache.config, ctx.layer_idx, device=keys.device)
+        if rope.rope_type in SEQ_LEN_TYPES:
+            raise KVForgeError(f"kvquant: rope_type {rope.rope_type!r} has position-dependent frequencies; "
+                               f"allowed: {', '.join(STATIC_TYPES)}")
         return KVQuantCodec.encode(self, keys, values, positions, pad, rope)
