@@ -132,3 +132,56 @@ def test_private_import_detector(tmp_path):
              "b.py": "def _helper(): pass\npublic = 1\n", "_sub.py": ""}
     _, private = import_graph(_fake_package(tmp_path, files), "fakepkg")
     assert private == ["fakepkg.a: from fakepkg.b import _helper"]
+
+
+def private_member_uses(src: pathlib.Path, package: str) -> list[str]:
+    """`obj._name` (or `getattr(obj, "_name")`) where `_name` is not defined in the same module: a private
+    member used outside the class (module) that owns it. `self._x` / `cls._x` are always the owner's own."""
+    out = []
+    for path in sorted((src / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        own = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                    own.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+        for node in ast.walk(tree):
+            name, obj = None, None
+            if isinstance(node, ast.Attribute):
+                name, obj = node.attr, node.value
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr",
+                  "setattr", "hasattr") and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+                  and isinstance(node.args[1].value, str)):
+                name, obj = node.args[1].value, node.args[0]
+            if not name or not name.startswith("_") or name.startswith("__"):
+                continue
+            if isinstance(obj, ast.Name) and obj.id in ("self", "cls"):
+                continue
+            if isinstance(obj, ast.Call) and isinstance(obj.func, ast.Name) and obj.func.id == "super":
+                continue
+            if name not in own:
+                out.append(f"{path.relative_to(src)}:{node.lineno}: {ast.unparse(node)}")
+    return out
+
+
+# transformers' own private members kvforge must read: the config's attention implementation (public setter,
+# no public getter in transformers 5.23).
+ALLOWED_FOREIGN = {"_attn_implementation"}
+
+
+def test_no_private_member_used_outside_its_module():
+    uses = [u for u in private_member_uses(SRC, "kvforge") if not any(a in u for a in ALLOWED_FOREIGN)]
+    assert uses == []
+
+
+def test_private_member_detector(tmp_path):
+    files = {"__init__.py": "",
+             "a.py": "class A:\n    def __init__(self):\n        self._k = 1\n    def f(self, other):\n"
+                     "        return other._k\n",
+             "b.py": "def g(layer):\n    return layer._k, getattr(layer, '_v', None), layer.k\n"}
+    uses = private_member_uses(_fake_package(tmp_path, files), "fakepkg")
+    assert uses == ["fakepkg/b.py:2: layer._k", "fakepkg/b.py:2: getattr(layer, '_v', None)"]

@@ -12,10 +12,7 @@ from kvforge.cache.coded import CodedLayer
 from kvforge.cli import build_parser
 from kvforge.eval.runner import parse_press
 from kvforge.generate import encode_prompt
-from kvforge.models import tiny_config, tiny_model
-from kvforge.presses import LayerContext
-from kvforge.presses.kvquant import kmeans_levels
-from kvforge.quant import (
+from kvforge.kernels.quantize import (
     dequantize_keys,
     dequantize_values,
     low_rank,
@@ -24,6 +21,9 @@ from kvforge.quant import (
     quantize_values,
     unpack,
 )
+from kvforge.models import tiny_config, tiny_model
+from kvforge.presses import LayerContext
+from kvforge.presses.kvquant import kmeans_levels
 from kvforge.rope import apply, rope_for_layer, unapply
 
 

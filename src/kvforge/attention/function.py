@@ -79,7 +79,7 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
 
     press, ctx, chosen = cache.press, None, None
     mask = None if isinstance(layer, PackedHeadLayer) else entry_mask(attention_mask, layer, q)
-    if press is not None and not cache.armed and q == 1 and hasattr(press, "select"):
+    if press is not None and not cache.armed and q == 1 and press.acts_while_decoding:
         # decode-time selection (Quest): attend a subset of the stored entries, evict nothing
         ctx = LayerContext(module, cache, layer_idx, query, attention_mask, scaling)
         chosen = press.select(ctx)  # bool [B, H_kv, n] or None
@@ -106,7 +106,7 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
     if cache.armed:
         press.compress(LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
         cache.mark_compressed(layer_idx)
-    elif press is not None and hasattr(press, "on_decode"):
+    elif press is not None and press.acts_while_decoding:
         # decode-time presses (H2O, TOVA, Scissorhands, DecodingPress) see every later forward
         press.on_decode(ctx or LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
     return out.transpose(1, 2).contiguous(), None
@@ -120,9 +120,10 @@ def _graph_step_attention(cache, layer_idx: int, query, scaling) -> torch.Tensor
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if isinstance(layer, CodedLayer):
         out = layer.fused_attention(query[:, :, 0], scale, tail_len=layer.graph["pos"])
-    elif isinstance(layer, HeadVarlenLayer) and layer.valid is not None:
+    elif isinstance(layer, HeadVarlenLayer) and layer.block()[2] is not None:
         # the padded per-head layout: what a masking implementation does (SDPA over the block, validity mask)
-        out = BACKENDS["sdpa"](query, layer._k, layer._v, layer.valid[:, :, None, :], scale=scale)[:, :, 0]
+        keys, values, valid = layer.block()
+        out = BACKENDS["sdpa"](query, keys, values, valid[:, :, None, :], scale=scale)[:, :, 0]
     else:
         k_flat, v_flat, offsets, lengths, max_len, total = layer.graph_segments()
         out = decode_attention(query[:, :, 0], k_flat, v_flat, offsets, lengths, scale, max_len=max_len, total=total)
@@ -141,7 +142,7 @@ def _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, mo
         return None
     if attention_mask is not None:
         return None
-    if press is not None and (hasattr(press, "select") or hasattr(press, "on_decode")):
+    if press is not None and press.acts_while_decoding:
         return None
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     out = layer.fused_attention(query[:, :, 0], scale)

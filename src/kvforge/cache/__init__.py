@@ -1,6 +1,8 @@
-"""KVCache and its layer kinds."""
+"""KVCache, its layer kinds and the per-layer plan that decides them."""
 
 from kvforge.cache.kvcache import KVCache
-from kvforge.cache.layers import DenseLayer, HeadVarlenLayer
+from kvforge.cache.layers import DenseLayer, HeadVarlenLayer, PackedHeadLayer
+from kvforge.cache.plan import LAYER_KINDS, layer_plan, register_layer_kind
 
-__all__ = ["DenseLayer", "HeadVarlenLayer", "KVCache"]
+__all__ = ["LAYER_KINDS", "DenseLayer", "HeadVarlenLayer", "KVCache", "PackedHeadLayer", "layer_plan",
+           "register_layer_kind"]

@@ -67,12 +67,10 @@ class CodedLayer(DenseLayer):
         codec, m = build(keys, values, slots, valid)
         if valid is not None and m < keys.shape[2]:
             raise KVForgeError("a head-varlen layer must be coded whole (its tail cannot hold invalid entries)")
-        new = cls(reserve=layer.reserve)
-        new.dtype, new.device, new.is_initialized = layer.dtype, layer.device, True
+        new = cls.from_entries(keys[:, :, m:], values[:, :, m:], slots[:, :, m:], logical=layer.logical,
+                               reserve=layer.reserve)
         new.codec, new.c_slots = codec, slots[:, :, :m].contiguous()
         new.c_valid = None if valid is None else valid[:, :, :m].contiguous()
-        new._replace(keys[:, :, m:], values[:, :, m:], slots[:, :, m:])
-        new.logical = layer.logical
         new.press_state = layer.press_state
         return new
 

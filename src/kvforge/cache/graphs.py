@@ -37,8 +37,8 @@ class GraphDecoder:
         steps: the most tokens that will be fed (the layers' spare room must hold them).
         compile: run the step through `torch.compile(fullgraph=True)` before capture (inductor fuses the
             model's small elementwise kernels — RMSNorm, RoPE, residual adds — that dominate the non-KV time of a
-            captured step, benchmarks/NOTES.md); the first step pays the compilation. The step traces as one
-            graph that never recompiles while decoding (graph mode keeps every host value it reads constant).
+            captured step; measured in benchmarks/README.md); the first step pays the compilation. The step traces
+            as one graph that never recompiles while decoding (graph mode keeps every host value it reads constant).
             A string is passed as the inductor mode (e.g. "max-autotune-no-cudagraphs": tuned Triton GEMMs).
             `close()` then calls `torch.compiler.reset()` — process-wide: other compiled code recompiles on its
             next call — so that successive decoders neither hit dynamo's recompile limit nor keep old caches.
@@ -47,7 +47,7 @@ class GraphDecoder:
     @staticmethod
     def unsupported(cache: KVCache) -> str | None:
         """Why `cache` cannot be decoded in graph mode, or None when it can."""
-        if cache.press is not None and (hasattr(cache.press, "on_decode") or hasattr(cache.press, "select")):
+        if cache.press is not None and cache.press.acts_while_decoding:
             return f"{cache.press.name} acts during decoding; it cannot run inside a CUDA graph"
         if not all(isinstance(layer, DenseLayer) or _stock_sliding(layer) for layer in cache.layers):
             return "graph decoding needs kvforge layers or transformers' sliding-window layers"

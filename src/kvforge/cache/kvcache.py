@@ -7,10 +7,11 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache
 
 from kvforge.cache.layers import DenseLayer, HeadVarlenLayer, PackedHeadLayer
-from kvforge.config import layer_types, text_config
+from kvforge.cache.plan import build_layers, layer_plan
+from kvforge.config import check_supported, enable_kvforge_attention, text_config
 from kvforge.errors import KVForgeError
 
 # The layer whose `update()` ran last in this thread/context, and the key tensor it returned. The attention
@@ -41,6 +42,13 @@ def take_binding(key: torch.Tensor) -> tuple[KVCache, int] | None:
     return (cache, layer_idx) if returned is key else None
 
 
+def check_press(press: Any) -> None:
+    """A press must be a press object (`kvforge.get_press(...)`), not its name or anything else."""
+    if not callable(getattr(press, "compress", None)):
+        hint = f"kvforge.get_press({press!r})" if isinstance(press, str) else "kvforge.get_press(name, ...)"
+        raise KVForgeError(f"press={press!r} is not a press object; build one with {hint}")
+
+
 class KVCache(Cache):
     """A compressible KV cache usable as `past_key_values` in `model.generate` or a forward call.
 
@@ -56,18 +64,25 @@ class KVCache(Cache):
             appends without reallocating.
         packed: store per-head budgets truly packed (`PackedHeadLayer`, decoded by the Triton kernel) rather
             than as a padded block (`HeadVarlenLayer`). Default: packed on CUDA, padded on CPU.
+        plan: the kind of each layer (names registered in `kvforge.cache.plan`); default `layer_plan(model)`.
+
+    With a press, the model's attention is switched to kvforge's (transformers' `set_attn_implementation`),
+    whatever path the model came from; an unsupported family is refused with a one-line KVForgeError. A forward
+    that runs while the cache is armed but does not go through kvforge's attention (the model was switched back,
+    or only a config was given) is refused at the next forward instead of silently compressing nothing.
     """
 
-    def __init__(self, model: Any, press: Any = None, reserve: int = 256, packed: bool | None = None):
-        cfg = text_config(model)
-        layers = []
-        for t in layer_types(cfg):
-            if t in ("sliding_attention", "chunked_attention"):
-                window = cfg.sliding_window if t == "sliding_attention" else cfg.attention_chunk_size
-                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+    def __init__(self, model: Any, press: Any = None, reserve: int = 256, packed: bool | None = None,
+                 plan: list[str] | None = None):
+        if press is not None:
+            check_press(press)
+            if callable(getattr(model, "set_attn_implementation", None)):
+                enable_kvforge_attention(model)  # a press acts inside kvforge's attention: switch it on (or refuse)
             else:
-                layers.append(DenseLayer(reserve=reserve))
-        super().__init__(layers=layers)
+                check_supported(model)
+        cfg = text_config(model)
+        self.plan = layer_plan(cfg) if plan is None else list(plan)
+        super().__init__(layers=build_layers(cfg, self.plan, reserve))
         self.config = cfg
         self.press = press
         self.armed = press is not None
@@ -99,6 +114,9 @@ class KVCache(Cache):
 
     # -- the binding ---------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.armed and layer_idx in self._pending and self.layers[layer_idx].get_seq_length() > 0:
+            raise KVForgeError("the press did not run: the previous forward did not use kvforge's attention; build "
+                               "the cache from the model, KVCache(model, press=...), which switches it on")
         keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
         if GRAPH_STEP.cache is not self:
             _BOUND.set((self, layer_idx, keys))
@@ -174,12 +192,8 @@ class KVCache(Cache):
             padded = [[torch.nn.functional.pad(t, (0, 0, 0, n - t.shape[2])) if t.dim() == 4
                        else torch.nn.functional.pad(t, (0, n - t.shape[2])) for t in p] for p in parts]
             keys, values, slots, valid = (torch.cat([p[j] for p in padded]) for j in range(4))
-            new = HeadVarlenLayer(reserve=layer.reserve)
-            new.dtype, new.device, new.is_initialized, new.logical = layer.dtype, layer.device, True, layer.logical
-            new._replace(keys, values, slots)
-            new.valid = valid.new_zeros(valid.shape[0], valid.shape[1], new.capacity)
-            new.valid[:, :, :n] = valid
-            out.layers[i] = new
+            out.layers[i] = HeadVarlenLayer.from_entries(keys, values, slots, valid, logical=layer.logical,
+                                                         reserve=layer.reserve)
         return out
 
     # -- several questions on one compressed context ---------------------------------------------------

@@ -1,6 +1,6 @@
 """Cache layers: what one attention layer stores.
 
-Every layer here reports two lengths (DESIGN §1):
+Every layer here reports two lengths:
 - the *logical* length (`get_seq_length`): tokens the layer has seen, which drives position ids and
   how `generate()` slices the prompt;
 - the *physical* length (`n`): entries actually stored after a press removed some.
@@ -47,6 +47,36 @@ class DenseLayer(CacheLayerMixin):
         # restore(); presses replace it and never write into it in place, so a snapshot's copy stays valid.
         self.press_state: dict | None = None
 
+    @classmethod
+    def from_entries(cls, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor | None = None,
+                     valid: torch.Tensor | None = None, *, logical: int | None = None, reserve: int = 256):
+        """The one way to build a layer holding given entries: keys `[B, H_kv, n, Dk]`, values `[B, H_kv, n, Dv]`,
+        logical slots `[B, H_kv, n]` (default: entry t is slot t), validity `[B, H_kv, n]` (default: all valid;
+        only per-head kinds accept invalid entries), `logical` tokens seen (default: one past the largest slot),
+        `reserve` spare capacity for decoding. Each kind stores them in its own layout."""
+        layer = cls(reserve=reserve)
+        layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+        b, h, n = keys.shape[:3]
+        if logical is None:
+            logical = n if slots is None or n == 0 else int(slots.max()) + 1
+        layer.logical = logical
+        layer._store(keys, values, slots, valid)
+        return layer
+
+    def _store(self, keys, values, slots, valid) -> None:
+        if valid is not None and not bool(valid.all()):
+            raise ValueError(f"{type(self).__name__} stores every entry of every head; invalid entries need a "
+                             "per-head layer kind")
+        b, h, n = keys.shape[:3]
+        if slots is None:
+            self._alloc(b, h, keys.shape[3], values.shape[3], n + self.reserve)
+            self._k[:, :, :n] = keys
+            self._v[:, :, :n] = values
+            self.n = n
+            self._sync_views()
+        else:
+            self._replace(keys, values, slots)
+
     # -- storage -------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -57,6 +87,13 @@ class DenseLayer(CacheLayerMixin):
     def _alloc(self, b: int, h: int, dk: int, dv: int, cap: int) -> None:
         self._k = torch.empty(b, h, cap, dk, dtype=self.dtype, device=self.device)
         self._v = torch.empty(b, h, cap, dv, dtype=self.dtype, device=self.device)
+
+    @property
+    def storage(self) -> torch.Tensor | None:
+        """The key buffer, for identity only: a new object whenever the stored entries are replaced (pruning,
+        merging), the same one while decoding appends; None for packed per-head storage. Memos of scores key on
+        it."""
+        return self._k
 
     @property
     def capacity(self) -> int:
@@ -334,6 +371,19 @@ class HeadVarlenLayer(DenseLayer):
         new.valid = None
         return new
 
+    def _store(self, keys, values, slots, valid) -> None:
+        b, h, n = keys.shape[:3]
+        slots = torch.arange(n, device=keys.device).expand(b, h, n) if slots is None else slots
+        self._replace(keys, values, slots)
+        if valid is not None and not bool(valid.all()):
+            self.valid = valid.new_zeros(b, h, self.capacity)
+            self.valid[:, :, :n] = valid
+
+    def block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The whole preallocated block (capacity, not `n`): keys `[B, H_kv, cap, Dk]`, values, validity
+        `[B, H_kv, cap]` (None when every entry is valid). What a graph-mode step attends under its mask."""
+        return self._k, self._v, self.valid
+
     def _grow_extra(self, cap: int) -> None:
         super()._grow_extra(cap)
         if self.valid is not None:
@@ -442,14 +492,14 @@ class PackedHeadLayer(DenseLayer):
     @classmethod
     def from_layer(cls, layer: DenseLayer, keep: torch.Tensor) -> PackedHeadLayer:
         """Pack the entries of `layer` where `keep [B, H_kv, n]` is True (original order kept per head)."""
-        new = cls(reserve=layer.reserve)
-        new.dtype, new.device, new.is_initialized = layer.dtype, layer.device, True
-        new.logical = layer.logical
-        valid = layer.entry_valid()
-        keep = keep if valid is None else keep & valid
-        keys, values, slots = layer.keys, layer.values, layer._full_slots()
-        new._pack(keep, keys, values, slots, layer.reserve)
-        return new
+        keys, values, slots, valid = layer.entries()
+        return cls.from_entries(keys, values, slots, keep & valid, logical=layer.logical, reserve=layer.reserve)
+
+    def _store(self, keys, values, slots, valid) -> None:
+        b, h, n = keys.shape[:3]
+        slots = torch.arange(n, device=keys.device).expand(b, h, n) if slots is None else slots
+        valid = torch.ones(b, h, n, dtype=torch.bool, device=keys.device) if valid is None else valid
+        self._pack(valid, keys, values, slots, self.reserve)
 
     def _pack(self, keep, keys, values, slots, reserve: int) -> None:
         b, h, _ = keep.shape

@@ -26,21 +26,17 @@ class RingLayer(DenseLayer):
     @classmethod
     def from_stock(cls, stock: DynamicSlidingWindowLayer, steps: int) -> RingLayer:
         keys, values = stock.keys, stock.values  # [B, H_kv, m, D], m <= window - 1
-        ring = cls(reserve=0)
-        ring.stock, ring.window = stock, stock.sliding_window
-        ring.dtype, ring.device, ring.is_initialized = keys.dtype, keys.device, True
-        b, h, m = keys.shape[:3]
-        ring._k = keys.new_zeros(b, h, ring.window, keys.shape[-1])
-        ring._v = values.new_zeros(b, h, ring.window, values.shape[-1])
-        ring._k[:, :, :m] = keys
-        ring._v[:, :, :m] = values
-        ring.n, ring.logical, ring.written = m, stock.cumulative_length, m
+        m = keys.shape[2]
+        ring = cls.from_entries(keys, values, logical=stock.cumulative_length, reserve=stock.sliding_window - m)
+        ring.stock, ring.window, ring.written = stock, stock.sliding_window, m
         ring.enter_graph_mode(steps)
         return ring
 
     def enter_graph_mode(self, steps: int) -> None:
         """The dense layer's graph state (next slot m, lengths m, segment offsets); a ring never runs out of
         room, so none is checked."""
+        self._k[:, :, self.n :].zero_()  # the spare slots hold no NaN before they are written
+        self._v[:, :, self.n :].zero_()
         super().enter_graph_mode(0)
         self.graph["limit"] = self.logical + steps
 

@@ -25,9 +25,9 @@ import torch
 
 from kvforge.cache.coded import Codec, tensor_bytes
 from kvforge.errors import KVForgeError
+from kvforge.kernels.quantize import dequantize_values, pack, quantize_values, unpack
 from kvforge.presses.base import LayerContext, QuantizerPress
 from kvforge.presses.registry import register
-from kvforge.quant import dequantize_values, pack, quantize_values, unpack
 from kvforge.rope import SEQ_LEN_TYPES, STATIC_TYPES, Rope, apply, rope_for_layer, unapply
 
 
