@@ -227,15 +227,16 @@ class DenseLayer(CacheLayerMixin):
         b, h = self._k.shape[:2]
         return torch.arange(self.n, device=self.device).expand(b, h, self.n)
 
+    def _gather(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and slots of the entries at physical positions `indices [B, H_kv, k]` (new tensors)."""
+        b, h, k = indices.shape
+        keys = self._k[:, :, : self.n].gather(2, indices[..., None].expand(b, h, k, self._k.shape[3]))
+        values = self._v[:, :, : self.n].gather(2, indices[..., None].expand(b, h, k, self._v.shape[3]))
+        return keys, values, self._full_slots().gather(2, indices)
+
     def keep(self, indices: torch.Tensor) -> None:
         """Keep the entries at `indices` `[B, H_kv, k]` (physical positions), in that order; free the rest."""
-        b, h, k = indices.shape
-        slots = self._full_slots().gather(2, indices)
-        idx_k = indices[..., None].expand(b, h, k, self._k.shape[3])
-        idx_v = indices[..., None].expand(b, h, k, self._v.shape[3])
-        keys = self._k[:, :, : self.n].gather(2, idx_k)
-        values = self._v[:, :, : self.n].gather(2, idx_v)
-        self._replace(keys, values, slots)
+        self._replace(*self._gather(indices))
 
     def _replace(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
         b, h, k = slots.shape
@@ -430,12 +431,7 @@ class HeadVarlenLayer(DenseLayer):
         # stable sort puts kept entries first, in their original order
         order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :kmax]
         valid = torch.arange(kmax, device=keep.device) < counts[..., None]
-        slots = self._full_slots().gather(2, order)
-        idx_k = order[..., None].expand(b, h, kmax, self._k.shape[3])
-        idx_v = order[..., None].expand(b, h, kmax, self._v.shape[3])
-        keys = self._k[:, :, : self.n].gather(2, idx_k)
-        values = self._v[:, :, : self.n].gather(2, idx_v)
-        self._replace(keys, values, slots)
+        self._replace(*self._gather(order))
         self.valid = valid.new_zeros(b, h, self.capacity)
         self.valid[:, :, :kmax] = valid
 
