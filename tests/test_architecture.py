@@ -91,6 +91,33 @@ def test_no_import_cycle_in_kvforge():
     assert cycles(edges) == []
 
 
+# The layering (docs/architecture.md): a module may import only from its own rank or below. The package root
+# (`kvforge/__init__.py`, the public API) sits above everything.
+LAYERS = {
+    "errors": 0,
+    "config": 1, "rope": 1, "prompt": 1, "kernels": 1, "models": 1,
+    "cache": 2,
+    "attention": 3,
+    "presses": 4,
+    "generate": 5,
+    "calibrate": 6, "eval": 6, "link": 6, "sharing": 6, "streaming": 6,
+    "cli": 7,
+}
+
+
+def _rank(module: str) -> int:
+    part = module.split(".")[1]
+    assert part in LAYERS, f"kvforge.{part} has no place in the layering: add it to LAYERS and docs/architecture.md"
+    return LAYERS[part]
+
+
+def test_imports_point_down_the_layers():
+    edges, _ = import_graph(SRC, "kvforge")
+    upward = sorted(f"{m} -> {t}" for m, targets in edges.items() if m != "kvforge" for t in targets
+                    if t != "kvforge" and _rank(t) > _rank(m))
+    assert upward == []
+
+
 def test_no_private_name_imported_across_modules():
     _, private = import_graph(SRC, "kvforge")
     assert private == []

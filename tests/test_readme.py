@@ -5,6 +5,8 @@ import pathlib
 import re
 import shlex
 
+import torch
+
 from kvforge.cli import main
 
 README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
@@ -46,3 +48,34 @@ def test_generate_and_presses_commands_run_as_written(smol, tmp_path, monkeypatc
             argv = [*argv, "--max-new-tokens", "4"]
         assert main(argv) == 0, argv
     assert "snapkv" in capsys.readouterr().out
+
+
+def test_architecture_examples_run(smol_tokenizer):
+    """docs/architecture.md's three examples (a press, a layer kind, a task) run and do what they say."""
+    from kvforge import KVCache, get_press
+    from kvforge.cache.plan import LAYER_KINDS
+    from kvforge.models import tiny_model
+    from kvforge.presses.registry import PRESSES
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) == 3
+    model = tiny_model("llama")
+    ns: dict = {"model": model}
+    try:
+        for code in blocks:
+            exec(compile(code, "architecture.md", "exec"), ns)  # noqa: S102 - the document's own code
+        press = get_press("vnorm", compression_ratio=0.5)
+        cache = KVCache(model, press=press)
+        ids = torch.tensor([smol_tokenizer("one two three four five six seven eight")["input_ids"]])
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+        assert cache.stats()["entries"][0] == ids.shape[1] // 2
+        with torch.no_grad():
+            model(ids, past_key_values=ns["cache"])
+        assert all(layer.updates == 1 for layer in ns["cache"].layers)
+        samples = ns["echo_samples"](smol_tokenizer, 80, 2)
+        assert len(samples) == 2 and samples[0].answers[0][0] in samples[0].context
+    finally:
+        PRESSES.pop("vnorm", None)
+        LAYER_KINDS.pop("note_taking", None)
