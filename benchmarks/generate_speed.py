@@ -57,8 +57,8 @@ def main() -> None:
     ids = torch.cat([ctx, q], 1)
     rows = []
     for spec in args.presses.split(","):
-        name, _, scorer = spec.partition(":")
-        press = None if name == "none" else (get_press(name, compression_ratio=args.ratio, scorer=scorer) if scorer
+        name, _, inner = spec.partition(":")
+        press = None if name == "none" else (get_press(name, compression_ratio=args.ratio, press=inner) if inner
                                              else get_press(name, compression_ratio=args.ratio))
         cache = KVCache(model, press=press, reserve=args.question + args.new_tokens + 8)
         prefill(model, ctx, torch.ones_like(ctx), cache)

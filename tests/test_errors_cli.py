@@ -49,7 +49,7 @@ def test_unknown_option_and_scorer():
         get_press("snapkv", windowsize=3)
     assert "'windowsize'" in one_line(e) and "window_size" in str(e.value)
     with pytest.raises(KVForgeError) as e:
-        get_press("adakv", scorer="nope")
+        get_press("adakv", press="nope")
     assert "'nope'" in one_line(e) and "snapkv" in str(e.value)
 
 

@@ -30,8 +30,8 @@ class Layer:
     """One compressible layer; `prefill`/`step` append entries and run the press as the attention function does."""
 
     def __init__(self, press, h_kv=1):
-        self.cache = KVCache(SimpleNamespace(num_hidden_layers=1, sliding_window=None, layer_types=None),
-                             press=press, reserve=8)
+        config = SimpleNamespace(model_type="llama", num_hidden_layers=1, sliding_window=None, layer_types=None)
+        self.cache = KVCache(config, press=press, reserve=8)
         self.press, self.h = press, h_kv
 
     @property

@@ -81,7 +81,7 @@ def test_cam_merged_values_equal_hand_computation():
     for h, ks in enumerate(kept):
         table[0, h, ks] = 1.0
     ctx = make_ctx(keys, values, query)
-    press = get_press("cam", scorer=FixedScores(table=table), merge_budget=m, window_size=w, compression_ratio=0.5)
+    press = get_press("cam", press=FixedScores(table=table), merge_budget=m, window_size=w, compression_ratio=0.5)
     press.compress(ctx)
     layer = ctx.cache.layers[0]
     a = attention_by_hand(keys, query, w)
@@ -226,12 +226,12 @@ def test_composed_applies_presses_in_sequence(models, smol_tokenizer):
         assert kept_slots(cache.layers[i], 0, 1) == kept_slots(by_hand.layers[i], 0, 1)
 
 
-def test_composed_forwards_hooks_only_when_present(models, smol_tokenizer):
+def test_composed_flags_and_hooks_follow_its_presses(models, smol_tokenizer):
     plain = get_press("composed", presses=["snapkv", get_press("knorm", compression_ratio=0.3)])
-    assert not any(hasattr(plain, h) for h in ("after_prefill", "on_decode", "select"))
+    assert not plain.acts_while_decoding and not plain.has_extra_pass
     hooked = Hooked()
     press = get_press("composed", presses=["knorm", hooked], compression_ratio=0.5)
-    assert all(hasattr(press, h) for h in ("after_prefill", "on_decode", "select"))
+    assert press.acts_while_decoding and press.has_extra_pass
     generate(models["llama"], smol_tokenizer, CONTEXT, QUESTIONS[:1], press=press, max_new_tokens=3)
     layers = tiny_config("llama").num_hidden_layers
     assert hooked.calls["compress"] == layers and hooked.calls["after_prefill"] == 1
@@ -325,7 +325,7 @@ def test_shared_prefill_equals_end_to_end(models, smol_tokenizer, name, kw):
     assert all(torch.equal(layer.values, v) for layer, v in zip(full.layers, before))
 
 
-def test_wrappers_take_scorer_alias_for_cli_specs():
+def test_wrapper_specs_name_the_inner_press():
     assert parse_press("merge:snapkv")(0.5).press.name == "snapkv"
     assert parse_press("chunk:knorm")(0.5).press.name == "knorm"
 

@@ -76,9 +76,10 @@ def _evict_press(args, get_press):
         kwargs["compression_ratio"] = args.compression_ratio
     if args.budget is not None:
         kwargs["budget"] = args.budget
-    if args.scorer:
-        kwargs["scorer"] = args.scorer
-    return get_press(args.press, **kwargs)
+    name, _, inner = args.press.partition(":")  # `adakv:knorm`: a wrapper and its inner press
+    if inner:
+        kwargs["press"] = inner
+    return get_press(name, **kwargs)
 
 
 def cmd_generate(args) -> None:
@@ -220,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="compress a context once and answer questions from it")
     g.add_argument("--model", default="smollm2-135m", help="alias, HF id, local dir or .gguf (default smollm2-135m)")
-    g.add_argument("--press", default=None, help="press name (see `kvforge presses`), or none")
+    g.add_argument("--press", default=None,
+                   help="press name (see `kvforge presses`), wrapper:inner (e.g. adakv:knorm), or none")
     g.add_argument("--compression-ratio", type=float, default=None, help="fraction of context entries removed")
     g.add_argument("--budget", type=int, default=None, help="entries kept per layer (instead of a ratio)")
-    g.add_argument("--scorer", default=None, help="scorer for wrapper presses such as adakv (default snapkv)")
     g.add_argument("--context-file", default=None, help="text file with the context (default: a bundled example)")
     g.add_argument("--question", action="append", help="a question (repeat for several)")
     g.add_argument("--max-new-tokens", type=int, default=64)

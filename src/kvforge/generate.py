@@ -192,7 +192,7 @@ def answer_query_aware(model, tokenizer, enc: Encoded, press, max_new_tokens: in
     context + question, left-padded as one prompt, so a row gives the same answer alone or in a batch.
     Returns the answers and the last question's cache.
     """
-    if press is not None and hasattr(press, "after_prefill"):
+    if press is not None and press.has_extra_pass:
         raise KVForgeError(f"{press.name} scores the context with extra passes (query-agnostic by design); "
                            "query_aware=True is not supported for it")
     answers: list[list[str]] = [[] for _ in enc.q_rows]
@@ -228,12 +228,10 @@ def compress_prefilled(cache: KVCache, press, model=None, enc: Encoded | None = 
     for layer_idx in fork.compressible_layers():
         module, query, attention_mask, scaling = cache.recorded[layer_idx]
         press.compress(LayerContext(module, fork, layer_idx, query, attention_mask, scaling))
-    if hasattr(press, "after_prefill"):
-        if model is None or enc is None:
-            raise KVForgeError(f"{press.name} runs extra passes after the prefill: pass model= and enc=")
-        press.after_prefill(model, fork, enc)
-    decode_time = hasattr(press, "on_decode") or hasattr(press, "select")
-    fork.press = press if decode_time else None
+    if press.has_extra_pass and (model is None or enc is None):
+        raise KVForgeError(f"{press.name} runs extra passes after the prefill: pass model= and enc=")
+    press.after_prefill(model, fork, enc)
+    fork.press = press if press.acts_while_decoding else None
     return fork
 
 
@@ -245,8 +243,8 @@ def prefill_context(model, enc: Encoded, press=None, max_new_tokens: int = 64, r
     cache.score_memo = {} if record else None
     prefill(model, enc.ctx_ids, enc.ctx_mask, cache)
     cache.armed = False
-    if press is not None and hasattr(press, "after_prefill"):  # presses with extra passes (KVzip)
-        press.after_prefill(model, cache, enc)
+    if press is not None:
+        press.after_prefill(model, cache, enc)  # extra passes over the context (KVzip); a no-op for most presses
     return cache
 
 

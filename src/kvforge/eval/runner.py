@@ -163,7 +163,7 @@ def _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, 
     rest, ready = [], []
     for spec, ratio in todo:
         press = factories[spec](ratio)
-        alone = hasattr(press, "on_decode") or hasattr(press, "select") or _codes(press)
+        alone = press.acts_while_decoding or _codes(press)
         (rest if alone else ready).append((spec, ratio, press))
     for i in range(0, len(ready), batch):
         group = ready[i : i + batch]

@@ -12,23 +12,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvforge.errors import KVForgeError
 from kvforge.presses.base import (
     LayerContext,
     Press,
-    ScorerPress,
     cached_score,
+    check_float,
     descending_rank,
     keep_count,
     select_mask,
 )
-from kvforge.presses.registry import PRESSES, register
+from kvforge.presses.registry import register, resolve_scorer
 
 
 @register("adakv")
 @dataclass
 class AdaKVPress(Press):
-    """Wraps a scorer press (`scorer`: a name or a `ScorerPress`; default snapkv).
+    """Wraps a scorer press (`press`: a name or a `ScorerPress`; default snapkv).
 
     Per row: total = H_kv × k (k = uniform per-head keep count); every head first keeps its top
     `floor(α·k)` entries, then the best remaining entries across all heads fill the total.
@@ -37,26 +36,19 @@ class AdaKVPress(Press):
     kind = "wrapper"
     frees_memory = "yes (packed per head on CUDA; padded to the longest head on CPU)"
     paper = "https://arxiv.org/abs/2407.11550"
-    scorer: object = field(default="snapkv")
+    press: object = field(default="snapkv")
     alpha_safeguard: float = 0.2
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.scorer, str):
-            if self.scorer not in PRESSES or not issubclass(PRESSES[self.scorer], ScorerPress):
-                allowed = sorted(n for n, c in PRESSES.items() if issubclass(c, ScorerPress))
-                raise KVForgeError(f"adakv: scorer={self.scorer!r}; allowed: {', '.join(allowed)}")
-            self.scorer = PRESSES[self.scorer]()
-        if not isinstance(self.scorer, ScorerPress):
-            raise KVForgeError(f"adakv: scorer must be a scorer press, got {type(self.scorer).__name__}")
-        if not 0.0 <= self.alpha_safeguard <= 1.0:
-            raise KVForgeError(f"adakv: alpha_safeguard={self.alpha_safeguard} is outside [0, 1]")
+        self.press = resolve_scorer(self.name, self.press)
+        check_float(self, "alpha_safeguard", self.alpha_safeguard, 0, 1)
 
     def compress(self, ctx: LayerContext) -> None:
         k = keep_count(ctx.n_real, self.compression_ratio, self.budget)  # [B] per head
         if bool((k >= ctx.n_real).all()):
             return
-        scores = cached_score(self.scorer, ctx).float().masked_fill(~ctx.real, float("-inf"))
+        scores = cached_score(self.press, ctx).float().masked_fill(~ctx.real, float("-inf"))
         b, h, n = scores.shape
         floor = (self.alpha_safeguard * k.double()).long()  # [B]
         head_rank = descending_rank(scores)

@@ -87,6 +87,9 @@ class Press:
 
     `compression_ratio`: fraction of context entries removed, in [0, 1) (kvpress convention).
     `budget`: entries kept per layer and head (KVCache-Factory's `max_capacity_prompt`). At most one of them.
+
+    The engine calls every press's hooks (`after_prefill`, `on_decode`, `select`; the defaults do nothing) and
+    reads its flags (`acts_while_decoding`, `has_extra_pass`) where it must choose a path; never probe for hooks.
     """
 
     name: ClassVar[str] = ""
@@ -108,19 +111,97 @@ class Press:
         if self.compression_ratio is None and self.budget is None:
             self.compression_ratio = 0.0
         if self.compression_ratio is not None:
-            r = self.compression_ratio
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
-                raise KVForgeError(f"{self.name}: compression_ratio={r!r} is outside the allowed range [0, 1)")
-            self.compression_ratio = float(r)
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
-                                        or self.budget < 1):
-            raise KVForgeError(f"{self.name}: budget={self.budget!r} must be a positive integer (entries kept)")
+            check_float(self, "compression_ratio", self.compression_ratio, 0, 1, high_open=True)
+            self.compression_ratio = float(self.compression_ratio)
+        check_int(self, "budget", self.budget, minimum=1, optional=True, hint="entries kept per layer and head")
 
     def compress(self, ctx: LayerContext) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    # -- hooks: the engine calls them on every press; the defaults do nothing -----------------------------------
+    def after_prefill(self, model, cache, enc) -> None:
+        """Once per prefill, after every layer's `compress` ran and the cache disarmed: extra passes over the
+        context (KVzip). `cache` is the `KVCache`, `enc` the `Encoded` prompts (`ctx_ids`, `ctx_mask` `[B, n]`).
+        Default: nothing."""
+
+    def on_decode(self, ctx: LayerContext) -> None:
+        """After attention on every forward that follows the prefill (decoded tokens `q = 1`, questions `q > 1`):
+        `ctx.query [B, Hq, q, D]`, `ctx.keys` / `ctx.values [B, H_kv, n, D]` with the q new entries last. May
+        evict (H2O, TOVA, Scissorhands, DecodingPress). Default: nothing."""
+
+    def select(self, ctx: LayerContext) -> torch.Tensor | None:
+        """Before attention on a one-token decoding step (`ctx.query [B, Hq, 1, D]`): bool `[B, H_kv, n]`, the
+        stored entries to attend (nothing is evicted; Quest), or None for all of them. Default: None."""
+        return None
+
+    # -- flags the engine reads to choose a path ------------------------------------------------------------------
+    @property
+    def acts_while_decoding(self) -> bool:
+        """True when `on_decode` or `select` does something: the press must see every decoding forward, so
+        graph decoding, the fused coded kernel and batched forks are off."""
+        return overrides(self, "on_decode") or overrides(self, "select")
+
+    @property
+    def has_extra_pass(self) -> bool:
+        """True when `after_prefill` does something (extra passes over the context, needing the model and
+        the prompts): query-aware answering is off."""
+        return overrides(self, "after_prefill")
+
+
+def overrides(press: Press, hook: str) -> bool:
+    """True when `press`'s class replaces the base `Press` hook `hook` (the base's are no-ops)."""
+    return getattr(type(press), hook) is not getattr(Press, hook)
+
+
+# -- validation of options: one-line `KVForgeError`s naming the press, the option, the value and what is allowed --
+def _reject(press: Press, field: str, value, allowed: str, hint: str) -> None:
+    note = f" ({hint})" if hint else ""
+    raise KVForgeError(f"{press.name}: {field}={value!r}; allowed: {allowed}{note}")
+
+
+def _bounds(low, high, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def check_int(press: Press, field: str, value, minimum: int = 1, maximum: int | None = None, *,
+              optional: bool = False, hint: str = "") -> None:
+    """`value` must be an integer (not a bool) in `[minimum, maximum]` (`maximum` None = unbounded); None too when
+    `optional`. `hint` is added to the message in parentheses."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+            maximum is not None and value > maximum):
+        none = "None or " if optional else ""
+        _reject(press, field, value, f"{none}an integer {_bounds(minimum, maximum, False, False)}", hint)
+
+
+def check_float(press: Press, field: str, value, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False, optional: bool = False, hint: str = "") -> None:
+    """`value` must be a number (not a bool) between `low` and `high` (None = unbounded; an end is excluded when
+    `low_open` / `high_open`); None too when `optional`. `hint` is added to the message in parentheses."""
+    if optional and value is None:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        none = "None or " if optional else ""
+        _reject(press, field, value, f"{none}a number {_bounds(low, high, low_open, high_open)}", hint)
+
+
+def check_choice(press: Press, field: str, value, allowed) -> None:
+    """`value` must be one of `allowed`."""
+    if value not in allowed:
+        _reject(press, field, value, ", ".join(map(str, allowed)), "")
 
 
 @dataclass
@@ -136,10 +217,7 @@ class ScorerPress(Press):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.gqa_aggregation not in GQA_AGGREGATIONS:
-            raise KVForgeError(
-                f"{self.name}: gqa_aggregation={self.gqa_aggregation!r}; allowed: {', '.join(GQA_AGGREGATIONS)}"
-            )
+        check_choice(self, "gqa_aggregation", self.gqa_aggregation, GQA_AGGREGATIONS)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

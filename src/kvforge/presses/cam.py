@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, Press, keep_count
-from kvforge.presses.merge import attention_mass, keep_merged, resolve_scorer, topk_mask
-from kvforge.presses.registry import register
+from kvforge.presses.base import LayerContext, Press, check_int, keep_count
+from kvforge.presses.merge import attention_mass, keep_merged, topk_mask
+from kvforge.presses.registry import register, resolve_scorer
 
 
 def _forward_window_sum(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -52,23 +51,22 @@ def _backward_window_sum(x: torch.Tensor, m: int) -> torch.Tensor:
 @register("cam")
 @dataclass
 class CaMPress(Press):
-    """Scorer press `scorer` (name or instance; default snapkv) picks the kept entries `[B, H_kv, k]`; each evicted
+    """Scorer press `press` (name or instance; default snapkv) picks the kept entries `[B, H_kv, k]`; each evicted
     value `[D]` is merged into the values of the next `merge_budget` kept entries, weighted by
     `p_e / m_e` with `p_e = clamp(a_e / mean a(targets), 0, 1)` from the attention `a [B, H_kv, n]` of the last
     `window_size` queries. Keys are not merged. The wrapper's `compression_ratio` / `budget` apply."""
 
     kind = "merge"
     paper = "https://proceedings.mlr.press/v235/zhang24n.html"
-    scorer: object = field(default="snapkv")
+    press: object = field(default="snapkv")
     merge_budget: int = 32
     window_size: int = 32
 
     def __post_init__(self):
         super().__post_init__()
-        self.scorer = resolve_scorer("cam", self.scorer)
-        if self.merge_budget < 1 or self.window_size < 1:
-            raise KVForgeError(
-                f"cam: merge_budget={self.merge_budget}, window_size={self.window_size}; both must be >= 1")
+        self.press = resolve_scorer(self.name, self.press)
+        check_int(self, "merge_budget", self.merge_budget, minimum=1)
+        check_int(self, "window_size", self.window_size, minimum=1)
 
     def merged_values(self, ctx: LayerContext, selected: torch.Tensor) -> torch.Tensor:
         """Values `[B, H_kv, n, D]` (float32) after merging the evicted entries into the kept ones of `selected`."""
@@ -100,7 +98,7 @@ class CaMPress(Press):
         k = keep_count(ctx.n_real, self.compression_ratio, self.budget)
         if bool((k >= ctx.n_real).all()):
             return
-        selected = topk_mask(ctx, self.scorer.score(ctx), k)
+        selected = topk_mask(ctx, self.press.score(ctx), k)
         if not bool(selected.any()):
             keep_merged(ctx, selected)
             return

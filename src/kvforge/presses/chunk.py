@@ -18,9 +18,9 @@ from functools import cached_property
 import torch
 
 from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, Press, keep_count, select_topk
-from kvforge.presses.merge import resolve_scorer, topk_mask
-from kvforge.presses.registry import register
+from kvforge.presses.base import LayerContext, Press, check_int, keep_count, select_topk
+from kvforge.presses.merge import topk_mask
+from kvforge.presses.registry import register, resolve_scorer
 
 
 class ChunkContext(LayerContext):
@@ -69,17 +69,13 @@ class ChunkPress(Press):
     paper = "kvpress ChunkPress (https://github.com/NVIDIA/kvpress)"
     press: object = field(default="snapkv")
     chunk_length: int = 1024
-    scorer: object = None  # alias of `press` (so `chunk:knorm` works wherever wrappers take `scorer`)
 
     def __post_init__(self):
         super().__post_init__()
         if self.budget is not None:
             raise KVForgeError("chunk: budget is not supported (the ratio applies per chunk); give compression_ratio")
-        if self.scorer is not None:
-            self.press, self.scorer = self.scorer, None
-        self.press = resolve_scorer("chunk", self.press, "press")
-        if self.chunk_length < 1:
-            raise KVForgeError(f"chunk: chunk_length={self.chunk_length} must be >= 1")
+        self.press = resolve_scorer(self.name, self.press)
+        check_int(self, "chunk_length", self.chunk_length, minimum=1)
 
     def bounds(self, n: int) -> list[tuple[int, int]]:
         """Chunk `[start, stop)` ranges over `n` entries, cut from the end."""

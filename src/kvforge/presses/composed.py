@@ -10,13 +10,12 @@ options. The composed press's ratio is not applied a second time.
 
 This is also how quantizers compose with pruning (e.g. `presses=[snapkv, some_quantizer]`): the composed press
 only calls each press's `compress(ctx)` in order, with a fresh `LayerContext` of the same layer before every
-step (the previous press changed the entries, and perhaps the layer object, e.g. to head-varlen). Hooks are
-forwarded only when some inner press has them, so the engine's `hasattr` checks see exactly what the inner
-presses offer:
+step (the previous press changed the entries, and perhaps the layer object, e.g. to head-varlen). Its hooks call
+every inner press's hook in order (the no-op defaults included), and its flags are the OR of theirs:
 
 - `after_prefill(model, cache, enc)`: each inner press's, in order, after the prefill (all `compress` steps
   have run by then);
-- `on_decode(ctx)`: each inner press's, in order, with a fresh context between them;
+- `on_decode(ctx)`: each inner press's, in order, with a fresh context after each one that acts;
 - `select(ctx)`: the entries every inner selecting press chose (logical AND; None from all = no restriction).
 """
 
@@ -27,10 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, Press
+from kvforge.presses.base import LayerContext, Press, overrides
 from kvforge.presses.registry import get_press, register
-
-HOOKS = ("after_prefill", "on_decode", "select")
 
 
 def _refresh(ctx: LayerContext) -> LayerContext:
@@ -42,7 +39,7 @@ def _refresh(ctx: LayerContext) -> LayerContext:
 class ComposedPress(Press):
     """`presses`: a list of press names or instances applied in order to each layer's entries `[B, H_kv, n, D]`;
     each one's ratio applies to what the previous ones left. Hooks (`after_prefill`, `on_decode`, `select`)
-    are forwarded when an inner press has them."""
+    call the inner presses' in order; `acts_while_decoding` / `has_extra_pass` are true when one inner press's is."""
 
     kind = "wrapper"
     frees_memory = "as its presses"
@@ -76,29 +73,29 @@ class ComposedPress(Press):
         for i, press in enumerate(self.presses):
             press.compress(ctx if i == 0 else _refresh(ctx))
 
-    def __getattr__(self, name: str):
-        # only reached when normal lookup fails: expose a hook only if an inner press has it
-        if name in HOOKS and any(hasattr(p, name) for p in self.__dict__.get("presses", ())):
-            return getattr(self, f"_forward_{name}")
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+    @property
+    def acts_while_decoding(self) -> bool:
+        return any(p.acts_while_decoding for p in self.presses)
 
-    def _forward_after_prefill(self, model, cache, enc) -> None:
+    @property
+    def has_extra_pass(self) -> bool:
+        return any(p.has_extra_pass for p in self.presses)
+
+    def after_prefill(self, model, cache, enc) -> None:
         for p in self.presses:
-            if hasattr(p, "after_prefill"):
-                p.after_prefill(model, cache, enc)
+            p.after_prefill(model, cache, enc)
 
-    def _forward_on_decode(self, ctx: LayerContext) -> None:
-        first = True
+    def on_decode(self, ctx: LayerContext) -> None:
+        fresh = ctx
         for p in self.presses:
-            if hasattr(p, "on_decode"):
-                p.on_decode(ctx if first else _refresh(ctx))
-                first = False
+            p.on_decode(fresh)
+            if overrides(p, "on_decode"):  # it may have changed the entries: the next one sees a new context
+                fresh = _refresh(ctx)
 
-    def _forward_select(self, ctx: LayerContext) -> torch.Tensor | None:
+    def select(self, ctx: LayerContext) -> torch.Tensor | None:
         chosen = None
         for p in self.presses:
-            if hasattr(p, "select"):
-                c = p.select(ctx)
-                if c is not None:
-                    chosen = c if chosen is None else chosen & c
+            c = p.select(ctx)
+            if c is not None:
+                chosen = c if chosen is None else chosen & c
         return chosen

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvforge.cache.layers import DenseLayer, HeadVarlenLayer
-from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, Press, ScorerPress, descending_rank, keep_count, select_mask
-from kvforge.presses.registry import PRESSES, register
+from kvforge.presses.base import LayerContext, Press, check_int, descending_rank, keep_count, select_mask
+from kvforge.presses.registry import register, resolve_scorer
 
 PREFILL_CHUNK = 512  # query rows per block when a press needs the attention of every prefill query
 
@@ -199,19 +198,11 @@ class DecodingPress(Press):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.press, str):
-            if self.press not in PRESSES or not issubclass(PRESSES[self.press], ScorerPress):
-                allowed = sorted(n for n, c in PRESSES.items() if issubclass(c, ScorerPress))
-                raise KVForgeError(f"decoding: press={self.press!r}; allowed: {', '.join(allowed)}")
-            self.press = PRESSES[self.press]()
-        if not isinstance(self.press, ScorerPress):
-            raise KVForgeError(f"decoding: press must be a scorer press, got {type(self.press).__name__}")
+        self.press = resolve_scorer(self.name, self.press)
         if self.target_size is None:
             self.target_size = self.budget if self.budget is not None else 2048
         for name in ("compression_interval", "target_size", "query_buffer_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise KVForgeError(f"decoding: {name}={v!r} must be a positive integer")
+            check_int(self, name, getattr(self, name), minimum=1)
 
     def compress(self, ctx: LayerContext) -> None:
         state = push_queries(None, ctx, self.query_buffer_size)

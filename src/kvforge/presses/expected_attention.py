@@ -30,8 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups
+from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups, check_float, check_int
 from kvforge.presses.registry import register
 
 _INV_FREQ: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -142,13 +141,10 @@ class ExpectedAttentionPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.n_future_positions < 1 or self.n_sink < 0 or self.epsilon < 0:
-            raise KVForgeError(
-                f"expected_attention: n_future_positions={self.n_future_positions}, n_sink={self.n_sink}, "
-                f"epsilon={self.epsilon}; allowed: n_future_positions >= 1, n_sink >= 0, epsilon >= 0"
-            )
-        if self.stat_window is not None and self.stat_window < 1:
-            raise KVForgeError(f"expected_attention: stat_window={self.stat_window}; allowed: None or >= 1")
+        check_int(self, "n_future_positions", self.n_future_positions, minimum=1)
+        check_int(self, "n_sink", self.n_sink, minimum=0)
+        check_float(self, "epsilon", self.epsilon, low=0)
+        check_int(self, "stat_window", self.stat_window, minimum=1, optional=True)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         mu, cov = query_statistics(ctx, self.n_sink, self.n_future_positions, self.use_covariance,

@@ -14,7 +14,7 @@ import torch
 
 from kvforge.cache.codecs import GearCodec
 from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, QuantizerPress
+from kvforge.presses.base import LayerContext, QuantizerPress, check_float, check_int
 from kvforge.presses.registry import register
 
 
@@ -34,10 +34,8 @@ class GearPress(QuantizerPress):
         super().__post_init__()
         if self.bits == 16:
             raise KVForgeError("gear: bits=16; allowed: 2, 4, 8 (use kivi with bits=16 for the identity)")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
-            raise KVForgeError(f"gear: rank={self.rank!r} must be an integer >= 0")
-        if not 0.0 <= self.outlier_ratio < 1.0:
-            raise KVForgeError(f"gear: outlier_ratio={self.outlier_ratio!r} is outside the allowed range [0, 1)")
+        check_int(self, "rank", self.rank, minimum=0)
+        check_float(self, "outlier_ratio", self.outlier_ratio, 0, 1, high_open=True)
 
     def codec(self, ctx: LayerContext, keys: torch.Tensor, values: torch.Tensor) -> GearCodec:
         return GearCodec.encode(keys, values, self.bits, self.group_size, self.residual_length, self.rank,

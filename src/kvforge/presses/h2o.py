@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.errors import KVForgeError
-from kvforge.presses.base import GQA_AGGREGATIONS, LayerContext, Press, aggregate_groups
+from kvforge.presses.base import GQA_AGGREGATIONS, LayerContext, Press, aggregate_groups, check_choice, check_float
 from kvforge.presses.decoding import (
     PREFILL_CHUNK,
     attention_probs,
@@ -64,12 +63,8 @@ class H2OPress(Press):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.heavy_ratio <= 1.0:
-            raise KVForgeError(f"h2o: heavy_ratio={self.heavy_ratio} is outside [0, 1]")
-        if self.gqa_aggregation not in GQA_AGGREGATIONS:
-            raise KVForgeError(
-                f"h2o: gqa_aggregation={self.gqa_aggregation!r}; allowed: {', '.join(GQA_AGGREGATIONS)}"
-            )
+        check_float(self, "heavy_ratio", self.heavy_ratio, 0, 1)
+        check_choice(self, "gqa_aggregation", self.gqa_aggregation, GQA_AGGREGATIONS)
 
     def _cut(self, ctx: LayerContext, acc: torch.Tensor, budget: torch.Tensor) -> dict:
         k = torch.minimum(ctx.n_real, budget)

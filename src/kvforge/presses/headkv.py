@@ -30,7 +30,15 @@ from pathlib import Path
 import torch
 
 from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, Press, descending_rank, keep_count, select_mask
+from kvforge.presses.base import (
+    LayerContext,
+    Press,
+    check_choice,
+    check_float,
+    descending_rank,
+    keep_count,
+    select_mask,
+)
 from kvforge.presses.registry import register
 from kvforge.presses.snapkv import SnapKVPress
 
@@ -118,10 +126,8 @@ class HeadKVPress(Press):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1.0:
-            raise KVForgeError(f"headkv: beta={self.beta!r}; allowed: a number >= 1")
-        if self.pool not in POOLS:
-            raise KVForgeError(f"headkv: pool={self.pool!r}; allowed: {', '.join(POOLS)}")
+        check_float(self, "beta", self.beta, low=1)
+        check_choice(self, "pool", self.pool, POOLS)
         self._snapkv = SnapKVPress(window_size=self.window_size, kernel_size=self.kernel_size, pooling=self.pooling)
         self._scores = None if self.scores_path is None else load_head_scores(str(self.scores_path))
 

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, Press, descending_rank, keep_count
+from kvforge.presses.base import LayerContext, Press, check_float, check_int, descending_rank, keep_count
 from kvforge.presses.merge import attention_mass, keep_merged
 from kvforge.presses.registry import register
 
@@ -52,12 +51,10 @@ class KVMergerPress(Press):
 
     def __post_init__(self):
         super().__post_init__()
-        if not -1.0 <= self.threshold <= 1.0:
-            raise KVForgeError(f"kvmerger: threshold={self.threshold} is outside [-1, 1] (a cosine similarity)")
-        if self.window_size < 0:
-            raise KVForgeError(f"kvmerger: window_size={self.window_size} must be >= 0")
-        if self.sigma is not None and not self.sigma > 0:
-            raise KVForgeError(f"kvmerger: sigma={self.sigma} must be > 0 (or None for the adaptive bandwidth)")
+        check_float(self, "threshold", self.threshold, -1, 1, hint="a cosine similarity")
+        check_int(self, "window_size", self.window_size, minimum=0)
+        check_float(self, "sigma", self.sigma, low=0, low_open=True, optional=True,
+                    hint="None for the adaptive bandwidth")
 
     def window(self, ctx: LayerContext) -> torch.Tensor:
         """`[B, H_kv, n]` bool: the last `window_size` real entries of each head (never merged, always kept)."""

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, Press, descending_rank
+from kvforge.presses.base import LayerContext, Press, check_choice, check_int, descending_rank
 from kvforge.presses.registry import register
 from kvforge.prompt import format_prompt, use_template
 
@@ -334,16 +334,13 @@ class KVzipPress(Press):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.level not in LEVELS:
-            raise KVForgeError(f"kvzip: level={self.level!r}; allowed: {', '.join(LEVELS)}")
-        if self.mode not in MODES:
-            raise KVForgeError(f"kvzip: mode={self.mode!r}; allowed: {', '.join(MODES)}")
+        check_choice(self, "level", self.level, LEVELS)
+        check_choice(self, "mode", self.mode, MODES)
         if self.level == "head" and not self.head_scores_path:
             raise KVForgeError("kvzip: level='head' needs head_scores_path (see `kvforge kvzip-head-scores`)")
-        for name in ("chunk_size", "sink_tokens", "prev_tokens"):
-            v, low = getattr(self, name), 1 if name == "chunk_size" else 0
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise KVForgeError(f"kvzip: {name}={v!r} must be an integer >= {low}")
+        check_int(self, "chunk_size", self.chunk_size, minimum=1)
+        check_int(self, "sink_tokens", self.sink_tokens, minimum=0)
+        check_int(self, "prev_tokens", self.prev_tokens, minimum=0)
 
     def compress(self, ctx: LayerContext) -> None:
         """No-op: KVzip needs its extra pass over the whole prefilled cache (`after_prefill`)."""

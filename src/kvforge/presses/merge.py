@@ -22,23 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, Press, ScorerPress, descending_rank, keep_count
-from kvforge.presses.registry import PRESSES, register
+from kvforge.presses.base import LayerContext, Press, check_choice, check_int, descending_rank, keep_count
+from kvforge.presses.registry import register, resolve_scorer
 
 MERGE_METHODS = ("pivot", "weighted")
 _CHUNK_ELEMENTS = 1 << 24  # similarity matrix elements computed at once (64 MiB in float32)
-
-
-def resolve_scorer(owner: str, scorer, option: str = "scorer") -> ScorerPress:
-    """A scorer press from a registered name or an instance (default options when given by name)."""
-    if isinstance(scorer, str):
-        if scorer not in PRESSES or not issubclass(PRESSES[scorer], ScorerPress):
-            allowed = sorted(n for n, c in PRESSES.items() if issubclass(c, ScorerPress))
-            raise KVForgeError(f"{owner}: {option}={scorer!r}; allowed: {', '.join(allowed)}")
-        scorer = PRESSES[scorer]()
-    if not isinstance(scorer, ScorerPress):
-        raise KVForgeError(f"{owner}: {option} must be a scorer press, got {type(scorer).__name__}")
-    return scorer
 
 
 def topk_mask(ctx: LayerContext, scores: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -119,17 +107,12 @@ class MergePress(Press):
     method: str = "pivot"
     merge_keys: bool = True
     window_size: int = 32  # queries whose attention weights the `weighted` merge
-    scorer: object = None  # alias of `press` (so `merge:snapkv` works wherever wrappers take `scorer`)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.scorer is not None:
-            self.press, self.scorer = self.scorer, None
-        self.press = resolve_scorer("merge", self.press, "press")
-        if self.method not in MERGE_METHODS:
-            raise KVForgeError(f"merge: method={self.method!r}; allowed: {', '.join(MERGE_METHODS)}")
-        if self.window_size < 1:
-            raise KVForgeError(f"merge: window_size={self.window_size} must be >= 1")
+        self.press = resolve_scorer(self.name, self.press)
+        check_choice(self, "method", self.method, MERGE_METHODS)
+        check_int(self, "window_size", self.window_size, minimum=1)
 
     def compress(self, ctx: LayerContext) -> None:
         k = keep_count(ctx.n_real, self.compression_ratio, self.budget)

@@ -24,7 +24,7 @@ import torch
 
 from kvforge.cache.coded import Codec, CodedLayer, tensor_bytes
 from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, Press
+from kvforge.presses.base import LayerContext, Press, check_float
 from kvforge.presses.registry import register
 
 
@@ -104,9 +104,8 @@ class MiniCachePress(Press):
         super().__post_init__()
         if self.budget is not None or self.compression_ratio:
             raise KVForgeError("minicache merges layers and evicts no tokens: compression_ratio must be 0")
-        for name, v in (("start", self.start), ("t", self.t), ("gamma", self.gamma)):
-            if not 0.0 <= v <= 1.0:
-                raise KVForgeError(f"minicache: {name}={v!r} is outside the allowed range [0, 1]")
+        for name in ("start", "t", "gamma"):
+            check_float(self, name, getattr(self, name), 0, 1)
 
     def pair_second(self, rank: int, num_layers: int) -> bool:
         """True when compressible layer `rank` is the second of a merged pair."""

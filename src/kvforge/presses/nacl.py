@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups, descending_rank
+from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups, check_float, check_int, descending_rank
 from kvforge.presses.registry import register
 
 
@@ -54,11 +53,9 @@ class NaClPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 < self.proxy_ratio < 1.0 or not 0.0 <= self.random_fraction <= 1.0 or self.n_sink < 0:
-            raise KVForgeError(
-                f"nacl: proxy_ratio={self.proxy_ratio}, random_fraction={self.random_fraction}, "
-                f"n_sink={self.n_sink}; allowed: 0 < proxy_ratio < 1, 0 <= random_fraction <= 1, n_sink >= 0"
-            )
+        check_float(self, "proxy_ratio", self.proxy_ratio, 0, 1, low_open=True, high_open=True)
+        check_float(self, "random_fraction", self.random_fraction, 0, 1)
+        check_int(self, "n_sink", self.n_sink, minimum=0)
 
     def n_proxy(self, n_real: torch.Tensor) -> torch.Tensor:
         """Proxy tokens per row `[B]`: the last `proxy_ratio` of its real tokens, at least one."""

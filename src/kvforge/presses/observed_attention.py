@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups
+from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups, check_int
 from kvforge.presses.registry import register
 
 CHUNK_ELEMENTS = 1 << 25  # float32 logits per query chunk (128 MiB)
@@ -70,8 +69,7 @@ class ObservedAttentionPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.query_chunk is not None and (isinstance(self.query_chunk, bool) or self.query_chunk < 1):
-            raise KVForgeError(f"observed_attention: query_chunk={self.query_chunk!r}; allowed: None or >= 1")
+        check_int(self, "query_chunk", self.query_chunk, minimum=1, optional=True)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         received, seen_by = accumulated_attention(ctx, self.query_chunk)

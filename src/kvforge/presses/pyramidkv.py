@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, keep_count
+from kvforge.presses.base import LayerContext, check_float, keep_count
 from kvforge.presses.registry import register
 from kvforge.presses.snapkv import SnapKVPress
 
@@ -39,8 +38,7 @@ class PyramidKVPress(SnapKVPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.beta < 1:
-            raise KVForgeError(f"pyramidkv: beta={self.beta} must be >= 1")
+        check_float(self, "beta", self.beta, low=1)
 
     def keep_per_row(self, ctx: LayerContext) -> torch.Tensor:
         n = ctx.n_real

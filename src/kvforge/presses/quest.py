@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, Press, descending_rank
+from kvforge.presses.base import LayerContext, Press, check_int, descending_rank
 from kvforge.presses.decoding import get_state, set_state
 from kvforge.presses.registry import register
 
@@ -74,11 +73,9 @@ class QuestPress(Press):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.page_size < 1 or self.token_budget < 1 or self.skip_layers < 0:
-            raise KVForgeError(
-                f"quest: page_size={self.page_size}, token_budget={self.token_budget}, "
-                f"skip_layers={self.skip_layers}; allowed: page_size >= 1, token_budget >= 1, skip_layers >= 0"
-            )
+        check_int(self, "page_size", self.page_size, minimum=1)
+        check_int(self, "token_budget", self.token_budget, minimum=1)
+        check_int(self, "skip_layers", self.skip_layers, minimum=0)
         self.reset_stats()
 
     # -- accounting ------------------------------------------------------------------------------------------

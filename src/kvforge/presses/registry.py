@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from kvforge.errors import KVForgeError
+from kvforge.presses.base import Press, ScorerPress
 
 PRESSES: dict[str, type] = {}
 
@@ -37,6 +38,30 @@ def get_press(name: str, **kwargs):
     if bad:
         raise KVForgeError(f"press {name!r} has no option {bad[0]!r}; allowed: {', '.join(allowed)}")
     return cls(**kwargs)
+
+
+def scorer_names() -> list[str]:
+    """Names of the registered scorer presses (what a wrapper's `press` may name), sorted."""
+    return sorted(n for n, c in PRESSES.items() if issubclass(c, ScorerPress))
+
+
+def wrapper_names() -> list[str]:
+    """Names of the registered wrapper presses: those with a `press` field, spelled `name:inner` in specs."""
+    return sorted(n for n, c in PRESSES.items() if "press" in {f.name for f in dataclasses.fields(c)})
+
+
+def resolve_scorer(owner: str, value: object) -> ScorerPress:
+    """A wrapper's inner press (its `press` option) from a registered scorer name (built with its defaults) or
+    a `ScorerPress` instance; anything else raises a one-line `KVForgeError` naming `owner`, the bad value and
+    the allowed names."""
+    if isinstance(value, str):
+        if value not in scorer_names():
+            raise KVForgeError(f"{owner}: press={value!r}; allowed: {', '.join(scorer_names())}")
+        value = PRESSES[value]()
+    if not isinstance(value, ScorerPress):
+        raise KVForgeError(f"{owner}: press must be a scorer press or one of {', '.join(scorer_names())}; "
+                           f"got {type(value).__name__}")
+    return value
 
 
 def press_table() -> list[dict]:
@@ -91,6 +116,8 @@ if __name__ == "__main__":  # `python -m kvforge.presses.registry`: run against 
 
 
 def _option(text: str):
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
     for cast in (int, float):
         try:
             return cast(text)
@@ -100,10 +127,12 @@ def _option(text: str):
 
 
 def _parse_part(part: str):
-    """`name[:scorer][@key=value...]` -> (name, options)."""
+    """`name[:inner][@key=value...]` -> (name, options)."""
     head, *opts = part.split("@")
-    name, _, scorer = head.partition(":")
-    options = {"scorer": scorer} if scorer else {}
+    name, _, inner = head.partition(":")
+    if inner and name in PRESSES and name not in wrapper_names():
+        raise KVForgeError(f"{part!r}: {name} wraps no press; `name:inner` is for {', '.join(wrapper_names())}")
+    options = {"press": inner} if inner else {}
     for o in opts:
         key, eq, value = o.partition("=")
         if not eq or not key:
@@ -113,10 +142,11 @@ def _parse_part(part: str):
 
 
 def parse_press(spec: str):
-    """A press spec -> a factory taking `compression_ratio`. Specs: `name`, `wrapper:scorer` (`adakv:knorm`),
-    options `name@key=value` (`kivi@bits=4@group_size=32`), and `+` to compose in order
-    (`snapkv+kivi@bits=2`: SnapKV at the swept ratio, then 2-bit KIVI). Ratio-free presses (quantizers,
-    minicache) take no ratio; a spec made only of them has `factory.ratio_free = True` (run once, ratio 0)."""
+    """A press spec -> a factory taking `compression_ratio`. Specs: `name`, `wrapper:inner` (`adakv:knorm`,
+    `chunk:snapkv`: the wrapper's `press` option), options `name@key=value` (`kivi@bits=4@group_size=32`), and
+    `+` to compose in order (`snapkv+kivi@bits=2`: SnapKV at the swept ratio, then 2-bit KIVI). Ratio-free
+    presses (quantizers, minicache) take no ratio; a spec made only of them has `factory.ratio_free = True`
+    (run once, ratio 0)."""
     parts = [_parse_part(p) for p in spec.split("+")]
     for name, options in parts:
         get_press(name, **options)  # validate now, with a clear error
@@ -129,3 +159,34 @@ def parse_press(spec: str):
 
     make.ratio_free = all(free)
     return make
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def press_spec(press: Press) -> str:
+    """The spec of a built press, the inverse of `parse_press`: `parse_press(press_spec(p))(ratio)` equals `p`
+    built at `ratio` (the ratio is the factory's argument, never written). Options equal to their default are
+    left out; a wrapper is written `name:inner`; a composed press is its parts joined by `+`. A press no spec
+    can describe (an inner press with options of its own, a value that would not read back) raises."""
+    if press.name == "composed":
+        return "+".join(press_spec(p) for p in press.presses)
+    head, opts = press.name, ""
+    for f in dataclasses.fields(press):
+        value = getattr(press, f.name)
+        if f.name == "compression_ratio":
+            continue
+        if f.name == "press":
+            if value != PRESSES[value.name]():
+                raise KVForgeError(f"{press.name}: its inner press {value!r} has options of its own; a spec names "
+                                   "the inner press only (`name:inner`)")
+            head += f":{value.name}"
+        elif value != _default(f):
+            text = value if isinstance(value, str) else repr(value)
+            if any(c in text for c in "@+") or repr(_option(text)) != repr(value):
+                raise KVForgeError(f"{press.name}: {f.name}={value!r} cannot be written in a press spec")
+            opts += f"@{f.name}={text}"
+    return head + opts

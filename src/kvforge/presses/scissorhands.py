@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, Press
+from kvforge.presses.base import LayerContext, Press, check_int
 from kvforge.presses.decoding import (
     attention_probs,
     evict,
@@ -62,13 +62,9 @@ class ScissorhandsPress(Press):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 1 <= self.history_window <= MAX_HISTORY:
-            raise KVForgeError(f"scissorhands: history_window={self.history_window} is outside [1, {MAX_HISTORY}]")
-        if self.recent_window < 0 or self.drop_amount < 1:
-            raise KVForgeError(
-                f"scissorhands: recent_window={self.recent_window}, drop_amount={self.drop_amount}; "
-                "allowed: recent_window >= 0 and drop_amount >= 1"
-            )
+        check_int(self, "history_window", self.history_window, minimum=1, maximum=MAX_HISTORY)
+        check_int(self, "recent_window", self.recent_window, minimum=0)
+        check_int(self, "drop_amount", self.drop_amount, minimum=1)
         if self.budget is not None and self.drop_amount > self.budget:
             raise KVForgeError(f"scissorhands: drop_amount={self.drop_amount} exceeds budget={self.budget}")
 

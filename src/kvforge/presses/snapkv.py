@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups
+from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups, check_choice, check_int
 from kvforge.presses.registry import register
 
 
@@ -30,13 +30,11 @@ class SnapKVPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.pooling not in ("avg", "max"):
-            raise KVForgeError(f"snapkv: pooling={self.pooling!r}; allowed: avg, max")
-        if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise KVForgeError(
-                f"snapkv: window_size={self.window_size}, kernel_size={self.kernel_size}; "
-                "allowed: window_size >= 1 and an odd kernel_size >= 1"
-            )
+        check_choice(self, "pooling", self.pooling, ("avg", "max"))
+        check_int(self, "window_size", self.window_size, minimum=1)
+        check_int(self, "kernel_size", self.kernel_size, minimum=1, hint="odd")
+        if self.kernel_size % 2 == 0:
+            raise KVForgeError(f"{self.name}: kernel_size={self.kernel_size!r}; allowed: an odd integer >= 1")
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         n = ctx.keys.shape[2]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.errors import KVForgeError
-from kvforge.presses.base import LayerContext, ScorerPress
+from kvforge.presses.base import LayerContext, ScorerPress, check_choice
 from kvforge.presses.registry import register
 
 HEAD_AVERAGES = ("layer", "group")
@@ -53,8 +53,7 @@ class TOVAPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.head_average not in HEAD_AVERAGES:
-            raise KVForgeError(f"tova: head_average={self.head_average!r}; allowed: {', '.join(HEAD_AVERAGES)}")
+        check_choice(self, "head_average", self.head_average, HEAD_AVERAGES)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return tova_scores(ctx, self.head_average)
