@@ -1,6 +1,6 @@
 """kvforge: one engine for the KV cache of Hugging Face causal LMs."""
 
-from kvforge import presses  # noqa: F401  (registers every press)
+from kvforge import presses, sharing  # noqa: F401  (register every press; the shared-KV model with the Auto classes)
 from kvforge.attention import register as _register_attention
 from kvforge.cache import KVCache
 from kvforge.errors import KVForgeError

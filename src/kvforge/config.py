@@ -15,7 +15,8 @@ from kvforge.errors import KVForgeError
 # AttentionMaskInterface, when `kvforge` is imported).
 ATTENTION = "kvforge"
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "phi3"})
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "phi3",
+                                   "kvforge_kv_sharing"})  # the last: kvforge.sharing's model
 
 
 def text_config(model_or_config: Any) -> Any:
