@@ -110,7 +110,5 @@ def model_identity(model) -> str:
 
 
 def model_label(model) -> str:
-    """A short human name for messages: the config's path or model type, and the start of its identity."""
-    cfg = text_config(model)
-    name = getattr(getattr(model, "config", cfg), "_name_or_path", "") or cfg.model_type
-    return name
+    """A short human name for messages: the model's path, or its type."""
+    return getattr(model, "name_or_path", "") or text_config(model).model_type
