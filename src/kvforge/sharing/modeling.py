@@ -361,6 +361,9 @@ class KVSharingModel(KVSharingPreTrainedModel):
                 raise KVForgeError(f"press {getattr(press, 'name', press)!r} acts while decoding, which a shared-KV "
                                    "model does not support (layers reading a producer would miss its selection); "
                                    "use a prefill press")
+            if getattr(press, "has_extra_pass", False):
+                raise KVForgeError(f"press {getattr(press, 'name', press)!r} runs extra passes over the context, "
+                                   "which a shared-KV model does not support; use a single-pass prefill press")
             lm = self.config.layer_map
             blind = [j for j in past_key_values.compressible_layers() if lm.sources[j] != j]
             if blind:
