@@ -20,12 +20,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from test_kernels import pdl_graph_replays  # noqa: E402  (the CUDA test's graph set-up)
 
 from kvforge.kernels.decode import (
-    launch_merge,
     _launch_split,
     _plan,
     decode_attention,
     decode_attention_ref,
     dense_segments,
+    launch_merge,
 )
 
 DEV = "cuda"

@@ -17,9 +17,9 @@ from collections import defaultdict
 import torch
 
 from kvforge import KVCache, get_press
+from kvforge.cache.graphs import GraphDecoder
 from kvforge.eval.bench import copy_bandwidth
 from kvforge.generate import prefill
-from kvforge.cache.graphs import GraphDecoder
 from kvforge.models import load_model
 
 
