@@ -1,0 +1,183 @@
+"""`SinkWindowLayer`: StreamingLLM's cache for one layer — `n_sink` first tokens plus a window of the most recent
+ones, `size` entries in all, in a buffer allocated once.
+
+Positions live inside the cache (Xiao et al., https://arxiv.org/abs/2309.17453, section 3.2): the stored entries
+sit at positions 0..n-1 — sinks first, then the window in time order — and the current token at n-1. Rotary
+models get this exactly: window keys are stored *pre-RoPE* (the model's key is un-rotated once, at the position
+it was rotated to) and rotated to their current position each time attention reads them. Absolute-position models
+(GPT-2) have their positions baked into K and V when they are computed: their entries are returned as stored (what
+KV-Align then corrects).
+
+Storage: slots 0..S-1 hold the sinks, slots S..size-1 a ring of the window (window token j in slot S + j mod W);
+a full layer overwrites the oldest window entry with the new token, so memory never grows. Reads return the
+entries in position order (one gather), which makes the masks transformers builds in position space — causal,
+and Gemma 3's sliding window over positions — right without any change.
+
+Every row of a batch holds the same number of tokens (no padding): rows evict in lockstep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from kvforge.cache.plan import register_layer_kind
+from kvforge.errors import KVForgeError
+from kvforge.rope import Rope, apply, rope_for_layer, unapply
+
+# align(layer_idx, keys [B, H, m, Dk], values [B, H, m, Dv], shifts [m]) -> (keys, values): rewrites window entries
+Align = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class SinkWindowLayer(CacheLayerMixin):
+    """Sinks + window of one layer. `n_sink` S ≥ 0, `size` C > S entries (the current token included), so the window
+    holds W = C − S tokens. `rope`: the layer's RoPE (None for absolute-position models). `align`: optional KV-Align
+    correction applied to window entries that have shifted (see `shifts`).
+
+    Lengths: `seen` tokens fed; `n` = min(seen, C) entries stored; `get_seq_length()` = min(seen, C − 1) is the
+    position the next token gets, which is how transformers assigns position ids.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, n_sink: int, size: int, rope: Rope | None = None, layer_idx: int = 0,
+                 align: Align | None = None):
+        super().__init__()
+        if not 0 <= n_sink < size:
+            raise KVForgeError(f"cache size {size} with {n_sink} sinks; allowed: a cache size larger than the sinks")
+        self.n_sink, self.size, self.window = n_sink, size, size - n_sink
+        self.rope, self.layer_idx, self.align = rope, layer_idx, align
+        self.seen = 0
+        self._k = self._v = self._positions = None
+
+    # -- lengths -------------------------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return min(self.seen, self.size)
+
+    @property
+    def evicted(self) -> int:
+        """Window tokens evicted so far."""
+        return max(0, self.seen - self.size)
+
+    def get_seq_length(self) -> int:
+        return min(self.seen, self.size - 1)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return min(self.seen + query_length, self.size), 0
+
+    def get_max_length(self) -> int:
+        return self.size
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, dk = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._k = key_states.new_zeros(b, h, self.size, dk)
+        self._v = value_states.new_zeros(b, h, self.size, value_states.shape[-1])
+        self._positions = torch.arange(self.size, device=self.device, dtype=torch.float32)
+        self.is_initialized = True
+
+    def _slots(self, first: int, q: int) -> torch.Tensor:
+        """Slot of tokens first..first+q-1 `[q]`."""
+        i = torch.arange(first, first + q, device=self.device)
+        return torch.where(i < self.n_sink, i, self.n_sink + (i - self.n_sink) % self.window)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store `[B, H, q, D]` new keys/values (rotated by the model at positions get_seq_length() + 0..q-1) and
+        return every stored entry in position order, keys rotated to positions 0..n-1."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[2]
+        if q > 1 and self.seen + q > self.size:
+            raise KVForgeError(f"{q} tokens in one forward with {self.seen} of {self.size} cache entries filled; "
+                               f"allowed: at most {self.size - self.seen} (the free room), then one token at a time")
+        if self.rope is not None:
+            key_states = unapply(key_states, self._positions[self.get_seq_length():][:q], self.rope)
+        slots = self._slots(self.seen, q)
+        self._k.index_copy_(2, slots, key_states.to(self.dtype))
+        self._v.index_copy_(2, slots, value_states.to(self.dtype))
+        self.seen += q
+        self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
+        return self.read()
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def order(self) -> torch.Tensor | None:
+        """Slot of each position 0..n-1 `[n]`, or None while slots and positions coincide (nothing evicted)."""
+        if self.seen <= self.size:
+            return None
+        s, w = self.n_sink, self.window
+        oldest = self.seen - w - s  # window index of the oldest window token still stored
+        ring = s + (oldest + torch.arange(w, device=self.device)) % w
+        return torch.cat([torch.arange(s, device=self.device), ring])
+
+    def shifts(self) -> torch.Tensor:
+        """How far each entry (in position order) has moved since it was computed `[n]` (int64): the position the
+        model gave it minus its position now. It is also the number of tokens it attended to that have been evicted
+        since. Sinks and entries computed before the first eviction: 0; the oldest window entry of a full layer: W−1."""
+        i = torch.arange(self.n, device=self.device)
+        token = torch.where(i < self.n_sink, i, i + self.evicted)  # token index at position i
+        made = token.clamp(max=self.size - 1)  # the position the model gave it
+        return torch.where(i < self.n_sink, 0, made - i)
+
+    def raw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored entries in position order, as stored: keys `[B, H, n, Dk]` (pre-RoPE on rotary models), values
+        `[B, H, n, Dv]`. What KV-Align reads."""
+        order = self.order()
+        if order is None:
+            return self._k[:, :, : self.n], self._v[:, :, : self.n]
+        return self._k.index_select(2, order), self._v.index_select(2, order)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What attention sees: `raw()` with the KV-Align correction (if any) on shifted entries, keys rotated to
+        positions 0..n-1 on rotary models."""
+        keys, values = self.raw()
+        if self.align is not None and self.evicted:  # raw() gathered fresh tensors: write into them
+            s, e = self.n_sink, self.n - 1  # every window entry but the newest has shifted
+            keys[:, :, s:e], values[:, :, s:e] = self.align(self.layer_idx, keys[:, :, s:e], values[:, :, s:e],
+                                                            self.shifts()[s:e])
+        if self.rope is not None:
+            keys = apply(keys, self._positions[: self.n], self.rope)
+        return keys, values
+
+    # -- the rest of transformers' layer API ---------------------------------------------------------------
+    def reset(self) -> None:
+        self.seen = 0
+        self.keys = self.values = None
+
+    def stored_bytes(self) -> int:
+        """Bytes of the preallocated buffers (fixed for the layer's life)."""
+        if self._k is None:
+            return 0
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx.to(self.device))
+
+    def offload(self):  # the buffers stay where they are
+        pass
+
+    def prefetch(self):
+        pass
+
+
+def _factory(cfg, layer_idx: int, reserve: int) -> SinkWindowLayer:
+    """The plan's `sink_window` kind: sizes from the config's `kvforge_streaming` dict (set by `streaming_cache`)."""
+    opts = getattr(cfg, "kvforge_streaming", None)
+    if not opts:
+        raise KVForgeError("sink_window layers need a cache size and sinks; build the cache with "
+                           "kvforge.streaming.streaming_cache(model, cache_size, n_sink)")
+    rope = rope_for_layer(cfg, layer_idx) if getattr(cfg, "rope_parameters", None) else None
+    return SinkWindowLayer(opts["n_sink"], opts["cache_size"], rope, layer_idx)
+
+
+register_layer_kind("sink_window", _factory)

@@ -1,0 +1,203 @@
+"""Streaming (kvforge.streaming): the sink + window cache against definitions, the modes, fixed memory, bad input.
+
+What `sw` means exactly (StreamingLLM with re-rotation): at every step attention sees the `n_sink` first tokens and
+the most recent ones, as entries at positions 0..n-1 (the current token at n-1), each entry's K/V being what the
+model computed for that token when it was fed. The independent reference below builds exactly that from stock
+parts — a transformers DynamicCache, entry `n_sink` deleted when full and the keys after it turned back by one
+position with `kvforge.rope.rotate`. A plain forward over [sinks + window] recomputed from scratch is the same
+thing only for a one-layer model (deeper layers' K/V depend on the context each token was computed in; making them
+agree is what KV-Align tries to learn, and what `ar` pays for): tested too.
+"""
+
+import pytest
+import torch
+from helpers import FAMILIES
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+
+from kvforge.errors import KVForgeError
+from kvforge.models import tiny_model
+from kvforge.rope import rope_for_layer, rotate
+from kvforge.streaming import AR, KV, SW, KVAlign, Stream, Window, streaming_cache
+from kvforge.streaming.ppl import full_nll, perplexity, stream_nll
+
+
+def small(family: str, **overrides):
+    """A tiny model of `family` with a 512-token vocabulary (the LM head dominates a tiny model's step)."""
+    return tiny_model(family, vocab_size=512, **overrides)
+
+
+def ids_for(vocab: int, t: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, min(vocab, 2000), (batch, t), generator=g)
+
+
+def tiny_gpt2(n_positions: int = 64) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=300, n_positions=n_positions)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@torch.inference_mode()
+def reference_sw(model, ids: torch.Tensor, cache_size: int, n_sink: int) -> torch.Tensor:
+    """Logits `[B, T, V]` of StreamingLLM by definition (see the module docstring), one token at a time."""
+    cfg = model.config.get_text_config()
+    rotary = getattr(cfg, "rope_parameters", None)
+    ropes = [rope_for_layer(cfg, i) for i in range(cfg.num_hidden_layers)] if rotary else None
+    cache, out = DynamicCache(), []
+    for t in range(ids.shape[1]):
+        n = cache.get_seq_length()
+        if n == cache_size:
+            for i, layer in enumerate(cache.layers):
+                rest = layer.keys[:, :, n_sink + 1 :]
+                rest = rotate(rest, -1, ropes[i]) if ropes else rest  # GPT-2: just drop
+                layer.keys = torch.cat([layer.keys[:, :, :n_sink], rest], 2)
+                layer.values = torch.cat([layer.values[:, :, :n_sink], layer.values[:, :, n_sink + 1 :]], 2)
+            n -= 1
+        pos = torch.full((ids.shape[0], 1), n)
+        out.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, position_ids=pos).logits)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sw_perplexity_equals_full_when_the_cache_holds_the_text(family):
+    model = small(family)
+    ids = ids_for(model.config.vocab_size, 41)
+    full = perplexity(full_nll(model, ids, chunk=16))
+    for size in (64, 41):  # larger than the text, and exactly as large (no eviction either way)
+        sw = perplexity(stream_nll(model, ids, SW(cache_size=size, n_sink=4)))
+        assert abs(sw - full) / full < 1e-4, (size, sw, full)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "phi3"])
+def test_sw_after_evictions_equals_streamingllm_by_definition(family):
+    model = small(family)
+    ids = ids_for(model.config.vocab_size, 28, batch=2)
+    ref = reference_sw(model, ids, cache_size=12, n_sink=3)
+    got = Stream(model, SW(cache_size=12, n_sink=3)).step(ids)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # and a mutation of the definition is caught: without re-rotation the logits differ
+    plain = Stream(model, SW(cache_size=12, n_sink=3))
+    for layer in plain.cache.layers:
+        layer.rope = None
+    assert (plain.step(ids)[:, 12:] - ref[:, 12:]).abs().max() > 1e-2
+
+
+def test_sw_one_layer_equals_recompute_over_sinks_and_window():
+    """One layer: K/V depend on the token and its position only, so sw is a plain forward over [sinks + window]."""
+    model = small("llama", num_hidden_layers=1)
+    ids = ids_for(model.config.vocab_size, 30)
+    c, s = 10, 4
+    got = Stream(model, SW(cache_size=c, n_sink=s)).step(ids)
+    for t in (c, 17, 29):  # after 1, 8 and 20 evictions
+        seq = torch.cat([ids[:, :s], ids[:, t + 1 - (c - s) : t + 1]], 1)
+        with torch.inference_mode():
+            want = model(input_ids=seq).logits[:, -1]
+        torch.testing.assert_close(got[:, t], want, rtol=1e-4, atol=1e-4)
+
+
+def test_window_is_sw_without_sinks_and_differs_after_eviction():
+    model = small("llama")
+    ids = ids_for(model.config.vocab_size, 30)
+    win = Stream(model, Window(cache_size=10)).step(ids)
+    torch.testing.assert_close(win, reference_sw(model, ids, 10, 0), rtol=1e-4, atol=1e-4)
+    sw = Stream(model, SW(cache_size=10, n_sink=4)).step(ids)
+    torch.testing.assert_close(win[:, :10], sw[:, :10])  # nothing evicted yet: the same
+    assert (win[:, 10:] - sw[:, 10:]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_ar_equals_plain_forward_over_the_last_n_tokens(family):
+    model = small(family)
+    ids = ids_for(model.config.vocab_size, 28)
+    n = 9
+    with torch.inference_mode():
+        want = torch.stack([model(input_ids=ids[:, max(0, t + 1 - n) : t + 1]).logits[0, -1] for t in range(28)])
+    got = Stream(model, AR(cache_size=n)).step(ids)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    nll = stream_nll(model, ids, AR(cache_size=n))[0]  # the batched-window path of `kvforge ppl`
+    ref = torch.nn.functional.cross_entropy(want[:-1], ids[0, 1:], reduction="none")
+    torch.testing.assert_close(nll, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_rows_stream_independently():
+    model = small("qwen2")
+    ids = ids_for(model.config.vocab_size, 25, batch=2, seed=3)
+    both = Stream(model, SW(cache_size=8, n_sink=2)).step(ids)
+    for r in range(2):
+        alone = Stream(model, SW(cache_size=8, n_sink=2)).step(ids[r : r + 1])
+        torch.testing.assert_close(both[r : r + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_memory_is_fixed_and_lengths_drive_positions():
+    model = small("llama")
+    stream = Stream(model, SW(cache_size=8, n_sink=2))
+    ids = ids_for(model.config.vocab_size, 30)
+    stream.step(ids[:, :5])
+    layer = stream.cache.layers[0]
+    buffers = (layer.keys.untyped_storage().data_ptr(), layer.values.untyped_storage().data_ptr())
+    sizes = []
+    for t in range(5, 30):
+        stream.step(ids[:, t : t + 1])
+        assert stream.cache.get_seq_length() == min(t + 1, 7)  # the next token's position, inside the cache
+        sizes.append(stream.cache.stats()["bytes"])
+    assert (layer.keys.untyped_storage().data_ptr(), layer.values.untyped_storage().data_ptr()) == buffers
+    assert set(sizes[3:]) == {2 * 4 * 2 * 8 * 16 * 4}  # full from 8 tokens on: K+V, layers, heads, C, D, fp32
+    assert layer.shifts().tolist() == [0, 0, 5, 4, 3, 2, 1, 0]  # each window entry moved since it came in at 7
+
+
+def test_gpt2_sw_drops_without_rotation():
+    model = tiny_gpt2()
+    ids = ids_for(300, 30, batch=2)
+    got = Stream(model, SW(cache_size=10, n_sink=4)).step(ids)
+    torch.testing.assert_close(got, reference_sw(model, ids, 10, 4), rtol=1e-4, atol=1e-4)
+    full = perplexity(full_nll(model, ids))
+    assert abs(perplexity(stream_nll(model, ids, SW(cache_size=32))) - full) / full < 1e-4
+
+
+def test_kv_with_untrained_networks_is_sw_and_applies_after_evictions():
+    model = small("llama")
+    ids = ids_for(model.config.vocab_size, 24)
+    nets = KVAlign.for_model(model, num_pos=16)
+    sw = Stream(model, SW(cache_size=8, n_sink=2)).step(ids)
+    torch.testing.assert_close(Stream(model, KV(cache_size=8, n_sink=2, nets=nets)).step(ids), sw)
+    calls = []
+    apply = nets.apply
+    nets.apply = lambda *a: calls.append(a[3].tolist()) or apply(*a)
+    Stream(model, KV(cache_size=8, n_sink=2, nets=nets)).step(ids)
+    assert len(calls) == 4 * (24 - 8)  # every layer, every step after the first eviction
+    assert calls[-1] == [5, 4, 3, 2, 1]  # the shifted window entries (all but the newest)
+
+
+def one_line(excinfo) -> str:
+    assert "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
+@pytest.mark.parametrize("size, sinks", [(4, 4), (3, 4), (0, 0)])
+def test_cache_not_larger_than_the_sinks(size, sinks):
+    model = small("llama")
+    with pytest.raises(KVForgeError) as e:
+        Stream(model, SW(cache_size=size, n_sink=sinks))
+    assert "not larger than" in one_line(e)
+
+
+def test_cache_larger_than_the_positions_and_too_many_tokens_at_once():
+    with pytest.raises(KVForgeError) as e:
+        streaming_cache(tiny_gpt2(n_positions=64), cache_size=65)
+    assert "64 positions" in one_line(e)
+    model = small("llama")
+    cache = streaming_cache(model, cache_size=8, n_sink=2)
+    with pytest.raises(KVForgeError) as e:
+        model(input_ids=ids_for(512, 9), past_key_values=cache)
+    assert "at most 8" in one_line(e)
+
+
+def test_kv_without_networks_or_with_another_models():
+    model = small("llama")
+    with pytest.raises(KVForgeError) as e:
+        Stream(model, KV(cache_size=16))
+    assert "kv-align" in one_line(e)
+    for other in (tiny_model("llama", seed=1, vocab_size=512), small("qwen2")):
+        with pytest.raises(KVForgeError) as e:
+            Stream(model, KV(cache_size=16, nets=KVAlign.for_model(other)))
+        assert "do not fit" in one_line(e)
