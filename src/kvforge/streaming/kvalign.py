@@ -37,7 +37,7 @@ def model_identity(model: Any) -> dict:
     heads = getattr(cfg, "num_attention_heads", None)
     emb = model.get_input_embeddings().weight
     return {
-        "name": str(getattr(cfg, "_name_or_path", "") or cfg.model_type),
+        "name": str(getattr(cfg, "name_or_path", "") or cfg.model_type),
         "model_type": cfg.model_type,
         "num_layers": cfg.num_hidden_layers,
         "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or heads,
