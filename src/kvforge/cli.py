@@ -327,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     hk.add_argument("--dtype", default=None)
     hk.add_argument("--device", default=None)
     hk.set_defaults(func=cmd_headkv_scores)
+
+    from kvforge.sharing.cli import add_parsers as add_sharing_parsers  # convert lckv, train lckv
+
+    add_sharing_parsers(sub)  # `train`/`convert` groups: kvforge.sharing.cli.command_group(sub, name, help)
     return p
 
 
