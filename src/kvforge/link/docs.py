@@ -80,10 +80,14 @@ def encode_document(model, ids: list[int], press=None, tokenizer=None) -> DocKV:
     for i, layer in enumerate(cache.layers):
         if isinstance(layer, DenseLayer):
             keys, values, slots, valid = layer.entries()
-            n = keys.shape[2]
-            contiguous = bool((slots == torch.arange(n, device=slots.device)).all())
-            layers.append(LayerKV(keys.contiguous(), values.contiguous(), None if contiguous else slots.contiguous(),
-                                  None if bool(valid.all()) else valid.contiguous()))
+            if bool(valid.all()):
+                contiguous = bool((slots == torch.arange(keys.shape[2], device=slots.device)).all())
+                slots = None if contiguous else slots.contiguous()
+                layers.append(LayerKV(keys.contiguous(), values.contiguous(), slots))
+            else:  # per-head budgets: padding entries zeroed, so equal documents give equal tensors (and files)
+                pad = ~valid
+                layers.append(LayerKV(keys.masked_fill(pad[..., None], 0), values.masked_fill(pad[..., None], 0),
+                                      slots.masked_fill(pad, 0), valid.clone()))
         elif isinstance(layer, DynamicSlidingWindowLayer):
             keys, values = layer.keys.contiguous(), layer.values.contiguous()
             layers.append(LayerKV(keys, values, start=len(ids) - keys.shape[2]))
