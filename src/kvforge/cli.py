@@ -331,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     from kvforge.sharing.cli import add_parsers as add_sharing_parsers  # convert lckv, train lckv
 
     add_sharing_parsers(sub)  # `train`/`convert` groups: kvforge.sharing.cli.command_group(sub, name, help)
+
+    from kvforge.streaming.cli import add_parsers as add_streaming_parsers  # ppl, stream, train kv-align|gpt2
+
+    add_streaming_parsers(sub)
     return p
 
 

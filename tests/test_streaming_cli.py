@@ -1,0 +1,85 @@
+"""`kvforge ppl`, `kvforge stream` and their bad input (one line, exit 2), on a tiny saved model."""
+
+import csv
+import json
+
+import pytest
+
+from kvforge.cli import main
+from kvforge.models import load_tokenizer, tiny_model
+
+TEXT = ("Full fathom five thy father lies; of his bones are coral made; those are pearls that were his eyes: "
+        "nothing of him that doth fade but doth suffer a sea-change into something rich and strange. ") * 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", num_hidden_layers=2).save_pretrained(path)
+    load_tokenizer("smollm2-135m").save_pretrained(path)
+    (path / "text.txt").write_text(TEXT)
+    return path
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_ppl_table_is_written_and_resumed(model_dir, tmp_path, capsys):
+    args = ["ppl", "--model", str(model_dir), "--text-file", str(model_dir / "text.txt"), "--tokens", "40",
+            "--modes", "full,sw,ar", "--cache-sizes", "16", "--sinks", "4", "--out", str(tmp_path)]
+    assert main(args) == 0
+    table = rows(tmp_path / "ppl.csv")
+    assert list(table[0]) == ["mode", "cache_size", "sinks", "tokens", "ppl", "seconds"]
+    assert [(r["mode"], r["cache_size"], r["sinks"]) for r in table] == [("full", "41", "0"), ("sw", "16", "4"),
+                                                                         ("ar", "16", "0")]
+    assert (tmp_path / "ppl.png").stat().st_size > 0 and json.loads((tmp_path / "run_meta.json").read_text())["commit"]
+    table[1]["seconds"] = "123.0"  # a finished row is kept as it is, not run again
+    with open(tmp_path / "ppl.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    assert main(args[:-6] + ["--cache-sizes", "16,48", "--sinks", "4", "--out", str(tmp_path)]) == 0
+    again = rows(tmp_path / "ppl.csv")
+    assert again[:3] == table and [(r["mode"], r["cache_size"]) for r in again[3:]] == [("sw", "48"), ("ar", "48")]
+    # cache 48 ≥ 41 tokens: sw and ar are the full context
+    assert float(again[3]["ppl"]) == pytest.approx(float(again[0]["ppl"]), rel=1e-4)
+    assert float(again[4]["ppl"]) == pytest.approx(float(again[0]["ppl"]), rel=1e-4)
+
+
+def test_stream_prints_and_writes_latency(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("kvforge.streaming.generate.BLOCK", 10)
+    args = ["stream", "--model", str(model_dir), "--mode", "sw", "--cache-size", "12", "--num-tokens", "30",
+            "--prompt", "The sea", "--compare-ar", "5", "--out", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The sea") and "tokens/s" in out and "faster" in out
+    lat = rows(tmp_path / "latency.csv")
+    assert [r["tokens"] for r in lat] == ["10", "20", "30"]
+    assert len({r["cache_bytes"] for r in lat}) == 1  # fixed memory
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ar"]["tokens"] == 5 and summary["speedup_vs_ar"] > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mode", "sw", "--cache-size", "4", "--sinks", "4"], "not larger than the 4 sinks"),
+    (["--mode", "kv", "--cache-size", "16"], "needs KV-Align networks"),
+    (["--mode", "kv", "--cache-size", "16", "--kv-align", "NOWHERE"], "no KV-Align networks in"),
+    (["--mode", "nope"], "unknown mode"),
+])
+def test_stream_bad_input_is_one_line_exit_2(model_dir, capsys, extra, message):
+    assert main(["stream", "--model", str(model_dir), "--num-tokens", "3", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kvforge: error:") and message in err and "\n" not in err
+
+
+def test_ppl_kv_with_networks_for_another_model_exit_2(model_dir, tmp_path, capsys):
+    from kvforge.streaming import KVAlign
+
+    KVAlign.for_model(tiny_model("qwen2")).save(tmp_path / "nets")
+    args = ["ppl", "--model", str(model_dir), "--text-file", str(model_dir / "text.txt"), "--tokens", "20",
+            "--modes", "kv", "--cache-sizes", "8", "--kv-align", str(tmp_path / "nets"), "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert err.startswith("kvforge: error:") and "do not fit" in err
