@@ -37,6 +37,7 @@ from transformers.models.llama.modeling_llama import (
 from kvforge.cache import DenseLayer, KVCache, register_layer_kind
 from kvforge.errors import KVForgeError
 from kvforge.sharing.configuration import MODEL_TYPE, SHARED_KIND, KVSharingConfig
+from kvforge.sharing.layer_map import LayerMap
 
 
 class SharedSourceLayer(DummyLayer):
@@ -85,10 +86,10 @@ def stored_view(layer) -> KVView | None:
     if layer is None or not layer.is_initialized or layer.get_seq_length() == 0:
         return None
     if isinstance(layer, DenseLayer):
-        keys, values, slots, valid = layer.entries()
-        if layer.entry_slots() is None:
-            slots = torch.arange(keys.shape[2], device=keys.device)[None, None]
-        return KVView(keys, values, slots, valid if layer.entry_valid() is not None else None)
+        keys, values = layer.kv()
+        slots = layer.entry_slots()
+        slots = torch.arange(keys.shape[2], device=keys.device)[None, None] if slots is None else slots
+        return KVView(keys, values, slots, layer.entry_valid())
     n = layer.keys.shape[2]
     return KVView.new(layer.keys, layer.values, layer.get_seq_length() - n)
 
@@ -102,9 +103,9 @@ class SharedKV:
     pass (`final`), producers append their new KV to the cache. `pad [B, start + q]` (True = real token) or None.
     """
 
-    def __init__(self, config: KVSharingConfig, cache: KVCache | None, start: int, q: int,
+    def __init__(self, config: KVSharingConfig, layer_map: LayerMap, cache: KVCache | None, start: int, q: int,
                  pad: torch.Tensor | None):
-        self.map = config.layer_map
+        self.map = layer_map
         self.window = config.sliding_window
         self.cache, self.start, self.q, self.pad = cache, start, q, pad
         self.past = {j: stored_view(cache.layers[j]) if cache is not None else None for j in self.map.producers}
@@ -284,6 +285,7 @@ class KVSharingModel(KVSharingPreTrainedModel):
         self.layers = nn.ModuleList([KVSharingDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.layer_map = config.layer_map
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -328,7 +330,7 @@ class KVSharingModel(KVSharingPreTrainedModel):
         if n_iter < 1:
             raise KVForgeError(f"num_iterations={n_iter}; it must be at least 1")
         if sequential is None:
-            sequential = self.config.use_sequential or (self.config.layer_map.has_upward and q <= passes)
+            sequential = self.config.use_sequential or (self.layer_map.has_upward and q <= passes)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         if not sequential or q == 1:
@@ -364,7 +366,7 @@ class KVSharingModel(KVSharingPreTrainedModel):
             if getattr(press, "has_extra_pass", False):
                 raise KVForgeError(f"press {getattr(press, 'name', press)!r} runs extra passes over the context, "
                                    "which a shared-KV model does not support; use a single-pass prefill press")
-            lm = self.config.layer_map
+            lm = self.layer_map
             blind = [j for j in past_key_values.compressible_layers() if lm.sources[j] != j]
             if blind:
                 raise KVForgeError(f"a press cannot apply to layer {blind[0]}: its KV is read only by other layers "
@@ -378,8 +380,8 @@ class KVSharingModel(KVSharingPreTrainedModel):
         Cyclic layer ranges run `n_iter` passes from zero KV for their upward targets (one pass when q == 1, which
         is exact); gradient flows through the last `backward_passes` passes; only the last writes the cache."""
         q = hidden.shape[1]
-        state = SharedKV(self.config, cache, start, q, pad)
-        lm = self.config.layer_map
+        lm = self.layer_map
+        state = SharedKV(self.config, lm, cache, start, q, pad)
         grad = torch.is_grad_enabled()
         n_iter = 1 if q == 1 else n_iter
         for a, b, cyclic in lm.segments():

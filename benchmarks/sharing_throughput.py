@@ -1,0 +1,139 @@
+"""Generation throughput of cross-layer KV sharing: the dense Llama vs each preset, random weights, same run.
+
+    PYTHONPATH=src python benchmarks/sharing_throughput.py --config llama3.2-1b --out runs/sharing_tp_1b.jsonl
+    PYTHONPATH=src python benchmarks/sharing_throughput.py --config llama3.1-8b --out runs/sharing_tp_8b.jsonl
+
+For each model (the dense `LlamaForCausalLM` and a `KVSharingForCausalLM` per preset, both with the named
+config's shapes and i.i.d. random weights) and batch sizes 1, 2, 4, … until CUDA runs out of memory: a random
+prompt of `--prompt` tokens, then `--new-tokens` greedy tokens through `model.generate` and a `KVCache` (every row
+generates all of them). One JSON line per (model, batch): seconds of the prefill alone and of the whole generation,
+generated tokens/s (batch × new tokens ÷ whole generation, the LCKV paper's throughput), decode tokens/s (without
+the prefill), peak GPU memory, KV bytes after generation (`KVCache.stats()`), or `"oom": true`. Each model is
+first run once at batch 1, untimed (kernel set-up). Rows already in `--out` for the same set-up are skipped, so a
+stopped run resumes. The summary printed at the end: largest batch that fits and its tokens/s, per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+
+from kvforge import KVCache
+from kvforge.models import random_config
+from kvforge.sharing import KVSharingConfig, preset
+
+PRESETS = ("dense", "lckv", "cla", "yoco", "mixattention")
+
+
+def build(name: str, config: str, dtype: torch.dtype, device: str, warmup: int, window: int):
+    """A random-weight model: the dense config, or its KVSharingConfig with the preset's layer map."""
+    cfg = random_config(config)
+    if name != "dense":
+        fields = {k: v for k, v in cfg.to_dict().items()
+                  if k not in ("model_type", "architectures", "transformers_version")}
+        lm = preset(name, cfg.num_hidden_layers, warmup=warmup)
+        cfg = KVSharingConfig(**fields, kv_layers=str(lm), sliding_window=window)
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.tie_weights()
+    bound = 0.02 * 3**0.5
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0) if p.ndim == 1 else p.uniform_(-bound, bound)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def run_once(model, batch: int, prompt: int, new: int, device: str) -> dict:
+    torch.manual_seed(0)
+    ids = torch.randint(10, 30000, (batch, prompt), device=device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        t = time.perf_counter()
+        model(ids, past_key_values=KVCache(model, reserve=0), use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - t
+        cache = KVCache(model, reserve=new + 8)
+        t = time.perf_counter()
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=0)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t
+    assert out.shape[1] == prompt + new
+    return {"prefill_s": round(prefill, 4), "total_s": round(total, 4),
+            "tokens_per_s": round(batch * new / total, 2),
+            "decode_tokens_per_s": round(batch * (new - 1) / max(total - prefill, 1e-9), 2),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "kv_bytes": cache.stats()["bytes"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="llama3.2-1b", help="random-weight shapes: llama3.2-1b | llama3.1-8b")
+    ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated; dense = the stock Llama")
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--max-batch", type=int, default=1024)
+    ap.add_argument("--warmup", type=int, default=2, help="lckv warm-up layers")
+    ap.add_argument("--sliding-window", type=int, default=1024, help="window of yoco/mixattention sliding layers")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", required=True, help="JSON lines; re-run the same command to resume")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sharing_throughput.py measures GPU memory: run it on a CUDA machine")
+    device, dtype = "cuda", getattr(torch, args.dtype)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    setup = {"config": args.config, "prompt": args.prompt, "new_tokens": args.new_tokens, "dtype": args.dtype,
+             "warmup": args.warmup, "sliding_window": args.sliding_window, "gpu": torch.cuda.get_device_name()}
+
+    for name in args.presets.split(","):
+        rows = [r for r in done if r["preset"] == name and all(r.get(k) == v for k, v in setup.items())]
+        if any(r.get("oom") for r in rows) or any(r["batch"] >= args.max_batch for r in rows):
+            continue
+        model = build(name, args.config, dtype, device, args.warmup, args.sliding_window)
+        run_once(model, 1, min(args.prompt, 64), 4, device)  # untimed: kernel set-up
+        batch = 1
+        while batch <= args.max_batch:
+            if any(r["batch"] == batch for r in rows):
+                batch *= 2
+                continue
+            row = setup | {"preset": name, "batch": batch,
+                           "kv_layers": getattr(model.config, "kv_layers", None) or "dense"}
+            try:
+                row |= run_once(model, batch, args.prompt, args.new_tokens, device)
+            except torch.cuda.OutOfMemoryError:
+                row |= {"oom": True}
+            gc.collect()
+            torch.cuda.empty_cache()
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+            done.append(row)
+            if row.get("oom"):
+                break
+            batch *= 2
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    print(f"\n{args.config}, prompt {args.prompt}, {args.new_tokens} new tokens: largest batch that fits")
+    for name in args.presets.split(","):
+        ok = [r for r in done if r["preset"] == name and not r.get("oom")
+              and all(r.get(k) == v for k, v in setup.items())]
+        if ok:
+            best = max(ok, key=lambda r: r["batch"])
+            print(f"  {name:13s} batch {best['batch']:5d}  {best['tokens_per_s']:10.1f} tokens/s  "
+                  f"peak {best['peak_gib']:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
