@@ -267,6 +267,7 @@ def test_checks_accept_good_values():
     ("decoding", {"target_size": 0}, ["decoding: target_size=0", ">= 1"]),
     ("knorm", {"compression_ratio": 1.0}, ["compression_ratio=1.0", "[0, 1)"]),
     ("pyramidkv", {"window_size": 0}, ["pyramidkv: window_size=0"]),
+    ("kvquant", {"outlier_ratio": -0.1}, ["kvquant: outlier_ratio=-0.1", "[0, 1)"]),
 ])
 def test_presses_report_bad_options(name, options, fragments):
     with pytest.raises(KVForgeError) as e:

@@ -38,7 +38,7 @@ def cached_score(press, ctx: LayerContext) -> torch.Tensor:
         return press.score(ctx)
     opts = {k: v for k, v in press.options().items() if k not in ("compression_ratio", "budget")}
     key = (type(press).__name__, repr(opts), ctx.layer_idx)
-    buf = getattr(ctx.layer, "_k", None)
+    buf = ctx.layer.storage
     hit = memo.get(key)
     if hit is not None and hit[0] is buf and buf is not None:
         return hit[1]

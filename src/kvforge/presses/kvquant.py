@@ -26,7 +26,7 @@ import torch
 from kvforge.cache.coded import Codec, tensor_bytes
 from kvforge.errors import KVForgeError
 from kvforge.kernels.quantize import dequantize_values, pack, quantize_values, unpack
-from kvforge.presses.base import LayerContext, QuantizerPress
+from kvforge.presses.base import LayerContext, QuantizerPress, check_float
 from kvforge.presses.registry import register
 from kvforge.rope import SEQ_LEN_TYPES, STATIC_TYPES, Rope, apply, rope_for_layer, unapply
 
@@ -140,8 +140,7 @@ class KVQuantPress(QuantizerPress):
         super().__post_init__()
         if self.bits == 16:
             raise KVForgeError("kvquant: bits=16; allowed: 2, 4, 8")
-        if not 0.0 <= self.outlier_ratio < 1.0:
-            raise KVForgeError(f"kvquant: outlier_ratio={self.outlier_ratio!r} is outside the allowed range [0, 1)")
+        check_float(self, "outlier_ratio", self.outlier_ratio, 0, 1, high_open=True)
 
     def codec(self, ctx: LayerContext, keys: torch.Tensor, values: torch.Tensor) -> KVQuantCodec:
         m = keys.shape[2]

@@ -229,7 +229,7 @@ _MEMO: dict[int, tuple] = {}
 
 
 def _memo_key(cache) -> torch.Tensor:
-    return cache.layers[cache.compressible_layers()[0]]._k
+    return cache.layers[cache.compressible_layers()[0]].storage
 
 
 def _memo_get(cache, params: tuple, enc) -> torch.Tensor | None:

@@ -122,7 +122,7 @@ class MiniCachePress(Press):
             raise KVForgeError("minicache: the previous layer is already coded (quantized or channel-pruned); "
                                "minicache must be the only coding press of a composed press")
         varlen = a.entry_valid() is not None or b.entry_valid() is not None
-        if varlen or not torch.equal(a._full_slots(), b._full_slots()):
+        if varlen or not torch.equal(a.entries()[2], b.entries()[2]):
             raise KVForgeError("minicache: the two layers of a pair must hold the same tokens; apply it before "
                                "eviction presses that choose per layer, or with uniform ones only")
         ek, nk1, nk2, rk = merge_pair(a.keys, b.keys, self.t, self.gamma)
