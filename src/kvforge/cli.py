@@ -335,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     from kvforge.streaming.cli import add_parsers as add_streaming_parsers  # ppl, stream, train kv-align|gpt2
 
     add_streaming_parsers(sub)
+
+    from kvforge.link.cli import add_parsers as add_link_parsers  # train kvlink, link eval
+
+    add_link_parsers(sub)
     return p
 
 
