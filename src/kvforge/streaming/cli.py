@@ -121,6 +121,7 @@ def cmd_train_kv_align(args) -> None:
     for size in sizes:
         _check_mode("sw", size, args.sinks, None)
     cfg = TrainConfig(cache_sizes=sizes, n_sink=args.sinks, streams=args.streams, snapshots=args.snapshots,
+                      per_snapshot=args.per_snapshot,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       num_pos=args.num_pos, key_hidden=_ints(args.key_hidden), value_hidden=_ints(args.value_hidden))
     text = read_text(args.text_file)
@@ -184,7 +185,8 @@ def add_parsers(sub) -> None:
     k.add_argument("--cache-sizes", default="32,64,128,256,1024", help="cache sizes whose shifts to train on")
     k.add_argument("--sinks", type=int, default=4)
     k.add_argument("--streams", type=int, default=16, help="text streams run side by side per cache size")
-    k.add_argument("--snapshots", type=int, default=24, help="training snapshots per stream and cache size")
+    k.add_argument("--snapshots", type=int, default=24, help="moments per cache size at which pairs are read")
+    k.add_argument("--per-snapshot", type=int, default=8192, help="pairs sampled per snapshot")
     k.add_argument("--epochs", type=int, default=3)
     k.add_argument("--batch-size", type=int, default=512)
     k.add_argument("--lr", type=float, default=7e-4)

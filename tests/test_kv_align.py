@@ -1,0 +1,88 @@
+"""KV-Align (kvforge.streaming.kvalign / train): the pairs are what they claim, training reduces the validation loss,
+the networks save, load, apply after evictions, and refuse another model."""
+
+import json
+from importlib.resources import files
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from kvforge.cli import main
+from kvforge.errors import KVForgeError
+from kvforge.models import load_tokenizer, tiny_model
+from kvforge.streaming import KV, SW, KVAlign, Stream
+from kvforge.streaming.train import make_pairs
+
+TEXT = files("kvforge").joinpath("data/example_context.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("smollm2-135m")
+
+
+def pairs_of(model, c=10, s=2, seed=0):
+    ids = torch.randint(3, 500, (2, c + 2 * (c - s)), generator=torch.Generator().manual_seed(seed))
+    return make_pairs(model, ids, c, s, snapshots=3, per_snapshot=600, generator=torch.Generator().manual_seed(0))
+
+
+def test_pairs_are_the_cache_and_the_recomputation():
+    """One rotary layer: K (pre-RoPE) and V depend on the token alone, so stored = recomputed; a second layer does
+    not (its entries carry the evicted context); GPT-2 entries carry their stale positions even in one layer."""
+    one = pairs_of(tiny_model("llama", num_hidden_layers=1, vocab_size=512))
+    torch.testing.assert_close(one["xk"], one["yk"], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(one["xv"], one["yv"], rtol=2e-3, atol=2e-3)
+    assert one["shift"].min() >= 1 and one["shift"].max() == 7  # shifts 1..W-1 of a full cache occur
+    two = pairs_of(tiny_model("llama", num_hidden_layers=2, vocab_size=512))
+    upper = two["layer"] == 1
+    assert (two["xv"][upper].float() - two["yv"][upper].float()).abs().mean() > 1e-2
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=512, n_positions=64)).eval()
+    g = pairs_of(gpt2)
+    assert (g["xk"].float() - g["yk"].float()).abs().mean() > 1e-2
+
+
+def test_train_cli_reduces_validation_loss_and_the_networks_apply(tok, tmp_path):
+    model_dir = tmp_path / "model"
+    model = tiny_model("llama", num_hidden_layers=2)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "nets"
+    args = ["train", "kv-align", "--model", str(model_dir), "--text-file", str(tmp_path / "text.txt"), "--out",
+            str(out), "--cache-sizes", "12", "--sinks", "2", "--streams", "4", "--snapshots", "4", "--epochs", "3",
+            "--per-snapshot", "512",
+            "--batch-size", "64", "--num-pos", "32", "--key-hidden", "32", "--value-hidden", "32"]
+    assert main(args) == 0
+    record = json.loads((out / "kv_align.json").read_text())["trained"]
+    assert max(record["val_loss"]) < record["val_identity"]  # better than leaving the entries as they are
+    assert record["pairs"] > 0 and (out / "pairs.pt").exists()
+
+    nets = KVAlign.load(out)
+    ids = tok(TEXT, return_tensors="pt").input_ids[:, :40]
+    sw = Stream(model, SW(cache_size=12, n_sink=2)).step(ids)
+    kv = Stream(model, KV(cache_size=12, n_sink=2, nets=nets)).step(ids)
+    torch.testing.assert_close(kv[:, :12], sw[:, :12])  # nothing evicted: nothing to align
+    assert (kv[:, 13:] - sw[:, 13:]).abs().max() > 1e-3  # after evictions the networks rewrite the window
+    assert torch.isfinite(kv).all()
+
+
+def test_networks_save_load_round_trip_and_refuse_another_model(tmp_path):
+    model = tiny_model("llama", vocab_size=512)
+    nets = KVAlign.for_model(model, num_pos=16, key_hidden=[8], value_hidden=[8, 8])
+    torch.manual_seed(1)
+    for p in list(nets.key_net.parameters()) + list(nets.value_net.parameters()):
+        p.data.normal_()
+    nets.save(tmp_path)
+    back = KVAlign.load(tmp_path)
+    x, shift = torch.randn(1, 2, 5, 16), torch.arange(1, 6)
+    for a, b in zip(nets.apply(1, x, x, shift), back.apply(1, x, x, shift)):
+        torch.testing.assert_close(a, b)
+    back.check_model(model)
+    with pytest.raises(KVForgeError) as e:
+        back.check_model(tiny_model("llama", vocab_size=512, seed=3))
+    assert "do not fit" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(KVForgeError) as e:
+        KVAlign.load(tmp_path / "missing")
+    assert "no KV-Align networks" in str(e.value) and "\n" not in str(e.value)
