@@ -58,17 +58,20 @@ register_layer_kind(SHARED_KIND, lambda cfg, i, reserve: SharedSourceLayer(cfg.l
 @dataclass
 class KVView:
     """KV entries a layer attends to: keys `[B, H_kv, n, D]`, values `[B, H_kv, n, Dv]`, the logical slot (token
-    position in the cache) of each entry `[1 | B, 1 | H_kv, n]`, validity `[B, H_kv, n]` or None (all valid)."""
+    position in the cache) of each entry `[1 | B, 1 | H_kv, n]`, validity `[B, H_kv, n]` or None (all valid), and
+    `first`, the first slot of contiguous entries (slots first..first+n-1), else None."""
 
     keys: torch.Tensor
     values: torch.Tensor
     slots: torch.Tensor
     valid: torch.Tensor | None = None
+    first: int | None = None
 
     @classmethod
     def new(cls, keys: torch.Tensor, values: torch.Tensor, start: int) -> KVView:
         """Entries of q new tokens at slots start..start+q-1."""
-        return cls(keys, values, torch.arange(start, start + keys.shape[2], device=keys.device)[None, None])
+        return cls(keys, values, torch.arange(start, start + keys.shape[2], device=keys.device)[None, None],
+                   first=start)
 
     def cat(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> KVView:
         """These entries followed by q new tokens at slots start..start+q-1."""
@@ -77,7 +80,7 @@ class KVView:
         valid = None if self.valid is None else torch.cat([self.valid, self.valid.new_ones(*self.valid.shape[:2], q)],
                                                           -1)
         return KVView(torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2),
-                      torch.cat([self.slots, new], -1), valid)
+                      torch.cat([self.slots, new], -1), valid, self.first)
 
 
 def stored_view(layer) -> KVView | None:
@@ -88,7 +91,8 @@ def stored_view(layer) -> KVView | None:
     if isinstance(layer, DenseLayer):
         keys, values = layer.kv()
         slots = layer.entry_slots()
-        slots = torch.arange(keys.shape[2], device=keys.device)[None, None] if slots is None else slots
+        if slots is None:
+            return KVView(keys, values, torch.arange(keys.shape[2], device=keys.device)[None, None], first=0)
         return KVView(keys, values, slots, layer.entry_valid())
     n = layer.keys.shape[2]
     return KVView.new(layer.keys, layer.values, layer.get_seq_length() - n)
@@ -147,7 +151,7 @@ class SharedKV:
             # layer (presses act there) and maps this logical mask onto the stored entries itself
             k, v = self.returned[j]
             slots = torch.arange(self.start + self.q, device=k.device)[None, None]
-            return KVView(k, v, slots), (j, "logical", sliding)
+            return KVView(k, v, slots, first=0), (j, "logical", sliding)
         return self.fresh[j], (j, "fresh", sliding)
 
     def mask(self, view: KVView, key: tuple, upward: bool, sliding: bool) -> torch.Tensor | None:
@@ -159,8 +163,9 @@ class SharedKV:
         return self.masks[key]
 
     def _build_mask(self, view: KVView, upward: bool, sliding: bool) -> torch.Tensor | None:
-        if self.q == 1 and self.pad is None and view.valid is None and not sliding:
-            return None  # decoding: every stored entry is in the past
+        inside = not sliding or (view.first is not None and view.first > self.start - self.window)
+        if self.q == 1 and self.pad is None and view.valid is None and inside:
+            return None  # decoding, every stored entry in the past and in the window: no mask (fast SDPA paths)
         s = view.slots[:, :, None, :]
         t = torch.arange(self.start, self.start + self.q, device=s.device)[None, None, :, None]
         m = s < t if upward else s <= t
