@@ -143,7 +143,7 @@ def train_kvlink(model, tokenizer, out, cfg: TrainConfig, progress: bool = True,
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     if cfg.lora:

@@ -1,0 +1,132 @@
+"""kvforge.link: link tokens (added, saved, loaded, checked), the training data and loss, `kvforge train kvlink`,
+`kvforge link eval`, and the one-line errors for bad input."""
+
+import csv
+import json
+import random
+
+import pytest
+import torch
+
+from kvforge import KVForgeError
+from kvforge.cli import main
+from kvforge.link import Links, add_links, generate, load_links, prefill
+from kvforge.link.data import collate, qa_sample, text_sample, training_sequence
+from kvforge.link.evaluate import eval_sample
+from kvforge.link.train import batch_loss
+from kvforge.models import load_model, load_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smol_tokenizer):
+    """A tiny llama saved as a model directory with SmolLM2's tokenizer."""
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama").save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return d
+
+
+def test_samples_move_only_the_gold():
+    a, b = eval_sample(0, 3, 6, 0), eval_sample(0, 3, 6, 5)
+    assert a.question == b.question and a.answers == b.answers
+    assert a.documents[0] == b.documents[5] and a.documents[1:] == b.documents[:5]
+    assert a.answers[0] in a.documents[0] and a.gold == [0]
+    two = qa_sample(random.Random(1), 5, two_hop=True)
+    assert len(set(two.gold)) == 2 and two.answers[0] in " ".join(two.documents[g] for g in two.gold)
+    text = text_sample(random.Random(2), 3)
+    assert len(text.documents) == 3 and text.answers[0] not in " ".join(text.documents)
+
+
+def test_training_sequence_and_loss(smol_tokenizer):
+    """Links follow each document (segment 0), labels cover the answer and its end only, and the loss is the
+    answer cross-entropy of one forward with the segment mask (checked against full logits)."""
+    tok = smol_tokenizer
+    model = tiny_model("gemma3")
+    links = Links(2, 4, tuple(tok.convert_ids_to_tokens([1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007])),
+                  tuple(range(1000, 1008)))
+    sample = qa_sample(random.Random(0), 3)
+    ids, seg, labels = training_sequence(tok, sample, links, template=True)
+    answer = tok(sample.answers[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert [t for t, lab in zip(ids, labels) if lab != -100] == answer == ids[-len(answer):]
+    for k in range(3):  # the links of slot k right after document k's tokens
+        end = max(i for i, s in enumerate(seg) if s == k + 1)
+        assert ids[end + 1 : end + 3] == links.ids_for(k) and seg[end + 1 : end + 3] == [0, 0]
+    rows = [(ids, seg, labels), training_sequence(tok, text_sample(random.Random(1), 2), links, template=True)]
+    batch = collate(rows, tok.pad_token_id)
+    with torch.no_grad():
+        loss = batch_loss(model, batch)
+        from kvforge.link.assemble import layer_masks, segment_mask
+
+        t = batch["input_ids"].shape[1]
+        pos = torch.arange(t)
+        logits = model(input_ids=batch["input_ids"], position_ids=pos[None],
+                       attention_mask=layer_masks(model, pos, pos, segment_mask(batch["segments"], batch["valid"]))
+                       ).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                             ignore_index=-100)
+    assert abs(float(loss) - float(want)) <= 1e-4
+
+
+def test_links_added_saved_loaded_and_checked(tmp_path, tiny_dir):
+    model, tok = load_model(str(tiny_dir))
+    rows = model.get_input_embeddings().weight.shape[0]
+    links = add_links(model, tok, n_links=3, max_docs=4)
+    assert len(set(links.ids)) == 12 and min(links.ids) >= rows - 0  # new ids, new embedding rows
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) > rows
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    model2, tok2 = load_model(str(tmp_path / "m"))
+    assert load_links(model2, tok2) == links
+    with pytest.raises(KVForgeError, match="trained for another tokenizer"):
+        prefill(model2, load_tokenizer(str(tiny_dir)), ["a doc", "b doc"], "q?", links=links)
+    with pytest.raises(KVForgeError, match="no link tokens"):
+        load_links(tiny_model("llama"), tok)
+    with pytest.raises(KVForgeError, match="at most 4 documents"):
+        prefill(model2, tok2, ["d"] * 5, "q?", links=links)
+
+
+def test_bad_input_is_one_line(tiny_dir, smol_tokenizer):
+    model = tiny_model("llama")
+    for docs, match in ([], "non-empty list"), (["word " * 2100, "x"], "exceed the model's 2048 positions"):
+        with pytest.raises(KVForgeError, match=match) as err:
+            prefill(model, smol_tokenizer, docs, "q?", template=False)
+        assert "\n" not in str(err.value)
+    with pytest.raises(KVForgeError, match="positions"):
+        generate(model, smol_tokenizer, ["word " * 2040], "q?", template=False, max_new_tokens=16)
+
+
+def test_train_and_eval_cli(tmp_path, tiny_dir, capsys):
+    """`kvforge train kvlink` (full and LoRA) writes a loadable model with links, its log and loss plot;
+    `kvforge link eval` writes summary.csv with the exact columns, resumes, and refuses another set-up."""
+    out = tmp_path / "links"
+    assert main(["train", "kvlink", "--model", str(tiny_dir), "--out", str(out), "--steps", "3", "--batch", "2",
+                 "--max-docs", "3", "--n-links", "2", "--lr", "1e-3"]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert len(log["loss"]) == 3 and all(x == x for x in log["loss"]) and (out / "loss.png").stat().st_size
+    lora = tmp_path / "lora"
+    assert main(["train", "kvlink", "--model", str(tiny_dir), "--out", str(lora), "--steps", "2", "--batch", "1",
+                 "--max-docs", "3", "--n-links", "2", "--lora", "2", "--lr", "1e-2"]) == 0
+    model, tok = load_model(str(lora))
+    base = tiny_model("llama")
+    links = load_links(model, tok)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, base.model.layers[0].input_layernorm.weight)
+    assert links.n_links == 2 and links.max_docs == 3
+
+    ev = tmp_path / "eval"
+    cmd = ["link", "eval", "--model", str(tiny_dir), "--links", str(out), "--docs", "3", "--samples", "1",
+           "--positions", "first,last", "--max-new-tokens", "2", "--recompute-k", "4", "--out", str(ev)]
+    assert main(cmd) == 0
+    with (ev / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["mode", "gold_position", "n", "score", "ttft_ms"]
+    assert {(r["mode"], r["gold_position"], r["n"]) for r in rows} == {
+        (m, p, "1") for m in ("full", "naive", "links", "recompute") for p in ("0", "2")}
+    lines = (ev / "results.jsonl").read_text().splitlines()
+    assert main(cmd) == 0 and (ev / "results.jsonl").read_text().splitlines() == lines  # resumed: nothing redone
+    assert (ev / "summary.png").stat().st_size
+    capsys.readouterr()
+    assert main(cmd[:-2] + ["--seed", "1", "--out", str(ev)]) == 2
+    assert "another seed" in capsys.readouterr().err
+    assert main(["link", "eval", "--model", str(tiny_dir), "--modes", "links", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.strip().endswith("needs --links DIR (a model saved by `kvforge train kvlink`)")
