@@ -61,7 +61,7 @@ def _check(model, tokenizer, req: Request, links: Links | None, extra: int) -> N
     if any(not d for d in req.documents):
         raise KVForgeError("a document is empty (no tokens); give non-empty documents")
     if links is not None:
-        links.check(model, tokenizer, len(req.documents))
+        links.check(model, tokenizer, len(req.documents))  # tokenizer None (ids-level callers): ids not checked
     n_links = 0 if links is None else links.n_links * len(req.documents)
     total = len(req.prefix) + sum(map(len, req.documents)) + n_links + extra
     limit = model_max_length(model)
@@ -117,6 +117,8 @@ def has_sliding(model) -> bool:
 
 
 def _pad_id(tokenizer) -> int:
+    if tokenizer is None:
+        return 0
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -136,7 +138,16 @@ def prefill(model, tokenizer, documents: Sequence[str], prompt: str | Sequence[s
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     req = tokenize(tokenizer, documents, prompts, template, answer_prefix)
-    if not prompts or any(not p for p in req.prompts):
+    return prefill_ids(model, tokenizer, req, store=store, links=links, recompute=recompute, full=full,
+                       reserve=reserve)
+
+
+@torch.inference_mode()
+def prefill_ids(model, tokenizer, req: Request, *, store=None, links: Links | None = None, recompute: int = 0,
+                full: bool = False, reserve: int = 256):
+    """`prefill` from token ids (`tokenize`'s `Request`); `tokenizer` gives the padding id and checks `links`
+    (None: padding id 0, link ids taken as they are)."""
+    if not req.prompts or any(not p for p in req.prompts):
         raise KVForgeError("the prompt is empty; give a non-empty prompt (or a list of them)")
     if has_sliding(model) and len(set(map(len, req.prompts))) > 1:
         raise KVForgeError("prompts of different token lengths cannot share a batch on a model with sliding-window "

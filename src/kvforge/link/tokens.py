@@ -37,8 +37,8 @@ class Links:
 
     def check(self, model, tokenizer, n_docs: int = 0) -> None:
         """Raise a one-line KVForgeError unless `tokenizer` maps the link tokens to the ids they were trained with,
-        the model's embeddings have those rows, and `n_docs` documents have slots."""
-        got = tokenizer.convert_tokens_to_ids(list(self.tokens))
+        the model's embeddings have those rows, and `n_docs` documents have slots. `tokenizer=None` skips the first."""
+        got = self.ids if tokenizer is None else tokenizer.convert_tokens_to_ids(list(self.tokens))
         if list(got) != list(self.ids):
             bad = next(i for i, (a, b) in enumerate(zip(got, self.ids)) if a != b)
             raise KVForgeError(f"link tokens were trained for another tokenizer: {self.tokens[bad]!r} is id {got[bad]} "

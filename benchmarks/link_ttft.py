@@ -1,0 +1,137 @@
+"""Time to first token with reused documents (kvforge.link) vs an ordinary prefill, and the store's read time.
+
+    PYTHONPATH=src python benchmarks/link_ttft.py --config llama3.1-8b --docs 10 --doc-tokens 1000 --question 64 \
+        --out benchmarks/results/link_ttft_h200.json
+
+Random-weight model of a named config (`kvforge.models.random_config`), random token ids (the timings do not depend
+on the weights or the text). Per repeat (median over `--repeats`, after one untimed warm-up of each path):
+- `full_ms`: one ordinary causal prefill of the documents + question (KVCache), to the question's last logits;
+- `reuse_ms`: `link.prefill_ids` with the documents' KV already on the device (a MemoryStore): re-rotation,
+  concatenation and the question's forward; `reuse_links_ms`: the same with `--links` link tokens per document
+  (their forward included);
+- `store_read_warm_ms` / `store_read_cold_ms`: reading every document from a DocumentStore on disk (checksum
+  verified, moved to the device), with the files in the page cache / after asking the kernel to drop them
+  (`posix_fadvise(DONTNEED)`; a file system that ignores it reads warm);
+- `reuse_from_store_{warm,cold}_ms`: read + reuse, end to end.
+Writes `--out` (JSON) with the settings, device, commit and every repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvforge import KVCache
+from kvforge.eval.runs import device_name, git_commit, versions
+from kvforge.link import DocumentStore, Links, MemoryStore
+from kvforge.link.reuse import Request, prefill_ids
+from kvforge.models import load_model
+
+
+def _versions() -> dict:
+    try:
+        return versions()
+    except Exception as e:  # noqa: BLE001 (kvforge run from src/ without being installed)
+        return {"error": str(e), "torch": torch.__version__}
+
+
+def timed(fn, device) -> float:
+    """Milliseconds of `fn()`, synchronised with the device."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="llama3.1-8b", help="random-weight config (kvforge.models.RANDOM_CONFIGS)")
+    ap.add_argument("--docs", type=int, default=10)
+    ap.add_argument("--doc-tokens", type=int, default=1000)
+    ap.add_argument("--question", type=int, default=64, help="question tokens")
+    ap.add_argument("--links", type=int, default=5, help="link tokens per document for reuse_links_ms (0: skip)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--store", default=None, help="DocumentStore directory (default: a temporary one on local disk)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA")
+    ap.add_argument("--out", default="link_ttft.json")
+    args = ap.parse_args()
+
+    model, _ = load_model(args.config, random_weights=True, device=args.device, dtype=args.dtype)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    hi = model.config.vocab_size
+    docs = [torch.randint(100, hi, (args.doc_tokens,), generator=gen).tolist() for _ in range(args.docs)]
+    question = torch.randint(100, hi, (args.question,), generator=gen).tolist()
+    req = Request([], docs, [question])
+    links = None
+    if args.links:
+        ids = tuple(range(1000, 1000 + args.links * args.docs))
+        links = Links(args.links, args.docs, tuple(f"<link{i}>" for i in ids), ids)  # existing ids stand in
+
+    def full():
+        ids = torch.tensor([[t for d in docs for t in d] + question], device=device)
+        with torch.inference_mode():
+            model(input_ids=ids, past_key_values=KVCache(model), use_cache=True, logits_to_keep=1)
+
+    memory = MemoryStore(model)
+    for d in docs:
+        memory.get(d)
+    path = Path(args.store or tempfile.mkdtemp(prefix="link_ttft_"))
+    store = DocumentStore(path, model, None)
+    for d in docs:
+        if store.lookup(d) is None:
+            store.put(memory.get(d))
+
+    def read_all():
+        for d in docs:
+            assert store.lookup(d) is not None
+
+    warm, cold = None, store.drop_page_cache  # run before each timed repeat, outside the clock
+    paths = {
+        "full_ms": (full, warm),
+        "reuse_ms": (lambda: prefill_ids(model, None, req, store=memory), warm),
+        "store_read_warm_ms": (read_all, warm),
+        "store_read_cold_ms": (read_all, cold),
+        "reuse_from_store_warm_ms": (lambda: prefill_ids(model, None, req, store=store), warm),
+        "reuse_from_store_cold_ms": (lambda: prefill_ids(model, None, req, store=store), cold),
+    }
+    if links is not None:
+        paths["reuse_links_ms"] = (lambda: prefill_ids(model, None, req, store=memory, links=links), warm)
+    runs: dict[str, list[float]] = {}
+    for name, (fn, before) in paths.items():
+        fn()  # warm-up: kernels, allocator, page cache
+        runs[name] = []
+        for _ in range(args.repeats):
+            if before is not None:
+                before()
+            runs[name].append(timed(fn, device))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    doc_bytes = store.stats()["bytes"] / args.docs
+    result = {
+        "config": args.config, "docs": args.docs, "doc_tokens": args.doc_tokens, "question": args.question,
+        "links": args.links, "dtype": str(next(model.parameters()).dtype), "device": device_name(model),
+        "commit": git_commit(), "versions": _versions(), "store": str(path), "store_bytes_per_doc": doc_bytes,
+        "median_ms": med, "runs_ms": runs,
+        "speedup_reuse_vs_full": med["full_ms"] / med["reuse_ms"],
+        "read_GBps_warm": args.docs * doc_bytes / med["store_read_warm_ms"] / 1e6,
+        "read_GBps_cold": args.docs * doc_bytes / med["store_read_cold_ms"] / 1e6,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    for k, v in med.items():
+        print(f"{k:<28} {v:10.2f}")
+    print(f"reuse vs full: {result['speedup_reuse_vs_full']:.1f}x; store {doc_bytes / 1e6:.1f} MB per document, "
+          f"read {result['read_GBps_warm']:.2f} GB/s warm, {result['read_GBps_cold']:.2f} GB/s cold -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
