@@ -158,3 +158,10 @@ def test_embedded_model_exact(smol):
     _, logits = prefill(model, tok, DOCS, PROMPT, template=False)
     ref = reference_logits(model, [(d, k + 1) for k, d in enumerate(req.documents)] + [(req.prompts[0], 0)])
     assert (logits - ref).abs().max() <= 1e-4
+
+
+def test_from_layers_wants_one_layer_per_model_layer():
+    from kvforge import KVCache
+
+    with pytest.raises(KVForgeError, match="give one per layer"):
+        KVCache.from_layers(tiny_model("llama"), [])

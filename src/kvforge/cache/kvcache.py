@@ -94,6 +94,16 @@ class KVCache(Cache):
         self.observer = None
         self.score_memo: dict | None = None
 
+    @classmethod
+    def from_layers(cls, model: Any, layers: list, reserve: int = 256) -> KVCache:
+        """A cache (no press) holding `layers`, one per model layer: layers built with `from_entries`, or transformers'
+        own sliding-window layers (e.g. documents placed side by side by `kvforge.link`)."""
+        cache = cls(model, reserve=reserve)
+        if len(layers) != len(cache.layers):
+            raise KVForgeError(f"{len(layers)} layers for a model of {len(cache.layers)}; give one per layer")
+        cache.layers = list(layers)
+        return cache
+
     def fork(self) -> KVCache:
         """A copy that can be compressed and decoded independently of this cache.
 

@@ -174,23 +174,23 @@ def build_cache(model, pieces: list, reserve: int = 256) -> tuple[KVCache, list[
     cached, fresh_ids, fresh_pos, total, seq = _place(pieces, len(plan))
     ropes = [rope_for_layer(cfg, i) for i in range(len(plan))]
     entries = [_cached_entries(cached, i, ropes[i]) for i in range(len(plan))] if cached else None
-    cache = KVCache(model, reserve=reserve)
     if not fresh_ids:
-        for i, kind in enumerate(plan):
-            cache.layers[i] = (_full_layer(*entries[i], total, reserve) if kind == FULL
-                               else _sliding_final(window, *entries[i], total))
-        return cache, seq
+        layers = [_full_layer(*entries[i], total, reserve) if kind == FULL
+                  else _sliding_final(window, *entries[i], total) for i, kind in enumerate(plan)]
+        return KVCache.from_layers(model, layers, reserve), seq
 
     enable_kvforge_attention(model)  # the assembly layers carry slots: only kvforge's attention reads them
     device = next(model.parameters()).device
     f = len(fresh_ids)
+    assembly = []
     for i in range(len(plan)):
-        if entries is None:  # nothing cached at all: an empty layer of the right kind
-            cache.layers[i] = DenseLayer(reserve=f + reserve)
+        if entries is None:  # nothing cached at all: an empty layer
+            assembly.append(DenseLayer(reserve=f + reserve))
             continue
         keys, values, pos, valid = entries[i]
         kind = HeadVarlenLayer if valid is not None else DenseLayer
-        cache.layers[i] = kind.from_entries(keys, values, pos, valid, logical=total, reserve=f + reserve)
+        assembly.append(kind.from_entries(keys, values, pos, valid, logical=total, reserve=f + reserve))
+    cache = KVCache.from_layers(model, assembly, reserve)
     qpos = torch.tensor(fresh_pos, device=device)
     kpos = torch.cat([torch.arange(total, device=device), qpos])  # slot s < S is position s; fresh i sits at S + i
     allowed = (kpos[None, :] <= qpos[:, None])[None, None]
@@ -199,10 +199,10 @@ def build_cache(model, pieces: list, reserve: int = 256) -> tuple[KVCache, list[
     model(input_ids=torch.tensor([fresh_ids], device=device), position_ids=qpos[None],
           attention_mask=layer_masks(model, qpos, kpos, allowed), past_key_values=cache, use_cache=True,
           logits_to_keep=1)
-    final = KVCache(model, reserve=reserve)
+    layers = []
     for i, kind in enumerate(plan):
         keys, values, slots, valid = cache.layers[i].entries()
         keys, values, pos, valid = _compact(keys, values, kpos[slots], None if bool(valid.all()) else valid)
-        final.layers[i] = (_full_layer(keys, values, pos, valid, total, reserve) if kind == FULL
-                           else _sliding_final(window, keys, values, pos, valid, total))
-    return final, seq
+        layers.append(_full_layer(keys, values, pos, valid, total, reserve) if kind == FULL
+                      else _sliding_final(window, keys, values, pos, valid, total))
+    return KVCache.from_layers(model, layers, reserve), seq
