@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from kvforge.config import text_config
 from kvforge.errors import KVForgeError
 
 STATIC_TYPES = ("default", "linear", "llama3", "yarn", "proportional")  # frequencies fixed by the config
@@ -53,7 +54,7 @@ def rope_for_layer(config, layer_idx: int, seq_len: int | None = None, device=No
       long factors above.
     `device`: where `inv_freq` is built (the functions below move it to their input's device anyway).
     """
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     params = getattr(config, "rope_parameters", None)
     if not params:
         raise KVForgeError(f"rope: config {type(config).__name__} has no rope_parameters; allowed: a RoPE model")

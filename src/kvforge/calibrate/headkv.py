@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from kvforge.config import text_config
 from kvforge.errors import KVForgeError
 from kvforge.generate import encode_prompt, format_prompt
 
@@ -62,7 +63,7 @@ def head_scores(model, tokenizer, task: str = "niah_single_1", length: int = 100
 
     if samples < 1 or length < 1:
         raise KVForgeError(f"headkv-scores: samples={samples}, length={length}; both must be >= 1")
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     hq, h = cfg.num_attention_heads, cfg.num_key_value_heads
     device = next(model.parameters()).device
     total, used = None, 0

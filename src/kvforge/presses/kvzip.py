@@ -322,7 +322,7 @@ class KVzipPress(Press):
     chunk, then `level` selection (`pair` | `pair-uniform` | `head`), `mode` `evict` or `retain`."""
 
     frees_memory = "evict: yes (packed per head on CUDA, padded on CPU); retain: no (masks)"
-    extra_passes = "1 repeat pass per 2k-token chunk (3.4x prefill, H100)"
+    extra_passes = "1 repeat pass per 2k-token chunk (about 3.4x prefill)"
     paper = "https://arxiv.org/abs/2505.23416"
 
     level: str = "pair"

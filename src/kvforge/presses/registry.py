@@ -109,12 +109,6 @@ def update_readme(path: str = "README.md") -> bool:
     return new != text
 
 
-if __name__ == "__main__":  # `python -m kvforge.presses.registry`: run against the registered module
-    import kvforge.presses.registry as registry
-
-    print("README.md updated" if registry.update_readme() else "README.md already current")
-
-
 def _option(text: str):
     if text in ("True", "False", "None"):
         return {"True": True, "False": False, "None": None}[text]
@@ -129,14 +123,22 @@ def _option(text: str):
 def _parse_part(part: str):
     """`name[:inner][@key=value...]` -> (name, options)."""
     head, *opts = part.split("@")
-    name, _, inner = head.partition(":")
-    if inner and name in PRESSES and name not in wrapper_names():
+    name, colon, inner = head.partition(":")
+    if colon and name in PRESSES and name not in wrapper_names():
         raise KVForgeError(f"{part!r}: {name} wraps no press; `name:inner` is for {', '.join(wrapper_names())}")
+    if colon and not inner and name in PRESSES:
+        raise KVForgeError(f"{part!r}: `name:inner` names no inner press (e.g. {name}:snapkv)")
     options = {"press": inner} if inner else {}
     for o in opts:
         key, eq, value = o.partition("=")
         if not eq or not key:
             raise KVForgeError(f"press option {o!r} in {part!r} must look like key=value (e.g. kivi@bits=4)")
+        if key in ("compression_ratio", "budget"):
+            raise KVForgeError(f"{part!r}: {key} is not a spec option; the ratio is given apart from the spec "
+                               "(--ratios, --compression-ratio, the factory's argument)")
+        if key in options:
+            raise KVForgeError(f"{part!r}: option {key!r} is given twice (`name:inner` sets `press`)"
+                               if key == "press" and inner else f"{part!r}: option {key!r} is given twice")
         options[key] = _option(value)
     return name, options
 
@@ -177,7 +179,10 @@ def press_spec(press: Press) -> str:
     head, opts = press.name, ""
     for f in dataclasses.fields(press):
         value = getattr(press, f.name)
-        if f.name == "compression_ratio":
+        if f.name == "budget" and value is not None:
+            raise KVForgeError(f"{press.name}: budget={value} cannot be written in a press spec (a spec takes its "
+                               "ratio from the sweep)")
+        if f.name in ("compression_ratio", "budget"):
             continue
         if f.name == "press":
             if value != PRESSES[value.name]():
@@ -190,3 +195,9 @@ def press_spec(press: Press) -> str:
                 raise KVForgeError(f"{press.name}: {f.name}={value!r} cannot be written in a press spec")
             opts += f"@{f.name}={text}"
     return head + opts
+
+
+if __name__ == "__main__":  # `python -m kvforge.presses.registry`: run against the registered module
+    import kvforge.presses.registry as registry
+
+    print("README.md updated" if registry.update_readme() else "README.md already current")
