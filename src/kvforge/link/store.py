@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvforge.cache import layer_plan
@@ -91,11 +90,28 @@ def _unpack(packed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def deserialize(data: bytes) -> tuple[dict, DocKV]:
-    """(header metadata, DocKV on the CPU) from an entry's bytes."""
-    (n,) = struct.unpack("<Q", data[:8])
-    meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
-    t = st_load(data)
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _views(buf: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of safetensors bytes held in a uint8 tensor `buf`; the tensors view `buf` (no copy;
+    safetensors aligns every tensor to its element size)."""
+    (n,) = struct.unpack("<Q", buf[:8].numpy().tobytes())
+    header = json.loads(buf[8 : 8 + n].numpy().tobytes())
+    meta = header.pop("__metadata__", {})
+    out = {}
+    for name, info in header.items():
+        a, b = info["data_offsets"]
+        out[name] = buf[8 + n + a : 8 + n + b].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return meta, out
+
+
+def deserialize(data: bytes | torch.Tensor) -> tuple[dict, DocKV]:
+    """(header metadata, DocKV on the CPU) from an entry's bytes (a uint8 tensor is viewed, not copied)."""
+    buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    meta, t = _views(buf)
     layers = []
     for i, start in enumerate(json.loads(meta["starts"])):
         keys, values, slots, valid = t[f"{i}.k"], t[f"{i}.v"], t.get(f"{i}.slots"), t.get(f"{i}.valid")
@@ -103,6 +119,27 @@ def deserialize(data: bytes) -> tuple[dict, DocKV]:
             keys, values, slots = _unpack(keys, valid), _unpack(values, valid), _unpack(slots, valid)
         layers.append(LayerKV(keys, values, slots, valid, start))
     return meta, DocKV(tuple(t["ids"].tolist()), layers)
+
+
+def read_verified(path: Path, pin: bool = False) -> tuple[torch.Tensor, str]:
+    """A file's bytes (a uint8 tensor, in pinned memory with `pin`, for fast copies to the GPU) and their
+    `checksum`, each chunk hashed in a thread while the next one is read."""
+    size = path.stat().st_size
+    buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+    view = memoryview(buf.numpy())
+    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(max_workers=8) as pool:
+        futures = []
+        for i in range(0, max(size, 1), HASH_CHUNK):
+            chunk = view[i : i + HASH_CHUNK]
+            got = 0
+            while got < len(chunk):
+                n = f.readinto(chunk[got:])
+                if not n:
+                    raise FileNotFoundError(f"{path} shrank while being read")
+                got += n
+            futures.append(pool.submit(lambda c: hashlib.sha256(c).digest(), chunk))
+        digests = b"".join(fut.result() for fut in futures)
+    return buf, hashlib.sha256(digests).hexdigest()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -154,6 +191,7 @@ class DocumentStore:
         self.max_bytes = max_bytes
         self.press_spec = press_spec(press)
         self.identity = model_identity(model)
+        self.pin = next(model.parameters()).device.type == "cuda"  # read into pinned memory: faster copies to the GPU
         self.objects = self.path / "objects"
         try:
             self.objects.mkdir(parents=True, exist_ok=True)
@@ -217,13 +255,13 @@ class DocumentStore:
                 return None
             file, sha = row
             try:
-                data = (self.objects / file).read_bytes()
+                data, got = read_verified(self.objects / file, pin=self.pin)
             except FileNotFoundError:
                 now = self.db.execute("SELECT file FROM entries WHERE key = ?", (key,)).fetchone()
                 if now is not None and now[0] == file:
                     return self._bad(key, file, "its file is missing")
                 continue
-            doc = self._verified(data, sha, key, ids)
+            doc = self._verified(data, got, sha, key, ids)
             if isinstance(doc, str):
                 return self._bad(key, file, doc)
             with self._write():
@@ -231,9 +269,9 @@ class DocumentStore:
             return doc.to(next(self.model.parameters()).device)
         return None
 
-    def _verified(self, data: bytes, sha: str, key: str, ids: tuple) -> DocKV | str:
-        """The entry's DocKV, or what is wrong with it."""
-        if checksum(data) != sha:
+    def _verified(self, data: torch.Tensor, got: str, sha: str, key: str, ids: tuple) -> DocKV | str:
+        """The entry's DocKV, or what is wrong with it (`got`: the checksum of `data`, `sha`: the index's)."""
+        if got != sha:
             return "checksum mismatch"
         try:
             meta, doc = deserialize(data)
