@@ -85,7 +85,8 @@ def test_bench_bad_input(tmp_path, tiny, capsys):
 
 def test_bench_resumes_an_interrupted_run(tmp_path, tiny, monkeypatch):
     """A run stopped mid-grid keeps its finished rows; the next run with the same set-up times only what is
-    missing (rows kept verbatim, labelled with the run that timed them); another set-up starts afresh."""
+    missing (rows kept verbatim, labelled with the run that timed them); another set-up is refused, or with
+    `overwrite` starts afresh."""
     import kvforge.eval.bench as bench
 
     real = bench._press_rows
@@ -107,14 +108,52 @@ def test_bench_resumes_an_interrupted_run(tmp_path, tiny, monkeypatch):
     stop, calls[:] = False, []
     rows = run_bench("tiny", None, [48], 1, ["none", "knorm"], [0.5], 3, str(tmp_path), device="cpu", model=tiny)
     assert calls == ["knorm"]  # "none" was not timed again
-    assert {k: v for k, v in rows[0].items() if k != "speedup_vs_none"} == first[0]
+    assert {k: v for k, v in rows[0].items() if k != "speedup_vs_none"} == {k: v for k, v in first[0].items()
+                                                                              if k != "speedup_vs_none"}
     assert [r["press"] for r in rows] == ["none", "knorm"]
-    assert "speedup_vs_none" not in rows[1]  # none was timed by the earlier run: no cross-run ratio
+    assert rows[1]["speedup_vs_none"] is None  # none was timed by the earlier run: no cross-run ratio
     assert rows[1]["compression_overhead_s"] == pytest.approx(rows[1]["prefill_s"] - rows[0]["prefill_s"], abs=1e-3)
     meta = json.loads((tmp_path / "bench.json").read_text())["meta"]
     assert len(meta["runs"]) == 2 and rows[1]["run_started"] == meta["runs"][1]["started"]
 
-    calls[:] = []  # another set-up (more new tokens): nothing of the earlier rows is kept
-    rows = run_bench("tiny", None, [48], 1, ["none", "knorm"], [0.5], 4, str(tmp_path), device="cpu", model=tiny)
-    assert calls == ["none", "knorm"] and len(rows) == 2
+    calls[:] = []  # another set-up (more new tokens): refused in one line naming it, the folder left as it was
+    before = (tmp_path / "bench.json").read_text()
+    with pytest.raises(KVForgeError, match="made with new_tokens=3, this one has new_tokens=4.*--overwrite") as e:
+        run_bench("tiny", None, [48], 1, ["none", "knorm"], [0.5], 4, str(tmp_path), device="cpu", model=tiny)
+    assert "\n" not in str(e.value) and calls == [] and (tmp_path / "bench.json").read_text() == before
+    rows = run_bench("tiny", None, [48], 1, ["none", "knorm"], [0.5], 4, str(tmp_path), device="cpu", model=tiny,
+                     overwrite=True)  # explicitly: start clean
+    assert calls == ["none", "knorm"] and len(rows) == 2 and all(r["new_tokens"] == 4 for r in rows)
     assert len(json.loads((tmp_path / "bench.json").read_text())["meta"]["runs"]) == 1
+
+
+def test_bench_hf_caches_share_the_columns(tmp_path, tiny, smol_tokenizer, capsys):
+    """`kvforge bench --hf-caches dynamic` finishes with its CSV and plot; rows of every cache kind (dense, per-head
+    padded and packed, transformers' DynamicCache) have the same columns, and `entries_layer` is the same quantity
+    for all of them: entries per (batch row, KV head) of the first full-attention layer."""
+    from kvforge.eval.bench import COLUMNS
+
+    model_dir = tmp_path / "tiny"
+    tiny.save_pretrained(model_dir)
+    smol_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert main(["bench", "--model", str(model_dir), "--context", "80", "--batch", "2", "--new-tokens", "3",
+                 "--presses", "none,knorm,adakv:knorm", "--ratios", "0.5", "--layouts", "packed,padded",
+                 "--hf-caches", "dynamic", "--device", "cpu", "--no-cuda-graph", "--out", str(out)]) == 0
+    assert "bench.csv" in capsys.readouterr().out
+    with (out / "bench.csv").open() as f:
+        reader = csv.DictReader(f)
+        rows = {r["press"]: r for r in reader}
+        assert reader.fieldnames[: len(COLUMNS)] == COLUMNS
+    assert set(rows) == {"none", "knorm", "adakv:knorm [padded]", "adakv:knorm [packed]", "transformers:dynamic"}
+    assert (out / "bench.png").stat().st_size > 1000
+    saved = json.loads((out / "bench.json").read_text())["rows"]
+    assert all(set(COLUMNS) <= set(r) for r in saved)
+    e = {p: float(r["entries_layer"]) for p, r in rows.items()}
+    assert e["transformers:dynamic"] == e["none"] == 80 + 3  # every context token and every decoded one
+    assert e["knorm"] == 40 + 3
+    assert e["adakv:knorm [padded]"] == pytest.approx(e["knorm"], abs=0.5)  # the same total budget, spread
+    assert e["adakv:knorm [packed]"] == pytest.approx(e["knorm"], abs=0.5)
+    hf = rows["transformers:dynamic"]
+    assert float(hf["kv_gb"]) == float(rows["none"]["kv_gb"]) and float(hf["speedup_vs_none"]) > 0
+    assert hf["layer_kind"] == "DynamicCache" and float(hf["attention_ms_per_layer"]) > 0

@@ -83,7 +83,8 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert err.startswith("kvforge: error: unknown press 'nope'") and "\n" not in err
     assert main(["generate", "--press", "snapkv", "--compression-ratio", "1.2"]) == 2
     assert "1.2" in capsys.readouterr().err
-    assert main(["generate", "--press", "snapkv", "--context-file", str(tmp_path / "missing.txt")]) == 2
+    assert main(["generate", "--press", "snapkv", "--context-file", str(tmp_path / "missing.txt"),
+                 "--question", "q?"]) == 2
     assert "missing.txt" in capsys.readouterr().err
 
 

@@ -3,16 +3,60 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from importlib.resources import files
 
-from kvforge.errors import KVForgeError
+from kvforge.errors import KVForgeError, read_text
 
 EXAMPLE_QUESTIONS = [
     "Who was the first director of the Harbour Archive?",
     "Why did the logbook of the Silver Heron survive the fire?",
 ]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, `(default: X)`, unless the help already speaks of its default
+    or there is none to show (None or False: the option is simply not given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text.lower() or default is None or default is False
+                or default is argparse.SUPPRESS or action.required or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+    def _format_action(self, action):
+        if action.help is None and self._get_help_string(action):  # argparse shows nothing for help=None
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of `kvforge` and of every subcommand (argparse builds subparsers with the parent's class): every
+    --help shows the defaults, and a usage mistake is one line, `kvforge: error: ...`, exit status 2, like every
+    other user error."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"kvforge: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 1 (token, sample and batch counts)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}; allowed: an integer >= 1")
+    return n
 
 
 def _fmt_bytes(n: int) -> str:
@@ -88,11 +132,13 @@ def cmd_generate(args) -> None:
 
     press = _press_from_args(args)  # validate before the (slow) model load
     if args.context_file:
-        try:
-            with open(args.context_file, encoding="utf-8") as f:
-                context = f.read()
-        except OSError as e:
-            raise KVForgeError(f"cannot read --context-file {args.context_file!r}: {e.strerror}") from None
+        if not args.question:
+            raise KVForgeError("--context-file needs --question (the built-in questions are about the bundled "
+                               "example text, not your file)")
+        context = read_text(args.context_file, "--context-file")
+        if not context.strip():
+            raise KVForgeError(f"--context-file {args.context_file!r} is empty or only whitespace; give the text "
+                               "the questions are about")
     else:
         context = files("kvforge").joinpath("data/example_context.txt").read_text(encoding="utf-8")
     questions = args.question or EXAMPLE_QUESTIONS
@@ -140,15 +186,33 @@ def _length(text: str) -> int:
     return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
 
 
+def _lengths(text: str, option: str) -> list[int]:
+    """`2000`, `1k,2k`, `4k,32k` -> token counts, each >= 1."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            n = _length(part)
+        except (ValueError, OverflowError):
+            raise KVForgeError(f"{option} {text!r}: {part!r} is not a token count (e.g. 2000 or 4k)") from None
+        if n < 1:
+            raise KVForgeError(f"{option} {text!r}: {n} tokens; allowed: lengths >= 1")
+        out.append(n)
+    if not out:
+        raise KVForgeError(f"{option} {text!r} gives no length (e.g. 2000 or 1k,2k)")
+    return out
+
+
 def cmd_eval(args) -> None:
     from kvforge.eval.runner import format_table, run_eval, write_summary
 
     out = run_eval(
         args.model, _csv(args.tasks), _with_quant(_csv(args.presses), args), _csv(args.ratios, float),
-        _csv(args.length, _length),
+        _lengths(args.length, "--length"),
         args.samples, args.out, seed=args.seed, max_new_tokens=args.max_new_tokens,
         shared_prefill=not args.no_shared_prefill, argv=sys.argv[1:], query_aware=args.query_aware,
-        press_batch=args.press_batch, cuda_graph=args.cuda_graph,
+        press_batch=args.press_batch, cuda_graph=args.cuda_graph, overwrite=args.overwrite,
     )
     print(format_table(write_summary(out)))
     print(f"\nreport: {out / 'report.html'}")
@@ -175,23 +239,38 @@ def cmd_bench(args) -> None:
 
     if bool(args.random_weights) == bool(args.model):
         raise KVForgeError("give --model M, or --random-weights with --config NAME (e.g. llama3.1-8b)")
-    run_bench(args.model, args.config if args.random_weights else None, _csv(args.context, _length), args.batch,
-              _with_quant(_csv(args.presses), args), _csv(args.ratios, float), args.new_tokens, args.out,
+    run_bench(args.model, args.config if args.random_weights else None, _lengths(args.context, "--context"),
+              args.batch, _with_quant(_csv(args.presses), args), _csv(args.ratios, float), args.new_tokens, args.out,
               device=args.device, cuda_graph=not args.no_cuda_graph, hf_caches=_csv(args.hf_caches) if args.hf_caches
-              else None, layouts=_csv(args.layouts) if args.layouts else None, compile=args.compile)
+              else None, layouts=_csv(args.layouts) if args.layouts else None, compile=args.compile,
+              overwrite=args.overwrite)
     print(f"results: {args.out}/bench.json, bench.csv, bench.png")
 
 
 def cmd_demo(args) -> None:
     from kvforge.eval.demo import run_demo
 
-    run_demo(args.out, model_name=args.model, samples=args.samples)
+    run_demo(args.out, model_name=args.model, samples=args.samples, overwrite=args.overwrite)
+
+
+def _writable_file(path: str, option: str) -> None:
+    """`path` can be written: its folder exists (or can be made) and is writable, and it is not a folder."""
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    if target.is_dir():
+        raise KVForgeError(f"{option} {path!r} is a directory; give a file name")
+    parent = next((p for p in [target.parent, *target.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise KVForgeError(f"{option} {path!r} cannot be written ({str(parent)!r} is not a writable directory)")
 
 
 def cmd_kvzip_head_scores(args) -> None:
     from kvforge.calibrate.kvzip import compute_head_scores, save_head_scores
     from kvforge.models import load_model
 
+    _writable_file(args.out, "--out")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     scores = compute_head_scores(model, tok, args.length, args.samples, args.seed, progress=True)
     path = save_head_scores(args.out, scores, model=args.model, task="facts_qa", length=args.length,
@@ -201,8 +280,12 @@ def cmd_kvzip_head_scores(args) -> None:
 
 def cmd_headkv_scores(args) -> None:
     from kvforge.calibrate.headkv import write_head_scores
+    from kvforge.eval.tasks import TASKS
     from kvforge.models import load_model
 
+    if args.task not in TASKS:
+        raise KVForgeError(f"unknown task {args.task!r}; allowed: {', '.join(TASKS)}")
+    _writable_file(args.out, "--out")
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     res = write_head_scores(model, tok, args.out, args.model, args.task, args.length, args.samples, args.seed)
     print(f"head scores {len(res['scores'])}x{len(res['scores'][0])} -> {args.out}")
@@ -216,7 +299,9 @@ def _quant_args(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvforge", description="KV-cache compression for Hugging Face causal LMs")
+    from kvforge.eval.tasks import TASKS
+
+    p = Parser(prog="kvforge", description="KV-cache compression for Hugging Face causal LMs")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="compress a context once and answer questions from it")
@@ -227,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", type=int, default=None, help="entries kept per layer (instead of a ratio)")
     g.add_argument("--context-file", default=None, help="text file with the context (default: a bundled example)")
     g.add_argument("--question", action="append", help="a question (repeat for several)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=_count, default=64, help="answer length cap, in tokens")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
     g.add_argument("--device", default=None, help="cpu | cuda | auto")
     g.add_argument("--cuda-graph", action="store_true",
@@ -241,16 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="sweep presses × ratios over generated benchmarks, one prefill per sample")
     e.add_argument("--model", default="smollm2-135m")
-    e.add_argument("--tasks", required=True, help="comma-separated task names (e.g. niah_single_1,facts_qa)")
+    e.add_argument("--tasks", required=True, help=f"comma-separated task names: {', '.join(TASKS)}")
     e.add_argument("--presses", required=True,
                    help="comma-separated presses; wrappers as adakv:knorm, options as kivi@bits=4, compose with +")
     e.add_argument("--ratios", default="0.25,0.5,0.75", help="comma-separated compression ratios")
     e.add_argument("--length", default="2000", help="context length(s) in model tokens, e.g. 2000 or 1k,2k")
-    e.add_argument("--samples", type=int, default=5, help="samples per task and length")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--max-new-tokens", type=int, default=None, help="cap on answer length (default: per task)")
+    e.add_argument("--samples", type=_count, default=5, help="samples per task and length")
+    e.add_argument("--seed", type=int, default=0, help="seed of the generated samples")
+    e.add_argument("--max-new-tokens", type=_count, default=None, help="cap on answer length (default: per task)")
     e.add_argument("--no-shared-prefill", action="store_true", help="prefill again for every press (slow)")
-    e.add_argument("--press-batch", type=int, default=8,
+    e.add_argument("--press-batch", type=_count, default=8,
                    help="answer this many (press, ratio) forks of a prefill as one batch (1 = one at a time)")
     e.add_argument("--query-aware", action="store_true",
                    help="compress context + question together, one prefill per question (SnapKV's setting)")
@@ -258,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode answers by replaying one captured step per token (GPU: small models stop being "
                         "launch-bound)")
     e.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="start clean in --out (its results are deleted) instead of resuming; needed when --out holds "
+                        "a run made with other settings")
     _quant_args(e)
     e.set_defaults(func=cmd_eval)
 
@@ -279,15 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--random-weights", action="store_true", help="random weights with a named config's shapes")
     b.add_argument("--config", default="llama3.1-8b", help="named config for --random-weights")
     b.add_argument("--context", default="4k,32k", help="context lengths, e.g. 4k,32k,128k")
-    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--batch", type=_count, default=1, help="sequences decoded together")
     b.add_argument("--presses", default="none,knorm,adakv:knorm", help="comma-separated; 'none' = no press")
     b.add_argument("--ratios", default="0.75", help="comma-separated compression ratios")
-    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--new-tokens", type=_count, default=32, help="decode steps timed per row")
     b.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     b.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly instead of replaying a CUDA graph")
     b.add_argument("--out", default="runs/bench",
                    help="results folder; a run stopped midway resumes there (rows of the same set-up are kept, "
-                        "not re-timed): another folder times everything afresh")
+                        "not re-timed); another set-up there is refused unless --overwrite")
+    b.add_argument("--overwrite", action="store_true",
+                   help="start clean in --out (its rows are deleted) instead of resuming")
     b.add_argument("--hf-caches", default=None,
                    help="also time plain transformers decoding with these caches: dynamic, quanto@bits=2, ...")
     b.add_argument("--compile", nargs="?", const="on", default="off",
@@ -302,16 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the main job of `make demo`: a compact eval sweep on the embedded model")
-    d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--samples", type=int, default=None, help="samples per task (default: the demo's own)")
+    d.add_argument("--model", default="smollm2-135m", help="alias, HF id, local dir or .gguf")
+    d.add_argument("--out", default="runs/demo", help="output directory (re-run to resume)")
+    d.add_argument("--samples", type=_count, default=None, help="samples per task (default: the demo's own)")
+    d.add_argument("--overwrite", action="store_true", help="start clean in --out instead of resuming")
     d.set_defaults(func=cmd_demo)
 
     kz = sub.add_parser("kvzip-head-scores", help="offline KVzip head scores [L, H_kv] for kvzip(level='head')")
     kz.add_argument("--model", default="smollm2-135m")
     kz.add_argument("--out", required=True, help="JSON file to write (kvzip's head_scores_path)")
-    kz.add_argument("--length", type=int, default=1000, help="calibration context length in tokens")
-    kz.add_argument("--samples", type=int, default=4, help="calibration contexts (facts_qa)")
+    kz.add_argument("--length", type=_count, default=1000, help="calibration context length in tokens")
+    kz.add_argument("--samples", type=_count, default=4, help="calibration contexts (facts_qa)")
     kz.add_argument("--seed", type=int, default=0)
     kz.add_argument("--dtype", default=None)
     kz.add_argument("--device", default=None)
@@ -321,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     hk.add_argument("--model", default="smollm2-135m")
     hk.add_argument("--out", required=True, help="JSON file to write (headkv's scores_path)")
     hk.add_argument("--task", default="niah_single_1", help="calibration task (answers must appear in the context)")
-    hk.add_argument("--length", type=int, default=1000, help="calibration context length in tokens")
-    hk.add_argument("--samples", type=int, default=4, help="calibration samples")
+    hk.add_argument("--length", type=_count, default=1000, help="calibration context length in tokens")
+    hk.add_argument("--samples", type=_count, default=4, help="calibration samples")
     hk.add_argument("--seed", type=int, default=0)
     hk.add_argument("--dtype", default=None)
     hk.add_argument("--device", default=None)
@@ -343,7 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage mistake (2, already printed as one line)
+        return e.code if isinstance(e.code, int) else 2
     try:
         args.func(args)
     except KVForgeError as e:

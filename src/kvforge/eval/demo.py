@@ -25,11 +25,12 @@ def demo_presses() -> list[str]:
     return [n for n, c in sorted(PRESSES.items()) if (c.kind in kinds or n == "adakv") and n not in ALIASES]
 
 
-def run_demo(out: str = "runs/demo", model_name: str = "smollm2-135m", samples: int | None = None) -> None:
+def run_demo(out: str = "runs/demo", model_name: str = "smollm2-135m", samples: int | None = None,
+             overwrite: bool = False) -> None:
     t0 = time.perf_counter()
-    per_task = {t: samples or n for t, n in DEMO_TASKS.items()}
+    per_task = {t: n if samples is None else samples for t, n in DEMO_TASKS.items()}
     run_eval(model_name, list(DEMO_TASKS), demo_presses(), DEMO_RATIOS, DEMO_LENGTH, per_task, out,
-             max_new_tokens=DEMO_MAX_NEW_TOKENS, argv=["demo"], press_batch=DEMO_PRESS_BATCH)
+             max_new_tokens=DEMO_MAX_NEW_TOKENS, argv=["demo"], press_batch=DEMO_PRESS_BATCH, overwrite=overwrite)
     rows = write_summary(out)
     print(format_table(rows))
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; report: {out}/report.html")

@@ -8,6 +8,7 @@ they finish; re-running the same command skips finished work, so an interrupted 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kvforge.errors import KVForgeError
+from kvforge.errors import KVForgeError, check_count
 from kvforge.eval.report import write_report
 from kvforge.eval.results import (  # noqa: F401
     BASELINE,
@@ -28,8 +29,24 @@ from kvforge.eval.results import (  # noqa: F401
     summarize,
     write_summary_csv,
 )
-from kvforge.eval.runs import device_name, drop_partial_line, git_commit, prepare_out, versions
-from kvforge.generate import answer, answer_query_aware, compress_prefilled, encode, model_max_length, prefill_context
+from kvforge.eval.runs import (
+    check_out,
+    device_name,
+    drop_partial_line,
+    git_commit,
+    prepare_out,
+    refuse_other_settings,
+    versions,
+)
+from kvforge.generate import (
+    answer,
+    answer_query_aware,
+    compress_prefilled,
+    encode,
+    model_max_length,
+    prefill_context,
+    use_template,
+)
 from kvforge.presses.registry import parse_press  # noqa: F401  (re-exported)
 
 
@@ -58,6 +75,81 @@ def _perplexity(model, cache, enc, continuation: list[int]) -> float:
     return float(torch.exp(nll))
 
 
+# the files a run writes into its folder (`--overwrite` deletes these, and the report's PNGs, nothing else)
+RUN_FILES = ("results.jsonl", "summary.csv", "run_meta.json", "report.html", "needle_heatmap.png")
+
+
+def prompt_format(tokenizer) -> str:
+    """How prompts are built, as a run setting: the chat template (by its hash) or plain text."""
+    if not use_template(tokenizer, None):
+        return "plain text: context + question, answer prefix appended"
+    digest = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()[:12]
+    return f"chat template {digest} around context + question; answer prefix appended"
+
+
+def _recorded_settings(out_dir: Path) -> dict | None:
+    """The settings of the run whose rows are in `out_dir` (None when it holds no rows): `run_meta.json`'s
+    `settings` (older runs: the matching keys of its `args`)."""
+    results = out_dir / "results.jsonl"
+    if not results.exists() or results.stat().st_size == 0:
+        return None
+    try:
+        meta = json.loads((out_dir / "run_meta.json").read_text())
+    except (OSError, ValueError):
+        raise KVForgeError(f"{str(out_dir)!r} holds results.jsonl but no readable run_meta.json, so its settings "
+                           "are unknown; choose another --out or pass --overwrite to start clean") from None
+    if "settings" in meta:
+        return meta["settings"]
+    args = meta.get("args", {})
+    return {k: args[k] for k in ("model", "seed", "max_new_tokens", "query_aware", "cuda_graph") if k in args}
+
+
+def _clear_run(out_dir: Path) -> None:
+    """Delete what an earlier run wrote into `out_dir` (its files only, never the folder's other contents)."""
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    for png in out_dir.glob("score_*.png"):
+        png.unlink()
+
+
+def _check_args(tasks, presses, ratios, lengths, per_task, max_new_tokens, press_batch, seed, query_aware) -> dict:
+    """Every argument of a sweep, before the model loads or anything is written; returns the press factories.
+    Each (press, ratio) is built once here, so a spec that fails at some ratio fails now, not after a baseline."""
+    from kvforge.eval.tasks import TASKS
+
+    if not presses:
+        raise KVForgeError("the press list is empty; give at least one press (see `kvforge presses`)")
+    if not tasks:
+        raise KVForgeError("the task list is empty; give at least one task")
+    for t in tasks:
+        if t not in TASKS:
+            raise KVForgeError(f"unknown task {t!r}; allowed: {', '.join(TASKS)}")
+    if not ratios:
+        raise KVForgeError("the ratio list is empty; give at least one compression ratio in [0, 1)")
+    for r in ratios:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
+            raise KVForgeError(f"ratio {r} is outside the allowed range [0, 1)")
+    if not lengths:
+        raise KVForgeError("the length list is empty; give at least one context length")
+    for n in lengths:
+        check_count(n, "length")
+    for t in tasks:
+        check_count(per_task.get(t), f"samples of {t}" if len(per_task) > 1 else "samples")
+    if max_new_tokens is not None:
+        check_count(max_new_tokens, "max_new_tokens")
+    check_count(press_batch, "press_batch")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise KVForgeError(f"seed={seed!r}; allowed: an integer")
+    factories = {spec: parse_press(spec) for spec in presses}
+    for spec, factory in factories.items():
+        for r in [0.0] if factory.ratio_free else ratios:
+            press = factory(r)
+            if query_aware and press.has_extra_pass:
+                raise KVForgeError(f"{spec}: {press.name} scores the context with extra passes (query-agnostic by "
+                                   "design); query_aware is not supported for it")
+    return factories
+
+
 def run_eval(
     model_name: str,
     tasks: list[str],
@@ -76,6 +168,7 @@ def run_eval(
     query_aware: bool = False,
     press_batch: int = 1,
     cuda_graph: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Run the sweep; returns the output directory (results.jsonl, summary.csv, run_meta.json, report).
 
@@ -85,40 +178,62 @@ def run_eval(
     (`generate.answer_query_aware`); the uncompressed baseline and perplexity tasks are unchanged.
     `cuda_graph=True`: answers are decoded by replaying one captured step per token (`generate.answer`; several
     times faster on a GPU, where a small model's eager decoding is launch-bound).
+
+    Runs are keyed by their settings (model, dtype, prompt format, seed, max_new_tokens, query_aware, cuda_graph;
+    written to `run_meta.json` and into every row with the row's length): resuming in an `out` whose rows were
+    made with other settings is refused with a one-line KVForgeError naming the setting, unless `overwrite=True`,
+    which deletes that run's files first. Every argument is checked before the model loads; a refused run writes
+    nothing.
     """
     from kvforge.eval.tasks import make_samples
 
-    if not presses:
-        raise KVForgeError("the press list is empty; give at least one press (see `kvforge presses`)")
-    if not tasks:
-        raise KVForgeError("the task list is empty; give at least one task")
-    for r in ratios:
-        if not 0.0 <= r < 1.0:
-            raise KVForgeError(f"ratio {r} is outside the allowed range [0, 1)")
-    factories = {spec: parse_press(spec) for spec in presses}
-    out_dir = prepare_out(out)
+    lengths = [length] if isinstance(length, int) else list(length)
+    per_task = samples if isinstance(samples, dict) else dict.fromkeys(tasks, samples)
+    factories = _check_args(tasks, presses, ratios, lengths, per_task, max_new_tokens, press_batch, seed,
+                            query_aware)
+    out_dir = check_out(out)
+    settings = {"model": model_name, "seed": seed, "max_new_tokens": max_new_tokens, "query_aware": query_aware,
+                "cuda_graph": cuda_graph}
+    recorded = None if overwrite else _recorded_settings(out_dir)
+    if recorded is not None:
+        refuse_other_settings(out_dir, recorded, settings)  # before the model loads
     if model is None:
         from kvforge.models import load_model
 
         model, tokenizer = load_model(model_name)
-    lengths = [length] if isinstance(length, int) else list(length)
     limit = model_max_length(model)
     for n in lengths:
-        if n < 1 or (limit and n > limit):
+        if limit and n > limit:
             raise KVForgeError(f"length {n} is outside the model's window of 1..{limit} tokens")
+    settings.update(dtype=str(model.dtype).removeprefix("torch."), prompt_format=prompt_format(tokenizer))
+    if recorded is not None:
+        refuse_other_settings(out_dir, recorded, settings)
+    all_samples, row_facts = [], {}
+    for t in tasks:
+        for n in lengths:
+            for s in make_samples(t, tokenizer, n, per_task[t], seed):
+                mnt = max_new_tokens or s.max_new_tokens
+                # context + question + answer must fit the model's positions: refused now, not mid-run
+                encode(model, tokenizer, [s.context], [[] if s.metric == "ppl" else s.questions], s.answer_prefix,
+                       max_new_tokens=0 if s.metric == "ppl" else mnt)
+                all_samples.append(s)
+                row_facts[(s.task, s.id)] = {"length": n, "max_new_tokens": None if s.metric == "ppl" else mnt}
+
+    out_dir = prepare_out(out_dir)  # every check passed: the first write
+    if overwrite:
+        _clear_run(out_dir)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta_path = out_dir / "run_meta.json"
     meta = {
         "args": {"model": model_name, "tasks": tasks, "presses": presses, "ratios": ratios, "length": length,
                  "samples": samples, "seed": seed, "max_new_tokens": max_new_tokens, "shared_prefill": shared_prefill,
                  "query_aware": query_aware, "press_batch": press_batch, "cuda_graph": cuda_graph},
+        "settings": settings,
         "argv": argv, "git_commit": git_commit(), "versions": versions(), "device": device_name(model),
-        "started": started, "prompt_format": "chat template around context + question; answer prefix appended",
+        "started": started, "prompt_format": settings["prompt_format"],
     }
     meta_path.write_text(json.dumps(meta, indent=2))
 
-    per_task = samples if isinstance(samples, dict) else dict.fromkeys(tasks, samples)
-    all_samples = [s for t in tasks for n in lengths for s in make_samples(t, tokenizer, n, per_task[t], seed)]
     results_path = out_dir / "results.jsonl"
     drop_partial_line(results_path)
     done = load_done(results_path)
@@ -130,6 +245,7 @@ def run_eval(
     with results_path.open("a", encoding="utf-8") as sink:
 
         def emit(record: dict) -> None:
+            record = {**record, **row_facts[(record["task"], record["sample_id"])], "settings": settings}
             sink.write(json.dumps(record) + "\n")
             sink.flush()
             done[(record["task"], record["sample_id"], record["press"], record["compression_ratio"])] = record

@@ -39,6 +39,39 @@ def versions() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
+def check_out(out: str | os.PathLike) -> Path:
+    """`out` as a Path, after checking that it is (or can be made) a writable directory; creates nothing, so a run
+    refused later leaves no trace."""
+    path = Path(out)
+    existing = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise KVForgeError(f"output directory {str(path)!r} is not writable: {str(existing)!r} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KVForgeError(f"output directory {str(path)!r} is not writable: no write permission on "
+                           f"{str(existing)!r}")
+    return path
+
+
+def differing_setting(old: dict, new: dict) -> tuple[str, object, object] | None:
+    """The first setting both dicts record with different values: (name, old value, new value), or None. Values
+    are compared as JSON would store them (a tuple equals a list)."""
+    import json
+
+    for key, value in new.items():
+        if key in old and json.loads(json.dumps(old[key])) != json.loads(json.dumps(value)):
+            return key, old[key], value
+    return None
+
+
+def refuse_other_settings(out: Path, old: dict, new: dict, what: str = "run") -> None:
+    """One line naming the first setting that differs between the run in `out` and this one (both values)."""
+    diff = differing_setting(old, new)
+    if diff is not None:
+        key, was, now = diff
+        raise KVForgeError(f"{str(out)!r} holds a {what} made with {key}={was!r}, this one has {key}={now!r}; "
+                           "resume with the same settings, choose another --out, or pass --overwrite to start clean")
+
+
 def prepare_out(out: str | os.PathLike) -> Path:
     path = Path(out)
     try:

@@ -56,6 +56,8 @@ class ComposedPress(Press):
         super().__post_init__()
         if isinstance(self.presses, (str, Press)):
             self.presses = [self.presses]
+        if not isinstance(self.presses, (list, tuple)):
+            raise KVForgeError(f"composed: presses={self.presses!r}; give a list of press names or press instances")
         if not self.presses:
             raise KVForgeError("composed: presses is empty; give a list of press names or press instances")
         built = []
