@@ -68,9 +68,14 @@ def test_sw_perplexity_equals_full_when_the_cache_holds_the_text(family):
         assert abs(sw - full) / full < 1e-4, (size, sw, full)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "phi3"])
-def test_sw_after_evictions_equals_streamingllm_by_definition(family):
-    model = small(family)
+YARN = dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                 original_max_position_embeddings=512))  # attention_scaling 1.14
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("gemma3", {}), ("phi3", {}), ("llama", YARN)],
+                         ids=["llama", "gemma3", "phi3", "llama-yarn"])
+def test_sw_after_evictions_equals_streamingllm_by_definition(family, overrides):
+    model = small(family, **overrides)
     ids = ids_for(model.config.vocab_size, 28, batch=2)
     ref = reference_sw(model, ids, cache_size=12, n_sink=3)
     got = Stream(model, SW(cache_size=12, n_sink=3)).step(ids)
@@ -80,6 +85,21 @@ def test_sw_after_evictions_equals_streamingllm_by_definition(family):
     for layer in plain.cache.layers:
         layer.rope = None
     assert (plain.step(ids)[:, 12:] - ref[:, 12:]).abs().max() > 1e-2
+
+
+def test_slot_order_reads_equal_position_order_reads():
+    """Full-attention layers hand attention their ring as it is; reading everything in position order (what
+    sliding-window layers do) gives the same logits."""
+    model = small("qwen3")
+    ids = ids_for(512, 30)
+    plain = Stream(model, SW(cache_size=9, n_sink=2))
+    ordered = Stream(model, SW(cache_size=9, n_sink=2))
+    for layer in ordered.cache.layers:
+        assert not layer.ordered
+        layer.ordered = True
+    torch.testing.assert_close(plain.step(ids), ordered.step(ids), rtol=1e-5, atol=1e-5)
+    layer = plain.cache.layers[0]
+    assert torch.equal(layer.order()[layer.slot_positions()], torch.arange(9))  # inverse permutations
 
 
 def test_sw_one_layer_equals_recompute_over_sinks_and_window():

@@ -3,15 +3,16 @@ ones, `size` entries in all, in a buffer allocated once.
 
 Positions live inside the cache (Xiao et al., https://arxiv.org/abs/2309.17453, section 3.2): the stored entries
 sit at positions 0..n-1 — sinks first, then the window in time order — and the current token at n-1. Rotary
-models get this exactly: window keys are stored *pre-RoPE* (the model's key is un-rotated once, at the position
-it was rotated to) and rotated to their current position each time attention reads them. Absolute-position models
-(GPT-2) have their positions baked into K and V when they are computed: their entries are returned as stored (what
-KV-Align then corrects).
+models get this exactly: keys are stored *pre-RoPE* (the model's key is un-rotated once, at the position it was
+rotated to) and rotated to their current position each time attention reads them, with cos/sin tables of positions
+0..size-1 taken once from `kvforge.rope.apply`. Absolute-position models (GPT-2) have their positions baked into K
+and V when they are computed: their entries are returned as stored (what KV-Align then corrects).
 
 Storage: slots 0..S-1 hold the sinks, slots S..size-1 a ring of the window (window token j in slot S + j mod W);
-a full layer overwrites the oldest window entry with the new token, so memory never grows. Reads return the
-entries in position order (one gather), which makes the masks transformers builds in position space — causal,
-and Gemma 3's sliding window over positions — right without any change.
+a full layer overwrites the oldest window entry with the new token, so memory never grows. Full-attention layers
+return the buffers as they are (attention over a set of entries does not depend on their order when nothing is
+masked); sliding-window layers and KV-Align read the entries in position order (one gather), which makes the masks
+transformers builds in position space — Gemma 3's sliding window over positions — right without any change.
 
 Every row of a batch holds the same number of tokens (no padding): rows evict in lockstep.
 """
@@ -24,8 +25,9 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvforge.cache.plan import register_layer_kind
+from kvforge.config import layer_types
 from kvforge.errors import KVForgeError
-from kvforge.rope import Rope, apply, rope_for_layer, unapply
+from kvforge.rope import Rope, apply, rope_for_layer
 
 # align(layer_idx, keys [B, H, m, Dk], values [B, H, m, Dv], shifts [m]) -> (keys, values): rewrites window entries
 Align = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -34,7 +36,8 @@ Align = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Te
 class SinkWindowLayer(CacheLayerMixin):
     """Sinks + window of one layer. `n_sink` S ≥ 0, `size` C > S entries (the current token included), so the window
     holds W = C − S tokens. `rope`: the layer's RoPE (None for absolute-position models). `align`: optional KV-Align
-    correction applied to window entries that have shifted (see `shifts`).
+    correction applied to window entries that have shifted (see `shifts`). `ordered`: always read in position order
+    (needed by sliding-window layers, whose mask is built over positions).
 
     Lengths: `seen` tokens fed; `n` = min(seen, C) entries stored; `get_seq_length()` = min(seen, C − 1) is the
     position the next token gets, which is how transformers assigns position ids.
@@ -45,14 +48,15 @@ class SinkWindowLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, n_sink: int, size: int, rope: Rope | None = None, layer_idx: int = 0,
-                 align: Align | None = None):
+                 align: Align | None = None, ordered: bool = True):
         super().__init__()
+        self.ordered = ordered  # read in position order (sliding-window layers: their mask is in position space)
         if not 0 <= n_sink < size:
             raise KVForgeError(f"cache size {size} with {n_sink} sinks; allowed: a cache size larger than the sinks")
         self.n_sink, self.size, self.window = n_sink, size, size - n_sink
         self.rope, self.layer_idx, self.align = rope, layer_idx, align
         self.seen = 0
-        self._k = self._v = self._positions = None
+        self._k = self._v = self._cos = self._sin = None
 
     # -- lengths -------------------------------------------------------------------------------------------
     @property
@@ -79,7 +83,12 @@ class SinkWindowLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self._k = key_states.new_zeros(b, h, self.size, dk)
         self._v = value_states.new_zeros(b, h, self.size, value_states.shape[-1])
-        self._positions = torch.arange(self.size, device=self.device, dtype=torch.float32)
+        if self.rope is not None:  # s·cos and s·sin of every position 0..C-1, from kvforge.rope itself
+            half, d = self.rope.rotary_dim // 2, key_states.shape[-1]
+            basis = torch.zeros(1, 1, self.size, d, device=self.device)
+            basis[..., :half] = 1.0  # apply() of (1, 0) pairs returns (s·cos pθ, s·sin pθ)
+            table = apply(basis, torch.arange(self.size, device=self.device), self.rope)[0, 0]
+            self._cos, self._sin = table[:, :half], table[:, half : 2 * half]
         self.is_initialized = True
 
     def _slots(self, first: int, q: int) -> torch.Tensor:
@@ -97,7 +106,8 @@ class SinkWindowLayer(CacheLayerMixin):
             raise KVForgeError(f"{q} tokens in one forward with {self.seen} of {self.size} cache entries filled; "
                                f"allowed: at most {self.size - self.seen} (the free room), then one token at a time")
         if self.rope is not None:
-            key_states = unapply(key_states, self._positions[self.get_seq_length():][:q], self.rope)
+            first = self.get_seq_length()
+            key_states = self._turn(key_states, slice(first, first + q), inverse=True)
         slots = self._slots(self.seen, q)
         self._k.index_copy_(2, slots, key_states.to(self.dtype))
         self._v.index_copy_(2, slots, value_states.to(self.dtype))
@@ -114,6 +124,12 @@ class SinkWindowLayer(CacheLayerMixin):
         oldest = self.seen - w - s  # window index of the oldest window token still stored
         ring = s + (oldest + torch.arange(w, device=self.device)) % w
         return torch.cat([torch.arange(s, device=self.device), ring])
+
+    def slot_positions(self) -> torch.Tensor:
+        """Position of each slot `[C]` once the ring has wrapped (the inverse of `order()`)."""
+        s, w = self.n_sink, self.window
+        slot = torch.arange(self.size, device=self.device)
+        return torch.where(slot < s, slot, s + (slot - s - (self.seen - w - s)) % w)
 
     def shifts(self) -> torch.Tensor:
         """How far each entry (in position order) has moved since it was computed `[n]` (int64): the position the
@@ -133,16 +149,42 @@ class SinkWindowLayer(CacheLayerMixin):
         return self._k.index_select(2, order), self._v.index_select(2, order)
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What attention sees: `raw()` with the KV-Align correction (if any) on shifted entries, keys rotated to
-        positions 0..n-1 on rotary models."""
+        """What attention sees: the entries with keys rotated to their positions on rotary models. In position order
+        when a sliding-window mask or KV-Align needs it (`raw()`, with the correction on shifted entries);
+        otherwise in slot order — the buffers themselves, no copy — since attention over a set of entries does not
+        depend on their order when nothing is masked (one query token at the last position)."""
+        if not self.ordered and self.align is None:
+            keys, values = self._k[:, :, : self.n], self._v[:, :, : self.n]
+            if self.rope is not None:
+                keys = self._turn(keys, slice(0, self.n) if self.seen <= self.size else self.slot_positions())
+            return keys, values
         keys, values = self.raw()
         if self.align is not None and self.evicted:  # raw() gathered fresh tensors: write into them
             s, e = self.n_sink, self.n - 1  # every window entry but the newest has shifted
             keys[:, :, s:e], values[:, :, s:e] = self.align(self.layer_idx, keys[:, :, s:e], values[:, :, s:e],
                                                             self.shifts()[s:e])
         if self.rope is not None:
-            keys = apply(keys, self._positions[: self.n], self.rope)
+            keys = self._turn(keys, slice(0, self.n))
         return keys, values
+
+    def _turn(self, x: torch.Tensor, rows: slice | torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """`kvforge.rope.apply(x, positions)` (or `unapply`) for x `[B, H, n, D]` at positions `rows` (a slice or
+        `[n]` indices), from the
+        tables built once (the same numbers in fewer operations: this runs for every layer at every step)."""
+        half, r = self.rope.rotary_dim // 2, self.rope.rotary_dim
+        c, s = self._cos[rows], self._sin[rows]  # s·cos, s·sin `[n, r/2]`
+        if inverse:  # R(−p)/s = (s·R(p))ᵀ / s²
+            c, s = c / self.rope.attention_scaling**2, -s / self.rope.attention_scaling**2
+        x1, x2 = x[..., :half], x[..., half:r]
+        if x.dtype != torch.float32:  # fp32 arithmetic, one rounding (as kvforge.rope)
+            x1, x2 = x1.float(), x2.float()
+            return torch.cat([(x1 * c - x2 * s).to(x.dtype), (x2 * c + x1 * s).to(x.dtype), x[..., r:]], -1)
+        out = torch.empty_like(x)  # fp32: four fused in-place operations into one output, no temporaries
+        o1, o2 = out[..., :half], out[..., half:r]
+        torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1)
+        torch.mul(x2, c, out=o2).addcmul_(x1, s)
+        out[..., r:] = x[..., r:]
+        return out
 
     # -- the rest of transformers' layer API ---------------------------------------------------------------
     def reset(self) -> None:
@@ -177,7 +219,8 @@ def _factory(cfg, layer_idx: int, reserve: int) -> SinkWindowLayer:
         raise KVForgeError("sink_window layers need a cache size and sinks; build the cache with "
                            "kvforge.streaming.streaming_cache(model, cache_size, n_sink)")
     rope = rope_for_layer(cfg, layer_idx) if getattr(cfg, "rope_parameters", None) else None
-    return SinkWindowLayer(opts["n_sink"], opts["cache_size"], rope, layer_idx)
+    ordered = layer_types(cfg)[layer_idx] != "full_attention"
+    return SinkWindowLayer(opts["n_sink"], opts["cache_size"], rope, layer_idx, ordered=ordered)
 
 
 register_layer_kind("sink_window", _factory)
