@@ -165,27 +165,40 @@ def _general(cached: list, layer_idx: int, rope) -> Side:
     return Side(*_compact(keys, values, slots, None if bool(valid.all()) else valid))
 
 
-def _side_by_side(cached: list, layer_ids: list[int], rope, device) -> list[Side]:
-    """The cached entries of the layers `layer_ids` (one kind, one RoPE). Plain layers of equal shapes are stacked and
-    rotated together — a handful of kernels for all of them instead of a set per layer and document."""
+def _plain_positions(cached: list, layer_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For plain layers (every head holds every entry, equal shapes: uncompressed documents), the global position
+    and the rotation Δ of each entry, `[N]` each, on the host; None when the layers are not plain."""
     docs = [p.doc for p, _ in cached]
-    plain = all(d.layers[i].slots is None and d.layers[i].valid is None and
-                d.layers[i].keys.shape == d.layers[layer_ids[0]].keys.shape for d in docs for i in layer_ids)
-    if not plain:
-        return [_general(cached, i, rope) for i in layer_ids]
-    keys, values, host, delta = [], [], [], []
+    if not all(d.layers[i].slots is None and d.layers[i].valid is None and
+               d.layers[i].keys.shape == d.layers[layer_ids[0]].keys.shape for d in docs for i in layer_ids):
+        return None
+    host, delta = [], []
     for piece, offset in cached:
         first = piece.doc.layers[layer_ids[0]]
         start, n = offset - piece.drop, first.keys.shape[2]  # start: where the document's position 0 goes
         skip = min(max(piece.drop - first.start, 0), n)  # entries of recomputed tokens
-        keys.append(torch.stack([piece.doc.layers[i].keys[0, :, skip:] for i in layer_ids]))
-        values.append(torch.stack([piece.doc.layers[i].values[0, :, skip:] for i in layer_ids]))
         host.append(torch.arange(first.start + skip, first.start + n) + start)
         delta.append(torch.full((n - skip,), start))
-    host = torch.cat(host)
-    k = rotate(torch.cat(keys, 2), torch.cat(delta).to(device), rope)  # [G, H, N, Dk]
-    v = torch.cat(values, 2)
-    pos = host.to(device)
+    return torch.cat(host), torch.cat(delta)
+
+
+def _side_by_side(cached: list, layer_ids: list[int], rope, positions: tuple | None) -> list[Side]:
+    """The cached entries of the layers `layer_ids` (one kind, one RoPE). Plain layers (`positions`: host positions,
+    device positions and device Δ from `_plain_positions`) are stacked and rotated together — a handful of kernels
+    for all of them instead of a set per layer and document."""
+    if positions is None:
+        return [_general(cached, i, rope) for i in layer_ids]
+    host, pos, delta = positions
+    skips = [min(max(p.drop - p.doc.layers[layer_ids[0]].start, 0), p.doc.layers[layer_ids[0]].keys.shape[2])
+             for p, _ in cached]  # entries of recomputed tokens
+    like = cached[0][0].doc.layers[layer_ids[0]]
+    h, n = like.keys.shape[1], len(host)
+    k = like.keys.new_empty(len(layer_ids), h, n, like.keys.shape[3])
+    v = like.values.new_empty(len(layer_ids), h, n, like.values.shape[3])
+    for g, i in enumerate(layer_ids):  # one copy of each entry, straight into the stacked buffers
+        torch.cat([p.doc.layers[i].keys[:, :, s:] for (p, _), s in zip(cached, skips)], dim=2, out=k[g : g + 1])
+        torch.cat([p.doc.layers[i].values[:, :, s:] for (p, _), s in zip(cached, skips)], dim=2, out=v[g : g + 1])
+    k = rotate(k, delta, rope)  # [G, H, N, Dk]
     return [Side(k[g : g + 1], v[g : g + 1], pos, None, host) for g in range(len(layer_ids))]
 
 
@@ -204,9 +217,11 @@ def _full_layer(side: Side, total: int, reserve: int, order: torch.Tensor | None
     return HeadVarlenLayer.from_entries(keys, values, pos, valid, logical=total, reserve=reserve)
 
 
-def _sliding_final(window: int, side: Side, total: int, order: torch.Tensor | None = None) -> DynamicSlidingWindowLayer:
+def _sliding_final(window: int, side: Side, total: int, order: torch.Tensor | None = None,
+                   order_dev: torch.Tensor | None = None) -> DynamicSlidingWindowLayer:
     """The last `window − 1` positions, in order: every earlier one is outside any later token's window. Plain
-    sides give the order on the host (`order`: the entries in position order, or None when they already are)."""
+    sides are ordered on the host (`order`: the entries in position order, on the host and the device; None when
+    they already are)."""
     if side.host is None:
         keys, values, pos, valid = _compact(side.keys, side.values, side.pos, side.valid)
         if valid is not None:
@@ -217,31 +232,45 @@ def _sliding_final(window: int, side: Side, total: int, order: torch.Tensor | No
         return sliding_layer(window, keys[:, :, order].contiguous(), values[:, :, order].contiguous(), total)
     host = side.host if order is None else side.host[order]
     keep = int((host >= total - (window - 1)).sum())  # the tail of the position order
-    take = torch.arange(len(host) - keep, len(host)) if order is None else order[len(host) - keep :]
-    take = take.to(side.keys.device)
-    return sliding_layer(window, side.keys[:, :, take].contiguous(), side.values[:, :, take].contiguous(), total)
-
-
-def _layers(model, cached: list, plan: list[str], device) -> list[Side]:
-    """Every layer's cached entries, side by side (layers grouped by kind, so plain ones are stacked)."""
-    ropes = _ropes(text_config(model), plan, device)
-    sides: list = [None] * len(plan)
-    for kind in dict.fromkeys(plan):
-        ids = [i for i, k in enumerate(plan) if k == kind]
-        for i, side in zip(ids, _side_by_side(cached, ids, ropes[ids[0]], device)):
-            sides[i] = side
-    return sides
+    n = len(host)
+    if order is None:
+        keys, values = side.keys[:, :, n - keep :], side.values[:, :, n - keep :]
+    else:
+        take = order_dev[n - keep :]
+        keys, values = side.keys[:, :, take], side.values[:, :, take]
+    return sliding_layer(window, keys.contiguous(), values.contiguous(), total)
 
 
 @torch.inference_mode()
 def build_cache(model, pieces: list, reserve: int = 256) -> tuple[KVCache, list[int]]:
     """A batch-1 `KVCache` holding `pieces` (`Cached` / `Fresh`, in sequence order) at their global positions, and
-    the token ids of the whole sequence. Fresh pieces run in one forward (see the module docstring)."""
+    the token ids of the whole sequence. Fresh pieces run in one forward (see the module docstring).
+
+    Everything the host decides (positions, rotation Δs, the position order of the rebuilt layers, fresh ids) is
+    computed first and copied to the device in one copy, before any kernel is launched: a copy from pageable memory
+    waits for the device, so made later it would stall the host until the queued work is done."""
     plan = check_plan(model)
     window = window_of(model)
     device = next(model.parameters()).device
     cached, fresh_ids, fresh_pos, total, seq = _place(pieces, len(plan))
-    sides = _layers(model, cached, plan, device) if cached else None
+    groups = [[i for i, k in enumerate(plan) if k == kind] for kind in dict.fromkeys(plan)]
+    empty = torch.zeros(0, dtype=torch.long)
+    plain = [_plain_positions(cached, ids) if cached else (empty, empty) for ids in groups]
+    fresh_host = torch.tensor(fresh_pos, dtype=torch.long)
+    orders = [None if p is None or not fresh_ids else torch.cat([p[0], fresh_host]).argsort() for p in plain]
+    parts = [t for p in plain if p is not None for t in p] + [o for o in orders if o is not None]
+    parts += [fresh_host, torch.tensor(fresh_ids, dtype=torch.long)]
+    moved = iter(torch.cat(parts).to(device).split([len(t) for t in parts]))
+    plain_dev = [None if p is None else (p[0], next(moved), next(moved)) for p in plain]
+    orders_dev = [None if o is None else next(moved) for o in orders]
+    qpos, fresh_t = next(moved), next(moved)[None]
+
+    ropes = _ropes(text_config(model), plan, device)
+    sides: list = [None] * len(plan)
+    if cached:
+        for ids, positions in zip(groups, plain_dev):
+            for i, side in zip(ids, _side_by_side(cached, ids, ropes[ids[0]], positions)):
+                sides[i] = side
     if not fresh_ids:  # plain documents then cover 0..total-1 in order
         layers = [_full_layer(s, total, reserve) if kind == FULL else _sliding_final(window, s, total)
                   for s, kind in zip(sides, plan)]
@@ -250,38 +279,32 @@ def build_cache(model, pieces: list, reserve: int = 256) -> tuple[KVCache, list[
     enable_kvforge_attention(model)  # the assembly layers carry slots: only kvforge's attention reads them
     f = len(fresh_ids)
     assembly = []
-    for i in range(len(plan)):
-        if sides is None:  # nothing cached at all: an empty layer
+    for s in sides:
+        if s is None:  # nothing cached at all: an empty layer
             assembly.append(DenseLayer(reserve=f + reserve))
             continue
-        s = sides[i]
         slots = s.pos.expand(*s.keys.shape[:3]) if s.host is not None else s.pos
         kind = HeadVarlenLayer if s.valid is not None else DenseLayer
         assembly.append(kind.from_entries(s.keys, s.values, slots, s.valid, logical=total, reserve=f + reserve))
     cache = KVCache.from_layers(model, assembly, reserve)
-    qpos = torch.tensor(fresh_pos, device=device)
     kpos = torch.cat([torch.arange(total, device=device), qpos])  # slot s < S is position s; fresh i sits at S + i
     allowed = (kpos[None, :] <= qpos[:, None])[None, None]
-    if sides is None:  # an empty layer gives fresh tokens slots 0.. instead of S..
+    if not cached:  # an empty layer gives fresh tokens slots 0.. instead of S..
         kpos, allowed = qpos, (qpos[None, :] <= qpos[:, None])[None, None]
-    model(input_ids=torch.tensor([fresh_ids], device=device), position_ids=qpos[None],
-          attention_mask=layer_masks(model, qpos, kpos, allowed), past_key_values=cache, use_cache=True,
-          logits_to_keep=1)
-    layers = []
-    orders: dict[str, torch.Tensor] = {}  # per kind, for plain layers: their entries (cached, then fresh) in order
-    for i, kind in enumerate(plan):
-        keys, values, slots, valid = cache.layers[i].entries()
-        if sides is None or sides[i].host is not None:
-            host = torch.cat([sides[i].host if sides is not None else torch.zeros(0, dtype=torch.long),
-                              torch.tensor(fresh_pos)])
-            if kind not in orders:
-                orders[kind] = host.argsort()
-            side = Side(keys, values, host.to(device), None, host)
-            order = orders[kind]
-            layers.append(_full_layer(side, total, reserve, order.to(device)) if kind == FULL
-                          else _sliding_final(window, side, total, order))
-            continue
-        keys, values, pos, valid = _compact(keys, values, kpos[slots], None if bool(valid.all()) else valid)
-        side = Side(keys, values, pos, valid)
-        layers.append(_full_layer(side, total, reserve) if kind == FULL else _sliding_final(window, side, total))
+    model(input_ids=fresh_t, position_ids=qpos[None], attention_mask=layer_masks(model, qpos, kpos, allowed),
+          past_key_values=cache, use_cache=True, logits_to_keep=1)
+    layers: list = [None] * len(plan)
+    for ids, p, order, order_dev in zip(groups, plain, orders, orders_dev):
+        for i in ids:
+            keys, values, slots, valid = cache.layers[i].entries()
+            kind = plan[i]
+            if p is not None:  # plain: entries are the cached ones (in `p`'s order), then the fresh ones
+                host = torch.cat([p[0], fresh_host])
+                side = Side(keys, values, None, None, host)
+                layers[i] = (_full_layer(side, total, reserve, order_dev) if kind == FULL
+                             else _sliding_final(window, side, total, order, order_dev))
+                continue
+            keys, values, pos, valid = _compact(keys, values, kpos[slots], None if bool(valid.all()) else valid)
+            side = Side(keys, values, pos, valid)
+            layers[i] = _full_layer(side, total, reserve) if kind == FULL else _sliding_final(window, side, total)
     return KVCache.from_layers(model, layers, reserve), seq

@@ -154,10 +154,10 @@ def prefill_ids(model, tokenizer, req: Request, *, store=None, links: Links | No
                            "layers (padding would sit inside the window); pass them one at a time, or use "
                            "link.generate, which batches prompts of equal length")
     _check(model, tokenizer, req, links, max(map(len, req.prompts)))
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(req.prompts, _pad_id(tokenizer), device)  # copied while the device is idle
     cache, seq = document_cache(model, tokenizer, req, store=store, links=links, recompute=recompute, full=full,
                                 reserve=max(map(len, req.prompts)) + reserve)
-    device = next(model.parameters()).device
-    ids, mask = _left_pad(req.prompts, _pad_id(tokenizer), device)
     b, s = ids.shape[0], len(seq)
     if b > 1:
         cache.batch_repeat_interleave(b)
