@@ -221,3 +221,17 @@ def test_kv_without_networks_or_with_another_models():
         with pytest.raises(KVForgeError) as e:
             Stream(model, KV(cache_size=16, nets=KVAlign.for_model(other)))
         assert "do not fit" in one_line(e)
+
+
+def test_ppl_rows_split_the_predictions_and_stream_side_by_side():
+    from kvforge.streaming.ppl import ar_nll, split_rows
+
+    ids = torch.arange(13)[None]
+    assert split_rows(ids, 3).tolist() == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12]]
+    with pytest.raises(KVForgeError):
+        split_rows(ids, 5)
+    model = small("llama")
+    rows = split_rows(ids_for(512, 25), 2)
+    both = ar_nll(model, rows, 5)
+    torch.testing.assert_close(both[1:], ar_nll(model, rows[1:], 5))
+    assert both.shape == (2, 12)

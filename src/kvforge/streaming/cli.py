@@ -67,13 +67,13 @@ def cmd_ppl(args) -> None:
     for mode in modes:
         for size in sizes:
             _check_mode(mode, size, args.sinks, args.kv_align)
-    if args.tokens < 1:
-        raise KVForgeError(f"--tokens {args.tokens}; allowed: ≥ 1")
+    if args.tokens < 1 or args.rows < 1 or args.tokens % args.rows:
+        raise KVForgeError(f"--tokens {args.tokens} --rows {args.rows}; allowed: tokens ≥ 1, rows dividing tokens")
     text, nets = read_text(args.text_file), _nets(args)
     model, tok = load_stream_model(args.model, dtype=args.dtype, device=args.device)
     nets = _fit(nets, model)
     run_ppl(model, tok, text, args.tokens, modes, sizes, args.sinks, args.out, nets=nets,
-            meta={**_meta(args, model), "text": args.text_file, "kv_align": args.kv_align})
+            meta={**_meta(args, model), "text": args.text_file, "kv_align": args.kv_align}, rows=args.rows)
     print(f"results: {args.out}/ppl.csv, ppl.png")
 
 
@@ -158,6 +158,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--cache-sizes", default="32,64,128,256,1024", help="comma-separated cache sizes (entries)")
     p.add_argument("--sinks", type=int, default=4, help="sink tokens for sw and kv")
     p.add_argument("--kv-align", default=None, help="KV-Align networks (a `kvforge train kv-align` dir) for kv")
+    p.add_argument("--rows", type=int, default=1,
+                   help="stream this many consecutive segments of the text side by side (a batch: faster on GPU)")
     p.add_argument("--out", required=True, help="folder for ppl.csv, ppl.png, run_meta.json (re-run to resume)")
     p.set_defaults(func=cmd_ppl)
 

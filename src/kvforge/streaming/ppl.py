@@ -54,10 +54,11 @@ def full_nll(model: Any, ids: torch.Tensor, chunk: int = 1024, progress: Progres
 @torch.inference_mode()
 def ar_nll(model: Any, ids: torch.Tensor, cache_size: int, batch: int = 8, progress: Progress | None = None
            ) -> torch.Tensor:
-    """`[1, T]` NLL under `AR(cache_size)`: the prediction after token t comes from a plain forward over tokens
-    t−N+1..t. Independent windows, so `batch` of them share one forward (same numbers as one at a time)."""
-    if ids.shape[0] != 1:
-        raise KVForgeError(f"ar perplexity takes one text row, got {ids.shape[0]}")
+    """`[B, T]` NLL under `AR(cache_size)`: the prediction after token t comes from a plain forward over tokens
+    t−N+1..t. Independent windows, so `batch` of them share one forward (same numbers as one at a time); rows one
+    after the other."""
+    if ids.shape[0] > 1:
+        return torch.cat([ar_nll(model, row[None], cache_size, batch, progress) for row in ids])
     ids = ids.to(model.device)
     n, t = cache_size, ids.shape[1] - 1
     first = min(n, t)  # predictions 0..first-1 see the whole prefix: one forward
@@ -138,12 +139,23 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
+def split_rows(ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """`[1, T+1]` ids -> `[rows, T/rows + 1]`: consecutive segments sharing their boundary token, so the rows' T
+    predictions are the text's T predictions, each row streamed from its own start."""
+    t = ids.shape[1] - 1
+    if rows < 1 or t % rows:
+        raise KVForgeError(f"--rows {rows} does not divide --tokens {t}; allowed: a divisor of the token count")
+    n = t // rows
+    return torch.stack([ids[0, r * n : r * n + n + 1] for r in range(rows)])
+
+
 def run_ppl(model: Any, tokenizer: Any, text: str, tokens: int, modes: list[str], cache_sizes: list[int],
             sinks: int, out: str | os.PathLike, nets: Any = None, meta: dict | None = None,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, rows: int = 1) -> list[dict]:
     """Score `tokens` predictions of `text` for every mode × cache size (`full` once), appending rows to
     DIR/ppl.csv as they finish; rows already there (same mode, cache size, sinks, tokens) are kept, not re-run.
-    Also DIR/ppl.png and DIR/run_meta.json. Returns the table."""
+    `rows` > 1 streams that many consecutive segments of the text side by side (a batch; `full` is then each
+    segment in context). Also DIR/ppl.png and DIR/run_meta.json. Returns the table."""
     from tqdm import tqdm
 
     from kvforge.eval.runs import prepare_out
@@ -151,20 +163,25 @@ def run_ppl(model: Any, tokenizer: Any, text: str, tokens: int, modes: list[str]
     from kvforge.streaming.modes import make_mode
 
     out = prepare_out(out)
-    ids = tokenize(tokenizer, text, tokens + 1)
-    rows, path = read_rows(out / "ppl.csv"), out / "ppl.csv"
-    done = {(r["mode"], r["cache_size"], r["sinks"], r["tokens"]) for r in rows}
-    (out / "run_meta.json").write_text(json.dumps(meta or {}, indent=1))
+    ids = split_rows(tokenize(tokenizer, text, tokens + 1), rows)
+    table, path = read_rows(out / "ppl.csv"), out / "ppl.csv"
+    old = json.loads((out / "run_meta.json").read_text()) if (out / "run_meta.json").exists() and table else {}
+    if old.get("rows", 1) != rows:
+        raise KVForgeError(f"{out}/ppl.csv was measured with --rows {old.get('rows', 1)}; resume with the same "
+                           "--rows or use another --out")
+    done = {(r["mode"], r["cache_size"], r["sinks"], r["tokens"]) for r in table}
+    (out / "run_meta.json").write_text(json.dumps({**(meta or {}), "rows": rows}, indent=1))
     limit = getattr(text_config(model), "max_position_embeddings", None)
-    jobs = [(m, c) for m in modes for c in ([tokens + 1] if m == "full" else cache_sizes)]
+    jobs = [(m, c) for m in modes for c in ([ids.shape[1]] if m == "full" else cache_sizes)]
     for mode_name, size in jobs:
         n_sink = sinks if mode_name in ("sw", "kv") else 0
         if (mode_name, str(size), str(n_sink), str(tokens)) in done:
             continue
-        if mode_name == "full" and limit and tokens > limit:
-            print(f"full: skipped, {tokens} tokens exceed the model's {limit} positions", file=sys.stderr)
+        if mode_name == "full" and limit and ids.shape[1] - 1 > limit:
+            print(f"full: skipped, {ids.shape[1] - 1} tokens exceed the model's {limit} positions", file=sys.stderr)
             continue
-        bar = tqdm(total=tokens, desc=f"{mode_name} {size}", unit="tok", disable=not progress, leave=False)
+        bar = tqdm(total=ids.shape[1] - 1, desc=f"{mode_name} {size}", unit="step", disable=not progress,
+                   leave=False)
         t0 = time.perf_counter()
         if mode_name == "full":
             nll = full_nll(model, ids, progress=bar.update)
@@ -174,8 +191,8 @@ def run_ppl(model: Any, tokenizer: Any, text: str, tokens: int, modes: list[str]
         row = {"mode": mode_name, "cache_size": size, "sinks": n_sink, "tokens": tokens,
                "ppl": f"{perplexity(nll):.4f}", "seconds": f"{time.perf_counter() - t0:.1f}"}
         print(",".join(str(row[c]) for c in COLUMNS), flush=True)
-        rows.append(row)
-        write_rows(path, rows)
-    if rows:
-        plot(rows, out / "ppl.png", f"{(meta or {}).get('model', '')} — {tokens} tokens")
-    return rows
+        table.append(row)
+        write_rows(path, table)
+    if table:
+        plot(table, out / "ppl.png", f"{(meta or {}).get('model', '')} — {tokens} tokens")
+    return table
