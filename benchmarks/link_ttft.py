@@ -12,7 +12,10 @@ on the weights or the text). Per repeat (median over `--repeats`, after one unti
 - `store_read_warm_ms` / `store_read_cold_ms`: reading every document from a DocumentStore on disk (checksum
   verified, moved to the device), with the files in the page cache / after asking the kernel to drop them
   (`posix_fadvise(DONTNEED)`; a file system that ignores it reads warm);
-- `reuse_from_store_{warm,cold}_ms`: read + reuse, end to end.
+- `reuse_from_store_{warm,cold}_ms`: read + reuse, end to end;
+- `prompt_forward_ms`: the question's forward alone over an already assembled cache (the engine's share of
+  `reuse_ms`; the rest is placing the documents).
+Paths are timed round robin (each repeat times every path once), so a drift of the machine touches all alike.
 Writes `--out` (JSON) with the settings, device, commit and every repeat.
 """
 
@@ -30,7 +33,7 @@ import torch
 from kvforge import KVCache
 from kvforge.eval.runs import device_name, git_commit, versions
 from kvforge.link import DocumentStore, Links, MemoryStore
-from kvforge.link.reuse import Request, prefill_ids
+from kvforge.link.reuse import Request, document_cache, prefill_ids
 from kvforge.models import load_model
 
 
@@ -96,10 +99,22 @@ def main() -> None:
         for d in docs:
             assert store.lookup(d) is not None
 
+    assembled, _ = document_cache(model, None, req, store=memory)
+    state = assembled.snapshot()
+    q_ids = torch.tensor([question], device=device)
+    n_ctx = sum(map(len, docs))
+    q_pos = torch.arange(n_ctx, n_ctx + len(question), device=device)[None]
+
+    @torch.inference_mode()
+    def prompt_only():  # the question's forward over an already assembled cache: the engine's share of reuse_ms
+        assembled.restore(state)
+        model(input_ids=q_ids, position_ids=q_pos, past_key_values=assembled, use_cache=True, logits_to_keep=1)
+
     warm, cold = None, store.drop_page_cache  # run before each timed repeat, outside the clock
     paths = {
         "full_ms": (full, warm),
         "reuse_ms": (lambda: prefill_ids(model, None, req, store=memory), warm),
+        "prompt_forward_ms": (prompt_only, warm),
         "store_read_warm_ms": (read_all, warm),
         "store_read_cold_ms": (read_all, cold),
         "reuse_from_store_warm_ms": (lambda: prefill_ids(model, None, req, store=store), warm),
@@ -107,11 +122,11 @@ def main() -> None:
     }
     if links is not None:
         paths["reuse_links_ms"] = (lambda: prefill_ids(model, None, req, store=memory, links=links), warm)
-    runs: dict[str, list[float]] = {}
-    for name, (fn, before) in paths.items():
+    for fn, _ in paths.values():
         fn()  # warm-up: kernels, allocator, page cache
-        runs[name] = []
-        for _ in range(args.repeats):
+    runs: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(args.repeats):  # round robin, so a drift of the machine touches every path alike
+        for name, (fn, before) in paths.items():
             if before is not None:
                 before()
             runs[name].append(timed(fn, device))
