@@ -133,3 +133,62 @@ def test_bad_input(tmp_path, tiny, smol_tokenizer):
     blocker.write_text("x")
     with pytest.raises(KVForgeError, match="not writable"):
         run(blocker / "sub", tiny, smol_tokenizer)
+
+
+SMALL = dict(tasks=["niah_single_1"], presses=["knorm"], ratios=[0.5], samples=1)
+
+
+def files_of(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_resume_with_other_settings_is_refused_or_starts_clean(tmp_path, tiny, smol_tokenizer):
+    """Rows carry the settings that define them; resuming with another setting is refused in one line naming it
+    (both values) and leaves the folder as it was; `overwrite=True` starts clean."""
+    out = run(tmp_path / "run", tiny, smol_tokenizer, **SMALL)
+    rows = list(records(out).values())
+    assert len(rows) == 2 and all(r["length"] == 400 and r["max_new_tokens"] == 6 for r in rows)
+    settings = rows[0]["settings"]
+    assert settings == json.loads((out / "run_meta.json").read_text())["settings"]
+    assert {"model", "dtype", "prompt_format", "seed", "max_new_tokens", "query_aware", "cuda_graph"} <= set(settings)
+    assert settings["dtype"] == "float32" and settings["prompt_format"].startswith("chat template ")
+    before = files_of(out)
+    for kw, msg in [(dict(max_new_tokens=8), "made with max_new_tokens=6, this one has max_new_tokens=8"),
+                    (dict(seed=1), "made with seed=0, this one has seed=1"),
+                    (dict(query_aware=True), "made with query_aware=False, this one has query_aware=True")]:
+        with pytest.raises(KVForgeError, match=msg + ".*--overwrite") as e:
+            run(out, tiny, smol_tokenizer, **{**SMALL, **kw})
+        assert "\n" not in str(e.value) and files_of(out) == before
+    with pytest.raises(KVForgeError, match="model='tiny-llama', this one has model='smollm2-135m'"):
+        run(out, None, None, model_name="smollm2-135m", **SMALL)  # refused before the model loads
+    run(out, tiny, smol_tokenizer, max_new_tokens=8, overwrite=True, **SMALL)
+    rows = list(records(out).values())
+    assert len(rows) == 2 and all(r["settings"]["max_new_tokens"] == 8 for r in rows)
+    assert json.loads((out / "run_meta.json").read_text())["settings"]["max_new_tokens"] == 8
+    run(out, tiny, smol_tokenizer, max_new_tokens=8, **SMALL)  # the same settings resume: nothing redone
+    assert len(records(out)) == 2
+
+
+def test_a_refused_run_writes_nothing(tmp_path, tiny, smol_tokenizer):
+    """Every argument is checked before anything is written: a refused run leaves an existing run's folder
+    byte for byte as it was (once, an unknown task rewrote its run_meta.json) and creates no new folder."""
+    out = run(tmp_path / "run", tiny, smol_tokenizer, **SMALL)
+    before = files_of(out)
+    for kw, msg in [(dict(tasks=["nope"]), "unknown task 'nope'"),
+                    (dict(length=5000), "length 5000 is outside the model's window"),
+                    (dict(length=2040), "exceeds the model's maximum of 2048 tokens"),  # + question + answer
+                    (dict(presses=["knorm@budget=4"]), "budget is not a spec option"),
+                    (dict(presses=["kivi@bits=2@bits=4"]), "option 'bits' is given twice"),
+                    (dict(ratios=[0.5, 1.5]), "ratio 1.5 is outside"),
+                    (dict(ratios=[]), "ratio list is empty"),
+                    (dict(samples=0), "samples=0; allowed: an integer >= 1"),
+                    (dict(max_new_tokens=0), "max_new_tokens=0; allowed: an integer >= 1"),
+                    (dict(press_batch=0), "press_batch=0"),
+                    (dict(presses=["kvzip"], query_aware=True), "query_aware is not supported")]:
+        with pytest.raises(KVForgeError, match=msg) as e:
+            run(out, tiny, smol_tokenizer, **{**SMALL, **kw})
+        assert "\n" not in str(e.value) and files_of(out) == before, kw
+        fresh = tmp_path / "fresh" / "sub"
+        with pytest.raises(KVForgeError, match=msg):
+            run(fresh, tiny, smol_tokenizer, **{**SMALL, **kw})
+        assert not (tmp_path / "fresh").exists(), kw

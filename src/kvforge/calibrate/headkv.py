@@ -63,6 +63,10 @@ def head_scores(model, tokenizer, task: str = "niah_single_1", length: int = 100
 
     if samples < 1 or length < 1:
         raise KVForgeError(f"headkv-scores: samples={samples}, length={length}; both must be >= 1")
+    limit = int(getattr(text_config(model), "max_position_embeddings", 0) or 0)
+    if limit and length >= limit:
+        raise KVForgeError(f"headkv-scores: length {length} does not fit the model's {limit} positions (with a "
+                           "question); use a shorter --length")
     cfg = text_config(model)
     hq, h = cfg.num_attention_heads, cfg.num_key_value_heads
     device = next(model.parameters()).device

@@ -20,11 +20,15 @@ def compute_head_scores(model, tokenizer, length: int = 1000, samples: int = 4, 
     """Head scores `[L_compressible, H_kv]`: max over `samples` facts_qa contexts of `length` tokens of the
     pair-level KVzip scores, max over the context tokens (the protected prefix excluded)."""
     from kvforge.eval.tasks import make_samples
-    from kvforge.generate import encode, prefill_context
+    from kvforge.generate import encode, model_max_length, prefill_context
     from kvforge.presses.kvzip import kvzip_scores
 
     if samples < 1 or length < 1:
         raise KVForgeError(f"kvzip-head-scores: --samples ({samples}) and --length ({length}) must be positive")
+    limit = model_max_length(model)
+    if limit and length >= limit:
+        raise KVForgeError(f"kvzip-head-scores: --length {length} does not fit the model's {limit} positions "
+                           "(with a question); use a shorter --length")
     best = None
     for i, s in enumerate(make_samples("facts_qa", tokenizer, length, samples, seed)):
         enc = encode(model, tokenizer, [s.context], [s.questions[:1]], s.answer_prefix)

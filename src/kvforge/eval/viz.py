@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from kvforge.errors import KVForgeError
+from kvforge.errors import KVForgeError, read_text
 
 
 def attention_map(model_name: str, context_file: str, out: str = "attention.png", layers: str | None = None,
@@ -18,17 +18,23 @@ def attention_map(model_name: str, context_file: str, out: str = "attention.png"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from kvforge.generate import model_max_length
     from kvforge.models import load_model
 
+    text = read_text(context_file, "--context-file")
+    if not text.strip():
+        raise KVForgeError(f"--context-file {context_file!r} is empty or only whitespace; give a text to look at")
     try:
-        text = Path(context_file).read_text(encoding="utf-8")
-    except OSError as e:
-        raise KVForgeError(f"cannot read --context-file {context_file!r}: {e.strerror}") from None
+        picked = [int(x) for x in layers.split(",") if x.strip()] if layers else None
+    except ValueError:
+        raise KVForgeError(f"--layers {layers!r}: give comma-separated layer indices (e.g. 0,5,11)") from None
+    if picked is not None and not picked:
+        raise KVForgeError(f"--layers {layers!r} names no layer (e.g. 0,5,11)")
     model, tok = load_model(model_name)
-    ids = tok(text, return_tensors="pt")["input_ids"][:, :max_tokens]
+    limit = model_max_length(model)
+    ids = tok(text, return_tensors="pt")["input_ids"][:, : min(max_tokens, limit) if limit else max_tokens]
     n_layers = model.config.get_text_config().num_hidden_layers
-    if layers:
-        picked = [int(x) for x in layers.split(",")]
+    if picked is not None:
         bad = [i for i in picked if not 0 <= i < n_layers]
         if bad:
             raise KVForgeError(f"layer {bad[0]} does not exist; allowed: 0..{n_layers - 1}")
