@@ -362,12 +362,13 @@ def _resumable(path: Path, setup: dict) -> tuple[dict[str, list[dict]], list[dic
 
 
 def kv_bytes(model_or_config, batch: int, tokens: int, dtype: torch.dtype) -> int:
-    """Bytes of an uncompressed cache of `tokens` entries per row on every layer (sliding layers counted in full:
-    an upper bound)."""
+    """Bytes of an uncompressed cache of `tokens` entries per row (a sliding-window layer holds at most its window)."""
     cfg = text_config(model_or_config)
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * heads * hd * batch * tokens * dtype.itemsize
+    window = getattr(cfg, "sliding_window", None) or tokens
+    entries = sum(min(tokens, window) if t == "sliding_attention" else tokens for t in layer_types(cfg))
+    return 2 * entries * heads * hd * batch * dtype.itemsize
 
 
 def _check_fits(model_or_config, contexts: list[int], reserve: int, what: str) -> None:
