@@ -357,7 +357,8 @@ PART = st.builds(
 SPECS = st.one_of(st.lists(PART, min_size=1, max_size=3).map("+".join), st.text("snapkv@:+=.1", max_size=14))
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(spec=SPECS, ratio=st.sampled_from([0.0, 0.25, 0.9]))
 def test_random_press_specs_parse_or_raise_kvforge_error(spec, ratio):
     try:
