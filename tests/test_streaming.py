@@ -100,6 +100,7 @@ def test_slot_order_reads_equal_position_order_reads():
     torch.testing.assert_close(plain.step(ids), ordered.step(ids), rtol=1e-5, atol=1e-5)
     layer = plain.cache.layers[0]
     assert torch.equal(layer.order()[layer.slot_positions()], torch.arange(9))  # inverse permutations
+    assert torch.equal(layer.slot_tables()[0], layer._cos[layer.slot_positions()])  # each slot turned to its position
 
 
 def test_sw_one_layer_equals_recompute_over_sinks_and_window():

@@ -56,7 +56,7 @@ class SinkWindowLayer(CacheLayerMixin):
         self.n_sink, self.size, self.window = n_sink, size, size - n_sink
         self.rope, self.layer_idx, self.align = rope, layer_idx, align
         self.seen = 0
-        self._k = self._v = self._cos = self._sin = None
+        self._k = self._v = self._cos = self._sin = None  # buffers and rotation tables, on the first forward
 
     # -- lengths -------------------------------------------------------------------------------------------
     @property
@@ -88,13 +88,16 @@ class SinkWindowLayer(CacheLayerMixin):
             basis = torch.zeros(1, 1, self.size, d, device=self.device)
             basis[..., :half] = 1.0  # apply() of (1, 0) pairs returns (s·cos pθ, s·sin pθ)
             table = apply(basis, torch.arange(self.size, device=self.device), self.rope)[0, 0]
-            self._cos, self._sin = table[:, :half], table[:, half : 2 * half]
+            c, sn = table[:, :half], table[:, half : 2 * half]  # [C, r/2]
+            a2 = self.rope.attention_scaling**2
+            self._cos, self._sin, self._icos, self._isin = c, sn, c / a2, -sn / a2  # R(−p)/s = (s·R(p))ᵀ / s²
+            w = slice(self.n_sink, self.size)  # the window's rows twice: a wrapped ring's slots are a slice
+            self._cos2, self._sin2 = torch.cat([c, c[w]]), torch.cat([sn, sn[w]])
         self.is_initialized = True
 
-    def _slots(self, first: int, q: int) -> torch.Tensor:
-        """Slot of tokens first..first+q-1 `[q]`."""
-        i = torch.arange(first, first + q, device=self.device)
-        return torch.where(i < self.n_sink, i, self.n_sink + (i - self.n_sink) % self.window)
+    def slot_of(self, token: int) -> int:
+        """The slot token `token` is (or was) written to."""
+        return token if token < self.n_sink else self.n_sink + (token - self.n_sink) % self.window
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store `[B, H, q, D]` new keys/values (rotated by the model at positions get_seq_length() + 0..q-1) and
@@ -106,11 +109,11 @@ class SinkWindowLayer(CacheLayerMixin):
             raise KVForgeError(f"{q} tokens in one forward with {self.seen} of {self.size} cache entries filled; "
                                f"allowed: at most {self.size - self.seen} (the free room), then one token at a time")
         if self.rope is not None:
-            first = self.get_seq_length()
-            key_states = self._turn(key_states, slice(first, first + q), inverse=True)
-        slots = self._slots(self.seen, q)
-        self._k.index_copy_(2, slots, key_states.to(self.dtype))
-        self._v.index_copy_(2, slots, value_states.to(self.dtype))
+            p = self.get_seq_length()
+            key_states = self._turn(key_states, self._icos[p : p + q], self._isin[p : p + q])
+        a = self.slot_of(self.seen)  # q > 1 never wraps: the slots are a..a+q-1
+        self._k[:, :, a : a + q] = key_states
+        self._v[:, :, a : a + q] = value_states
         self.seen += q
         self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
         return self.read()
@@ -156,7 +159,7 @@ class SinkWindowLayer(CacheLayerMixin):
         if not self.ordered and self.align is None:
             keys, values = self._k[:, :, : self.n], self._v[:, :, : self.n]
             if self.rope is not None:
-                keys = self._turn(keys, slice(0, self.n) if self.seen <= self.size else self.slot_positions())
+                keys = self._turn(keys, *self.slot_tables())
             return keys, values
         keys, values = self.raw()
         if self.align is not None and self.evicted:  # raw() gathered fresh tensors: write into them
@@ -164,17 +167,24 @@ class SinkWindowLayer(CacheLayerMixin):
             keys[:, :, s:e], values[:, :, s:e] = self.align(self.layer_idx, keys[:, :, s:e], values[:, :, s:e],
                                                             self.shifts()[s:e])
         if self.rope is not None:
-            keys = self._turn(keys, slice(0, self.n))
+            keys = self._turn(keys, self._cos[: self.n], self._sin[: self.n])
         return keys, values
 
-    def _turn(self, x: torch.Tensor, rows: slice | torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """`kvforge.rope.apply(x, positions)` (or `unapply`) for x `[B, H, n, D]` at positions `rows` (a slice or
-        `[n]` indices), from the
-        tables built once (the same numbers in fewer operations: this runs for every layer at every step)."""
-        half, r = self.rope.rotary_dim // 2, self.rope.rotary_dim
-        c, s = self._cos[rows], self._sin[rows]  # s·cos, s·sin `[n, r/2]`
-        if inverse:  # R(−p)/s = (s·R(p))ᵀ / s²
-            c, s = c / self.rope.attention_scaling**2, -s / self.rope.attention_scaling**2
+    def slot_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """s·cos and s·sin of each slot's position `[n, r/2]` (views while nothing is evicted)."""
+        if self.seen <= self.size:
+            return self._cos[: self.n], self._sin[: self.n]
+        s, w = self.n_sink, self.window
+        at = s + w - (self.seen - self.size) % w  # ring slot k sits at position s + (k − oldest) mod w
+        return (torch.cat([self._cos2[:s], self._cos2[at : at + w]]),
+                torch.cat([self._sin2[:s], self._sin2[at : at + w]]))
+
+    @staticmethod
+    def _turn(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x `[B, H, n, D]` with each entry's leading 2·m channels turned by the tables c, s `[n, m]` (s·cos and s·sin
+        of its position, or the inverse tables): `kvforge.rope.apply`'s numbers in fewer operations (this runs for
+        every layer at every step); channels past 2·m unchanged."""
+        half, r = c.shape[-1], 2 * c.shape[-1]
         x1, x2 = x[..., :half], x[..., half:r]
         if x.dtype != torch.float32:  # fp32 arithmetic, one rounding (as kvforge.rope)
             x1, x2 = x1.float(), x2.float()
