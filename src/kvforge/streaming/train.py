@@ -91,8 +91,9 @@ def make_pairs(model: Any, ids: torch.Tensor, cache_size: int, n_sink: int, snap
             b, h, m = xk.shape[0], xk.shape[1], last - first
             pick = torch.randint(0, b * h * m, (max(1, per_snapshot // layers),), generator=generator)
             bi, hi, ji = pick // (h * m), pick // m % h, pick % m
+            at = (bi.to(xk.device), hi.to(xk.device), ji.to(xk.device))  # pick on the device, move only the picks
             for name, src in (("xk", xk), ("xv", xv), ("yk", yks[li]), ("yv", yvs[li])):
-                out[name].append(src[:, :, first:last].cpu()[bi, hi, ji].to(STORE))
+                out[name].append(src[:, :, first:last][at].to("cpu", STORE))
             out["shift"].append(layer.shifts()[first:last].cpu()[ji])
             out["layer"].append(torch.full_like(ji, li))
             out["head"].append(hi)
