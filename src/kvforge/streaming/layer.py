@@ -101,7 +101,7 @@ class SinkWindowLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store `[B, H, q, D]` new keys/values (rotated by the model at positions get_seq_length() + 0..q-1) and
-        return every stored entry in position order, keys rotated to positions 0..n-1."""
+        return every stored entry, keys rotated to their positions (see `read`)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[2]
@@ -137,7 +137,8 @@ class SinkWindowLayer(CacheLayerMixin):
     def shifts(self) -> torch.Tensor:
         """How far each entry (in position order) has moved since it was computed `[n]` (int64): the position the
         model gave it minus its position now. It is also the number of tokens it attended to that have been evicted
-        since. Sinks and entries computed before the first eviction: 0; the oldest window entry of a full layer: W−1."""
+        since. 0 for sinks, for the newest entry and while nothing has been evicted; W−1 for the oldest window entry
+        of a layer that has been full for W steps."""
         i = torch.arange(self.n, device=self.device)
         token = torch.where(i < self.n_sink, i, i + self.evicted)  # token index at position i
         made = token.clamp(max=self.size - 1)  # the position the model gave it
