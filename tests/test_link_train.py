@@ -95,6 +95,7 @@ def test_bad_input_is_one_line(tiny_dir, smol_tokenizer):
         generate(model, smol_tokenizer, ["word " * 2040], "q?", template=False, max_new_tokens=16)
 
 
+@pytest.mark.slow  # a CLI training run end to end (~40 s on 2 cores); `make test-slow`
 def test_train_and_eval_cli(tmp_path, tiny_dir, capsys):
     """`kvforge train kvlink` (full and LoRA) writes a loadable model with links, its log and loss plot;
     `kvforge link eval` writes summary.csv with the exact columns, resumes, and refuses another set-up."""

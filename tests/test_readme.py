@@ -5,6 +5,7 @@ import pathlib
 import re
 import shlex
 
+import pytest
 import torch
 
 from kvforge.cli import main
@@ -38,6 +39,7 @@ def _commands() -> list[list[str]]:
     return cmds
 
 
+@pytest.mark.slow  # the CLI commands on the embedded model (~60 s); `kvforge generate` is in test_errors_cli
 def test_generate_and_presses_commands_run_as_written(smol, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "doc.txt").write_text("The Dunmore town archive was founded in 1921 by the printer Ada Kell. " * 10)

@@ -77,6 +77,7 @@ def test_convert_refuses_a_non_llama_model(tmp_path, capsys):
     assert code == 2 and "converts Llama-architecture models" in err and "'qwen3'" in err
 
 
+@pytest.mark.slow  # a CLI training run end to end (~40 s on 2 cores); `make test-slow`
 def test_train_writes_curve_and_model_and_resumes_exactly(llama_dir, tmp_path, capsys):
     model_dir, text = tmp_path / "lckv", tmp_path / "text.txt"
     text.write_text(TEXT)
