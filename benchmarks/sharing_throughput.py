@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--max-batch", type=int, default=1024)
+    ap.add_argument("--growth", type=int, default=2, help="batch sizes 1, g, g², ... (4 halves the runs)")
     ap.add_argument("--warmup", type=int, default=2, help="lckv warm-up layers")
     ap.add_argument("--sliding-window", type=int, default=1024, help="window of yoco/mixattention sliding layers")
     ap.add_argument("--dtype", default="bfloat16")
@@ -108,7 +109,7 @@ def main() -> None:
         batch = 1
         while batch <= args.max_batch:
             if any(r["batch"] == batch for r in rows):
-                batch *= 2
+                batch *= args.growth
                 continue
             row = setup | {"preset": name, "batch": batch,
                            "kv_layers": getattr(model.config, "kv_layers", None) or "dense"}
@@ -124,7 +125,7 @@ def main() -> None:
             done.append(row)
             if row.get("oom"):
                 break
-            batch *= 2
+            batch *= args.growth
         del model
         gc.collect()
         torch.cuda.empty_cache()
