@@ -236,3 +236,63 @@ def test_ppl_rows_split_the_predictions_and_stream_side_by_side():
     both = ar_nll(model, rows, 5)
     torch.testing.assert_close(both[1:], ar_nll(model, rows[1:], 5))
     assert both.shape == (2, 12)
+
+
+# -- graph mode: device-side counters, one captured step replayed ----------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gemma3", "phi3", "gpt2"])
+def test_graph_mode_stream_equals_streamingllm_by_definition(family):
+    """`Stream(..., cuda_graph=True)` switches to graph mode once the cache is full (on CPU it runs eagerly): the
+    slot written, the slots' positions, the read order and the shifts then come from a device counter. Fed token by
+    token through three full turns of the ring, it gives the definition's logits (Gemma 3: ordered sliding reads)."""
+    model = tiny_gpt2() if family == "gpt2" else small(family)
+    ids = ids_for(model.config.vocab_size, 40, batch=2)
+    ref = reference_sw(model, ids, cache_size=12, n_sink=3)
+    stream = Stream(model, SW(cache_size=12, n_sink=3), cuda_graph=True)
+    got = torch.cat([stream.step(ids[:, :12])] + [stream.step(ids[:, t : t + 1]) for t in range(12, 40)], 1)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    layer = stream.cache.layers[0]
+    assert layer._seen_t is not None and int(layer._seen_t) == layer.seen == 40  # device and host counters agree
+
+
+def test_graph_mode_kv_align_equals_the_ordinary_path():
+    """KV-Align in graph mode (shifts from the device counter) gives the ordinary path's logits, with networks that
+    are not the identity; several tokens in one call work too (each a graph step)."""
+    model = small("llama")
+    ids = ids_for(model.config.vocab_size, 30)
+    nets = KVAlign.for_model(model, num_pos=16)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in list(nets.key_net.parameters()) + list(nets.value_net.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    want = Stream(model, KV(cache_size=8, n_sink=2, nets=nets)).step(ids)
+    stream = Stream(model, KV(cache_size=8, n_sink=2, nets=nets), cuda_graph=True)
+    got = torch.cat([stream.step(ids[:, :8]), stream.step(ids[:, 8:9]), stream.step(ids[:, 9:])], 1)
+    assert (want - Stream(model, SW(cache_size=8, n_sink=2)).step(ids)).abs().max() > 1e-3  # nets change things
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_graph_mode_needs_a_full_layer():
+    stream = Stream(small("llama"), SW(cache_size=8, n_sink=2))
+    stream.step(ids_for(512, 5))
+    with pytest.raises(KVForgeError, match="needs a full cache"):
+        stream.cache.layers[0].enter_graph_mode()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_captured_stream_equals_eager_stream_on_cuda(family):
+    """On CUDA the full-cache step is captured once and replayed: the same logits as the eager stream, and the
+    greedy tokens of a 200-step generation identical."""
+    model = (tiny_gpt2() if family == "gpt2" else small(family)).cuda()
+    ids = ids_for(model.config.vocab_size, 60, batch=2).cuda()
+    eager = Stream(model, SW(cache_size=16, n_sink=4)).step(ids)
+    stream = Stream(model, SW(cache_size=16, n_sink=4), cuda_graph=True)
+    got = torch.cat([stream.step(ids[:, :16])] + [stream.step(ids[:, t : t + 1]) for t in range(16, 60)], 1)
+    assert stream._graph is not None
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    a, b = Stream(model, SW(cache_size=16, n_sink=4)), Stream(model, SW(cache_size=16, n_sink=4), cuda_graph=True)
+    ta, tb = ids[:, :1], ids[:, :1]
+    for _ in range(200):
+        ta, tb = a.step(ta)[:, -1:].argmax(-1), b.step(tb)[:, -1:].argmax(-1)
+        assert torch.equal(ta, tb)

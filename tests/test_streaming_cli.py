@@ -59,6 +59,23 @@ def test_ppl_rows_in_a_fresh_folder_then_resume_refuses_other_rows(model_dir, tm
     assert "measured with --rows 2" in capsys.readouterr().err
 
 
+def test_cuda_graph_flag_gives_the_same_table_and_text(model_dir, tmp_path, capsys):
+    """`--cuda-graph` (on CPU: graph mode run eagerly) changes no number: the same perplexities, the same text."""
+    base = ["ppl", "--model", str(model_dir), "--text-file", str(model_dir / "text.txt"), "--tokens", "40",
+            "--modes", "sw,window", "--cache-sizes", "8", "--sinks", "2"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--cuda-graph", "--out", str(tmp_path / "b")]) == 0
+    a, b = rows(tmp_path / "a" / "ppl.csv"), rows(tmp_path / "b" / "ppl.csv")
+    assert [float(r["ppl"]) for r in a] == pytest.approx([float(r["ppl"]) for r in b], rel=1e-5)
+    texts = []
+    for extra in ([], ["--cuda-graph"]):
+        capsys.readouterr()
+        assert main(["stream", "--model", str(model_dir), "--cache-size", "10", "--num-tokens", "30",
+                     "--prompt", "The sea"] + extra) == 0
+        texts.append(capsys.readouterr().out.split("\n\n")[0])
+    assert texts[0] == texts[1] and len(texts[0]) > len("The sea")
+
+
 def test_stream_prints_and_writes_latency(model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("kvforge.streaming.generate.BLOCK", 10)
     args = ["stream", "--model", str(model_dir), "--mode", "sw", "--cache-size", "12", "--num-tokens", "30",

@@ -73,7 +73,8 @@ def cmd_ppl(args) -> None:
     model, tok = load_stream_model(args.model, dtype=args.dtype, device=args.device)
     nets = _fit(nets, model)
     run_ppl(model, tok, text, args.tokens, modes, sizes, args.sinks, args.out, nets=nets,
-            meta={**_meta(args, model), "text": args.text_file, "kv_align": args.kv_align}, rows=args.rows)
+            meta={**_meta(args, model), "text": args.text_file, "kv_align": args.kv_align}, rows=args.rows,
+            cuda_graph=args.cuda_graph)
     print(f"results: {args.out}/ppl.csv, ppl.png")
 
 
@@ -98,7 +99,7 @@ def cmd_stream(args) -> None:
         print(args.prompt, end="", flush=True)
     records: list = []
     summary = run_stream(model, tok, mode, args.prompt, args.num_tokens, emit=emit, top_k=args.top_k,
-                         seed=args.seed, records=records)
+                         seed=args.seed, records=records, cuda_graph=args.cuda_graph)
     if args.compare_ar:
         ar = compare_ar(model, tok, args.prompt, args.cache_size, args.compare_ar, args.top_k, args.seed)
         summary["ar"] = ar
@@ -160,6 +161,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--kv-align", default=None, help="KV-Align networks (a `kvforge train kv-align` dir) for kv")
     p.add_argument("--rows", type=int, default=1,
                    help="stream this many consecutive segments of the text side by side (a batch: faster on GPU)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="once a cache is full, replay one captured CUDA graph per token (sw, kv, window; same numbers)")
     p.add_argument("--out", required=True, help="folder for ppl.csv, ppl.png, run_meta.json (re-run to resume)")
     p.set_defaults(func=cmd_ppl)
 
@@ -176,6 +179,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--compare-ar", type=int, default=0, metavar="T",
                    help="then generate T tokens with ar on the same prompt and report the speed ratio")
     s.add_argument("--quiet", action="store_true", help="do not print the generated text")
+    s.add_argument("--cuda-graph", action="store_true",
+                   help="once the cache is full, replay one captured CUDA graph per token (launch overhead gone)")
     s.add_argument("--out", default=None, help="folder for latency.csv (per 1k tokens), summary.json")
     s.set_defaults(func=cmd_stream)
 

@@ -67,10 +67,11 @@ def pick(logits: torch.Tensor, top_k: int | None, generator: torch.Generator | N
 
 def run_stream(model: Any, tokenizer: Any, mode: Any, prompt: str, num_tokens: int,
                emit: Callable[[str], Any] | None = print, top_k: int | None = None, seed: int = 0,
-               records: list | None = None) -> dict:
+               records: list | None = None, cuda_graph: bool = False) -> dict:
     """Generate `num_tokens` tokens after `prompt` under `mode`; `emit` gets the text as it streams (None: silent).
     Appends one record per `BLOCK` tokens to `records` (tokens so far, ms per token over the block, memory, cache
-    bytes). Returns a summary: tokens/s, ms per token, peak memory, cache bytes."""
+    bytes). `cuda_graph`: one captured step replayed per token once the cache is full. Returns a summary: tokens/s,
+    ms per token, peak memory, cache bytes."""
     device = model.device
     generator = torch.Generator().manual_seed(seed)
     ids = tokenizer(prompt, return_tensors="pt").input_ids if prompt else None
@@ -80,7 +81,7 @@ def run_stream(model: Any, tokenizer: Any, mode: Any, prompt: str, num_tokens: i
     sink = TextSink(tokenizer, emit) if emit else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    stream = Stream(model, mode)
+    stream = Stream(model, mode, cuda_graph=cuda_graph)
     t0 = time.perf_counter()
     logits = stream.step(ids)[:, -1]
     _sync(device)

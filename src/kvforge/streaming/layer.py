@@ -57,6 +57,7 @@ class SinkWindowLayer(CacheLayerMixin):
         self.rope, self.layer_idx, self.align = rope, layer_idx, align
         self.seen = 0
         self._k = self._v = self._cos = self._sin = None  # buffers and rotation tables, on the first forward
+        self._seen_t: torch.Tensor | None = None  # graph mode: `seen` on the device (see enter_graph_mode)
 
     # -- lengths -------------------------------------------------------------------------------------------
     @property
@@ -104,6 +105,8 @@ class SinkWindowLayer(CacheLayerMixin):
         return every stored entry, keys rotated to their positions (see `read`)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self._seen_t is not None:
+            return self._graph_update(key_states, value_states)
         q = key_states.shape[2]
         if q > 1 and self.seen + q > self.size:
             raise KVForgeError(f"{q} tokens in one forward with {self.seen} of {self.size} cache entries filled; "
@@ -118,13 +121,48 @@ class SinkWindowLayer(CacheLayerMixin):
         self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
         return self.read()
 
+    # -- graph mode: the counters on the device, so one captured step serves every later step ---------------
+    def enter_graph_mode(self) -> None:
+        """Keep `seen` in a device tensor from now on: every index a step uses (the slot written, the positions of
+        the slots, the order and shifts of the entries) is computed on the device from it, so a CUDA graph captured
+        once replays correctly at every later step. Needs a full layer (nothing about the shapes changes from then
+        on) and one token per forward. The host's `seen` is advanced by `advance()`, not by `update()` — a replay
+        runs no Python."""
+        if self.seen < self.size:
+            raise KVForgeError(f"graph mode needs a full cache ({self.seen} of {self.size} entries filled)")
+        self._seen_t = torch.tensor(self.seen, device=self.device)
+
+    def exit_graph_mode(self) -> None:
+        self._seen_t = None
+
+    def advance(self, q: int = 1) -> None:
+        """Host bookkeeping after a graph-mode step (the device counter advanced inside the step)."""
+        self.seen += q
+
+    def _graph_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        if key_states.shape[2] != 1:
+            raise KVForgeError(f"{key_states.shape[2]} tokens in one graph-mode forward; allowed: 1")
+        if self.rope is not None:  # the new token sits at the last position, C - 1
+            p = self.size - 1
+            key_states = self._turn(key_states, self._icos[p : p + 1], self._isin[p : p + 1])
+        slot = (self.n_sink + (self._seen_t - self.n_sink) % self.window).view(1)
+        self._k.index_copy_(2, slot, key_states)
+        self._v.index_copy_(2, slot, value_states)
+        self._seen_t += 1
+        self.keys, self.values = self._k, self._v
+        return self.read()
+
+    def _now(self) -> int | torch.Tensor:
+        """Tokens fed so far, including the current forward's: the device counter in graph mode."""
+        return self._seen_t if self._seen_t is not None else self.seen
+
     # -- reading -------------------------------------------------------------------------------------------
     def order(self) -> torch.Tensor | None:
         """Slot of each position 0..n-1 `[n]`, or None while slots and positions coincide (nothing evicted)."""
-        if self.seen <= self.size:
+        if self._seen_t is None and self.seen <= self.size:
             return None
         s, w = self.n_sink, self.window
-        oldest = self.seen - w - s  # window index of the oldest window token still stored
+        oldest = self._now() - w - s  # window index of the oldest window token still stored
         ring = s + (oldest + torch.arange(w, device=self.device)) % w
         return torch.cat([torch.arange(s, device=self.device), ring])
 
@@ -132,7 +170,7 @@ class SinkWindowLayer(CacheLayerMixin):
         """Position of each slot `[C]` once the ring has wrapped (the inverse of `order()`)."""
         s, w = self.n_sink, self.window
         slot = torch.arange(self.size, device=self.device)
-        return torch.where(slot < s, slot, s + (slot - s - (self.seen - w - s)) % w)
+        return torch.where(slot < s, slot, s + (slot - s - (self._now() - w - s)) % w)
 
     def shifts(self) -> torch.Tensor:
         """How far each entry (in position order) has moved since it was computed `[n]` (int64): the position the
@@ -140,7 +178,8 @@ class SinkWindowLayer(CacheLayerMixin):
         since. 0 for sinks, for the newest entry and while nothing has been evicted; W−1 for the oldest window entry
         of a layer that has been full for W steps."""
         i = torch.arange(self.n, device=self.device)
-        token = torch.where(i < self.n_sink, i, i + self.evicted)  # token index at position i
+        evicted = self.evicted if self._seen_t is None else self._seen_t - self.size
+        token = torch.where(i < self.n_sink, i, i + evicted)  # token index at position i
         made = token.clamp(max=self.size - 1)  # the position the model gave it
         return torch.where(i < self.n_sink, 0, made - i)
 
@@ -163,7 +202,7 @@ class SinkWindowLayer(CacheLayerMixin):
                 keys = self._turn(keys, *self.slot_tables())
             return keys, values
         keys, values = self.raw()
-        if self.align is not None and self.evicted:  # raw() gathered fresh tensors: write into them
+        if self.align is not None and (self.evicted or self._seen_t is not None):  # raw() gathered fresh tensors
             s, e = self.n_sink, self.n - 1  # every window entry but the newest has shifted
             keys[:, :, s:e], values[:, :, s:e] = self.align(self.layer_idx, keys[:, :, s:e], values[:, :, s:e],
                                                             self.shifts()[s:e])
@@ -173,6 +212,9 @@ class SinkWindowLayer(CacheLayerMixin):
 
     def slot_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """s·cos and s·sin of each slot's position `[n, r/2]` (views while nothing is evicted)."""
+        if self._seen_t is not None:  # graph mode: gathered by positions computed on the device
+            pos = self.slot_positions()
+            return self._cos.index_select(0, pos), self._sin.index_select(0, pos)
         if self.seen <= self.size:
             return self._cos[: self.n], self._sin[: self.n]
         s, w = self.n_sink, self.window
@@ -200,6 +242,7 @@ class SinkWindowLayer(CacheLayerMixin):
     # -- the rest of transformers' layer API ---------------------------------------------------------------
     def reset(self) -> None:
         self.seen = 0
+        self._seen_t = None
         self.keys = self.values = None
 
     def stored_bytes(self) -> int:

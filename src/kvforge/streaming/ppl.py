@@ -76,12 +76,13 @@ def ar_nll(model: Any, ids: torch.Tensor, cache_size: int, batch: int = 8, progr
 
 
 @torch.inference_mode()
-def stream_nll(model: Any, ids: torch.Tensor, mode: Any, progress: Progress | None = None) -> torch.Tensor:
+def stream_nll(model: Any, ids: torch.Tensor, mode: Any, progress: Progress | None = None,
+               cuda_graph: bool = False) -> torch.Tensor:
     """`[B, T]` NLL of ids[:, 1:] fed through `Stream(model, mode)` (the first `cache_size` tokens in one forward,
     which scores the same as one at a time, then one token at a time)."""
     if isinstance(mode, AR):
         return ar_nll(model, ids, mode.cache_size, progress=progress)
-    stream, t = Stream(model, mode), ids.shape[1] - 1
+    stream, t = Stream(model, mode, cuda_graph=cuda_graph), ids.shape[1] - 1
     first = min(mode.cache_size, t)
     out = [_nll(stream.step(ids[:, :first]), ids[:, 1 : first + 1])]
     if progress:
@@ -151,11 +152,12 @@ def split_rows(ids: torch.Tensor, rows: int) -> torch.Tensor:
 
 def run_ppl(model: Any, tokenizer: Any, text: str, tokens: int, modes: list[str], cache_sizes: list[int],
             sinks: int, out: str | os.PathLike, nets: Any = None, meta: dict | None = None,
-            progress: bool = True, rows: int = 1) -> list[dict]:
+            progress: bool = True, rows: int = 1, cuda_graph: bool = False) -> list[dict]:
     """Score `tokens` predictions of `text` for every mode × cache size (`full` once), appending rows to
     DIR/ppl.csv as they finish; rows already there (same mode, cache size, sinks, tokens) are kept, not re-run.
     `rows` > 1 streams that many consecutive segments of the text side by side (a batch; `full` is then each
-    segment in context). Also DIR/ppl.png and DIR/run_meta.json. Returns the table."""
+    segment in context). `cuda_graph`: replay one captured step per token once a cache is full (same numbers).
+    Also DIR/ppl.png and DIR/run_meta.json. Returns the table."""
     from tqdm import tqdm
 
     from kvforge.eval.runs import prepare_out
@@ -186,7 +188,8 @@ def run_ppl(model: Any, tokenizer: Any, text: str, tokens: int, modes: list[str]
         if mode_name == "full":
             nll = full_nll(model, ids, progress=bar.update)
         else:
-            nll = stream_nll(model, ids, make_mode(mode_name, size, n_sink, nets), progress=bar.update)
+            nll = stream_nll(model, ids, make_mode(mode_name, size, n_sink, nets), progress=bar.update,
+                             cuda_graph=cuda_graph)
         bar.close()
         row = {"mode": mode_name, "cache_size": size, "sinks": n_sink, "tokens": tokens,
                "ppl": f"{perplexity(nll):.4f}", "seconds": f"{time.perf_counter() - t0:.1f}"}
