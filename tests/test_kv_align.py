@@ -43,6 +43,16 @@ def test_pairs_are_the_cache_and_the_recomputation():
     assert (g["xk"].float() - g["yk"].float()).abs().mean() > 1e-2
 
 
+def test_pairs_from_a_graph_mode_stream_are_the_same():
+    """`cuda_graph=True` streams the text in graph mode (device counters; eager on CPU): the very same pairs."""
+    model = tiny_model("llama", num_hidden_layers=2, vocab_size=512)
+    ids = torch.randint(3, 500, (2, 26), generator=torch.Generator().manual_seed(1))
+    a, b = (make_pairs(model, ids, 10, 2, snapshots=3, per_snapshot=600, generator=torch.Generator().manual_seed(0),
+                       cuda_graph=g) for g in (False, True))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
 def test_train_cli_reduces_validation_loss_and_the_networks_apply(tok, tmp_path):
     model_dir = tmp_path / "model"
     model = tiny_model("llama", num_hidden_layers=2)

@@ -124,7 +124,8 @@ def cmd_train_kv_align(args) -> None:
     cfg = TrainConfig(cache_sizes=sizes, n_sink=args.sinks, streams=args.streams, snapshots=args.snapshots,
                       per_snapshot=args.per_snapshot,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      num_pos=args.num_pos, key_hidden=_ints(args.key_hidden), value_hidden=_ints(args.value_hidden))
+                      num_pos=args.num_pos, key_hidden=_ints(args.key_hidden), value_hidden=_ints(args.value_hidden),
+                      cuda_graph=args.cuda_graph)
     text = read_text(args.text_file)
     model, tok = load_stream_model(args.model, dtype=args.dtype, device=args.device)
     nets = train_kv_align(model, tok, text, args.out, cfg, meta=_meta(args, model))
@@ -201,6 +202,7 @@ def add_parsers(sub) -> None:
     k.add_argument("--num-pos", type=int, default=1024, help="shift embeddings (largest shift + 1)")
     k.add_argument("--key-hidden", default="128,128", help="hidden sizes of the key network")
     k.add_argument("--value-hidden", default="128,128", help="hidden sizes of the value network")
+    k.add_argument("--cuda-graph", action="store_true", help="stream the training text with a captured step per token")
     k.set_defaults(func=cmd_train_kv_align)
 
     g = tsub.add_parser("gpt2", help="a small GPT-2 (absolute positions) trained from scratch, seeded")
