@@ -296,3 +296,80 @@ def test_captured_stream_equals_eager_stream_on_cuda(family):
     for _ in range(200):
         ta, tb = a.step(ta)[:, -1:].argmax(-1), b.step(tb)[:, -1:].argmax(-1)
         assert torch.equal(ta, tb)
+
+
+# -- quantized entries ---------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def reference_sw_quantized(model, ids: torch.Tensor, cache_size: int, n_sink: int, bits: int) -> torch.Tensor:
+    """StreamingLLM by definition (as `reference_sw`) where every entry, when it comes in, is replaced by its
+    quantize-dequantize: values as they are, keys pre-RoPE (un-rotated from the position the model gave them, then
+    rotated back) — per token, channel groups of 32, `kvforge.kernels.quantize`'s value scheme."""
+    from kvforge.kernels.quantize import dequantize_values, quantize_values
+    from kvforge.rope import apply, unapply
+
+    def qdq(x):
+        return dequantize_values(*quantize_values(x, bits, 32), bits, 32, x.dtype)
+
+    cfg = model.config.get_text_config()
+    rotary = getattr(cfg, "rope_parameters", None)
+    ropes = [rope_for_layer(cfg, i) for i in range(cfg.num_hidden_layers)] if rotary else None
+    cache, out = DynamicCache(), []
+    for t in range(ids.shape[1]):
+        n = cache.get_seq_length()
+        if n == cache_size:
+            for i, layer in enumerate(cache.layers):
+                rest = layer.keys[:, :, n_sink + 1 :]
+                rest = rotate(rest, -1, ropes[i]) if ropes else rest
+                layer.keys = torch.cat([layer.keys[:, :, :n_sink], rest], 2)
+                layer.values = torch.cat([layer.values[:, :, :n_sink], layer.values[:, :, n_sink + 1 :]], 2)
+            n -= 1
+        pos = torch.full((ids.shape[0], 1), n)
+        out.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, position_ids=pos).logits)
+        for i, layer in enumerate(cache.layers):  # the entry just written, as a quantized cache would hold it
+            k = layer.keys[:, :, -1:]
+            layer.keys[:, :, -1:] = apply(qdq(unapply(k, n, ropes[i])), n, ropes[i]) if ropes else qdq(k)
+            layer.values[:, :, -1:] = qdq(layer.values[:, :, -1:])
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("family, steps", [("gpt2", 30), ("llama", 20)])
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_quantized_stream_equals_the_quantized_definition(family, steps, cuda_graph):
+    """4-bit entries: the logits of quantizing each entry as it comes in (the token that computed it sees it
+    exact), fed one token at a time through the definition — also in graph mode. Rotary keys are quantized pre-RoPE,
+    which the reference reaches through `kvforge.rope.unapply` and the layer through its own tables: a 1e-7
+    difference there can flip a code once in a while, so the llama check stops at 20 steps (10 evictions);
+    GPT-2 has no such step and runs 30. And the error grows as bits shrink (8 < 4 < 2, against unquantized)."""
+    model = tiny_gpt2() if family == "gpt2" else small("llama", head_dim=32)
+    ids = ids_for(model.config.vocab_size, steps, batch=2)
+    want = reference_sw_quantized(model, ids, 10, 2, bits=4)
+    stream = Stream(model, SW(cache_size=10, n_sink=2, bits=4), cuda_graph=cuda_graph)
+    got = torch.cat([stream.step(ids[:, t : t + 1]) for t in range(steps)], 1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - reference_sw(model, ids, 10, 2)).abs().max() > 1e-3  # quantization does change the logits
+    exact = Stream(model, SW(cache_size=10, n_sink=2)).step(ids)
+    errs = [(Stream(model, SW(cache_size=10, n_sink=2, bits=b)).step(ids) - exact).abs().max() for b in (8, 4, 2)]
+    assert 0 < errs[0] < errs[1] < errs[2], errs
+
+
+def test_quantized_cache_stores_codes_only():
+    """Bytes per entry and layer: codes D·bits/8 + a scale and a minimum per 32 channels, for K and for V, and
+    nothing else between steps; fixed over the stream."""
+    model = small("llama", head_dim=64)  # 4 KV heads? read from the config
+    cfg = model.config
+    ids = ids_for(cfg.vocab_size, 20)
+    full = Stream(model, SW(cache_size=12, n_sink=2))
+    quant = Stream(model, SW(cache_size=12, n_sink=2, bits=4))
+    full.step(ids)
+    quant.step(ids)
+    kv_heads = cfg.num_key_value_heads
+    per_entry = 2 * (64 * 4 // 8 + 2 * (64 // 32) * 4)  # K and V: codes + fp32 scale and minimum per group
+    assert quant.cache.stats()["bytes"] == cfg.num_hidden_layers * kv_heads * 12 * per_entry
+    assert full.cache.stats()["bytes"] == cfg.num_hidden_layers * kv_heads * 12 * 2 * 64 * 4
+    layer = quant.cache.layers[0]
+    assert layer._k is None and layer._v is None  # no decoded copy kept
+
+
+def test_quantized_bits_are_checked():
+    with pytest.raises(KVForgeError, match="bits=3 for the streaming cache; allowed: 16, 8, 4, 2"):
+        Stream(small("llama"), SW(cache_size=8, n_sink=2, bits=3))

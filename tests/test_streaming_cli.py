@@ -31,7 +31,7 @@ def test_ppl_table_is_written_and_resumed(model_dir, tmp_path, capsys):
             "--modes", "full,sw,ar", "--cache-sizes", "16", "--sinks", "4", "--out", str(tmp_path)]
     assert main(args) == 0
     table = rows(tmp_path / "ppl.csv")
-    assert list(table[0]) == ["mode", "cache_size", "sinks", "tokens", "ppl", "seconds"]
+    assert list(table[0]) == ["mode", "cache_size", "sinks", "bits", "tokens", "ppl", "seconds"]
     assert [(r["mode"], r["cache_size"], r["sinks"]) for r in table] == [("full", "41", "0"), ("sw", "16", "4"),
                                                                          ("ar", "16", "0")]
     assert (tmp_path / "ppl.png").stat().st_size > 0 and json.loads((tmp_path / "run_meta.json").read_text())["commit"]
@@ -74,6 +74,17 @@ def test_cuda_graph_flag_gives_the_same_table_and_text(model_dir, tmp_path, caps
                      "--prompt", "The sea"] + extra) == 0
         texts.append(capsys.readouterr().out.split("\n\n")[0])
     assert texts[0] == texts[1] and len(texts[0]) > len("The sea")
+
+
+def test_kv_bits_rows_are_their_own(model_dir, tmp_path):
+    """--kv-bits 4 quantizes sw (its row says 4) but not ar (no cache: 16); the 16-bit rows are not reused for it."""
+    base = ["ppl", "--model", str(model_dir), "--text-file", str(model_dir / "text.txt"), "--tokens", "40",
+            "--modes", "sw,ar", "--cache-sizes", "8", "--sinks", "2", "--out", str(tmp_path)]
+    assert main(base) == 0
+    assert main(base + ["--kv-bits", "4"]) == 0
+    table = rows(tmp_path / "ppl.csv")
+    assert [(r["mode"], r["bits"]) for r in table] == [("sw", "16"), ("ar", "16"), ("sw", "4")]
+    assert table[2]["ppl"] != table[0]["ppl"]
 
 
 def test_stream_prints_and_writes_latency(model_dir, tmp_path, capsys, monkeypatch):

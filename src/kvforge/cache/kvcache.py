@@ -238,6 +238,10 @@ class KVCache(Cache):
                 stored += layer.stored_bytes()
                 allocated += layer.allocated_bytes()
                 full += layer.uncompressed_bytes()
+            elif callable(getattr(layer, "stored_bytes", None)):  # a kind that counts its own storage (streaming)
+                entries.append(0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2])
+                b = layer.stored_bytes()
+                stored, allocated, full = stored + b, allocated + b, full + b
             else:
                 n = 0 if layer.keys is None or not layer.is_initialized else layer.keys.shape[-2]
                 entries.append(n)

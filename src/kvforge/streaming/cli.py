@@ -74,7 +74,7 @@ def cmd_ppl(args) -> None:
     nets = _fit(nets, model)
     run_ppl(model, tok, text, args.tokens, modes, sizes, args.sinks, args.out, nets=nets,
             meta={**_meta(args, model), "text": args.text_file, "kv_align": args.kv_align}, rows=args.rows,
-            cuda_graph=args.cuda_graph)
+            cuda_graph=args.cuda_graph, bits=args.kv_bits)
     print(f"results: {args.out}/ppl.csv, ppl.png")
 
 
@@ -93,7 +93,7 @@ def cmd_stream(args) -> None:
         raise KVForgeError(f"--num-tokens {args.num_tokens}; allowed: ≥ 1")
     out, nets = prepare_out(args.out) if args.out else None, _nets(args)
     model, tok = load_stream_model(args.model, dtype=args.dtype, device=args.device)
-    mode = make_mode(args.mode, args.cache_size, args.sinks, _fit(nets, model))
+    mode = make_mode(args.mode, args.cache_size, args.sinks, _fit(nets, model), bits=args.kv_bits)
     emit = None if args.quiet else (lambda s: print(s, end="", flush=True))
     if emit:
         print(args.prompt, end="", flush=True)
@@ -162,6 +162,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--kv-align", default=None, help="KV-Align networks (a `kvforge train kv-align` dir) for kv")
     p.add_argument("--rows", type=int, default=1,
                    help="stream this many consecutive segments of the text side by side (a batch: faster on GPU)")
+    p.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4, 2),
+                   help="store the sw/window/kv cache entries quantized to this many bits (16: as computed)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="once a cache is full, replay one captured CUDA graph per token (sw, kv, window; same numbers)")
     p.add_argument("--out", required=True, help="folder for ppl.csv, ppl.png, run_meta.json (re-run to resume)")
@@ -180,6 +182,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--compare-ar", type=int, default=0, metavar="T",
                    help="then generate T tokens with ar on the same prompt and report the speed ratio")
     s.add_argument("--quiet", action="store_true", help="do not print the generated text")
+    s.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4, 2),
+                   help="store the cache entries quantized to this many bits (16: as computed)")
     s.add_argument("--cuda-graph", action="store_true",
                    help="once the cache is full, replay one captured CUDA graph per token (launch overhead gone)")
     s.add_argument("--out", default=None, help="folder for latency.csv (per 1k tokens), summary.json")

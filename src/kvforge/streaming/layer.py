@@ -15,6 +15,12 @@ masked); sliding-window layers and KV-Align read the entries in position order (
 transformers builds in position space — Gemma 3's sliding window over positions — right without any change.
 
 Every row of a batch holds the same number of tokens (no padding): rows evict in lockstep.
+
+Quantized entries (`bits` 8, 4 or 2): each entry — key (pre-RoPE on rotary models) and value — is stored as codes of
+`bits` bits with a scale and a minimum per group of `group` channels (asymmetric, the value scheme of KIVI,
+https://arxiv.org/abs/2402.02750, `kvforge.kernels.quantize`), written when the token comes in and decoded when
+attention reads. KIVI quantizes keys per channel over groups of tokens; a ring that evicts one token at a time has no
+fixed token groups, so keys here are quantized per token like values.
 """
 
 from __future__ import annotations
@@ -27,7 +33,15 @@ from transformers.cache_utils import CacheLayerMixin
 from kvforge.cache.plan import register_layer_kind
 from kvforge.config import layer_types
 from kvforge.errors import KVForgeError
+from kvforge.kernels.quantize import dequantize_values, quantize_values, value_group
 from kvforge.rope import Rope, apply, rope_for_layer
+
+ENTRY_BITS = (16, 8, 4, 2)  # 16: entries stored as the model computed them
+
+
+def check_entry_bits(bits: int) -> None:
+    if isinstance(bits, bool) or bits not in ENTRY_BITS:
+        raise KVForgeError(f"bits={bits!r} for the streaming cache; allowed: {', '.join(map(str, ENTRY_BITS))}")
 
 # align(layer_idx, keys [B, H, m, Dk], values [B, H, m, Dv], shifts [m]) -> (keys, values): rewrites window entries
 Align = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -48,8 +62,10 @@ class SinkWindowLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, n_sink: int, size: int, rope: Rope | None = None, layer_idx: int = 0,
-                 align: Align | None = None, ordered: bool = True):
+                 align: Align | None = None, ordered: bool = True, bits: int = 16, group: int = 32):
         super().__init__()
+        check_entry_bits(bits)
+        self.bits, self.group = bits, group
         self.ordered = ordered  # read in position order (sliding-window layers: their mask is in position space)
         if not 0 <= n_sink < size:
             raise KVForgeError(f"cache size {size} with {n_sink} sinks; allowed: a cache size larger than the sinks")
@@ -58,6 +74,7 @@ class SinkWindowLayer(CacheLayerMixin):
         self.seen = 0
         self._k = self._v = self._cos = self._sin = None  # buffers and rotation tables, on the first forward
         self._seen_t: torch.Tensor | None = None  # graph mode: `seen` on the device (see enter_graph_mode)
+        self._fresh: tuple | None = None  # quantized: (slots, keys, values) of the current forward, exact
 
     # -- lengths -------------------------------------------------------------------------------------------
     @property
@@ -82,8 +99,15 @@ class SinkWindowLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, dk = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self._k = key_states.new_zeros(b, h, self.size, dk)
-        self._v = value_states.new_zeros(b, h, self.size, value_states.shape[-1])
+        if self.bits < 16:  # codes [B, H, C, D·bits/8] + scale and minimum [B, H, C, D/g], for K and for V
+            def coded(d: int) -> list[torch.Tensor]:
+                groups = d // value_group(d, self.group)
+                return [key_states.new_zeros(b, h, self.size, d * self.bits // 8, dtype=torch.uint8),
+                        key_states.new_zeros(b, h, self.size, groups), key_states.new_zeros(b, h, self.size, groups)]
+            self._kq, self._vq = coded(dk), coded(value_states.shape[-1])
+        else:
+            self._k = key_states.new_zeros(b, h, self.size, dk)
+            self._v = value_states.new_zeros(b, h, self.size, value_states.shape[-1])
         if self.rope is not None:  # s·cos and s·sin of every position 0..C-1, from kvforge.rope itself
             half, d = self.rope.rotary_dim // 2, key_states.shape[-1]
             basis = torch.zeros(1, 1, self.size, d, device=self.device)
@@ -115,11 +139,48 @@ class SinkWindowLayer(CacheLayerMixin):
             p = self.get_seq_length()
             key_states = self._turn(key_states, self._icos[p : p + q], self._isin[p : p + q])
         a = self.slot_of(self.seen)  # q > 1 never wraps: the slots are a..a+q-1
-        self._k[:, :, a : a + q] = key_states
-        self._v[:, :, a : a + q] = value_states
+        self._write(torch.arange(a, a + q, device=self.device), key_states, value_states)
         self.seen += q
-        self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
-        return self.read()
+        self._expose()
+        return self._read_fresh()
+
+    def _read_fresh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`read()` in which the forward's own new entries are exact: a quantized cache stores them coded for later
+        steps, but the tokens that computed them see what they computed (as a full-precision residual would)."""
+        try:
+            return self.read()
+        finally:
+            self._fresh = None
+
+    def _expose(self) -> None:
+        """`keys`/`values` for transformers' bookkeeping: the stored entries (the codes when quantized)."""
+        k, v = (self._kq[0], self._vq[0]) if self.bits < 16 else (self._k, self._v)
+        self.keys, self.values = k[:, :, : self.n], v[:, :, : self.n]
+
+    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's key and value `[B, H, C, D]`: the buffers themselves, or decoded from the codes (a temporary
+        of one layer, so a quantized cache holds only its codes between steps)."""
+        if self.bits == 16:
+            return self._k, self._v
+        dtype = self._kq[1].dtype
+        k = dequantize_values(*self._kq, self.bits, self.group, dtype)
+        v = dequantize_values(*self._vq, self.bits, self.group, dtype)
+        if self._fresh is not None:  # this forward's own entries, exact (see _read_fresh)
+            slots, fk, fv = self._fresh
+            k.index_copy_(2, slots, fk)
+            v.index_copy_(2, slots, fv)
+        return k, v
+
+    def _write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store entries `[B, H, q, D]` in `slots [q]` (quantized when `bits` < 16; the decoded buffers follow)."""
+        if self.bits == 16:
+            self._k.index_copy_(2, slots, keys)
+            self._v.index_copy_(2, slots, values)
+            return
+        for coded, x in ((self._kq, keys), (self._vq, values)):
+            for buf, part in zip(coded, quantize_values(x, self.bits, self.group)):
+                buf.index_copy_(2, slots, part)
+        self._fresh = (slots, keys, values)
 
     # -- graph mode: the counters on the device, so one captured step serves every later step ---------------
     def enter_graph_mode(self) -> None:
@@ -146,11 +207,10 @@ class SinkWindowLayer(CacheLayerMixin):
             p = self.size - 1
             key_states = self._turn(key_states, self._icos[p : p + 1], self._isin[p : p + 1])
         slot = (self.n_sink + (self._seen_t - self.n_sink) % self.window).view(1)
-        self._k.index_copy_(2, slot, key_states)
-        self._v.index_copy_(2, slot, value_states)
+        self._write(slot, key_states, value_states)
         self._seen_t += 1
-        self.keys, self.values = self._k, self._v
-        return self.read()
+        self._expose()
+        return self._read_fresh()
 
     def _now(self) -> int | torch.Tensor:
         """Tokens fed so far, including the current forward's: the device counter in graph mode."""
@@ -186,10 +246,10 @@ class SinkWindowLayer(CacheLayerMixin):
     def raw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored entries in position order, as stored: keys `[B, H, n, Dk]` (pre-RoPE on rotary models), values
         `[B, H, n, Dv]`. What KV-Align reads."""
-        order = self.order()
+        order, (k, v) = self.order(), self._buffers()
         if order is None:
-            return self._k[:, :, : self.n], self._v[:, :, : self.n]
-        return self._k.index_select(2, order), self._v.index_select(2, order)
+            return k[:, :, : self.n], v[:, :, : self.n]
+        return k.index_select(2, order), v.index_select(2, order)
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What attention sees: the entries with keys rotated to their positions on rotary models. In position order
@@ -197,7 +257,7 @@ class SinkWindowLayer(CacheLayerMixin):
         otherwise in slot order — the buffers themselves, no copy — since attention over a set of entries does not
         depend on their order when nothing is masked (one query token at the last position)."""
         if not self.ordered and self.align is None:
-            keys, values = self._k[:, :, : self.n], self._v[:, :, : self.n]
+            keys, values = (t[:, :, : self.n] for t in self._buffers())
             if self.rope is not None:
                 keys = self._turn(keys, *self.slot_tables())
             return keys, values
@@ -246,15 +306,20 @@ class SinkWindowLayer(CacheLayerMixin):
         self.keys = self.values = None
 
     def stored_bytes(self) -> int:
-        """Bytes of the preallocated buffers (fixed for the layer's life)."""
-        if self._k is None:
+        """Bytes of the stored entries (fixed for the layer's life): the codes, scales and minima when quantized
+        (the decoded copy a read works from is scratch, one per layer here), else the K/V buffers."""
+        if not self.is_initialized:
             return 0
-        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+        parts = self._kq + self._vq if self.bits < 16 else [self._k, self._v]
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            self._k, self._v = self._k[indices], self._v[indices]
-            self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
+            if self.bits < 16:
+                self._kq, self._vq = [t[indices] for t in self._kq], [t[indices] for t in self._vq]
+            else:
+                self._k, self._v = self._k[indices], self._v[indices]
+            self._expose()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx.to(self.device))
@@ -274,7 +339,8 @@ def _factory(cfg, layer_idx: int, reserve: int) -> SinkWindowLayer:
                            "kvforge.streaming.streaming_cache(model, cache_size, n_sink)")
     rope = rope_for_layer(cfg, layer_idx) if getattr(cfg, "rope_parameters", None) else None
     ordered = layer_types(cfg)[layer_idx] != "full_attention"
-    return SinkWindowLayer(opts["n_sink"], opts["cache_size"], rope, layer_idx, ordered=ordered)
+    return SinkWindowLayer(opts["n_sink"], opts["cache_size"], rope, layer_idx, ordered=ordered,
+                           bits=opts.get("bits", 16))
 
 
 register_layer_kind("sink_window", _factory)

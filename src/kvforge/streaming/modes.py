@@ -22,6 +22,7 @@ from kvforge.cache.kvcache import KVCache
 from kvforge.config import text_config
 from kvforge.errors import KVForgeError
 from kvforge.streaming.kvalign import KVAlign
+from kvforge.streaming.layer import check_entry_bits
 
 
 def check_size(model: Any, cache_size: int, n_sink: int = 0) -> None:
@@ -36,13 +37,16 @@ def check_size(model: Any, cache_size: int, n_sink: int = 0) -> None:
         raise KVForgeError(f"cache size {cache_size} exceeds the model's {limit} positions; allowed: ≤ {limit}")
 
 
-def streaming_cache(model: Any, cache_size: int, n_sink: int = 4, align: KVAlign | None = None) -> KVCache:
+def streaming_cache(model: Any, cache_size: int, n_sink: int = 4, align: KVAlign | None = None,
+                    bits: int = 16) -> KVCache:
     """A `KVCache` whose every layer is a `SinkWindowLayer` (plan kind `sink_window`) of `cache_size` entries with
     `n_sink` sinks, usable as `past_key_values` one token at a time (after a first forward of at most `cache_size`
-    tokens). `align`: KV-Align networks applied to shifted window entries. The model is not modified."""
+    tokens). `align`: KV-Align networks applied to shifted window entries. `bits` < 16: entries stored quantized
+    (see `SinkWindowLayer`). The model is not modified."""
     check_size(model, cache_size, n_sink)
+    check_entry_bits(bits)
     cfg = copy.copy(text_config(model))
-    cfg.kvforge_streaming = {"n_sink": n_sink, "cache_size": cache_size}
+    cfg.kvforge_streaming = {"n_sink": n_sink, "cache_size": cache_size, "bits": bits}
     cache = KVCache(cfg, plan=["sink_window"] * cfg.num_hidden_layers)
     if align is not None:
         align.check_model(model)
@@ -53,18 +57,21 @@ def streaming_cache(model: Any, cache_size: int, n_sink: int = 4, align: KVAlign
 
 @dataclass(frozen=True)
 class SW:
-    """StreamingLLM: sinks + window, positions inside the cache."""
+    """StreamingLLM: sinks + window, positions inside the cache. `bits` 8/4/2 stores the entries quantized (16: as
+    the model computed them)."""
 
     cache_size: int = 2004
     n_sink: int = 4
+    bits: int = 16
     name = "sw"
     paper = "https://arxiv.org/abs/2309.17453"
 
     def check(self, model: Any) -> None:
         check_size(model, self.cache_size, self.n_sink)
+        check_entry_bits(self.bits)
 
     def cache(self, model: Any) -> KVCache:
-        return streaming_cache(model, self.cache_size, self.n_sink)
+        return streaming_cache(model, self.cache_size, self.n_sink, bits=self.bits)
 
 
 @dataclass(frozen=True)
@@ -106,20 +113,21 @@ class KV(SW):
         self.nets.check_model(model)
 
     def cache(self, model: Any) -> KVCache:
-        return streaming_cache(model, self.cache_size, self.n_sink, align=self.nets)
+        return streaming_cache(model, self.cache_size, self.n_sink, align=self.nets, bits=self.bits)
 
 
 MODES = {"sw": SW, "window": Window, "ar": AR, "kv": KV}
 
 
-def make_mode(name: str, cache_size: int, n_sink: int = 4, nets: KVAlign | None = None):
-    """A mode by name (`sw`, `window`, `ar`, `kv`); one-line KVForgeError for anything else."""
+def make_mode(name: str, cache_size: int, n_sink: int = 4, nets: KVAlign | None = None, bits: int = 16):
+    """A mode by name (`sw`, `window`, `ar`, `kv`); one-line KVForgeError for anything else. `bits` < 16
+    quantizes the cache of sw/window/kv (ar keeps no cache)."""
     if name not in MODES:
         raise KVForgeError(f"unknown streaming mode {name!r}; allowed: {', '.join(MODES)}")
     if name == "ar":
         return AR(cache_size)
     if name == "window":
-        return Window(cache_size)
+        return Window(cache_size, bits=bits)
     if name == "kv":
-        return KV(cache_size, n_sink, nets)
-    return SW(cache_size, n_sink)
+        return KV(cache_size, n_sink, bits=bits, nets=nets)
+    return SW(cache_size, n_sink, bits=bits)

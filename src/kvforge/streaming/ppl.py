@@ -24,7 +24,7 @@ from kvforge.errors import KVForgeError
 from kvforge.streaming.modes import AR
 from kvforge.streaming.runner import Stream
 
-COLUMNS = ["mode", "cache_size", "sinks", "tokens", "ppl", "seconds"]
+COLUMNS = ["mode", "cache_size", "sinks", "bits", "tokens", "ppl", "seconds"]
 Progress = Callable[[int], Any]  # called with the number of tokens just scored
 
 
@@ -152,11 +152,12 @@ def split_rows(ids: torch.Tensor, rows: int) -> torch.Tensor:
 
 def run_ppl(model: Any, tokenizer: Any, text: str, tokens: int, modes: list[str], cache_sizes: list[int],
             sinks: int, out: str | os.PathLike, nets: Any = None, meta: dict | None = None,
-            progress: bool = True, rows: int = 1, cuda_graph: bool = False) -> list[dict]:
+            progress: bool = True, rows: int = 1, cuda_graph: bool = False, bits: int = 16) -> list[dict]:
     """Score `tokens` predictions of `text` for every mode × cache size (`full` once), appending rows to
     DIR/ppl.csv as they finish; rows already there (same mode, cache size, sinks, tokens) are kept, not re-run.
     `rows` > 1 streams that many consecutive segments of the text side by side (a batch; `full` is then each
     segment in context). `cuda_graph`: replay one captured step per token once a cache is full (same numbers).
+    `bits` < 16: the sw/window/kv caches store quantized entries (`ar` and `full` keep none: always 16).
     Also DIR/ppl.png and DIR/run_meta.json. Returns the table."""
     from tqdm import tqdm
 
@@ -171,13 +172,16 @@ def run_ppl(model: Any, tokenizer: Any, text: str, tokens: int, modes: list[str]
     if table and old.get("rows", 1) != rows:
         raise KVForgeError(f"{out}/ppl.csv was measured with --rows {old.get('rows', 1)}; resume with the same "
                            "--rows or use another --out")
-    done = {(r["mode"], r["cache_size"], r["sinks"], r["tokens"]) for r in table}
+    for r in table:  # tables written before the bits column: entries as computed
+        r.setdefault("bits", "16")
+    done = {(r["mode"], r["cache_size"], r["sinks"], r["bits"], r["tokens"]) for r in table}
     (out / "run_meta.json").write_text(json.dumps({**(meta or {}), "rows": rows}, indent=1))
     limit = getattr(text_config(model), "max_position_embeddings", None)
     jobs = [(m, c) for m in modes for c in ([ids.shape[1]] if m == "full" else cache_sizes)]
     for mode_name, size in jobs:
         n_sink = sinks if mode_name in ("sw", "kv") else 0
-        if (mode_name, str(size), str(n_sink), str(tokens)) in done:
+        row_bits = bits if mode_name in ("sw", "kv", "window") else 16
+        if (mode_name, str(size), str(n_sink), str(row_bits), str(tokens)) in done:
             continue
         if mode_name == "full" and limit and ids.shape[1] - 1 > limit:
             print(f"full: skipped, {ids.shape[1] - 1} tokens exceed the model's {limit} positions", file=sys.stderr)
@@ -188,10 +192,10 @@ def run_ppl(model: Any, tokenizer: Any, text: str, tokens: int, modes: list[str]
         if mode_name == "full":
             nll = full_nll(model, ids, progress=bar.update)
         else:
-            nll = stream_nll(model, ids, make_mode(mode_name, size, n_sink, nets), progress=bar.update,
-                             cuda_graph=cuda_graph)
+            nll = stream_nll(model, ids, make_mode(mode_name, size, n_sink, nets, bits=row_bits),
+                             progress=bar.update, cuda_graph=cuda_graph)
         bar.close()
-        row = {"mode": mode_name, "cache_size": size, "sinks": n_sink, "tokens": tokens,
+        row = {"mode": mode_name, "cache_size": size, "sinks": n_sink, "bits": row_bits, "tokens": tokens,
                "ppl": f"{perplexity(nll):.4f}", "seconds": f"{time.perf_counter() - t0:.1f}"}
         print(",".join(str(row[c]) for c in COLUMNS), flush=True)
         table.append(row)
