@@ -58,6 +58,17 @@ class LayerContext:
         return self.real.sum(-1).amax(-1)
 
     @cached_property
+    def n_seen(self) -> torch.Tensor:
+        """Real tokens this layer has seen per row `[B]`, evicted ones included: what a compression ratio applies
+        to. Read from the logical mask's last query (a real token under left padding); equals `n_real` until
+        something was evicted (a prefill compressed chunk by chunk, `KVCache(chunk_size=...)`)."""
+        m = self.attention_mask
+        if m is None:
+            return torch.full((self.query.shape[0],), self.layer.logical, device=self.query.device)
+        last = m[:, 0, -1]
+        return (last if last.dtype == torch.bool else last == 0).sum(-1)
+
+    @cached_property
     def token_index(self) -> torch.Tensor:
         return self.real.long().cumsum(-1) - 1
 

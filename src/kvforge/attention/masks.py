@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from kvforge.attention.backends import causal_mask
+
+def causal_rows(q_idx: torch.Tensor, q: int, n: int, device: torch.device) -> torch.Tensor:
+    """Rows `q_idx` of the bottom-right aligned causal mask of q queries over n keys, `[1, 1, len(q_idx), n]`.
+    Only the asked rows are built: `causal_mask(q, n)[:, :, q_idx]` would build all q × n first (17 GB of bool for
+    one row at a 128k prefill)."""
+    return (torch.arange(n, device=device)[None, :] <= (n - q + q_idx)[:, None])[None, None]
 
 
 def entry_mask(attention_mask, layer, q: int, rows: slice | None = None) -> torch.Tensor | None:
@@ -30,7 +35,7 @@ def entry_mask(attention_mask, layer, q: int, rows: slice | None = None) -> torc
             return attention_mask
         if rows is None and (q == 1 or layer.n == q):
             return None  # plain decode / plain causal prefill: the backend needs no mask
-        return causal_mask(q, layer.n, layer.device)[:, :, q_idx]
+        return causal_rows(q_idx, q, layer.n, layer.device)
     n = layer.n if slots is None else slots.shape[-1]
     if slots is None:
         slots = torch.arange(n, device=layer.device).expand(*valid.shape[:2], n)
