@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -104,12 +105,28 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
     if cache.recorded is not None and layer_idx not in cache.recorded:  # the context prefill only
         cache.recorded[layer_idx] = (module, query, attention_mask, scaling)
     if cache.armed:
-        press.compress(LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
+        _compress(press, cache, LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
         cache.mark_compressed(layer_idx)
     elif press is not None and press.acts_while_decoding:
         # decode-time presses (H2O, TOVA, Scissorhands, DecodingPress) see every later forward
         press.on_decode(ctx or LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _compress(press, cache, ctx: LayerContext) -> None:
+    """`press.compress(ctx)`; when the cache counts press time (`cache.press_seconds` not None, `kvforge bench`), the
+    seconds it took are added to it, synchronising the device before and after (scores, top-k, gathers)."""
+    if cache.press_seconds is None:
+        press.compress(ctx)
+        return
+    cuda = ctx.query.is_cuda
+    if cuda:
+        torch.cuda.synchronize(ctx.query.device)
+    t0 = time.perf_counter()
+    press.compress(ctx)
+    if cuda:
+        torch.cuda.synchronize(ctx.query.device)
+    cache.press_seconds += time.perf_counter() - t0
 
 
 def _graph_step_attention(cache, layer_idx: int, query, scaling) -> torch.Tensor:

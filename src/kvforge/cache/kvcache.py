@@ -113,6 +113,8 @@ class KVCache(Cache):
         # optional callable(LayerContext) run after every attention of a compressible layer (scoring passes)
         self.observer = None
         self.score_memo: dict | None = None
+        # seconds spent in the press's `compress` (device synchronised), when set to a number (`kvforge bench`)
+        self.press_seconds: float | None = None
 
     @classmethod
     def from_layers(cls, model: Any, layers: list, reserve: int = 256) -> KVCache:
