@@ -262,12 +262,40 @@ def cmd_bench(args) -> None:
 
     if bool(args.random_weights) == bool(args.model):
         raise KVForgeError("give --model M, or --random-weights with --config NAME (e.g. llama3.1-8b)")
+    if args.max_context or args.max_batch:
+        return _bench_capacity(args)
+    if args.memory_limit is not None:
+        raise KVForgeError("--memory-limit bounds the searches of --max-context / --max-batch; add one of them")
     run_bench(args.model, args.config if args.random_weights else None, _lengths(args.context, "--context"),
               args.batch, _with_quant(_csv(args.presses), args), _csv(args.ratios, float), args.new_tokens, args.out,
               device=args.device, cuda_graph=not args.no_cuda_graph, hf_caches=_csv(args.hf_caches) if args.hf_caches
               else None, layouts=_csv(args.layouts) if args.layouts else None, compile=args.compile,
               overwrite=args.overwrite, prefill_chunks=_chunks(args.prefill_chunk))
     print(f"results: {args.out}/bench.json, bench.csv, bench.png")
+
+
+def _bench_capacity(args) -> None:
+    """`kvforge bench --max-context | --max-batch`: the capacity search (kvforge.eval.capacity)."""
+    from kvforge.eval.capacity import run_capacity
+    from kvforge.models import load_model
+    from kvforge.presses.registry import parse_press
+
+    if args.max_context and args.max_batch:
+        raise KVForgeError("--max-context and --max-batch are two searches; give one of them")
+    if args.memory_limit is not None and not args.memory_limit > 0:
+        raise KVForgeError(f"--memory-limit {args.memory_limit}: allowed: a number of GB > 0")
+    presses, ratios, chunks = _with_quant(_csv(args.presses), args), _csv(args.ratios, float), _chunks(
+        args.prefill_chunk)
+    contexts = _lengths(args.context, "--context")
+    for spec in presses:  # every spec parses before the model loads
+        if spec != "none":
+            parse_press(spec)
+    model, _ = load_model(args.config if args.random_weights else args.model, random_weights=bool(args.random_weights),
+                          device=args.device or "auto")
+    what = "context" if args.max_context else "batch"
+    run_capacity(model, presses, ratios, args.out, what=what, prefill_chunks=chunks, batch=args.batch,
+                 contexts=contexts, memory_limit_gb=args.memory_limit, step=args.search_step)
+    print(f"results: {args.out}/capacity.json, capacity.csv")
 
 
 def cmd_demo(args) -> None:
@@ -420,6 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefill-chunk", default=None,
                    help="prefill chunk sizes to time every row with, e.g. 8k or none,8k (none = unchunked, the "
                         "default); a press compresses every chunk as it comes")
+    b.add_argument("--max-context", action="store_true",
+                   help="instead of timing: the longest context that fits in memory per press, ratio and chunk size, "
+                        "next to none (exponential then binary search; out of memory = too long)")
+    b.add_argument("--max-batch", action="store_true",
+                   help="instead of timing: the largest batch that fits at each --context, per press, ratio and chunk")
+    b.add_argument("--memory-limit", type=float, default=None,
+                   help="with --max-context/--max-batch: a peak above this many GB counts as out of memory")
+    b.add_argument("--search-step", type=_count, default=1024, help="context granularity of --max-context (tokens)")
     _quant_args(b)
     b.set_defaults(func=cmd_bench)
 

@@ -411,6 +411,8 @@ def _check_bench_args(contexts, batch, presses, ratios, new_tokens, compile, lay
             raise KVForgeError(f"ratio {r} is outside the allowed range [0, 1)")
     if not prefill_chunks:
         raise KVForgeError("the prefill chunk list is empty; give chunk sizes, or none for an unchunked prefill")
+    for chunk in prefill_chunks:
+        check_chunking(None, chunk)
     factories = {spec: parse_press(spec) for spec in presses if spec != "none"}
     for factory in factories.values():  # every (press, ratio) builds now: a bad one fails before any timing
         for r in [0.0] if factory.ratio_free else ratios:
