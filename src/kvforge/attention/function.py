@@ -13,7 +13,7 @@ import time
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from kvforge.attention.backends import BACKENDS, causal_mask
 from kvforge.attention.context import LayerContext
@@ -171,9 +171,23 @@ def _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, mo
 def register() -> None:
     """Register `kvforge` with transformers' attention and mask interfaces (idempotent).
 
-    The mask function is transformers' own `sdpa_mask`: our layers report their logical size, so it
-    builds the mask in logical slot space (padding, causality, sliding windows), which `entry_mask`
-    then maps onto the stored entries of each layer.
+    The mask function is transformers' own `sdpa_mask` (`kvforge_mask`): our layers report their logical size, so
+    it builds the mask in logical slot space (padding, causality, sliding windows), which `entry_mask` then maps
+    onto the stored entries of each layer.
     """
     AttentionInterface.register(NAME, kvforge_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, kvforge_mask)
+
+
+def kvforge_mask(*args, **kwargs):
+    """transformers' `sdpa_mask`, except that a plain causal mask with no padding is None for any query length
+    (sdpa_mask skips it only when q == 1 or q == kv): the attention function then applies the bottom-right causal
+    mask over the stored entries without building a `[B, 1, q, L]` tensor, which a prefill chunk after earlier ones
+    would need."""
+    mask_function = kwargs.get("mask_function", causal_mask_function)
+    padding = kwargs.get("attention_mask")
+    if (not args and mask_function is causal_mask_function and kwargs.get("local_size") is None
+            and kwargs.get("allow_is_causal_skip", True) and not torch.compiler.is_compiling()
+            and (padding is None or bool(padding.all()))):
+        return None
+    return sdpa_mask(*args, **kwargs)

@@ -16,7 +16,9 @@ def entry_mask(attention_mask, layer, q: int, rows: slice | None = None) -> torc
     """Mask over the layer's stored entries `[B, 1 | H_kv, q, n]` (True = attend), or None.
 
     `attention_mask` is what transformers built in logical slot space (`[B, 1, q, L]` bool, or None for
-    plain causal). Stored entry t holds logical slot `slots[..., t]`; it is visible to query i when that
+    plain causal: then, for all rows, None means the bottom-right causal mask over the stored entries, since the q
+    current tokens are the last q entries stored and older entries hold earlier slots). Stored entry t holds logical
+    slot `slots[..., t]`; it is visible to query i when that
     slot is visible in the logical mask (causality, padding, windows) and the entry is valid.
     """
     slots, valid = layer.entry_slots(), layer.entry_valid()
@@ -28,8 +30,10 @@ def entry_mask(attention_mask, layer, q: int, rows: slice | None = None) -> torc
         q_idx = torch.arange(q, device=layer.device)
     if attention_mask is not None and rows is not None:
         attention_mask = attention_mask[:, :, rows]
-    if attention_mask is None and valid is None and rows is None and q == 1:
-        return None  # decode without padding: every stored entry is in the past and visible
+    if attention_mask is None and valid is None and rows is None:
+        # no padding: the q new entries are the last q stored and every older entry is in the past, so the mask is
+        # the bottom-right causal one over the stored entries, which the backends apply without a tensor (is_causal)
+        return None
     if slots is None and valid is None:
         if attention_mask is not None:
             return attention_mask
