@@ -287,6 +287,7 @@ def _bench_capacity(args) -> None:
     presses, ratios, chunks = _with_quant(_csv(args.presses), args), _csv(args.ratios, float), _chunks(
         args.prefill_chunk)
     contexts = _lengths(args.context, "--context")
+    limit = None if args.search_limit is None else _lengths(args.search_limit, "--search-limit")[0]
     for spec in presses:  # every spec parses before the model loads
         if spec != "none":
             parse_press(spec)
@@ -294,7 +295,7 @@ def _bench_capacity(args) -> None:
                           device=args.device or "auto")
     what = "context" if args.max_context else "batch"
     run_capacity(model, presses, ratios, args.out, what=what, prefill_chunks=chunks, batch=args.batch,
-                 contexts=contexts, memory_limit_gb=args.memory_limit, step=args.search_step)
+                 contexts=contexts, memory_limit_gb=args.memory_limit, step=args.search_step, limit=limit)
     print(f"results: {args.out}/capacity.json, capacity.csv")
 
 
@@ -456,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory-limit", type=float, default=None,
                    help="with --max-context/--max-batch: a peak above this many GB counts as out of memory")
     b.add_argument("--search-step", type=_count, default=1024, help="context granularity of --max-context (tokens)")
+    b.add_argument("--search-limit", default=None,
+                   help="largest size --max-context / --max-batch tries (tokens, e.g. 512k, or rows; default: the "
+                        "model's positions, 4096 rows); random weights may go past the positions")
     _quant_args(b)
     b.set_defaults(func=cmd_bench)
 
