@@ -119,3 +119,23 @@ def test_a_long_forward_into_a_chunked_armed_cache_is_refused(models, smol_token
     cache = KVCache(model, press=get_press("knorm", compression_ratio=0.5), chunk_size=8)
     with pytest.raises(KVForgeError, match="chunk_size=8; prefill with kvforge.generate.prefill"):
         model(ids, past_key_values=cache)
+
+
+def test_chunked_per_head_budgets_packed_equal_padded(models):
+    """AdaKV under chunking on both per-head layouts (packed segments re-packed every chunk, padded blocks): the same
+    kept entries, and each row keeps H_kv × its uniform count of what it has seen."""
+    model = models["llama"]
+    ids = torch.randint(5, 900, (3, 60), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0
+    mask[2, :40] = 0
+    kept = {}
+    for packed in (True, False):
+        cache = KVCache(model, press=get_press("adakv", compression_ratio=0.5, press="knorm"), chunk_size=9,
+                        packed=packed)
+        prefill(model, ids, mask, cache)
+        _, _, slots, valid = cache.layers[0].entries()
+        real = valid & mask.bool().gather(1, slots.flatten(1)).view_as(valid)
+        assert real.sum(-1).sum(-1).tolist() == [30 * 2, 23 * 2, 10 * 2]
+        kept[packed] = torch.where(real, slots, -1).sort(-1).values
+    assert torch.equal(kept[True], kept[False])

@@ -59,9 +59,12 @@ class LayerContext:
 
     @cached_property
     def n_seen(self) -> torch.Tensor:
-        """Real tokens this layer has seen per row `[B]`, evicted ones included: what a compression ratio applies
-        to. Read from the logical mask's last query (a real token under left padding); equals `n_real` until
-        something was evicted (a prefill compressed chunk by chunk, `KVCache(chunk_size=...)`)."""
+        """What a compression ratio applies to, per row `[B]`. In a prefill compressed chunk by chunk
+        (`KVCache(chunk_size=...)`): the real tokens this layer has seen, evicted ones included, read from the logical
+        mask's last query (a real token under left padding). Otherwise the real entries stored, `n_real` (a press in
+        a composition applies its ratio to what the presses before it left)."""
+        if getattr(self.cache, "chunk_size", None) is None:
+            return self.n_real
         m = self.attention_mask
         if m is None:
             return torch.full((self.query.shape[0],), self.layer.logical, device=self.query.device)
