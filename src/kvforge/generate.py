@@ -39,20 +39,17 @@ def chunk_bounds(length: int, chunk_size: int | None) -> list[tuple[int, int]]:
 
 
 @torch.inference_mode()
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache,
-            chunk_size: int | None = None) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the context through the model into `cache` (compressing it if the cache is armed).
 
     Position ids follow `generate()`'s rule (cumulative sum of the mask), so left padding is exact.
-    `chunk_size` (default: the cache's `chunk_size`): feed the context that many tokens at a time (`chunk_bounds`),
-    each chunk attending to the cache so far; an armed cache is re-armed before each chunk, so its press
-    compresses every chunk right after its attention. Returns the last position's logits `[B, vocab]`.
+    A cache built with `chunk_size` is fed that many tokens at a time (`chunk_bounds`), each chunk attending to the
+    cache so far; an armed cache is re-armed before each chunk, so its press compresses every chunk right after its
+    attention. Returns the last position's logits `[B, vocab]`.
     """
-    chunk_size = cache.chunk_size if chunk_size is None else chunk_size
-    check_chunking(cache.press if cache.armed else None, chunk_size)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     armed = cache.armed
-    for i, (start, stop) in enumerate(chunk_bounds(input_ids.shape[1], chunk_size)):
+    for i, (start, stop) in enumerate(chunk_bounds(input_ids.shape[1], cache.chunk_size)):
         if armed and i:
             cache.arm()
         out = model(
