@@ -139,3 +139,34 @@ def test_chunked_per_head_budgets_packed_equal_padded(models):
         assert real.sum(-1).sum(-1).tolist() == [30 * 2, 23 * 2, 10 * 2]
         kept[packed] = torch.where(real, slots, -1).sort(-1).values
     assert torch.equal(kept[True], kept[False])
+
+
+def _bottom_right_case(device, dtype):
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(2, 8, 40, 64, device=device, dtype=dtype, generator=g)
+    k = torch.randn(2, 2, 150, 64, device=device, dtype=dtype, generator=g)
+    v = torch.randn(2, 2, 150, 64, device=device, dtype=dtype, generator=g)
+    return q, k, v
+
+
+def test_bottom_right_causal_sdpa_equals_the_eager_reference():
+    """A chunk after earlier ones (q < n, no mask tensor): SDPA through `causal_lower_right` equals the eager
+    reference, whose causal mask is bottom-right by construction."""
+    from kvforge.attention.backends import eager, sdpa
+
+    q, k, v = _bottom_right_case("cpu", torch.float32)
+    torch.testing.assert_close(sdpa(q, k, v, None, is_causal=True), eager(q, k, v, None, is_causal=True),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bottom_right_causal_sdpa_on_cuda(dtype):
+    """On CUDA the bottom-right causal goes to flash attention with GQA (bf16) or is materialised (float32)."""
+    from kvforge.attention.backends import eager, sdpa
+
+    q, k, v = _bottom_right_case("cuda", dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(sdpa(q, k, v, None, is_causal=True).float(),
+                               eager(q, k, v, None, is_causal=True).float(), atol=tol, rtol=tol)

@@ -83,5 +83,5 @@ class LayerContext:
         qw = self.query[:, :, q - w :].float().reshape(b, h, self.groups, w, d)
         logits = torch.einsum("bhgwd,bhnd->bhgwn", qw, self.keys.float()) * self.scaling
         mask = self.mask(slice(q - w, q))  # [B, 1|H, w, n]
-        logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
-        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        logits.masked_fill_(~mask[:, :, None], float("-inf"))  # in place: w × n float32 per query head, once
+        return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
