@@ -157,3 +157,32 @@ def test_bench_hf_caches_share_the_columns(tmp_path, tiny, smol_tokenizer, capsy
     hf = rows["transformers:dynamic"]
     assert float(hf["kv_gb"]) == float(rows["none"]["kv_gb"]) and float(hf["speedup_vs_none"]) > 0
     assert hf["layer_kind"] == "DynamicCache" and float(hf["attention_ms_per_layer"]) > 0
+
+
+def test_bench_reports_press_time_and_chunked_rows(tmp_path, tiny):
+    """`press_ms` is the time in the press's compress (0 without a press), a share of the prefill; chunked rows are
+    compared with the `none` row of the same chunk size."""
+    rows = run_bench("tiny", None, [128], 1, ["none", "knorm", "snapkv"], [0.75], 3, str(tmp_path), device="cpu",
+                     model=tiny, prefill_chunks=[None, 32])
+    by = {(r["press"], r["prefill_chunk"]): r for r in rows}
+    assert set(by) == {(p, c) for p in ("none", "knorm", "snapkv") for c in (None, 32)}
+    for chunk in (None, 32):
+        assert by[("none", chunk)]["press_ms"] == 0.0 and by[("none", chunk)]["press_share"] == 0.0
+        for p in ("knorm", "snapkv"):
+            r = by[(p, chunk)]
+            assert r["press_ms"] > 0 and 0 < r["press_share"] < 1
+            assert r["press_ms"] / 1e3 <= r["prefill_s"]
+            assert r["compression_overhead_s"] == pytest.approx(r["prefill_s"] - by[("none", chunk)]["prefill_s"],
+                                                                abs=1e-3)
+            assert r["kv_gb"] == pytest.approx(by[("none", chunk)]["kv_gb"] / 4, rel=0.1)  # a quarter kept
+            assert r["speedup_vs_none"] is not None
+    with (tmp_path / "bench.csv").open() as f:
+        header = next(csv.reader(f))
+    assert {"press_ms", "press_share", "prefill_chunk", "prefill_peak_gb"} <= set(header)
+
+
+def test_bench_refuses_a_press_that_cannot_chunk(tmp_path, tiny):
+    with pytest.raises(KVForgeError, match="^observed_attention cannot compress a prefill chunk by chunk"):
+        run_bench("tiny", None, [64], 1, ["none", "observed_attention"], [0.5], 2, str(tmp_path / "x"),
+                  device="cpu", model=tiny, prefill_chunks=[16])
+    assert not (tmp_path / "x").exists()

@@ -192,3 +192,21 @@ def test_a_refused_run_writes_nothing(tmp_path, tiny, smol_tokenizer):
         with pytest.raises(KVForgeError, match=msg):
             run(fresh, tiny, smol_tokenizer, **{**SMALL, **kw})
         assert not (tmp_path / "fresh").exists(), kw
+
+
+def test_chunked_prefill_sweep(tmp_path, tiny, smol_tokenizer):
+    """`chunk_size`: the baseline answers as unchunked (no press), every press prefills on its own with the ratio
+    kept, and the chunk size is a setting of the run."""
+    kw = dict(tasks=["facts_qa"], presses=["knorm", "snapkv"], ratios=[0.5], samples=1, length=300)
+    plain = records(run(tmp_path / "plain", tiny, smol_tokenizer, **kw))
+    chunked = records(run(tmp_path / "chunked", tiny, smol_tokenizer, chunk_size=64, **kw))
+    assert plain.keys() == chunked.keys()
+    for key in plain:
+        if key[2] == "none":
+            assert chunked[key]["predictions"] == plain[key]["predictions"]
+        else:
+            assert chunked[key]["kv_bytes"] == plain[key]["kv_bytes"]  # the same share of the context kept
+    meta = json.loads((tmp_path / "chunked" / "run_meta.json").read_text())
+    assert meta["settings"]["prefill_chunk"] == 64 and meta["args"]["shared_prefill"] is False
+    with pytest.raises(KVForgeError, match="prefill_chunk"):
+        run(tmp_path / "chunked", tiny, smol_tokenizer, chunk_size=32, **kw)  # resuming with another chunk size

@@ -127,10 +127,13 @@ def _evict_press(args, get_press):
 
 
 def cmd_generate(args) -> None:
+    from kvforge.cache.kvcache import check_chunking
     from kvforge.generate import generate
     from kvforge.models import load_model
 
     press = _press_from_args(args)  # validate before the (slow) model load
+    chunk = _chunk(args.prefill_chunk)
+    check_chunking(press, chunk)  # a press that cannot compress chunk by chunk: refused before the model loads
     if args.context_file:
         if not args.question:
             raise KVForgeError("--context-file needs --question (the built-in questions are about the bundled "
@@ -147,7 +150,7 @@ def cmd_generate(args) -> None:
     t1 = time.perf_counter()
     answers, cache = generate(
         model, tok, context, questions, press=press, max_new_tokens=args.max_new_tokens, return_cache=True,
-        cuda_graph=args.cuda_graph,
+        cuda_graph=args.cuda_graph, chunk_size=chunk,
     )
     t2 = time.perf_counter()
     for q, a in zip(questions, answers):
@@ -204,6 +207,25 @@ def _lengths(text: str, option: str) -> list[int]:
     return out
 
 
+def _chunk(text: str | None) -> int | None:
+    """`--prefill-chunk` of generate / eval: one token count (`4096`, `4k`), or None when not given."""
+    if text is None:
+        return None
+    if "," in text:
+        raise KVForgeError(f"--prefill-chunk {text!r}: give one chunk size (e.g. 4k); only bench takes a list")
+    return _lengths(text, "--prefill-chunk")[0]
+
+
+def _chunks(text: str | None) -> list[int | None] | None:
+    """`kvforge bench --prefill-chunk none,8k`: chunk sizes to time every point with (`none` = unchunked)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise KVForgeError(f"--prefill-chunk {text!r} gives no chunk size (e.g. 8k or none,8k)")
+    return [None if p.lower() == "none" else _lengths(p, "--prefill-chunk")[0] for p in parts]
+
+
 def cmd_eval(args) -> None:
     from kvforge.eval.runner import format_table, run_eval, write_summary
 
@@ -213,6 +235,7 @@ def cmd_eval(args) -> None:
         args.samples, args.out, seed=args.seed, max_new_tokens=args.max_new_tokens,
         shared_prefill=not args.no_shared_prefill, argv=sys.argv[1:], query_aware=args.query_aware,
         press_batch=args.press_batch, cuda_graph=args.cuda_graph, overwrite=args.overwrite,
+        chunk_size=_chunk(args.prefill_chunk),
     )
     print(format_table(write_summary(out)))
     print(f"\nreport: {out / 'report.html'}")
@@ -239,12 +262,41 @@ def cmd_bench(args) -> None:
 
     if bool(args.random_weights) == bool(args.model):
         raise KVForgeError("give --model M, or --random-weights with --config NAME (e.g. llama3.1-8b)")
+    if args.max_context or args.max_batch:
+        return _bench_capacity(args)
+    if args.memory_limit is not None:
+        raise KVForgeError("--memory-limit bounds the searches of --max-context / --max-batch; add one of them")
     run_bench(args.model, args.config if args.random_weights else None, _lengths(args.context, "--context"),
               args.batch, _with_quant(_csv(args.presses), args), _csv(args.ratios, float), args.new_tokens, args.out,
               device=args.device, cuda_graph=not args.no_cuda_graph, hf_caches=_csv(args.hf_caches) if args.hf_caches
               else None, layouts=_csv(args.layouts) if args.layouts else None, compile=args.compile,
-              overwrite=args.overwrite)
+              overwrite=args.overwrite, prefill_chunks=_chunks(args.prefill_chunk))
     print(f"results: {args.out}/bench.json, bench.csv, bench.png")
+
+
+def _bench_capacity(args) -> None:
+    """`kvforge bench --max-context | --max-batch`: the capacity search (kvforge.eval.capacity)."""
+    from kvforge.eval.capacity import run_capacity
+    from kvforge.models import load_model
+    from kvforge.presses.registry import parse_press
+
+    if args.max_context and args.max_batch:
+        raise KVForgeError("--max-context and --max-batch are two searches; give one of them")
+    if args.memory_limit is not None and not args.memory_limit > 0:
+        raise KVForgeError(f"--memory-limit {args.memory_limit}: allowed: a number of GB > 0")
+    presses, ratios, chunks = _with_quant(_csv(args.presses), args), _csv(args.ratios, float), _chunks(
+        args.prefill_chunk)
+    contexts = _lengths(args.context, "--context")
+    limit = None if args.search_limit is None else _lengths(args.search_limit, "--search-limit")[0]
+    for spec in presses:  # every spec parses before the model loads
+        if spec != "none":
+            parse_press(spec)
+    model, _ = load_model(args.config if args.random_weights else args.model, random_weights=bool(args.random_weights),
+                          device=args.device or "auto")
+    what = "context" if args.max_context else "batch"
+    run_capacity(model, presses, ratios, args.out, what=what, prefill_chunks=chunks, batch=args.batch,
+                 contexts=contexts, memory_limit_gb=args.memory_limit, step=args.search_step, limit=limit)
+    print(f"results: {args.out}/capacity.json, capacity.csv")
 
 
 def cmd_demo(args) -> None:
@@ -318,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph", action="store_true",
                    help="decode by replaying one captured step per token (fast on CUDA; bf16 rounding may differ "
                         "from plain generate)")
+    g.add_argument("--prefill-chunk", default=None,
+                   help="prefill the context this many tokens at a time (e.g. 4k), compressing as it goes: memory "
+                        "is the weights, the kept KV and one chunk")
     _quant_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -346,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true",
                    help="start clean in --out (its results are deleted) instead of resuming; needed when --out holds "
                         "a run made with other settings")
+    e.add_argument("--prefill-chunk", default=None,
+                   help="prefill the context this many tokens at a time (e.g. 4k), compressing as it goes: "
+                        "every press prefills on its own (no shared prefill)")
     _quant_args(e)
     e.set_defaults(func=cmd_eval)
 
@@ -388,6 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "row share its prefill")
     b.add_argument("--layouts", default=None,
                    help="per-head-budget presses on these layouts too: packed,padded (default: the device's own)")
+    b.add_argument("--prefill-chunk", default=None,
+                   help="prefill chunk sizes to time every row with, e.g. 8k or none,8k (none = unchunked, the "
+                        "default); a press compresses every chunk as it comes")
+    b.add_argument("--max-context", action="store_true",
+                   help="instead of timing: the longest context that fits in memory per press, ratio and chunk size, "
+                        "next to none (exponential then binary search; out of memory = too long)")
+    b.add_argument("--max-batch", action="store_true",
+                   help="instead of timing: the largest batch that fits at each --context, per press, ratio and chunk")
+    b.add_argument("--memory-limit", type=float, default=None,
+                   help="with --max-context/--max-batch: a peak above this many GB counts as out of memory")
+    b.add_argument("--search-step", type=_count, default=1024, help="context granularity of --max-context (tokens)")
+    b.add_argument("--search-limit", default=None,
+                   help="largest size --max-context / --max-batch tries (tokens, e.g. 512k, or rows; default: the "
+                        "model's positions, 4096 rows); random weights may go past the positions")
     _quant_args(b)
     b.set_defaults(func=cmd_bench)
 

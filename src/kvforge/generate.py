@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.cache.kvcache import KVCache, check_press
+from kvforge.cache.kvcache import KVCache, check_chunking, check_press
 from kvforge.config import text_config
 from kvforge.errors import KVForgeError, check_count
 from kvforge.prompt import encode_prompt, format_prompt, use_template  # noqa: F401  (re-exported)
@@ -29,22 +29,37 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
+def chunk_bounds(length: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    """`[start, stop)` ranges of a prefill of `length` tokens in chunks of `chunk_size`, cut from the end (the
+    first chunk is the short one), so left padding shifts no boundary: a row is chunked the same alone or in a
+    batch. One range when `chunk_size` is None or covers the length."""
+    if chunk_size is None or chunk_size >= length:
+        return [(0, length)]
+    return [(max(0, stop - chunk_size), stop) for stop in range(length, 0, -chunk_size)][::-1]
+
+
 @torch.inference_mode()
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Run the context through the model into `cache` (compressing it if the cache is armed).
 
     Position ids follow `generate()`'s rule (cumulative sum of the mask), so left padding is exact.
-    Returns the last position's logits `[B, vocab]`.
+    A cache built with `chunk_size` is fed that many tokens at a time (`chunk_bounds`), each chunk attending to the
+    cache so far; an armed cache is re-armed before each chunk, so its press compresses every chunk right after its
+    attention. Returns the last position's logits `[B, vocab]`.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    armed = cache.armed
+    for i, (start, stop) in enumerate(chunk_bounds(input_ids.shape[1], cache.chunk_size)):
+        if armed and i:
+            cache.arm()
+        out = model(
+            input_ids=input_ids[:, start:stop],
+            attention_mask=attention_mask[:, :stop],
+            position_ids=position_ids[:, start:stop],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
     return out.logits[:, -1]
 
 
@@ -236,9 +251,14 @@ def compress_prefilled(cache: KVCache, press, model=None, enc: Encoded | None = 
 
 
 def prefill_context(model, enc: Encoded, press=None, max_new_tokens: int = 64, record: bool = False,
-                    packed: bool | None = None) -> KVCache:
-    """Prefill the contexts of `enc` into a new KVCache, compressing it with `press` on the way."""
-    cache = KVCache(model, press=press, reserve=enc.longest_question + max_new_tokens + 8, packed=packed)
+                    packed: bool | None = None, chunk_size: int | None = None) -> KVCache:
+    """Prefill the contexts of `enc` into a new KVCache, compressing it with `press` on the way (chunk by chunk
+    with `chunk_size`, see `prefill`). `record` (one prefill serving many presses) needs an unchunked prefill."""
+    if record and chunk_size is not None:
+        raise KVForgeError("record=True replays the prefill's queries per layer, which needs an unchunked prefill; "
+                           "drop chunk_size or record")
+    cache = KVCache(model, press=press, reserve=enc.longest_question + max_new_tokens + 8, packed=packed,
+                    chunk_size=chunk_size)
     cache.recorded = {} if record else None
     cache.score_memo = {} if record else None
     prefill(model, enc.ctx_ids, enc.ctx_mask, cache)
@@ -261,6 +281,7 @@ def generate(
     packed: bool | None = None,
     query_aware: bool = False,
     cuda_graph: bool = False,
+    chunk_size: int | None = None,
 ):
     """Answer `questions` about `context`, compressing the context's KV cache once with `press`.
 
@@ -276,9 +297,15 @@ def generate(
     `query_aware=True` compresses context + question together instead, once per question (see
     `answer_query_aware`); `return_cache` then gives the last question's cache. Default: query-agnostic.
     `cuda_graph=True` replays one captured decode step per token (fast on CUDA; see `answer`).
+    `chunk_size`: prefill the context that many tokens at a time, compressing as it goes (see `prefill`), so the
+    prefill's memory is the weights, the kept entries and one chunk's activations.
     """
     if press is not None:
         check_press(press)  # a name instead of a press object: refused before any work
+    check_chunking(press, chunk_size)
+    if query_aware and chunk_size is not None:
+        raise KVForgeError("query_aware=True prefills context + question with model.generate, unchunked; drop "
+                           "chunk_size or query_aware")
     check_count(max_new_tokens, "max_new_tokens")
     contexts = _contexts(context)
     batched = not isinstance(context, str)
@@ -287,7 +314,7 @@ def generate(
     if query_aware:
         answers, cache = answer_query_aware(model, tokenizer, enc, press, max_new_tokens, packed=packed)
     else:
-        cache = prefill_context(model, enc, press, max_new_tokens, packed=packed)
+        cache = prefill_context(model, enc, press, max_new_tokens, packed=packed, chunk_size=chunk_size)
         answers = answer(model, tokenizer, cache, enc, max_new_tokens, cuda_graph=cuda_graph)
     result = answers if batched else answers[0]
     return (result, cache) if return_cache else result

@@ -1,7 +1,8 @@
 """Attention backends over a GQA cache. `sdpa` is the fast path; `eager` is its slow, obviously-correct twin.
 
 Shapes: query `[B, Hq, q, D]`, key `[B, H_kv, n, D]`, value `[B, H_kv, n, Dv]`, mask None or bool
-`[B, 1 | H_kv, q, n]` (True = attend). Output `[B, Hq, q, Dv]`. Query head `i` reads KV head `i // G`
+`[B, 1 | H_kv, q, n]` (True = attend); `is_causal` with no mask is bottom-right aligned (query i sits at key
+n − q + i), as `causal_mask`. Output `[B, Hq, q, Dv]`. Query head `i` reads KV head `i // G`
 with `G = Hq // H_kv` (the `repeat_kv` convention). Rows with nothing to attend give zeros.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
 def causal_mask(q: int, n: int, device: torch.device) -> torch.Tensor:
@@ -25,7 +27,11 @@ def sdpa(query, key, value, mask=None, scale=None, is_causal=False):
     b, hq, q, d = query.shape
     h = key.shape[1]
     g = hq // h
-    if mask is None or mask.shape[1] == 1 or g == 1:
+    if mask is None and is_causal and q < key.shape[2]:
+        # bottom-right causal over a longer key (a prefill chunk after earlier ones): never a q × n tensor on CUDA
+        # (flash attention's causal is bottom-right), materialised by torch elsewhere
+        mask, is_causal = causal_lower_right(q, key.shape[2]), False
+    if mask is None or isinstance(mask, CausalBias) or mask.shape[1] == 1 or g == 1:
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale, enable_gqa=g > 1
         )

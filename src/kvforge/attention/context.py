@@ -58,6 +58,20 @@ class LayerContext:
         return self.real.sum(-1).amax(-1)
 
     @cached_property
+    def n_seen(self) -> torch.Tensor:
+        """What a compression ratio applies to, per row `[B]`. In a prefill compressed chunk by chunk
+        (`KVCache(chunk_size=...)`): the real tokens this layer has seen, evicted ones included, read from the logical
+        mask's last query (a real token under left padding). Otherwise the real entries stored, `n_real` (a press in
+        a composition applies its ratio to what the presses before it left)."""
+        if getattr(self.cache, "chunk_size", None) is None:
+            return self.n_real
+        m = self.attention_mask
+        if m is None:
+            return torch.full((self.query.shape[0],), self.layer.logical, device=self.query.device)
+        last = m[:, 0, -1]
+        return (last if last.dtype == torch.bool else last == 0).sum(-1)
+
+    @cached_property
     def token_index(self) -> torch.Tensor:
         return self.real.long().cumsum(-1) - 1
 
@@ -69,5 +83,5 @@ class LayerContext:
         qw = self.query[:, :, q - w :].float().reshape(b, h, self.groups, w, d)
         logits = torch.einsum("bhgwd,bhnd->bhgwn", qw, self.keys.float()) * self.scaling
         mask = self.mask(slice(q - w, q))  # [B, 1|H, w, n]
-        logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
-        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        logits.masked_fill_(~mask[:, :, None], float("-inf"))  # in place: w × n float32 per query head, once
+        return torch.softmax(logits, dim=-1).nan_to_num_(0.0)

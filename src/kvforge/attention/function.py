@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import sdpa_mask
+from transformers.masking_utils import causal_mask_function, sdpa_mask
 
 from kvforge.attention.backends import BACKENDS, causal_mask
 from kvforge.attention.context import LayerContext
@@ -104,12 +105,28 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
     if cache.recorded is not None and layer_idx not in cache.recorded:  # the context prefill only
         cache.recorded[layer_idx] = (module, query, attention_mask, scaling)
     if cache.armed:
-        press.compress(LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
+        _compress(press, cache, LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
         cache.mark_compressed(layer_idx)
     elif press is not None and press.acts_while_decoding:
         # decode-time presses (H2O, TOVA, Scissorhands, DecodingPress) see every later forward
         press.on_decode(ctx or LayerContext(module, cache, layer_idx, query, attention_mask, scaling))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _compress(press, cache, ctx: LayerContext) -> None:
+    """`press.compress(ctx)`; when the cache counts press time (`cache.press_seconds` not None, `kvforge bench`), the
+    seconds it took are added to it, synchronising the device before and after (scores, top-k, gathers)."""
+    if cache.press_seconds is None:
+        press.compress(ctx)
+        return
+    cuda = ctx.query.is_cuda
+    if cuda:
+        torch.cuda.synchronize(ctx.query.device)
+    t0 = time.perf_counter()
+    press.compress(ctx)
+    if cuda:
+        torch.cuda.synchronize(ctx.query.device)
+    cache.press_seconds += time.perf_counter() - t0
 
 
 def _graph_step_attention(cache, layer_idx: int, query, scaling) -> torch.Tensor:
@@ -154,9 +171,23 @@ def _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, mo
 def register() -> None:
     """Register `kvforge` with transformers' attention and mask interfaces (idempotent).
 
-    The mask function is transformers' own `sdpa_mask`: our layers report their logical size, so it
-    builds the mask in logical slot space (padding, causality, sliding windows), which `entry_mask`
-    then maps onto the stored entries of each layer.
+    The mask function is transformers' own `sdpa_mask` (`kvforge_mask`): our layers report their logical size, so
+    it builds the mask in logical slot space (padding, causality, sliding windows), which `entry_mask` then maps
+    onto the stored entries of each layer.
     """
     AttentionInterface.register(NAME, kvforge_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, kvforge_mask)
+
+
+def kvforge_mask(*args, **kwargs):
+    """transformers' `sdpa_mask`, except that a plain causal mask with no padding is None for any query length
+    (sdpa_mask skips it only when q == 1 or q == kv): the attention function then applies the bottom-right causal
+    mask over the stored entries without building a `[B, 1, q, L]` tensor, which a prefill chunk after earlier ones
+    would need."""
+    mask_function = kwargs.get("mask_function", causal_mask_function)
+    padding = kwargs.get("attention_mask")
+    if (not args and mask_function is causal_mask_function and kwargs.get("local_size") is None
+            and kwargs.get("allow_is_causal_skip", True) and not torch.compiler.is_compiling()
+            and (padding is None or bool(padding.all()))):
+        return None
+    return sdpa_mask(*args, **kwargs)

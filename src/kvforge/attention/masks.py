@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from kvforge.attention.backends import causal_mask
+
+def causal_rows(q_idx: torch.Tensor, q: int, n: int, device: torch.device) -> torch.Tensor:
+    """Rows `q_idx` of the bottom-right aligned causal mask of q queries over n keys, `[1, 1, len(q_idx), n]`.
+    Only the asked rows are built: `causal_mask(q, n)[:, :, q_idx]` would build all q × n first (17 GB of bool for
+    one row at a 128k prefill)."""
+    return (torch.arange(n, device=device)[None, :] <= (n - q + q_idx)[:, None])[None, None]
 
 
 def entry_mask(attention_mask, layer, q: int, rows: slice | None = None) -> torch.Tensor | None:
     """Mask over the layer's stored entries `[B, 1 | H_kv, q, n]` (True = attend), or None.
 
     `attention_mask` is what transformers built in logical slot space (`[B, 1, q, L]` bool, or None for
-    plain causal). Stored entry t holds logical slot `slots[..., t]`; it is visible to query i when that
+    plain causal: then, for all rows, None means the bottom-right causal mask over the stored entries, since the q
+    current tokens are the last q entries stored and older entries hold earlier slots). Stored entry t holds logical
+    slot `slots[..., t]`; it is visible to query i when that
     slot is visible in the logical mask (causality, padding, windows) and the entry is valid.
     """
     slots, valid = layer.entry_slots(), layer.entry_valid()
@@ -23,14 +30,16 @@ def entry_mask(attention_mask, layer, q: int, rows: slice | None = None) -> torc
         q_idx = torch.arange(q, device=layer.device)
     if attention_mask is not None and rows is not None:
         attention_mask = attention_mask[:, :, rows]
-    if attention_mask is None and valid is None and rows is None and q == 1:
-        return None  # decode without padding: every stored entry is in the past and visible
+    if attention_mask is None and valid is None and rows is None:
+        # no padding: the q new entries are the last q stored and every older entry is in the past, so the mask is
+        # the bottom-right causal one over the stored entries, which the backends apply without a tensor (is_causal)
+        return None
     if slots is None and valid is None:
         if attention_mask is not None:
             return attention_mask
         if rows is None and (q == 1 or layer.n == q):
             return None  # plain decode / plain causal prefill: the backend needs no mask
-        return causal_mask(q, layer.n, layer.device)[:, :, q_idx]
+        return causal_rows(q_idx, q, layer.n, layer.device)
     n = layer.n if slots is None else slots.shape[-1]
     if slots is None:
         slots = torch.arange(n, device=layer.device).expand(*valid.shape[:2], n)

@@ -12,7 +12,7 @@ from transformers.cache_utils import Cache
 from kvforge.cache.layers import DenseLayer, HeadVarlenLayer, PackedHeadLayer
 from kvforge.cache.plan import build_layers, layer_plan
 from kvforge.config import check_supported, enable_kvforge_attention, text_config
-from kvforge.errors import KVForgeError
+from kvforge.errors import KVForgeError, check_count
 
 # The layer whose `update()` ran last in this thread/context, and the key tensor it returned. The attention
 # function only trusts it when the key it receives *is* that tensor, so a binding can never leak into a
@@ -49,6 +49,18 @@ def check_press(press: Any) -> None:
         raise KVForgeError(f"press={press!r} is not a press object; build one with {hint}")
 
 
+def check_chunking(press: Any, chunk_size: int | None) -> None:
+    """`chunk_size` must be None or an integer >= 1, and `press` (None or a press) able to compress chunk by chunk
+    (`Press.chunk_refusal`); else a one-line KVForgeError."""
+    if chunk_size is None:
+        return
+    check_count(chunk_size, "chunk_size")
+    refusal = None if press is None else press.chunk_refusal()
+    if refusal:
+        raise KVForgeError(f"{press.name} cannot compress a prefill chunk by chunk: {refusal}; prefill it without "
+                           "chunk_size")
+
+
 class KVCache(Cache):
     """A compressible KV cache usable as `past_key_values` in `model.generate` or a forward call.
 
@@ -65,6 +77,10 @@ class KVCache(Cache):
         packed: store per-head budgets truly packed (`PackedHeadLayer`, decoded by the Triton kernel) rather
             than as a padded block (`HeadVarlenLayer`). Default: packed on CUDA, padded on CPU.
         plan: the kind of each layer (names registered in `kvforge.cache.plan`); default `layer_plan(model)`.
+        chunk_size: prefill the context `chunk_size` tokens at a time (`kvforge.generate.prefill` reads it): each
+            chunk attends to the cache so far, and with a press every chunk is compressed right after its attention,
+            so the prefill holds the kept entries plus one chunk (see `Press.chunk_refusal` for what a press does
+            under chunking). While armed, a forward of more than `chunk_size` tokens is refused.
 
     With a press, the model's attention is switched to kvforge's (transformers' `set_attn_implementation`),
     whatever path the model came from; an unsupported family is refused with a one-line KVForgeError. A forward
@@ -73,9 +89,11 @@ class KVCache(Cache):
     """
 
     def __init__(self, model: Any, press: Any = None, reserve: int = 256, packed: bool | None = None,
-                 plan: list[str] | None = None):
+                 plan: list[str] | None = None, chunk_size: int | None = None):
         if press is not None:
             check_press(press)
+        check_chunking(press, chunk_size)
+        if press is not None:
             if callable(getattr(model, "set_attn_implementation", None)):
                 enable_kvforge_attention(model)  # a press acts inside kvforge's attention: switch it on (or refuse)
             else:
@@ -87,12 +105,16 @@ class KVCache(Cache):
         self.press = press
         self.armed = press is not None
         self.packed = packed
+        self.chunk_size = chunk_size
         self._pending: set[int] = set(self.compressible_layers()) if self.armed else set()
+        self._armed_at: dict[int, int] = {}  # layer -> its logical length when the cache was (re-)armed
         # layer -> (module, query, logical mask, scaling) of the last prefill, when recording (shared sweeps)
         self.recorded: dict | None = None
         # optional callable(LayerContext) run after every attention of a compressible layer (scoring passes)
         self.observer = None
         self.score_memo: dict | None = None
+        # seconds spent in the press's `compress` (device synchronised), when set to a number (`kvforge bench`)
+        self.press_seconds: float | None = None
 
     @classmethod
     def from_layers(cls, model: Any, layers: list, reserve: int = 256) -> KVCache:
@@ -112,9 +134,17 @@ class KVCache(Cache):
         """
         new = copy.copy(self)
         new.layers = [copy.copy(layer) for layer in self.layers]
-        new.armed, new._pending, new.recorded, new.observer = False, set(), None, None
+        new.armed, new._pending, new.recorded, new.observer, new._armed_at = False, set(), None, None, {}
         new.score_memo = self.score_memo  # forks of one prefill share press scores (presses.base.cached_score)
         return new
+
+    def arm(self) -> None:
+        """Compress again after the next forward (the next prefill chunk); a no-op without a press."""
+        if self.press is None:
+            return
+        self.armed = True
+        self._pending = set(self.compressible_layers())
+        self._armed_at = {i: self.layers[i].get_seq_length() for i in self._pending}
 
     def mark_compressed(self, layer_idx: int) -> None:
         """Called after the press ran on a layer; the cache disarms once every compressible layer is done."""
@@ -124,7 +154,11 @@ class KVCache(Cache):
 
     # -- the binding ---------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if self.armed and layer_idx in self._pending and self.layers[layer_idx].get_seq_length() > 0:
+        if self.armed and self.chunk_size is not None and key_states.shape[-2] > self.chunk_size:
+            raise KVForgeError(f"a forward of {key_states.shape[-2]} tokens into a cache with chunk_size="
+                               f"{self.chunk_size}; prefill with kvforge.generate.prefill, which feeds it in chunks")
+        armed_at = self._armed_at.get(layer_idx, 0)
+        if self.armed and layer_idx in self._pending and self.layers[layer_idx].get_seq_length() > armed_at:
             raise KVForgeError("the press did not run: the previous forward did not use kvforge's attention; build "
                                "the cache from the model, KVCache(model, press=...), which switches it on")
         keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)

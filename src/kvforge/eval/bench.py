@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from kvforge.cache.coded import CodedLayer
 from kvforge.cache.graphs import GraphDecoder
-from kvforge.cache.kvcache import KVCache
+from kvforge.cache.kvcache import KVCache, check_chunking
 from kvforge.cache.layers import PackedHeadLayer
 from kvforge.config import layer_types, text_config
 from kvforge.errors import KVForgeError, check_count
@@ -79,7 +79,8 @@ AUTOTUNE = "max-autotune-no-cudagraphs"  # inductor tunes its own GEMMs (we capt
 LAYOUTS = {"PackedHeadLayer": "packed", "HeadVarlenLayer": "padded"}
 
 # the columns of every row, whatever the cache kind (None where a kind has no such measure); extra keys follow
-COLUMNS = ["press", "compression_ratio", "context", "batch", "prefill_s", "compression_overhead_s",
+COLUMNS = ["press", "compression_ratio", "context", "batch", "prefill_chunk", "prefill_s", "compression_overhead_s",
+           "press_ms", "press_share", "prefill_peak_gb",
            "decode_ms_per_token", "tokens_per_s", "floor_ms_per_token", "x_floor", "speedup_vs_none", "peak_gb",
            "decode_peak_gb", "memory_freed_of_kv_removed", "kv_gb", "kv_allocated_gb", "entries_layer",
            "attention_ms_per_layer", "attention_frac_copy_bw", "layer_kind", "first_step_s", "cuda_graph", "compiled",
@@ -88,9 +89,13 @@ COLUMNS = ["press", "compression_ratio", "context", "batch", "prefill_s", "compr
 
 def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, weights_bytes: int,
               cuda_graph: bool = True, packed: bool | None = None,
-              variants: tuple | list = (False,)) -> list[dict]:
+              variants: tuple | list = (False,), chunk_size: int | None = None) -> list[dict]:
     """Prefill and compress once, then time `new_tokens` decode steps per compile variant (`False`, `True` or
     an inductor mode) on that same cache, one after another; one row per variant.
+
+    `chunk_size`: prefill in chunks of that many tokens, compressing as it goes. `press_ms`: milliseconds spent in
+    the press's `compress` during the prefill (scores, top-k, gathers; the device synchronised around each call),
+    `press_share` its share of `prefill_s`; `prefill_peak_gb` the prefill's peak (CUDA).
 
     Each variant decodes from where the previous one stopped (the context grows by `new_tokens` per variant,
     reserved up front), so N variants cost one prefill instead of N. A compiler failure of a compiled variant
@@ -101,7 +106,8 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    cache = KVCache(model, press=press, reserve=new_tokens * len(variants) + 8, packed=packed)
+    cache = KVCache(model, press=press, reserve=new_tokens * len(variants) + 8, packed=packed, chunk_size=chunk_size)
+    cache.press_seconds = 0.0
     _sync(device)
     t0 = time.perf_counter()
     logits = prefill(model, ids, torch.ones_like(ids), cache)
@@ -118,7 +124,10 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
             torch.cuda.reset_peak_memory_stats()
         base = {"press": "none" if press is None else press.name,
                 "compression_ratio": 0.0 if press is None else press.compression_ratio,
-                "context": ids.shape[1], "batch": ids.shape[0], "prefill_s": round(prefill_s, 4)}
+                "context": ids.shape[1], "batch": ids.shape[0], "prefill_chunk": chunk_size,
+                "prefill_s": round(prefill_s, 4), "press_ms": round(cache.press_seconds * 1e3, 3),
+                "press_share": round(cache.press_seconds / prefill_s, 4),
+                "prefill_peak_gb": None if prefill_peak is None else round(prefill_peak / 1e9, 2)}
         try:
             decode_s, first_s, tok, pos, graphed = _decode_steps(model, cache, tok, pos, new_tokens,
                                                                  cuda_graph and cuda, comp)
@@ -323,18 +332,20 @@ def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int, copy_bw: float 
 
 
 def _press_rows(model, ids, spec: str, factory, ratio: float, variants: list, new_tokens: int,
-                copy_bw: float, weights_bytes: int, cuda_graph: bool, layouts: list[str] | None) -> list[dict]:
+                copy_bw: float, weights_bytes: int, cuda_graph: bool, layouts: list[str] | None,
+                chunk_size: int | None = None) -> list[dict]:
     """One grid point: one prefill on the device's own storage timed for every compile variant, then,
     for per-head budgets, the same press on the other requested layouts."""
     press = None if spec == "none" else factory(ratio)
-    rows = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, variants=variants)
+    rows = bench_row(model, ids, press, new_tokens, copy_bw, weights_bytes, cuda_graph, variants=variants,
+                     chunk_size=chunk_size)
     own = next((LAYOUTS.get(r["layer_kind"]) for r in rows if r.get("layer_kind")), None)
     out = [{**row, "press": f"{spec} [{own}]" if own and layouts else spec} for row in rows]
     if own and layouts:  # per-head budgets: the other requested layouts too, labelled
         for lay in layouts:
             if lay != own:
                 other = bench_row(model, ids, factory(ratio), new_tokens, copy_bw, weights_bytes, cuda_graph,
-                                  packed=lay == "packed", variants=variants)
+                                  packed=lay == "packed", variants=variants, chunk_size=chunk_size)
                 out += [{**o, "press": f"{spec} [{lay}]"} for o in other]
     return out
 
@@ -380,7 +391,8 @@ def _check_fits(model_or_config, contexts: list[int], reserve: int, what: str) -
                            f"use contexts of at most {limit - reserve}")
 
 
-def _check_bench_args(contexts, batch, presses, ratios, new_tokens, compile, layouts, hf_caches) -> tuple:
+def _check_bench_args(contexts, batch, presses, ratios, new_tokens, compile, layouts, hf_caches,
+                      prefill_chunks=(None,)) -> tuple:
     """Every argument, before the model loads or anything is written: (press factories, compile variants)."""
     from kvforge.presses.registry import parse_press
 
@@ -397,10 +409,15 @@ def _check_bench_args(contexts, batch, presses, ratios, new_tokens, compile, lay
     for r in ratios:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
             raise KVForgeError(f"ratio {r} is outside the allowed range [0, 1)")
+    if not prefill_chunks:
+        raise KVForgeError("the prefill chunk list is empty; give chunk sizes, or none for an unchunked prefill")
+    for chunk in prefill_chunks:
+        check_chunking(None, chunk)
     factories = {spec: parse_press(spec) for spec in presses if spec != "none"}
     for factory in factories.values():  # every (press, ratio) builds now: a bad one fails before any timing
         for r in [0.0] if factory.ratio_free else ratios:
-            factory(r)
+            for chunk in prefill_chunks:
+                check_chunking(factory(r), chunk)
     modes = {False: [False], "off": [False], True: [True], "on": [True], "both": [False, True],
              "autotune": [True, AUTOTUNE], "max-autotune": [AUTOTUNE]}.get(compile)
     if modes is None:
@@ -416,8 +433,13 @@ def _check_bench_args(contexts, batch, presses, ratios, new_tokens, compile, lay
 def run_bench(model_name: str | None, config: str | None, contexts: list[int], batch: int, presses: list[str],
               ratios: list[float], new_tokens: int, out: str, device: str | None = None,
               cuda_graph: bool = True, hf_caches: list[str] | None = None, layouts: list[str] | None = None,
-              model=None, compile: bool | str = False, overwrite: bool = False) -> list[dict]:
+              model=None, compile: bool | str = False, overwrite: bool = False,
+              prefill_chunks: list[int | None] | None = None) -> list[dict]:
     """Time every (context, press, ratio) and write bench.json / bench.csv / bench.png under `out`.
+
+    `prefill_chunks`: prefill chunk sizes to time every point with (None = unchunked; default `[None]`); each row
+    names its `prefill_chunk`, and `compression_overhead_s` / the ratios against `none` compare rows of the same
+    chunk size.
 
     `layouts` ("packed", "padded"): per-head-budget presses are timed on each of these storage layouts (packed
     head-varlen vs a padded block with a validity mask, what a masking implementation does); by default only on
@@ -441,7 +463,9 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
         resolve_dtype,
     )
 
-    factories, modes = _check_bench_args(contexts, batch, presses, ratios, new_tokens, compile, layouts, hf_caches)
+    prefill_chunks = [None] if prefill_chunks is None else list(prefill_chunks)
+    factories, modes = _check_bench_args(contexts, batch, presses, ratios, new_tokens, compile, layouts, hf_caches,
+                                         prefill_chunks)
     reserve = new_tokens * len(modes) + 8  # decoded after each context (every compile variant decodes on)
     out_dir = check_out(out)
     if model is None:
@@ -492,24 +516,25 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
             tqdm.write(json.dumps(row))
         (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
-    grids = {n: [(spec, r) for spec in presses
+    grids = {n: [(chunk, spec, r) for chunk in prefill_chunks for spec in presses
                  for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios)] for n in contexts}
     bar = tqdm(total=sum(len(g) + len(hf_caches or []) for g in grids.values()), desc="bench", unit="row",
                dynamic_ncols=True)
     for n in contexts:
         ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)
-        base_prefill = None
-        for spec, r in grids[n]:
-            point = f"{n}/{spec}/{r}"
+        base_prefill: dict = {}  # chunk size -> the none row's prefill seconds
+        for chunk, spec, r in grids[n]:
+            point = f"{n}/{spec}/{r}" + ("" if chunk is None else f"/chunk={chunk}")
             bar.set_postfix_str(point)
             todo = saved.get(point) or _press_rows(model, ids, spec, factories.get(spec), r, modes, new_tokens,
-                                                   copy_bw, weights_bytes, cuda_graph, layouts)
-            if spec == "none" and base_prefill is None:
-                base_prefill = todo[0].get("prefill_s")
+                                                   copy_bw, weights_bytes, cuda_graph, layouts, chunk)
+            if spec == "none" and chunk not in base_prefill:
+                base_prefill[chunk] = todo[0].get("prefill_s")
+            base = base_prefill.get(chunk)
             if point not in saved:
                 for row in todo:
-                    row["compression_overhead_s"] = (None if base_prefill is None or row.get("prefill_s") is None else
-                                                     round(row["prefill_s"] - base_prefill, 4))
+                    row["compression_overhead_s"] = (None if base is None or row.get("prefill_s") is None else
+                                                     round(row["prefill_s"] - base, 4))
             emit(point, todo)
             bar.update()
         for spec in hf_caches or []:
@@ -546,7 +571,7 @@ def against_none(rows: list[dict]) -> None:
     `memory_freed_of_kv_removed` ((none's decode peak − the row's) / (none's KV bytes − the row's)): 1.0 means
     every byte the press removed from the cache left the GPU's peak."""
     def key(r: dict) -> tuple:
-        return r.get("context"), r.get("batch"), r.get("compiled", False), r.get("run_started")
+        return r.get("context"), r.get("batch"), r.get("compiled", False), r.get("run_started"), r.get("prefill_chunk")
 
     base = {key(r): r for r in rows if r.get("press") == "none" and r.get("decode_ms_per_token") is not None}
     for r in rows:
@@ -571,15 +596,18 @@ def _plot(rows: list[dict], path: Path) -> None:
     mem = "peak_gb" if any(r.get("peak_gb") is not None for r in rows) else "kv_gb"  # CPU: no peak counter
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     variants = sorted({str(r.get("compiled", False)) for r in rows})  # one line per compile variant
-    for n in sorted({r["context"] for r in rows}):
-        for press in sorted({r["press"] for r in rows if r["press"] != "none"}):
-            for v in variants:
-                pts = sorted(((r["compression_ratio"], r) for r in rows if r["context"] == n and r["press"] in
-                              (press, "none") and str(r.get("compiled", False)) == v), key=lambda p: p[0])
-                xs = [x for x, _ in pts]
-                label = f"{press} {n}" + (f" compiled={v}" if len(variants) > 1 else "")
-                axes[0].plot(xs, [r["decode_ms_per_token"] for _, r in pts], marker="o", label=label)
-                axes[1].plot(xs, [r[mem] for _, r in pts], marker="o", label=label)
+    chunks = sorted({str(r.get("prefill_chunk")) for r in rows})  # and per prefill chunk size
+    lines = [(n, p, v, c) for n in sorted({r["context"] for r in rows})
+             for p in sorted({r["press"] for r in rows if r["press"] != "none"}) for v in variants for c in chunks]
+    for n, press, v, c in lines:
+        pts = sorted(((r["compression_ratio"], r) for r in rows if r["context"] == n and r["press"] in (press, "none")
+                      and str(r.get("compiled", False)) == v and str(r.get("prefill_chunk")) == c),
+                     key=lambda p: p[0])
+        xs = [x for x, _ in pts]
+        label = (f"{press} {n}" + (f" compiled={v}" if len(variants) > 1 else "")
+                 + (f" chunk={c}" if len(chunks) > 1 else ""))
+        axes[0].plot(xs, [r["decode_ms_per_token"] for _, r in pts], marker="o", label=label)
+        axes[1].plot(xs, [r[mem] for _, r in pts], marker="o", label=label)
     axes[0].set_ylabel("decode ms / token")
     axes[1].set_ylabel("peak GPU memory (GB)" if mem == "peak_gb" else "KV cache (GB)")
     for ax in axes:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kvforge.cache.kvcache import check_chunking
 from kvforge.errors import KVForgeError, check_count
 from kvforge.eval.report import write_report
 from kvforge.eval.results import (  # noqa: F401
@@ -169,6 +170,7 @@ def run_eval(
     press_batch: int = 1,
     cuda_graph: bool = False,
     overwrite: bool = False,
+    chunk_size: int | None = None,
 ) -> Path:
     """Run the sweep; returns the output directory (results.jsonl, summary.csv, run_meta.json, report).
 
@@ -184,6 +186,10 @@ def run_eval(
     made with other settings is refused with a one-line KVForgeError naming the setting, unless `overwrite=True`,
     which deletes that run's files first. Every argument is checked before the model loads; a refused run writes
     nothing.
+
+    `chunk_size`: prefill every context that many tokens at a time, the press compressing each chunk as it comes
+    (`generate.prefill`); every (press, ratio) then prefills on its own (a shared prefill replays one unchunked
+    prefill's queries), and the chunk size is a setting of the run (`prefill_chunk`).
     """
     from kvforge.eval.tasks import make_samples
 
@@ -191,9 +197,19 @@ def run_eval(
     per_task = samples if isinstance(samples, dict) else dict.fromkeys(tasks, samples)
     factories = _check_args(tasks, presses, ratios, lengths, per_task, max_new_tokens, press_batch, seed,
                             query_aware)
+    if chunk_size is not None:
+        check_chunking(None, chunk_size)
+        if query_aware:
+            raise KVForgeError("query_aware prefills context + question with model.generate, unchunked; drop "
+                               "--prefill-chunk or --query-aware")
+        for factory in factories.values():
+            check_chunking(factory(0.0 if factory.ratio_free else ratios[0]), chunk_size)
+        shared_prefill = False
     out_dir = check_out(out)
     settings = {"model": model_name, "seed": seed, "max_new_tokens": max_new_tokens, "query_aware": query_aware,
                 "cuda_graph": cuda_graph}
+    if chunk_size is not None:  # only when set: runs made before chunking existed resume unchanged
+        settings["prefill_chunk"] = chunk_size
     recorded = None if overwrite else _recorded_settings(out_dir)
     if recorded is not None:
         refuse_other_settings(out_dir, recorded, settings)  # before the model loads
@@ -259,7 +275,7 @@ def run_eval(
                 continue
             bar.set_postfix_str(f"{sample.task} {sample.id[-12:]}")
             _run_sample(model, tokenizer, sample, factories, todo, base_done, done, emit, max_new_tokens,
-                        shared_prefill, bar, query_aware, press_batch, cuda_graph)
+                        shared_prefill, bar, query_aware, press_batch, cuda_graph, chunk_size)
     bar.close()
     meta["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta["wall_seconds"] = round(time.perf_counter() - wall0, 2)
@@ -308,7 +324,7 @@ def _codes(press) -> bool:
 
 
 def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_new_tokens, shared, bar,
-                query_aware=False, batch=1, cuda_graph=False):
+                query_aware=False, batch=1, cuda_graph=False, chunk_size=None):
     is_ppl = sample.metric == "ppl"
     mnt = max_new_tokens or sample.max_new_tokens
     continuation: list[int] = []
@@ -326,7 +342,7 @@ def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_
         return answer(model, tok, cache, enc, mnt, cuda_graph=cuda_graph)[0], float("nan")
 
     t0 = time.perf_counter()
-    full = prefill_context(model, enc, None, mnt, record=shared)
+    full = prefill_context(model, enc, None, mnt, record=shared, chunk_size=chunk_size)
     prefill_s = time.perf_counter() - t0
     base_key = (sample.task, sample.id, BASELINE, 0.0)
     if base_done:
@@ -350,7 +366,7 @@ def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_
             cache = compress_prefilled(full, press, model, enc)
             pre = 0.0
         else:  # end to end: a fresh prefill with the press active
-            cache = prefill_context(model, enc, press, mnt)
+            cache = prefill_context(model, enc, press, mnt, chunk_size=chunk_size)
             pre = time.perf_counter() - t0
         preds, ppl = (answers[0], float("nan")) if query_aware and not is_ppl else evaluate(cache)
         stats = cache.stats()

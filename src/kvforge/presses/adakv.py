@@ -44,8 +44,11 @@ class AdaKVPress(Press):
         self.press = resolve_scorer(self.name, self.press)
         check_float(self, "alpha_safeguard", self.alpha_safeguard, 0, 1)
 
+    def chunk_refusal(self) -> str | None:
+        return self.press.chunk_refusal()
+
     def compress(self, ctx: LayerContext) -> None:
-        k = keep_count(ctx.n_real, self.compression_ratio, self.budget)  # [B] per head
+        k = torch.minimum(keep_count(ctx.n_seen, self.compression_ratio, self.budget), ctx.n_real)  # [B] per head
         if bool((k >= ctx.n_real).all()):
             return
         scores = cached_score(self.press, ctx).float().masked_fill(~ctx.real, float("-inf"))

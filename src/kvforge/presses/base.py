@@ -65,12 +65,16 @@ def select_topk(ctx: LayerContext, scores: torch.Tensor, k: torch.Tensor) -> Non
     """Keep the `k[b]` highest-scoring real entries of every head of row b (same count for all heads).
 
     Rows keeping fewer than the batch maximum are filled with padding entries, which their mask hides,
-    so each row keeps exactly what it would keep alone.
+    so each row keeps exactly what it would keep alone. A row without enough padding left to fill with (a prefill
+    compressed chunk by chunk already evicted it) makes the layer per-head instead (`select_mask`).
     """
     real = ctx.real
     rank = descending_rank(scores.float().masked_fill(~real, float("-inf")))
     selected = (rank < k[:, None, None]) & real
     kmax = int(k.max())
+    if bool(((~real).sum(-1) < (kmax - k)[:, None]).any()):
+        select_mask(ctx, selected)
+        return
     priority = selected.to(torch.int8) * 2 + (~real).to(torch.int8)
     idx = priority.topk(kmax, dim=-1, sorted=False).indices.sort(-1).values
     ctx.layer.keep(idx)
@@ -117,6 +121,12 @@ class Press:
 
     def compress(self, ctx: LayerContext) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def chunk_refusal(self) -> str | None:
+        """Why this press cannot compress a prefill chunk by chunk (`KVCache(chunk_size=...)`), or None when it can.
+        Under chunking, `compress` runs after every chunk's attention over the layer's kept + new entries, with the
+        chunk's queries, and keeps the ratio of the real tokens seen so far (`LayerContext.n_seen`)."""
+        return "only scorer presses (and adakv over one) re-select over kept + new entries chunk by chunk"
 
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -222,8 +232,12 @@ class ScorerPress(Press):
     def score(self, ctx: LayerContext) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def chunk_refusal(self) -> str | None:
+        return None
+
     def keep_per_row(self, ctx: LayerContext) -> torch.Tensor:
-        return keep_count(ctx.n_real, self.compression_ratio, self.budget)
+        """Entries to keep per row `[B]`: the ratio (or budget) of the real tokens seen, at most those stored."""
+        return torch.minimum(keep_count(ctx.n_seen, self.compression_ratio, self.budget), ctx.n_real)
 
     def compress(self, ctx: LayerContext) -> None:
         k = self.keep_per_row(ctx)

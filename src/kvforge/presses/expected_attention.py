@@ -139,6 +139,9 @@ class ExpectedAttentionPress(ScorerPress):
     epsilon: float = 0.0
     stat_window: int | None = None
 
+    def chunk_refusal(self) -> str | None:
+        return "its query statistics and future positions assume the whole context is stored"
+
     def __post_init__(self):
         super().__post_init__()
         check_int(self, "n_future_positions", self.n_future_positions, minimum=1)

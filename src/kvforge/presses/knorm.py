@@ -22,4 +22,4 @@ class KnormPress(ScorerPress):
     paper = "https://arxiv.org/abs/2406.11430"
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        return -ctx.keys.float().norm(dim=-1)
+        return -torch.linalg.vector_norm(ctx.keys, dim=-1, dtype=torch.float32)  # no float32 copy of the keys

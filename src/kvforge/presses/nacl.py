@@ -51,6 +51,9 @@ class NaClPress(ScorerPress):
     n_sink: int = 4
     seed: int = 0
 
+    def chunk_refusal(self) -> str | None:
+        return "its proxy queries are a share of the whole context"
+
     def __post_init__(self):
         super().__post_init__()
         check_float(self, "proxy_ratio", self.proxy_ratio, 0, 1, low_open=True, high_open=True)

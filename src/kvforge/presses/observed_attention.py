@@ -67,6 +67,9 @@ class ObservedAttentionPress(ScorerPress):
     normalize: bool = True
     query_chunk: int | None = None  # query rows per chunk; None = sized to ~128 MiB of logits
 
+    def chunk_refusal(self) -> str | None:
+        return "it scores with the attention of every context query over the whole context"
+
     def __post_init__(self):
         super().__post_init__()
         check_int(self, "query_chunk", self.query_chunk, minimum=1, optional=True)

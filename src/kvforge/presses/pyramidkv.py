@@ -36,6 +36,9 @@ class PyramidKVPress(SnapKVPress):
     paper = "https://arxiv.org/abs/2406.02069"
     beta: float = 20.0
 
+    def chunk_refusal(self) -> str | None:
+        return "its per-layer budgets are shares of the whole context"
+
     def __post_init__(self):
         super().__post_init__()
         check_float(self, "beta", self.beta, low=1)
