@@ -186,3 +186,23 @@ def test_bench_refuses_a_press_that_cannot_chunk(tmp_path, tiny):
         run_bench("tiny", None, [64], 1, ["none", "observed_attention"], [0.5], 2, str(tmp_path / "x"),
                   device="cpu", model=tiny, prefill_chunks=[16])
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_sharing_rows_next_to_the_dense_model(tmp_path, tiny):
+    """`--sharing`: per context a dense eager row and one row per preset; KV bytes follow the producing layers
+    (lckv with 2 warm-up layers on 4 layers: 3 of 4 store KV; cla: 2 of 4), speed compared with the eager dense row."""
+    rows = run_bench("tiny", None, [48], 1, ["none"], [0.5], 3, str(tmp_path), device="cpu", model=tiny,
+                     sharing=["cla", "lckv"])
+    by = {r["press"]: r for r in rows}
+    assert set(by) == {"none", "none [eager]", "sharing:cla", "sharing:lckv"}
+    dense = by["none [eager]"]["kv_gb"]
+    assert by["none [eager]"]["kv_gb"] == by["none"]["kv_gb"]
+    assert by["sharing:cla"]["kv_gb"] == pytest.approx(dense / 2, rel=1e-6)
+    assert by["sharing:lckv"]["kv_gb"] == pytest.approx(dense * 3 / 4, rel=1e-6)
+    assert by["sharing:cla"]["kv_layers"] == "0_0_2_2" and by["sharing:cla"]["speedup_vs_dense"] > 0
+    assert by["sharing:cla"]["speedup_vs_none"] is None  # eager vs captured would not be a fair ratio
+    with pytest.raises(KVForgeError, match="--sharing preset 'nope'; allowed: lckv, cla, yoco, mixattention"):
+        run_bench("tiny", None, [48], 1, ["none"], [0.5], 3, str(tmp_path / "b"), model=tiny, sharing=["nope"])
+    with pytest.raises(KVForgeError, match="needs a Llama-architecture model"):
+        run_bench("tiny", None, [48], 1, ["none"], [0.5], 3, str(tmp_path / "c"), model=tiny_model("qwen2"),
+                  sharing=["cla"])

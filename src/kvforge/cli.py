@@ -270,7 +270,8 @@ def cmd_bench(args) -> None:
               args.batch, _with_quant(_csv(args.presses), args), _csv(args.ratios, float), args.new_tokens, args.out,
               device=args.device, cuda_graph=not args.no_cuda_graph, hf_caches=_csv(args.hf_caches) if args.hf_caches
               else None, layouts=_csv(args.layouts) if args.layouts else None, compile=args.compile,
-              overwrite=args.overwrite, prefill_chunks=_chunks(args.prefill_chunk))
+              overwrite=args.overwrite, prefill_chunks=_chunks(args.prefill_chunk),
+              sharing=_csv(args.sharing) if args.sharing else None, sharing_warmup=args.sharing_warmup)
     print(f"results: {args.out}/bench.json, bench.csv, bench.png")
 
 
@@ -436,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "not re-timed); another set-up there is refused unless --overwrite")
     b.add_argument("--overwrite", action="store_true",
                    help="start clean in --out (its rows are deleted) instead of resuming")
+    b.add_argument("--sharing", default=None,
+                   help="cross-layer KV sharing presets timed next to the dense model (random weights, Llama family):"
+                        " comma-separated lckv, cla, yoco, mixattention")
+    b.add_argument("--sharing-warmup", type=int, default=2, help="lckv warm-up layers for --sharing (default: 2)")
     b.add_argument("--hf-caches", default=None,
                    help="also time plain transformers decoding with these caches: dynamic, quanto@bits=2, ...")
     b.add_argument("--compile", nargs="?", const="on", default="off",

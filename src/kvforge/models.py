@@ -413,11 +413,22 @@ def random_config(name: str) -> PretrainedConfig:
 
 
 def _random_model(name: str, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, Any]:
-    from transformers.initialization import no_init_weights
-
     cfg = random_config(name)
     check_memory(random_weights_bytes(name, dtype, device), device, f"random-weight {name!r} in {dtype}".replace(
         "torch.", ""), "pick a smaller --config (e.g. llama3.2-1b), a lower precision, or a device with more memory")
+    model = random_model_from_config(cfg, dtype, device)
+    try:
+        tokenizer = load_tokenizer("smollm2-135m")
+    except KVForgeError:
+        tokenizer = None
+    return model, tokenizer
+
+
+def random_model_from_config(cfg: PretrainedConfig, dtype: torch.dtype, device: str) -> PreTrainedModel:
+    """A causal LM of `cfg` with i.i.d. random weights (std 0.02, norms at their neutral value), built without
+    transformers' initialisation, in eval mode on `device`."""
+    from transformers.initialization import no_init_weights
+
     # Skip transformers'/torch's init (minutes for 8B on CPU); fill each parameter once, cheaply.
     with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -430,11 +441,7 @@ def _random_model(name: str, dtype: torch.dtype, device: str) -> tuple[PreTraine
                 p.fill_(0.0 if pname.endswith("bias") else norm_fill)
             else:
                 p.uniform_(-bound, bound)
-    try:
-        tokenizer = load_tokenizer("smollm2-135m")
-    except KVForgeError:
-        tokenizer = None
-    return _finish(model), tokenizer
+    return _finish(model)
 
 
 def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:

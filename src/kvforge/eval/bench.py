@@ -434,8 +434,15 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
               ratios: list[float], new_tokens: int, out: str, device: str | None = None,
               cuda_graph: bool = True, hf_caches: list[str] | None = None, layouts: list[str] | None = None,
               model=None, compile: bool | str = False, overwrite: bool = False,
-              prefill_chunks: list[int | None] | None = None) -> list[dict]:
+              prefill_chunks: list[int | None] | None = None, sharing: list[str] | None = None,
+              sharing_warmup: int = 2) -> list[dict]:
     """Time every (context, press, ratio) and write bench.json / bench.csv / bench.png under `out`.
+
+    `sharing` (Llama-architecture models): cross-layer KV sharing presets (`kvforge.sharing`:
+    lckv, cla, yoco, mixattention; lckv with `sharing_warmup` warm-up layers) timed at every context next to the
+    dense model, same shapes and run, with random weights (speed and memory do not depend on them). Those models
+    decode eagerly (no CUDA graph for them), so each context also gets a `none [eager]` row of the dense model and
+    the sharing rows' `speedup_vs_dense` compares with it.
 
     `prefill_chunks`: prefill chunk sizes to time every point with (None = unchunked; default `[None]`); each row
     names its `prefill_chunk`, and `compression_overhead_s` / the ratios against `none` compare rows of the same
@@ -464,6 +471,7 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     )
 
     prefill_chunks = [None] if prefill_chunks is None else list(prefill_chunks)
+    sharing_maps = _sharing_maps(sharing or [], config, model, sharing_warmup)
     factories, modes = _check_bench_args(contexts, batch, presses, ratios, new_tokens, compile, layouts, hf_caches,
                                          prefill_chunks)
     reserve = new_tokens * len(modes) + 8  # decoded after each context (every compile variant decodes on)
@@ -488,6 +496,8 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     setup = {"model": config or model_name, "random_weights": bool(config), "device": device_name(model),
              "dtype": str(model.dtype).replace("torch.", ""), "batch": batch, "new_tokens": new_tokens,
              "compile": modes, "cuda_graph": cuda_graph, "layouts": layouts}
+    if sharing_maps:
+        setup["sharing_warmup"] = sharing_warmup
     saved, runs = ({}, []) if overwrite else _resumable(out_dir / "bench.json", setup)
     out_dir = prepare_out(out_dir)  # every check passed: the first write
     if overwrite:
@@ -518,8 +528,8 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
 
     grids = {n: [(chunk, spec, r) for chunk in prefill_chunks for spec in presses
                  for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios)] for n in contexts}
-    bar = tqdm(total=sum(len(g) + len(hf_caches or []) for g in grids.values()), desc="bench", unit="row",
-               dynamic_ncols=True)
+    bar = tqdm(total=sum(len(g) + len(hf_caches or []) + (len(sharing_maps) + 1 if sharing_maps else 0)
+                         for g in grids.values()), desc="bench", unit="row", dynamic_ncols=True)
     for n in contexts:
         ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)
         base_prefill: dict = {}  # chunk size -> the none row's prefill seconds
@@ -546,8 +556,13 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
                          "error": f"{type(e).__name__}: {str(e)[:300]}"}]
             emit(point, todo)
             bar.update()
+    if sharing_maps:
+        if not all(sharing_maps.values()):  # a model loaded by name: check and build the maps now
+            sharing_maps = _sharing_maps(list(sharing_maps), None, model, sharing_warmup)
+        _sharing_rows(model, sharing_maps, contexts, batch, new_tokens, copy_bw, saved, emit, bar)
     bar.close()
     against_none(rows)
+    _against_dense(rows)
     (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     for r in rows:
         if r.get("speedup_vs_none") is not None and r["press"] != "none":
@@ -562,6 +577,74 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
         w.writerows(rows)
     _plot(rows, out_dir / "bench.png")
     return rows
+
+
+def _sharing_maps(names: list[str], config: str | None, model, warmup: int) -> dict[str, str]:
+    """Preset name -> layer-map string for `--sharing`, checked before any work (one-line errors)."""
+    if not names:
+        return {}
+    from kvforge.models import random_config
+    from kvforge.sharing import PRESETS, preset
+
+    if model is not None:
+        cfg = model.config
+    elif config:
+        cfg = random_config(config)
+    else:  # a model by name: its config is read when it loads; the presets are checked then
+        return dict.fromkeys(names, "")
+    if cfg.model_type != "llama":
+        raise KVForgeError(f"--sharing needs a Llama-architecture model (model_type 'llama'); got {cfg.model_type!r}")
+    for name in names:
+        if name not in PRESETS:
+            raise KVForgeError(f"--sharing preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return {name: str(preset(name, cfg.num_hidden_layers, warmup=warmup)) for name in names}
+
+
+def _sharing_rows(dense, maps: dict[str, str], contexts: list[int], batch: int, new_tokens: int, copy_bw: float,
+                  saved: dict, emit, bar) -> None:
+    """A `none [eager]` row of the dense model and one row per sharing preset at every context (eager decoding,
+    no press), each sharing model built with the dense model's config and random weights, one at a time."""
+    import gc
+
+    from kvforge.models import random_model_from_config
+    from kvforge.sharing import sharing_config
+
+    dev, vocab = dense.device, dense.config.vocab_size
+    models = [("none [eager]", None)] + list(maps.items())
+    for name, layer_map in models:
+        points = [f"{n}/sharing:{name}" for n in contexts]
+        if all(p in saved for p in points):
+            for p in points:
+                emit(p, saved[p])
+                bar.update()
+            continue
+        model = dense if layer_map is None else random_model_from_config(sharing_config(dense.config, layer_map),
+                                                                         dense.dtype, str(dev))
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        for n, point in zip(contexts, points):
+            ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)
+            todo = saved.get(point) or bench_row(model, ids, None, new_tokens, copy_bw, weights, cuda_graph=False)
+            label = "none [eager]" if layer_map is None else f"sharing:{name}"
+            emit(point, [{**r, "press": label, "kv_layers": layer_map or "dense"} for r in todo])
+            bar.update()
+        if layer_map is not None:
+            del model
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _against_dense(rows: list[dict]) -> None:
+    """Sharing rows: `speedup_vs_dense` against the dense model's eager row of the same context and run (their
+    `speedup_vs_none` would compare an eager decode with a captured one, so it is left empty)."""
+    base = {(r["context"], r["run_started"]): r for r in rows if r.get("press") == "none [eager]"}
+    for r in rows:
+        if not str(r.get("press", "")).startswith("sharing:"):
+            continue
+        r["speedup_vs_none"] = r["memory_freed_of_kv_removed"] = None
+        ref = base.get((r.get("context"), r.get("run_started")))
+        if ref and ref.get("decode_ms_per_token") and r.get("decode_ms_per_token"):
+            r["speedup_vs_dense"] = round(ref["decode_ms_per_token"] / r["decode_ms_per_token"], 3)
 
 
 def against_none(rows: list[dict]) -> None:

@@ -16,6 +16,14 @@ _DROP = ("model_type", "architectures", "transformers_version", "quantization_co
          "kv_layers", "auto_map")
 
 
+def sharing_config(cfg, layer_map: LayerMap | str, **config: object) -> KVSharingConfig:
+    """The `KVSharingConfig` of a Llama-architecture config `cfg` with `layer_map`: every field of `cfg` kept (its
+    shapes, RoPE, vocabulary), `config` setting others (sliding_window, forward_passes, backward_passes)."""
+    lm = LayerMap.parse(str(layer_map), cfg.num_hidden_layers)
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in _DROP}
+    return KVSharingConfig(**(fields | config), kv_layers=str(lm))
+
+
 def convert(model, layer_map: LayerMap | str, **config: object) -> KVSharingForCausalLM:
     """A `KVSharingForCausalLM` with `model`'s weights (a Llama-architecture causal LM, e.g. SmolLM2) and
     `layer_map` (a LayerMap or its string); `config` sets other KVSharingConfig fields (sliding_window,
@@ -25,8 +33,7 @@ def convert(model, layer_map: LayerMap | str, **config: object) -> KVSharingForC
         raise KVForgeError(f"cross-layer sharing converts Llama-architecture models (model_type 'llama'); got "
                            f"{cfg.model_type!r}")
     lm = LayerMap.parse(str(layer_map), cfg.num_hidden_layers)
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in _DROP}
-    new_cfg = KVSharingConfig(**(fields | config), kv_layers=str(lm))
+    new_cfg = sharing_config(cfg, lm, **config)
     param = next(model.parameters())
     with torch.device(param.device):
         new = KVSharingForCausalLM(new_cfg).to(param.dtype)
