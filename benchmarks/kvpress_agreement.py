@@ -26,12 +26,21 @@ unchanged. `datasets`, imported by two kvpress presses not used here, is stubbed
 Writes to `--out`: `kvforge.jsonl` and `kvpress.jsonl` (one line per press and sample: the answers; re-running
 the same command resumes both), `samples.jsonl` (the prompts' parts), and `agreement.csv` / `agreement.json`:
 per press, n questions, each library's mean score with its Wilson/bootstrap 95% interval, and `same_answer` = the
-share of questions where both gave the same answer (after stripping whitespace).
+share of questions where both gave the same answer (after stripping whitespace), and `error`: the first failure of
+a press in either library (its samples are left out of n; the other presses go on).
+
+CPU smoke run (2026-12-05, smollm2-135m fp32, niah_single_1 at 400 tokens, 2 samples, ratio 0.5; tiny n, so it
+shows the script works, not how often the libraries agree): every press ran in both libraries and gave the same
+answers on both samples except `random` (0/2, as expected) and `pyramidkv`, which kvpress 0.5.5 could not run
+here: "RuntimeError: The size of tensor a (388) must match the size of tensor b (398) at non-singleton dimension 3"
+in transformers' SDPA when the question is fed (kvforge's run of it went through).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import subprocess
@@ -127,12 +136,15 @@ def kvpress_child(args) -> None:
             for s in samples:
                 if (press_name, s["sample_id"]) in done:
                     continue
-                press = eval(PRESSES[press_name][1], globals() | locals(), {"r": args.ratio})  # noqa: S307
-                with torch.inference_mode():
-                    res = pipe(s["context"], questions=s["questions"], answer_prefix=s["answer_prefix"], press=press,
-                               max_new_tokens=s["max_new_tokens"])
-                sink.write(json.dumps({"press": press_name, "sample_id": s["sample_id"],
-                                       "answers": [a.strip() for a in res["answers"]]}) + "\n")
+                try:
+                    press = eval(PRESSES[press_name][1], globals() | locals(), {"r": args.ratio})  # noqa: S307
+                    with torch.inference_mode():
+                        res = pipe(s["context"], questions=s["questions"], answer_prefix=s["answer_prefix"],
+                                   press=press, max_new_tokens=s["max_new_tokens"])
+                    row = {"answers": [a.strip() for a in res["answers"]]}
+                except Exception as e:  # a press kvpress can't run here: recorded, the others go on
+                    row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+                sink.write(json.dumps({"press": press_name, "sample_id": s["sample_id"], **row}) + "\n")
                 sink.flush()
                 print(f"kvpress {press_name} {s['sample_id']}", file=sys.stderr)
 
@@ -150,10 +162,14 @@ def run_kvforge(args, model, tok, samples, out: Path) -> None:
             for s in samples:
                 if (press_name, s.id) in done:
                     continue
-                press = eval(PRESSES[press_name][0], {"get_press": get_press}, {"r": args.ratio})  # noqa: S307
-                answers = generate(model, tok, s.context, s.questions, press=press, answer_prefix=s.answer_prefix,
-                                   max_new_tokens=args.max_new_tokens or s.max_new_tokens, prompt_format="kvpress")
-                sink.write(json.dumps({"press": press_name, "sample_id": s.id, "answers": answers}) + "\n")
+                try:
+                    press = eval(PRESSES[press_name][0], {"get_press": get_press}, {"r": args.ratio})  # noqa: S307
+                    row = {"answers": generate(model, tok, s.context, s.questions, press=press,
+                                               answer_prefix=s.answer_prefix, prompt_format="kvpress",
+                                               max_new_tokens=args.max_new_tokens or s.max_new_tokens)}
+                except Exception as e:  # recorded like kvpress's failures, the others go on
+                    row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+                sink.write(json.dumps({"press": press_name, "sample_id": s.id, **row}) + "\n")
                 sink.flush()
                 print(f"kvforge {press_name} {s.id}", file=sys.stderr)
 
@@ -165,10 +181,13 @@ def compare(args, samples, out: Path) -> list[dict]:
     ours, theirs = read_jsonl(out / "kvforge.jsonl"), read_jsonl(out / "kvpress.jsonl")
     rows = []
     for press_name in args.presses.split(","):
-        a_scores, b_scores, same = [], [], []
+        a_scores, b_scores, same, errors = [], [], [], []
         for s in samples:
             a, b = ours.get((press_name, s.id)), theirs.get((press_name, s.id))
             if a is None or b is None:
+                continue
+            errors += [f"{lib}: {r['error']}" for lib, r in (("kvforge", a), ("kvpress", b)) if "error" in r]
+            if "error" in a or "error" in b:
                 continue
             for golds, x, y in zip(s.answers, a["answers"], b["answers"]):
                 a_scores.append(score(s.metric, x, golds))
@@ -183,6 +202,7 @@ def compare(args, samples, out: Path) -> list[dict]:
         row["same_answer"] = round(sum(same) / n, 4) if n else None
         ci = mean_interval(same, seed=f"same|{press_name}")
         row["same_ci_low"], row["same_ci_high"] = (None, None) if ci is None else map(lambda v: round(v, 4), ci)
+        row["error"] = errors[0] if errors else None  # the first failure; its samples are left out of n
         rows.append(row)
     return rows
 
@@ -242,8 +262,11 @@ def main() -> None:
 
     rows = compare(args, samples, out)
     cols = list(rows[0])
-    write_atomic(out / "agreement.csv", ",".join(cols) + "\n" + "".join(
-        ",".join("" if r[c] is None else str(r[c]) for c in cols) + "\n" for r in rows))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows({c: "" if r[c] is None else r[c] for c in cols} for r in rows)
+    write_atomic(out / "agreement.csv", buf.getvalue())
     write_atomic(out / "agreement.json", json.dumps({"settings": settings, "rows": rows}, indent=2))
     for r in rows:
         print(r)
