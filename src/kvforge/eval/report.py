@@ -38,13 +38,16 @@ def score_curves(rows: list[dict], out_dir: Path) -> list[tuple[str, str, str]]:
     for task, rs in sorted(by_task.items()):
         fig, ax = plt.subplots(figsize=(6, 4))
         presses = sorted({r["press"] for r in rs if r["press"] != BASELINE})
-        colors = plt.cm.tab20.colors
+        colors = plt.cm.tab10.colors if len(presses) <= 10 else plt.cm.tab20.colors
         markers = "osD^vP*Xh<>p"
+        ratios = [r["compression_ratio"] for r in rs]
+        step = 0.012 * ((max(ratios) - min(ratios)) or 1.0)  # presses side by side, so error bars don't overlap
         for i, p in enumerate(presses):
+            dx = (i - (len(presses) - 1) / 2) * step if len(presses) <= 8 else 0.0
             pts = sorted((r["compression_ratio"], r["score"], _err(r)) for r in rs
                          if r["press"] == p and r["score"] is not None)
             if pts:
-                ax.errorbar([x for x, _, _ in pts], [y for _, y, _ in pts],
+                ax.errorbar([x + dx for x, _, _ in pts], [y for _, y, _ in pts],
                             yerr=[[e[0] for _, _, e in pts], [e[1] for _, _, e in pts]], capsize=3,
                             marker=markers[i % len(markers)], color=colors[i % len(colors)], label=p, alpha=0.85)
         base = [r for r in rs if r["press"] == BASELINE and r["score"] is not None]
@@ -55,7 +58,7 @@ def score_curves(rows: list[dict], out_dir: Path) -> list[tuple[str, str, str]]:
                            label="uncompressed 95% CI")
         ppl = any(r.get("metric") == "ppl" for r in rs)
         ax.set_xlabel("compression ratio (fraction of context KV removed)")
-        ax.set_ylabel("perplexity (lower is better)" if ppl else "score")
+        ax.set_ylabel(("perplexity (lower is better)" if ppl else "score") + ", bars: 95% CI")
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
