@@ -69,3 +69,22 @@ def test_encode_carries_the_format_and_refuses_unknown_ones(smol_tokenizer):
     assert enc.ctx_ids[0].tolist() == ctx and enc.q_rows == [[q]] and enc.prompt_format == "kvpress"
     with pytest.raises(KVForgeError, match="unknown prompt format 'chatml'; allowed: kvpress, kvforge"):
         encode(model, smol_tokenizer, [CONTEXT], [[QUESTION]], prompt_format="chatml")
+
+
+@pytest.mark.parametrize("prompt_format", ["kvpress", "kvforge"])
+def test_generate_without_press_equals_plain_generate_in_either_format(smol_tokenizer, prompt_format):
+    import torch
+
+    from kvforge import generate
+
+    model, tok = tiny_model("llama"), smol_tokenizer
+    ids = torch.tensor([sum(encode_prompt(tok, CONTEXT, QUESTION, PREFIX, prompt_format=prompt_format), [])])
+    model.set_attn_implementation("sdpa")
+    try:
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=tok.pad_token_id)
+    finally:
+        model.set_attn_implementation("kvforge")
+    want = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    got = generate(model, tok, CONTEXT, QUESTION, answer_prefix=PREFIX, max_new_tokens=6, prompt_format=prompt_format)
+    assert want and got == [want]
