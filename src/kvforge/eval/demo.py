@@ -3,7 +3,8 @@
 Few presses, many samples: one needle task, no compression against a press that keeps the needle (TOVA), one that
 evicts the middle of the context (StreamingLLM: sinks + recent window) and a query-aware one (Quest: nothing
 evicted, each decoding step reads the pages its query ranks highest), at two ratios, with 95% intervals in
-`summary.csv` and the report. Under five minutes on 2 CPU cores.
+`summary.csv` and the report. About 4-5 minutes on 2 idle CPU cores (168 runs; 10 minutes measured with the
+cores shared by other jobs).
 """
 
 from __future__ import annotations
