@@ -133,6 +133,10 @@ CLI_ROWS = [
     (["bench", "--random-weights", "--config", "llama3.2-1b", "--out", "{blocker}/sub"], "is not writable", False),
     # presses
     (["presses", "--bogus"], "unrecognized arguments: --bogus", False),
+    # prompt formats
+    (["generate", "--prompt-format", "chatml"], "argument --prompt-format: invalid choice: 'chatml'", False),
+    (["eval", "--tasks", "facts_qa", "--presses", "knorm", "--out", "{out}", "--prompt-format", "raw"],
+     "argument --prompt-format: invalid choice: 'raw'", False),
     # demo
     (["demo", "--samples", "0"], "argument --samples: 0", False),
     (["demo", "--model", "nope", "--out", "{out}"], "unknown model 'nope'", False),

@@ -151,7 +151,7 @@ def test_resume_with_other_settings_is_refused_or_starts_clean(tmp_path, tiny, s
     settings = rows[0]["settings"]
     assert settings == json.loads((out / "run_meta.json").read_text())["settings"]
     assert {"model", "dtype", "prompt_format", "seed", "max_new_tokens", "query_aware", "cuda_graph"} <= set(settings)
-    assert settings["dtype"] == "float32" and settings["prompt_format"].startswith("chat template ")
+    assert settings["dtype"] == "float32" and settings["prompt_format"].startswith("kvpress: chat template ")
     before = files_of(out)
     for kw, msg in [(dict(max_new_tokens=8), "made with max_new_tokens=6, this one has max_new_tokens=8"),
                     (dict(seed=1), "made with seed=0, this one has seed=1"),

@@ -416,7 +416,7 @@ def test_answer_token_positions_cover_the_needle_value(smol_tokenizer):
     from kvforge.eval.tasks import make_samples
 
     s = make_samples("niah_single_1", smol_tokenizer, 200, 1)[0]
-    ctx_ids, _ = encode_prompt(smol_tokenizer, s.context, s.questions[0], s.answer_prefix)
+    ctx_ids, _ = encode_prompt(smol_tokenizer, s.context, s.questions[0], s.answer_prefix, prompt_format="kvforge")
     pos = _answer_token_positions(smol_tokenizer, s.context, s.questions[0], s.answers[0], ctx_ids)
     assert pos and pos == list(range(pos[0], pos[-1] + 1))
     assert s.answers[0][0] in smol_tokenizer.decode([ctx_ids[i] for i in pos])

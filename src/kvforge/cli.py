@@ -150,7 +150,7 @@ def cmd_generate(args) -> None:
     t1 = time.perf_counter()
     answers, cache = generate(
         model, tok, context, questions, press=press, max_new_tokens=args.max_new_tokens, return_cache=True,
-        cuda_graph=args.cuda_graph, chunk_size=chunk,
+        cuda_graph=args.cuda_graph, chunk_size=chunk, prompt_format=args.prompt_format,
     )
     t2 = time.perf_counter()
     for q, a in zip(questions, answers):
@@ -236,6 +236,7 @@ def cmd_eval(args) -> None:
         shared_prefill=not args.no_shared_prefill, argv=sys.argv[1:], query_aware=args.query_aware,
         press_batch=args.press_batch, cuda_graph=args.cuda_graph, overwrite=args.overwrite,
         chunk_size=_chunk(args.prefill_chunk),
+        prompt_format=args.prompt_format,
     )
     print(format_table(write_summary(out)))
     print(f"\nreport: {out / 'report.html'}")
@@ -351,6 +352,14 @@ def _quant_args(parser) -> None:
     parser.add_argument("--residual-length", type=int, default=None, help="newest tokens kept in full precision")
 
 
+def _prompt_format_arg(parser) -> None:
+    from kvforge.prompt import DEFAULT_PROMPT_FORMAT, PROMPT_FORMATS
+
+    parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=DEFAULT_PROMPT_FORMAT,
+                        help="kvpress: token for token kvpress 0.5.5's pipeline (default); kvforge: kvforge's earlier "
+                             "format (context right-stripped, the question after a blank line)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kvforge.eval.tasks import TASKS
 
@@ -374,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-chunk", default=None,
                    help="prefill the context this many tokens at a time (e.g. 4k), compressing as it goes: memory "
                         "is the weights, the kept KV and one chunk")
+    _prompt_format_arg(g)
     _quant_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -405,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prefill-chunk", default=None,
                    help="prefill the context this many tokens at a time (e.g. 4k), compressing as it goes: "
                         "every press prefills on its own (no shared prefill)")
+    _prompt_format_arg(e)
     _quant_args(e)
     e.set_defaults(func=cmd_eval)
 

@@ -10,7 +10,14 @@ import torch
 from kvforge.cache.kvcache import KVCache, check_chunking, check_press
 from kvforge.config import text_config
 from kvforge.errors import KVForgeError, check_count
-from kvforge.prompt import encode_prompt, format_prompt, use_template  # noqa: F401  (re-exported)
+from kvforge.prompt import (  # noqa: F401  (re-exported)
+    DEFAULT_PROMPT_FORMAT,
+    PROMPT_FORMATS,
+    check_prompt_format,
+    encode_prompt,
+    format_prompt,
+    use_template,
+)
 
 
 def model_max_length(model) -> int:
@@ -74,6 +81,7 @@ class Encoded:
     # how the prompts were built (presses with extra passes, e.g. KVzip, phrase their own prompts alike)
     tokenizer: object = None
     chat_template: bool | None = None
+    prompt_format: str = DEFAULT_PROMPT_FORMAT
 
     @property
     def longest_question(self) -> int:
@@ -81,13 +89,15 @@ class Encoded:
 
 
 def encode(model, tokenizer, contexts: list[str], questions: list[list[str]], answer_prefix: str = "",
-           chat_template: bool | None = None, max_new_tokens: int = 0) -> Encoded:
+           chat_template: bool | None = None, max_new_tokens: int = 0,
+           prompt_format: str = DEFAULT_PROMPT_FORMAT) -> Encoded:
     """Tokenize contexts and questions (see `encode_prompt`) and check they fit the model's window."""
+    check_prompt_format(prompt_format)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = [[encode_prompt(tokenizer, c, q, answer_prefix, chat_template) for q in row]
+    enc = [[encode_prompt(tokenizer, c, q, answer_prefix, chat_template, prompt_format) for q in row]
            for c, row in zip(contexts, questions)]
-    ctx_rows = [row[0][0] if row else encode_prompt(tokenizer, c, "", "", chat_template)[0]
+    ctx_rows = [row[0][0] if row else encode_prompt(tokenizer, c, "", "", chat_template, prompt_format)[0]
                 for c, row in zip(contexts, enc)]
     q_rows = [[q for _, q in row] for row in enc]
     longest_q = max((len(r) for row in q_rows for r in row), default=0)
@@ -99,7 +109,8 @@ def encode(model, tokenizer, contexts: list[str], questions: list[list[str]], an
             f"the model's maximum of {limit} tokens; shorten the context"
         )
     ctx_ids, ctx_mask = _left_pad(ctx_rows, pad_id, device)
-    return Encoded(ctx_ids, ctx_mask, q_rows, pad_id, tokenizer, use_template(tokenizer, chat_template))
+    return Encoded(ctx_ids, ctx_mask, q_rows, pad_id, tokenizer, use_template(tokenizer, chat_template),
+                   prompt_format)
 
 
 def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int,
@@ -282,6 +293,7 @@ def generate(
     query_aware: bool = False,
     cuda_graph: bool = False,
     chunk_size: int | None = None,
+    prompt_format: str = DEFAULT_PROMPT_FORMAT,
 ):
     """Answer `questions` about `context`, compressing the context's KV cache once with `press`.
 
@@ -299,6 +311,7 @@ def generate(
     `cuda_graph=True` replays one captured decode step per token (fast on CUDA; see `answer`).
     `chunk_size`: prefill the context that many tokens at a time, compressing as it goes (see `prefill`), so the
     prefill's memory is the weights, the kept entries and one chunk's activations.
+    `prompt_format`: "kvpress" (default; token for token kvpress's pipeline) or "kvforge" (see `kvforge.prompt`).
     """
     if press is not None:
         check_press(press)  # a name instead of a press object: refused before any work
@@ -307,10 +320,11 @@ def generate(
         raise KVForgeError("query_aware=True prefills context + question with model.generate, unchunked; drop "
                            "chunk_size or query_aware")
     check_count(max_new_tokens, "max_new_tokens")
+    check_prompt_format(prompt_format)
     contexts = _contexts(context)
     batched = not isinstance(context, str)
     qs = _questions_per_context(questions, len(contexts))
-    enc = encode(model, tokenizer, contexts, qs, answer_prefix, chat_template, max_new_tokens)
+    enc = encode(model, tokenizer, contexts, qs, answer_prefix, chat_template, max_new_tokens, prompt_format)
     if query_aware:
         answers, cache = answer_query_aware(model, tokenizer, enc, press, max_new_tokens, packed=packed)
     else:

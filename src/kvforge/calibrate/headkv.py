@@ -29,7 +29,7 @@ from kvforge.generate import encode_prompt, format_prompt
 def _answer_token_positions(tokenizer, context: str, question: str, answers: list[str],
                             ctx_ids: list[int]) -> list[int]:
     """Positions in `ctx_ids` of the tokens covering any occurrence of an answer string in the context."""
-    ctx_text, _ = format_prompt(tokenizer, context, question)
+    ctx_text, _ = format_prompt(tokenizer, context, question, prompt_format="kvforge")
     special = not bool(getattr(tokenizer, "chat_template", None))
     spans = []
     for ans in answers:
@@ -76,8 +76,9 @@ def head_scores(model, tokenizer, task: str = "niah_single_1", length: int = 100
     try:
         for sample in make_samples(task, tokenizer, length, samples, seed):
             question, answers = sample.questions[0], sample.answers[0]
-            ctx_ids, q_ids = encode_prompt(tokenizer, sample.context, question, sample.answer_prefix)
-            _, q_plain = encode_prompt(tokenizer, sample.context, question, "")
+            ctx_ids, q_ids = encode_prompt(tokenizer, sample.context, question, sample.answer_prefix,
+                                           prompt_format="kvforge")
+            _, q_plain = encode_prompt(tokenizer, sample.context, question, "", prompt_format="kvforge")
             needle = _answer_token_positions(tokenizer, sample.context, question, answers, ctx_ids)
             if not needle:
                 continue

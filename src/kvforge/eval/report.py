@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from kvforge.eval.intervals import INDICATIVE_BELOW  # noqa: E402
 from kvforge.eval.results import BASELINE, SUMMARY_COLUMNS, read_results, summarize  # noqa: E402
+from kvforge.eval.runs import write_text_atomic  # noqa: E402
 
 
 def _save(fig, path: Path) -> str:
@@ -35,25 +38,60 @@ def score_curves(rows: list[dict], out_dir: Path) -> list[tuple[str, str, str]]:
     for task, rs in sorted(by_task.items()):
         fig, ax = plt.subplots(figsize=(6, 4))
         presses = sorted({r["press"] for r in rs if r["press"] != BASELINE})
-        colors = plt.cm.tab20.colors
+        colors = plt.cm.tab10.colors if len(presses) <= 10 else plt.cm.tab20.colors
         markers = "osD^vP*Xh<>p"
+        ratios = [r["compression_ratio"] for r in rs]
+        step = 0.012 * ((max(ratios) - min(ratios)) or 1.0)  # presses side by side, so error bars don't overlap
         for i, p in enumerate(presses):
-            pts = sorted((r["compression_ratio"], r["score"]) for r in rs if r["press"] == p and r["score"] is not None)
+            dx = (i - (len(presses) - 1) / 2) * step if len(presses) <= 8 else 0.0
+            pts = sorted((r["compression_ratio"], r["score"], _err(r)) for r in rs
+                         if r["press"] == p and r["score"] is not None)
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=markers[i % len(markers)],
-                        color=colors[i % len(colors)], label=p, alpha=0.85)
-        base = [r["score"] for r in rs if r["press"] == BASELINE and r["score"] is not None]
+                ax.errorbar([x + dx for x, _, _ in pts], [y for _, y, _ in pts],
+                            yerr=[[e[0] for _, _, e in pts], [e[1] for _, _, e in pts]], capsize=3,
+                            marker=markers[i % len(markers)], color=colors[i % len(colors)], label=p, alpha=0.85)
+        base = [r for r in rs if r["press"] == BASELINE and r["score"] is not None]
         if base:
-            ax.axhline(base[0], color="black", linestyle="--", linewidth=1, label="uncompressed")
+            ax.axhline(base[0]["score"], color="black", linestyle="--", linewidth=1, label="uncompressed")
+            if base[0].get("ci_low") is not None:
+                ax.axhspan(base[0]["ci_low"], base[0]["ci_high"], color="black", alpha=0.08,
+                           label="uncompressed 95% CI")
         ppl = any(r.get("metric") == "ppl" for r in rs)
         ax.set_xlabel("compression ratio (fraction of context KV removed)")
-        ax.set_ylabel("perplexity (lower is better)" if ppl else "score")
+        ax.set_ylabel(("perplexity (lower is better)" if ppl else "score") + ", bars: 95% CI")
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         name = f"score_{task}.png"
         plots.append((f"{task}: score versus compression ratio", name, _save(fig, out_dir / name)))
     return plots
+
+
+def _err(row: dict) -> tuple[float, float]:
+    """The row's 95% interval as error-bar lengths below and above its score (0, 0 without one)."""
+    if row.get("ci_low") is None:
+        return 0.0, 0.0
+    return max(row["score"] - row["ci_low"], 0.0), max(row["ci_high"] - row["score"], 0.0)
+
+
+def _cell(row: dict, col: str) -> str:
+    """One summary cell as HTML: n < INDICATIVE_BELOW marked "indicative only", a baseline difference flagged."""
+    value = "" if row[col] is None else html.escape(str(row[col]))
+    if col == "n" and row["n"] < INDICATIVE_BELOW:
+        return f'<td class="few" title="fewer than {INDICATIVE_BELOW} samples">{value} (indicative only)</td>'
+    if col == "vs_baseline" and row[col]:
+        return f'<td class="{html.escape(row[col])}">{value}</td>'
+    return f"<td>{value}</td>"
+
+
+def accuracy_link(out_dir: Path) -> str:
+    """Where the GPU accuracy tables live: `benchmarks/accuracy/` of the kvforge repository, linked relative to
+    the report when this is a source checkout."""
+    target = Path(__file__).resolve().parents[3] / "benchmarks" / "accuracy"
+    if not (target.parent.is_dir() and (target.parents[1] / "pyproject.toml").exists()):
+        return "<code>benchmarks/accuracy/</code> in the kvforge repository"
+    href = os.path.relpath(target / "README.md", out_dir.resolve())
+    return f'<a href="{html.escape(href)}"><code>benchmarks/accuracy/</code></a> in the kvforge repository'
 
 
 def needle_heatmaps(records: list[dict], out_dir: Path) -> list[tuple[str, str, str]]:
@@ -95,11 +133,7 @@ def write_report(out_dir: str | Path) -> Path:
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     plots = score_curves(rows, out_dir) + needle_heatmaps(records, out_dir)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in SUMMARY_COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{'' if r[c] is None else html.escape(str(r[c]))}</td>" for c in SUMMARY_COLUMNS)
-        + "</tr>"
-        for r in rows
-    )
+    body = "".join("<tr>" + "".join(_cell(r, c) for c in SUMMARY_COLUMNS) + "</tr>" for r in rows)
     figs = "".join(
         f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{b64}"><figcaption>{html.escape(t)} '
         f"({html.escape(name)})</figcaption></figure>"
@@ -111,16 +145,21 @@ def write_report(out_dir: str | Path) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>kvforge report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:inline-block;margin:1em}}
-img{{max-width:560px}}code{{font-size:12px}}</style></head><body>
+img{{max-width:560px}}code{{font-size:12px}}td.few{{color:#888;font-style:italic}}
+td.lower{{background:#f8d0d0}}td.higher{{background:#d0f0d0}}</style></head><body>
 <h1>kvforge evaluation</h1>
 <p>Model <b>{model}</b> on {m["device"]}; commit <code>{m["git_commit"]}</code>; started {m["started"]},
 ended {m["ended"]}. Prompt format: {m["prompt_format"]}.</p>
 <p>Arguments: <code>{args}</code></p>
 <p>compression_ratio = fraction of context KV entries removed; <i>agreement</i> = token F1 between each answer and
-the uncompressed answer of the same run; <i>baseline_score</i> = uncompressed score on the same samples.</p>
+the uncompressed answer of the same run; <i>baseline_score</i> = uncompressed score on the same samples.
+<i>ci_low</i>, <i>ci_high</i> = 95% interval of the score (Wilson for 0/1 scores, seeded bootstrap otherwise; the error
+bars of the plots); <i>vs_baseline</i> says "lower" or "higher" only when that interval and the uncompressed one on the
+same samples do not overlap. Cells of fewer than {INDICATIVE_BELOW} samples are indicative only.</p>
+<p>Accuracy of larger models on a GPU: {accuracy_link(out_dir)}.</p>
 <h2>Plots</h2>{figs}
 <h2>Summary</h2><table><tr>{head}</tr>{body}</table>
 </body></html>"""
     path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    write_text_atomic(path, page)
     return path

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from collections import defaultdict
 from pathlib import Path
 
-SUMMARY_COLUMNS = ["task", "press", "compression_ratio", "n", "score", "baseline_score", "agreement", "kv_fraction",
-                   "seconds"]
+from kvforge.eval.intervals import mean_interval, separated
+from kvforge.eval.runs import write_text_atomic
+
+SUMMARY_COLUMNS = ["task", "press", "compression_ratio", "n", "score", "ci_low", "ci_high", "baseline_score",
+                   "vs_baseline", "agreement", "kv_fraction", "seconds"]
 BASELINE = "none"
 
 
@@ -36,9 +40,11 @@ def _mean(xs) -> float | None:
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One row per (task, press, ratio): mean score, the baseline's mean score on the same samples,
-    mean agreement with the baseline's answers, KV bytes stored as a fraction of the baseline's on the same
-    samples (packed bytes for quantizers), total seconds."""
+    """One row per (task, press, ratio): mean score and its 95% interval (`ci_low`, `ci_high`: Wilson when every
+    sample scored 0 or 1, else a bootstrap seeded by the cell), the baseline's mean score on the same samples,
+    `vs_baseline` ("higher"/"lower" only when the row's interval and the baseline's interval on the same samples
+    do not overlap, else empty), mean agreement with the baseline's answers, KV bytes stored as a fraction of the
+    baseline's on the same samples (packed bytes for quantizers), total seconds."""
     base = {(r["task"], r["sample_id"]): r["score"] for r in records if r["press"] == BASELINE}
     base_bytes = {(r["task"], r["sample_id"]): r.get("kv_bytes") for r in records if r["press"] == BASELINE}
 
@@ -52,10 +58,16 @@ def summarize(records: list[dict]) -> list[dict]:
     rows = []
     for (task, press, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != BASELINE,
                                                                             kv[0][1], kv[0][2])):
+        ci = mean_interval([r["score"] for r in rs], seed=f"{task}|{press}|{ratio}")
+        base_scores = [base.get((task, r["sample_id"])) for r in rs]
+        base_ci = mean_interval(base_scores, seed=f"{task}|{BASELINE}|0.0")
+        side = 0 if press == BASELINE else separated(ci, base_ci)
         rows.append({
             "task": task, "press": press, "compression_ratio": ratio, "n": len(rs),
             "score": _round(_mean(r["score"] for r in rs)),
-            "baseline_score": _round(_mean(base.get((task, r["sample_id"])) for r in rs)),
+            "ci_low": None if ci is None else _round(ci[0]), "ci_high": None if ci is None else _round(ci[1]),
+            "baseline_score": _round(_mean(base_scores)),
+            "vs_baseline": {1: "higher", -1: "lower", 0: None}[side],
             "agreement": _round(_mean(r["agreement"] for r in rs)),
             "kv_fraction": _round(_mean(fraction(r) for r in rs)),
             "seconds": round(sum(r["seconds"] for r in rs), 2),
@@ -75,11 +87,12 @@ def write_summary_csv(out_dir: str | os.PathLike) -> list[dict]:
     """Write `summary.csv` from `results.jsonl`; returns the summary rows."""
     out_dir = Path(out_dir)
     rows = summarize(read_results(out_dir))
-    with (out_dir / "summary.csv").open("w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r[k] is None else r[k]) for k in SUMMARY_COLUMNS})
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r[k] is None else r[k]) for k in SUMMARY_COLUMNS})
+    write_text_atomic(out_dir / "summary.csv", buf.getvalue())
     return rows
 
 

@@ -40,8 +40,10 @@ from kvforge.eval.runs import (
     versions,
 )
 from kvforge.generate import (
+    DEFAULT_PROMPT_FORMAT,
     answer,
     answer_query_aware,
+    check_prompt_format,
     compress_prefilled,
     encode,
     model_max_length,
@@ -80,12 +82,13 @@ def _perplexity(model, cache, enc, continuation: list[int]) -> float:
 RUN_FILES = ("results.jsonl", "summary.csv", "run_meta.json", "report.html", "needle_heatmap.png")
 
 
-def prompt_format(tokenizer) -> str:
-    """How prompts are built, as a run setting: the chat template (by its hash) or plain text."""
+def prompt_description(tokenizer, prompt_format: str = DEFAULT_PROMPT_FORMAT) -> str:
+    """How prompts are built, as a run setting: the format's name (`kvforge.prompt`), then the chat template (by
+    its hash) or plain text."""
     if not use_template(tokenizer, None):
-        return "plain text: context + question, answer prefix appended"
+        return f"{prompt_format}: plain text: context + question, answer prefix appended"
     digest = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()[:12]
-    return f"chat template {digest} around context + question; answer prefix appended"
+    return f"{prompt_format}: chat template {digest} around context + question; answer prefix appended"
 
 
 def _recorded_settings(out_dir: Path) -> dict | None:
@@ -171,6 +174,7 @@ def run_eval(
     cuda_graph: bool = False,
     overwrite: bool = False,
     chunk_size: int | None = None,
+    prompt_format: str = DEFAULT_PROMPT_FORMAT,
 ) -> Path:
     """Run the sweep; returns the output directory (results.jsonl, summary.csv, run_meta.json, report).
 
@@ -180,6 +184,9 @@ def run_eval(
     (`generate.answer_query_aware`); the uncompressed baseline and perplexity tasks are unchanged.
     `cuda_graph=True`: answers are decoded by replaying one captured step per token (`generate.answer`; several
     times faster on a GPU, where a small model's eager decoding is launch-bound).
+
+    `prompt_format`: "kvpress" (default: token for token kvpress's pipeline) or "kvforge" (`kvforge.prompt`);
+    recorded in `run_meta.json` (`prompt_format`, with the chat template's hash) and in every row's settings.
 
     Runs are keyed by their settings (model, dtype, prompt format, seed, max_new_tokens, query_aware, cuda_graph;
     written to `run_meta.json` and into every row with the row's length): resuming in an `out` whose rows were
@@ -205,6 +212,7 @@ def run_eval(
         for factory in factories.values():
             check_chunking(factory(0.0 if factory.ratio_free else ratios[0]), chunk_size)
         shared_prefill = False
+    check_prompt_format(prompt_format)
     out_dir = check_out(out)
     settings = {"model": model_name, "seed": seed, "max_new_tokens": max_new_tokens, "query_aware": query_aware,
                 "cuda_graph": cuda_graph}
@@ -221,7 +229,8 @@ def run_eval(
     for n in lengths:
         if limit and n > limit:
             raise KVForgeError(f"length {n} is outside the model's window of 1..{limit} tokens")
-    settings.update(dtype=str(model.dtype).removeprefix("torch."), prompt_format=prompt_format(tokenizer))
+    settings.update(dtype=str(model.dtype).removeprefix("torch."),
+                    prompt_format=prompt_description(tokenizer, prompt_format))
     if recorded is not None:
         refuse_other_settings(out_dir, recorded, settings)
     all_samples, row_facts = [], {}
@@ -231,7 +240,7 @@ def run_eval(
                 mnt = max_new_tokens or s.max_new_tokens
                 # context + question + answer must fit the model's positions: refused now, not mid-run
                 encode(model, tokenizer, [s.context], [[] if s.metric == "ppl" else s.questions], s.answer_prefix,
-                       max_new_tokens=0 if s.metric == "ppl" else mnt)
+                       max_new_tokens=0 if s.metric == "ppl" else mnt, prompt_format=prompt_format)
                 all_samples.append(s)
                 row_facts[(s.task, s.id)] = {"length": n, "max_new_tokens": None if s.metric == "ppl" else mnt}
 
@@ -243,7 +252,8 @@ def run_eval(
     meta = {
         "args": {"model": model_name, "tasks": tasks, "presses": presses, "ratios": ratios, "length": length,
                  "samples": samples, "seed": seed, "max_new_tokens": max_new_tokens, "shared_prefill": shared_prefill,
-                 "query_aware": query_aware, "press_batch": press_batch, "cuda_graph": cuda_graph},
+                 "query_aware": query_aware, "press_batch": press_batch, "cuda_graph": cuda_graph,
+                 "prompt_format": prompt_format},
         "settings": settings,
         "argv": argv, "git_commit": git_commit(), "versions": versions(), "device": device_name(model),
         "started": started, "prompt_format": settings["prompt_format"],
@@ -275,7 +285,7 @@ def run_eval(
                 continue
             bar.set_postfix_str(f"{sample.task} {sample.id[-12:]}")
             _run_sample(model, tokenizer, sample, factories, todo, base_done, done, emit, max_new_tokens,
-                        shared_prefill, bar, query_aware, press_batch, cuda_graph, chunk_size)
+                        shared_prefill, bar, query_aware, press_batch, cuda_graph, chunk_size, prompt_format)
     bar.close()
     meta["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta["wall_seconds"] = round(time.perf_counter() - wall0, 2)
@@ -324,7 +334,7 @@ def _codes(press) -> bool:
 
 
 def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_new_tokens, shared, bar,
-                query_aware=False, batch=1, cuda_graph=False, chunk_size=None):
+                query_aware=False, batch=1, cuda_graph=False, chunk_size=None, prompt_format=DEFAULT_PROMPT_FORMAT):
     is_ppl = sample.metric == "ppl"
     mnt = max_new_tokens or sample.max_new_tokens
     continuation: list[int] = []
@@ -334,7 +344,8 @@ def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_
         cut = len(ids) * 3 // 4
         context, continuation = tok.decode(ids[:cut]), ids[cut:]
     questions = [] if is_ppl else sample.questions
-    enc = encode(model, tok, [context], [questions], sample.answer_prefix, max_new_tokens=0 if is_ppl else mnt)
+    enc = encode(model, tok, [context], [questions], sample.answer_prefix, max_new_tokens=0 if is_ppl else mnt,
+                 prompt_format=prompt_format)
 
     def evaluate(cache) -> tuple[list[str], float]:
         if is_ppl:

@@ -72,6 +72,14 @@ def refuse_other_settings(out: Path, old: dict, new: dict, what: str = "run") ->
                            "resume with the same settings, choose another --out, or pass --overwrite to start clean")
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def prepare_out(out: str | os.PathLike) -> Path:
     path = Path(out)
     try:

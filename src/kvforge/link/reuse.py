@@ -51,8 +51,9 @@ def tokenize(tokenizer, documents: Sequence[str], prompts: Sequence[str], templa
         return Request([], [ids(d) for d in documents], [ids(p + answer_prefix) for p in prompts])
     if not getattr(tokenizer, "chat_template", None):
         raise KVForgeError("template=True needs a tokenizer with a chat template; pass template=False")
-    head, _ = format_prompt(tokenizer, "", "", chat_template=True)
-    tails = [format_prompt(tokenizer, "", p, chat_template=True)[1].lstrip("\n") for p in prompts]
+    head, _ = format_prompt(tokenizer, "", "", chat_template=True, prompt_format="kvforge")
+    tails = [format_prompt(tokenizer, "", p, chat_template=True, prompt_format="kvforge")[1]
+             .lstrip("\n") for p in prompts]
     return Request(ids(head), [ids(d.strip() + DOC_SEPARATOR) for d in documents],
                    [ids(t + answer_prefix) for t in tails])
 

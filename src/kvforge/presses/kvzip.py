@@ -65,7 +65,7 @@ def template_parts(tokenizer, chat_template: bool | None) -> tuple[list[int], li
     """
     if not use_template(tokenizer, chat_template):
         return list(tokenizer("", add_special_tokens=True)["input_ids"]), []
-    head, tail = format_prompt(tokenizer, "", "", chat_template=True)
+    head, tail = format_prompt(tokenizer, "", "", chat_template=True, prompt_format="kvforge")
     prefix = tokenizer(head, add_special_tokens=False)["input_ids"]
     suffix = tokenizer(tail[2:], add_special_tokens=False)["input_ids"]  # tail = "\n\n" + question + suffix
     return list(prefix), list(suffix)
