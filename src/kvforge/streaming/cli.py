@@ -150,6 +150,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda | auto")
 
 
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    """How the sw/window/kv caches are stored and stepped (ar keeps none)."""
+    p.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4, 2),
+                   help="store the sw/window/kv cache entries quantized to this many bits (16: as computed)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="once a cache is full, replay one captured CUDA graph per token (same numbers, no launch "
+                        "overhead)")
+
+
 def add_parsers(sub) -> None:
     """Add `ppl`, `stream` and `train` to the `kvforge` subcommands."""
     p = sub.add_parser("ppl", help="long-text perplexity through a fixed-size cache, per mode and cache size")
@@ -162,10 +171,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--kv-align", default=None, help="KV-Align networks (a `kvforge train kv-align` dir) for kv")
     p.add_argument("--rows", type=int, default=1,
                    help="stream this many consecutive segments of the text side by side (a batch: faster on GPU)")
-    p.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4, 2),
-                   help="store the sw/window/kv cache entries quantized to this many bits (16: as computed)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="once a cache is full, replay one captured CUDA graph per token (sw, kv, window; same numbers)")
+    _cache_args(p)
     p.add_argument("--out", required=True, help="folder for ppl.csv, ppl.png, run_meta.json (re-run to resume)")
     p.set_defaults(func=cmd_ppl)
 
@@ -182,10 +188,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--compare-ar", type=int, default=0, metavar="T",
                    help="then generate T tokens with ar on the same prompt and report the speed ratio")
     s.add_argument("--quiet", action="store_true", help="do not print the generated text")
-    s.add_argument("--kv-bits", type=int, default=16, choices=(16, 8, 4, 2),
-                   help="store the cache entries quantized to this many bits (16: as computed)")
-    s.add_argument("--cuda-graph", action="store_true",
-                   help="once the cache is full, replay one captured CUDA graph per token (launch overhead gone)")
+    _cache_args(s)
     s.add_argument("--out", default=None, help="folder for latency.csv (per 1k tokens), summary.json")
     s.set_defaults(func=cmd_stream)
 
