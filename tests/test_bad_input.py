@@ -163,6 +163,8 @@ CLI_ROWS = [
      True),
     # ppl (streaming): the text file is read before any work
     (["ppl", "--text-file", "{latin1}", "--out", "{out}/p"], "is not valid UTF-8", False),
+    (["ppl", "--text-file", "{doc}", "--kv-bits", "3", "--out", "{out}/p"], "invalid choice: 3", False),
+    (["stream", "--kv-bits", "5"], "invalid choice: 5 (choose from 16, 8, 4, 2)", False),
 ]
 
 
