@@ -201,8 +201,8 @@ def test_bench_sharing_rows_next_to_the_dense_model(tmp_path, tiny):
     assert by["sharing:lckv"]["kv_gb"] == pytest.approx(dense * 3 / 4, rel=1e-6)
     assert by["sharing:cla"]["kv_layers"] == "0_0_2_2" and by["sharing:cla"]["speedup_vs_dense"] > 0
     assert by["sharing:cla"]["speedup_vs_none"] is None  # eager vs captured would not be a fair ratio
-    with pytest.raises(KVForgeError, match="--sharing preset 'nope'; allowed: lckv, cla, yoco, mixattention"):
+    with pytest.raises(KVForgeError, match="sharing preset 'nope'; allowed: lckv, cla, yoco, mixattention"):
         run_bench("tiny", None, [48], 1, ["none"], [0.5], 3, str(tmp_path / "b"), model=tiny, sharing=["nope"])
-    with pytest.raises(KVForgeError, match="needs a Llama-architecture model"):
+    with pytest.raises(KVForgeError, match="sharing needs a Llama-architecture model"):
         run_bench("tiny", None, [48], 1, ["none"], [0.5], 3, str(tmp_path / "c"), model=tiny_model("qwen2"),
                   sharing=["cla"])

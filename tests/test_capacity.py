@@ -74,6 +74,23 @@ def test_largest_batch_at_a_context(tmp_path, small):
     assert by["knorm"]["max_batch"] >= by["none"]["max_batch"]
 
 
+def test_largest_batch_of_sharing_models_next_to_the_dense_one(tmp_path, small):
+    """`sharing`: each preset searched with a random-weight sharing model of the same shapes (its own rows, its
+    layer map). On a tiny CPU model the prefill's transient attention matrices, not the KV, set the peak, so how
+    the batches compare is for the GPU; here the search must run and stop inside the limit."""
+    _, one = fits(small, None, 1, 256, None)
+    _, two = fits(small, None, 2, 256, None)
+    rows = run_capacity(small, ["none"], [0.5], str(tmp_path), what="batch", contexts=[256], limit=8,
+                        memory_limit_gb=(one + 3 * (two - one)) / 1e9, sharing=["cla", "lckv"])
+    by = {r["press"]: r for r in rows}
+    assert set(by) == {"none", "sharing:cla", "sharing:lckv"}
+    assert by["sharing:cla"]["kv_layers"] == "0_0_2_2" and by["none"]["kv_layers"] == "dense"
+    for name in ("sharing:cla", "sharing:lckv"):
+        assert 1 <= by[name]["max_batch"] < 8 and by[name]["tries"] >= 2 and by[name]["peak_gb_at_max"] > 0
+    with pytest.raises(KVForgeError, match="sharing preset 'nope'"):
+        run_capacity(small, ["none"], [0.5], str(tmp_path), what="batch", contexts=[256], sharing=["nope"])
+
+
 def test_capacity_bad_input(tmp_path, small):
     with pytest.raises(KVForgeError, match="memory_limit_gb=0; allowed: a number of GB > 0"):
         run_capacity(small, ["knorm"], [0.5], str(tmp_path), memory_limit_gb=0)

@@ -297,7 +297,8 @@ def _bench_capacity(args) -> None:
                           device=args.device or "auto")
     what = "context" if args.max_context else "batch"
     run_capacity(model, presses, ratios, args.out, what=what, prefill_chunks=chunks, batch=args.batch,
-                 contexts=contexts, memory_limit_gb=args.memory_limit, step=args.search_step, limit=limit)
+                 contexts=contexts, memory_limit_gb=args.memory_limit, step=args.search_step, limit=limit,
+                 sharing=_csv(args.sharing) if args.sharing else None, sharing_warmup=args.sharing_warmup)
     print(f"results: {args.out}/capacity.json, capacity.csv")
 
 

@@ -584,20 +584,11 @@ def _sharing_maps(names: list[str], config: str | None, model, warmup: int) -> d
     if not names:
         return {}
     from kvforge.models import random_config
-    from kvforge.sharing import PRESETS, preset
+    from kvforge.sharing import preset_maps
 
-    if model is not None:
-        cfg = model.config
-    elif config:
-        cfg = random_config(config)
-    else:  # a model by name: its config is read when it loads; the presets are checked then
+    if model is None and not config:  # a model by name: its config is read when it loads; checked then
         return dict.fromkeys(names, "")
-    if cfg.model_type != "llama":
-        raise KVForgeError(f"--sharing needs a Llama-architecture model (model_type 'llama'); got {cfg.model_type!r}")
-    for name in names:
-        if name not in PRESETS:
-            raise KVForgeError(f"--sharing preset {name!r}; allowed: {', '.join(PRESETS)}")
-    return {name: str(preset(name, cfg.num_hidden_layers, warmup=warmup)) for name in names}
+    return preset_maps(names, model.config if model is not None else random_config(config), warmup)
 
 
 def _sharing_rows(dense, maps: dict[str, str], contexts: list[int], batch: int, new_tokens: int, copy_bw: float,
@@ -606,8 +597,7 @@ def _sharing_rows(dense, maps: dict[str, str], contexts: list[int], batch: int, 
     no press), each sharing model built with the dense model's config and random weights, one at a time."""
     import gc
 
-    from kvforge.models import random_model_from_config
-    from kvforge.sharing import sharing_config
+    from kvforge.sharing import random_sharing_model
 
     dev, vocab = dense.device, dense.config.vocab_size
     models = [("none [eager]", None)] + list(maps.items())
@@ -618,8 +608,7 @@ def _sharing_rows(dense, maps: dict[str, str], contexts: list[int], batch: int, 
                 emit(p, saved[p])
                 bar.update()
             continue
-        model = dense if layer_map is None else random_model_from_config(sharing_config(dense.config, layer_map),
-                                                                         dense.dtype, str(dev))
+        model = dense if layer_map is None else random_sharing_model(dense, layer_map)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         for n, point in zip(contexts, points):
             ids = torch.randint(100, vocab - 1, (batch, n), generator=torch.Generator().manual_seed(n)).to(dev)

@@ -117,11 +117,14 @@ def fits(model, press, batch: int, context: int, chunk_size: int | None, memory_
 def run_capacity(model, presses: list[str], ratios: list[float], out: str, what: str = "context",
                  prefill_chunks: list[int | None] | None = None, batch: int = 1, contexts: list[int] | None = None,
                  memory_limit_gb: float | None = None, step: int = 1024, start: int | None = None,
-                 new_tokens: int = 2, limit: int | None = None) -> list[dict]:
+                 new_tokens: int = 2, limit: int | None = None, sharing: list[str] | None = None,
+                 sharing_warmup: int = 2) -> list[dict]:
     """For every (prefill chunk, press, ratio) — `none` included — the longest context (`what="context"`, at
     `batch`) or the largest batch (`what="batch"`, at each of `contexts`) that fits; rows written to
     `out`/capacity.json and capacity.csv. `step`: the context granularity (batches are searched to 1); `limit`: the
-    largest size tried (default: the model's positions minus the decoded tokens for contexts, 4096 for batches)."""
+    largest size tried (default: the model's positions minus the decoded tokens for contexts, 4096 for batches).
+    `sharing`: cross-layer sharing presets (Llama architecture), each searched unpressed and unchunked with a
+    random-weight sharing model of the same shapes, rows `sharing:<preset>` (with `kv_layers`)."""
     from kvforge.eval.runs import device_name, prepare_out
     from kvforge.presses.registry import parse_press
 
@@ -137,6 +140,11 @@ def run_capacity(model, presses: list[str], ratios: list[float], out: str, what:
     if what == "batch" and not contexts:
         raise KVForgeError("a batch search needs the context length(s) to search at")
     factories = {spec: parse_press(spec) for spec in presses if spec != "none"}
+    maps = {}
+    if sharing:
+        from kvforge.sharing import preset_maps
+
+        maps = preset_maps(list(sharing), model.config, sharing_warmup)
     grid = [(c, spec, r) for c in chunks for spec in ["none"] + [p for p in presses if p != "none"]
             for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios)]
     for c, spec, r in grid:  # every (press, ratio, chunk) is checked before any try
@@ -145,24 +153,35 @@ def run_capacity(model, presses: list[str], ratios: list[float], out: str, what:
     positions = model_max_length(model) or 1 << 20
     out_dir = prepare_out(out)
     rows = []
-    for chunk, spec, ratio in grid:
-        press = None if spec == "none" else factories[spec](ratio)
+    runs = [(model, chunk, spec, ratio, None) for chunk, spec, ratio in grid]
+    runs += [(None, None, f"sharing:{name}", 0.0, layer_map) for name, layer_map in maps.items()]
+    for run_model, chunk, spec, ratio, layer_map in runs:
+        if layer_map is not None:  # one sharing model at a time, freed after its search
+            from kvforge.sharing import random_sharing_model
+
+            run_model = random_sharing_model(model, layer_map)
+        press = None if spec == "none" or layer_map is not None else factories[spec](ratio)
         for context in (contexts if what == "batch" else [None]):
             if what == "context":
                 top = limit or positions - new_tokens
-                found, peak, tries = _search(lambda n: (batch, n), model, press, chunk, limit_bytes, new_tokens,
-                                             start or 4 * step, top, step)
+                found, peak, tries = _search(lambda n: (batch, n), run_model, press, chunk, limit_bytes,
+                                             new_tokens, start or 4 * step, top, step)
             else:
                 top = limit or 4096
-                found, peak, tries = _search(lambda n, c=context: (n, c), model, press, chunk, limit_bytes,
+                found, peak, tries = _search(lambda n, c=context: (n, c), run_model, press, chunk, limit_bytes,
                                              new_tokens, start or 1, top, 1)
             row = {"press": spec, "compression_ratio": ratio, "prefill_chunk": chunk,
                    "batch": batch if what == "context" else found, "context": found if what == "context" else context,
                    f"max_{what}": found, "peak_gb_at_max": None if peak is None else round(peak / 1e9, 3),
                    "searched_up_to": top, "tries": tries, "memory_limit_gb": memory_limit_gb,
-                   "device": device_name(model)}
+                   "device": device_name(model), "kv_layers": layer_map or "dense"}
             rows.append(row)
             print(json.dumps(row))
+        if layer_map is not None:
+            del run_model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     (out_dir / "capacity.json").write_text(json.dumps({"what": what, "rows": rows}, indent=2))
     with (out_dir / "capacity.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -3,10 +3,11 @@ with the Auto classes (importing this package registers it), presets, conversion
 continued training. See docs/sharing.md."""
 
 from kvforge.sharing.configuration import MODEL_TYPE, KVSharingConfig
-from kvforge.sharing.convert import convert, sharing_config
+from kvforge.sharing.convert import convert, preset_maps, random_sharing_model, sharing_config
 from kvforge.sharing.layer_map import PRESETS, LayerMap, preset
 from kvforge.sharing.modeling import KVSharingForCausalLM, KVSharingModel, SharedSourceLayer
 from kvforge.sharing.train import perplexity, train
 
 __all__ = ["MODEL_TYPE", "PRESETS", "KVSharingConfig", "KVSharingForCausalLM", "KVSharingModel", "LayerMap",
-           "SharedSourceLayer", "convert", "perplexity", "preset", "sharing_config", "train"]
+           "SharedSourceLayer", "convert", "perplexity", "preset", "preset_maps", "random_sharing_model",
+           "sharing_config", "train"]

@@ -50,3 +50,25 @@ def convert(model, layer_map: LayerMap | str, **config: object) -> KVSharingForC
     new.load_state_dict(state)
     new.generation_config = model.generation_config
     return new.eval()
+
+
+def preset_maps(names: list[str], cfg, warmup: int = 2) -> dict[str, str]:
+    """Preset name -> layer-map string for a Llama-architecture config `cfg` (one-line errors: another
+    architecture, an unknown preset, a preset that does not fit the layer count)."""
+    from kvforge.sharing.layer_map import PRESETS, preset
+
+    if cfg.model_type != "llama":
+        raise KVForgeError(f"cross-layer sharing needs a Llama-architecture model (model_type 'llama'); got "
+                           f"{cfg.model_type!r}")
+    for name in names:
+        if name not in PRESETS:
+            raise KVForgeError(f"sharing preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return {name: str(preset(name, cfg.num_hidden_layers, warmup=warmup)) for name in names}
+
+
+def random_sharing_model(dense, layer_map: LayerMap | str) -> KVSharingForCausalLM:
+    """A sharing model with `dense`'s config (shapes, RoPE, vocabulary), `layer_map`, i.i.d. random weights, on
+    `dense`'s device and dtype — for speed and memory measurements, which do not depend on the weights."""
+    from kvforge.models import random_model_from_config
+
+    return random_model_from_config(sharing_config(dense.config, layer_map), dense.dtype, str(dense.device))
