@@ -95,6 +95,22 @@ def test_bad_input_is_one_line(tiny_dir, smol_tokenizer):
         generate(model, smol_tokenizer, ["word " * 2040], "q?", template=False, max_new_tokens=16)
 
 
+def test_link_eval_summary_has_intervals_and_an_all_positions_row():
+    """Per (mode, position) and per mode over all positions: n, mean, Wilson 95% interval, median TTFT (None when
+    the run skipped timing)."""
+    from kvforge.link.evaluate import summarize
+
+    rows = [{"mode": "naive", "gold_position": p, "score": s, "ttft_ms": t}
+            for p, s, t in ((0, 1.0, 10.0), (0, 0.0, 30.0), (0, 0.0, 20.0), (9, 1.0, None), (9, 1.0, None))]
+    by = {(r["mode"], r["gold_position"]): r for r in summarize(rows)}
+    first, last, both = by[("naive", 0)], by[("naive", 9)], by[("naive", "all")]
+    assert (first["n"], first["score"], first["ttft_ms"]) == (3, 0.3333, 20.0)
+    assert (first["ci_low"], first["ci_high"]) == (0.0615, 0.7923)  # Wilson, 1 of 3
+    assert last["ttft_ms"] is None and last["ci_high"] == 1.0 and last["ci_low"] == pytest.approx(0.3424, abs=1e-4)
+    assert (both["n"], both["score"]) == (5, 0.6) and both["ci_low"] < 0.6 < both["ci_high"]
+    assert list(by)[-1] == ("naive", "all")
+
+
 @pytest.mark.slow  # a CLI training run end to end (~40 s on 2 cores); `make test-slow`
 def test_train_and_eval_cli(tmp_path, tiny_dir, capsys):
     """`kvforge train kvlink` (full and LoRA) writes a loadable model with links, its log and loss plot;
@@ -120,14 +136,18 @@ def test_train_and_eval_cli(tmp_path, tiny_dir, capsys):
     assert main(cmd) == 0
     with (ev / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["mode", "gold_position", "n", "score", "ttft_ms"]
+    assert list(rows[0]) == ["mode", "gold_position", "n", "score", "ci_low", "ci_high", "ttft_ms"]
     assert {(r["mode"], r["gold_position"], r["n"]) for r in rows} == {
-        (m, p, "1") for m in ("full", "naive", "links", "recompute") for p in ("0", "2")}
+        (m, p, n) for m in ("full", "naive", "links", "recompute") for p, n in (("0", "1"), ("2", "1"), ("all", "2"))}
     lines = (ev / "results.jsonl").read_text().splitlines()
     assert main(cmd) == 0 and (ev / "results.jsonl").read_text().splitlines() == lines  # resumed: nothing redone
     assert (ev / "summary.png").stat().st_size
     capsys.readouterr()
     assert main(cmd[:-2] + ["--seed", "1", "--out", str(ev)]) == 2
     assert "another seed" in capsys.readouterr().err
+    assert main(cmd[:-2] + ["--modes", "full", "--no-ttft", "--out", str(tmp_path / "fast")]) == 0  # answers only
+    with (tmp_path / "fast" / "summary.csv").open() as f:
+        assert {r["ttft_ms"] for r in csv.DictReader(f)} == {""}
+    capsys.readouterr()
     assert main(["link", "eval", "--model", str(tiny_dir), "--modes", "links", "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip().endswith("needs --links DIR (a model saved by `kvforge train kvlink`)")

@@ -36,12 +36,14 @@ def cmd_link_eval(args) -> None:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     cfg = EvalConfig(docs=args.docs, samples=args.samples, modes=modes, positions=parse_positions(args.positions,
                      args.docs), recompute_k=args.recompute_k, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                     template=_template(args))
+                     template=_template(args), ttft=not args.no_ttft)
     summary = run_link_eval(args.model, args.links, args.out, cfg, dtype=args.dtype, device=args.device,
                             argv=sys.argv[1:])
-    print("mode       gold_position    n  score  ttft_ms")
+    print("mode       gold_position    n  score  95% interval    ttft_ms")
     for r in summary:
-        print(f"{r['mode']:<10} {r['gold_position']:>13} {r['n']:>4} {r['score']:>6.3f} {r['ttft_ms']:>8.2f}")
+        ttft = "" if r["ttft_ms"] is None else f"{r['ttft_ms']:>8.2f}"
+        print(f"{r['mode']:<10} {r['gold_position']:>13} {r['n']:>4} {r['score']:>6.3f}  "
+              f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  {ttft}")
     print(f"\n{args.out}/summary.csv, {args.out}/summary.png")
 
 
@@ -83,5 +85,7 @@ def add_parsers(subparsers) -> None:
     e.add_argument("--positions", default="first,middle,last", help="first,middle,last | all | 0-based indices")
     e.add_argument("--recompute-k", type=int, default=16, help="first tokens of each document recomputed")
     e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--no-ttft", action="store_true",
+                   help="answers only: skip the separately timed prefill of each request (half the work)")
     e.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
     e.set_defaults(func=cmd_link_eval)

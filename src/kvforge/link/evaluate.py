@@ -34,7 +34,7 @@ from kvforge.link.tokens import load_links
 from kvforge.prompt import use_template
 
 MODES = ("full", "naive", "links", "recompute")
-SUMMARY_COLUMNS = ("mode", "gold_position", "n", "score", "ttft_ms")
+SUMMARY_COLUMNS = ("mode", "gold_position", "n", "score", "ci_low", "ci_high", "ttft_ms")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class EvalConfig:
     max_new_tokens: int = 16
     seed: int = 0
     template: bool | None = None
+    ttft: bool = True  # time each request's prefill apart (one more prefill per answer); False: answers only
 
 
 def parse_positions(text: str, docs: int) -> tuple[int, ...]:
@@ -92,35 +93,46 @@ def answer_one(model, tokenizer, store, sample: LinkSample, mode: str, cfg: Eval
     req = tokenize(tokenizer, docs, [question], template, prefix)
     for ids in ([req.prefix] if req.prefix else []) + req.documents:
         store.get(ids)  # documents are encoded before the clock starts: TTFT of a request over stored documents
-    _sync(model)
-    t0 = time.perf_counter()
-    prefill(model, tokenizer, docs, question, **opts)
-    _sync(model)
-    ttft = (time.perf_counter() - t0) * 1000
+    ttft = None
+    if cfg.ttft:
+        _sync(model)
+        t0 = time.perf_counter()
+        prefill(model, tokenizer, docs, question, **opts)
+        _sync(model)
+        ttft = round((time.perf_counter() - t0) * 1000, 3)
     answer = generate(model, tokenizer, docs, question, max_new_tokens=cfg.max_new_tokens, **opts)
-    return {"answer": answer, "score": best_subspan_em(answer, sample.answers), "ttft_ms": round(ttft, 3)}
+    return {"answer": answer, "score": best_subspan_em(answer, sample.answers), "ttft_ms": ttft}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One row per (mode, gold position): n, mean score, median ttft_ms."""
-    groups: dict[tuple[str, int], list[dict]] = {}
+    """One row per (mode, gold position) and one per mode over every position (`gold_position` "all"): n, mean
+    score with its 95% interval (Wilson: exact match is 0 or 1), median ttft_ms (None when not timed)."""
+    from kvforge.eval.intervals import mean_interval
+
+    groups: dict[tuple[str, int | str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["mode"], r["gold_position"]), []).append(r)
+        groups.setdefault((r["mode"], "all"), []).append(r)
     out = []
-    for (mode, pos), rs in sorted(groups.items(), key=lambda x: (MODES.index(x[0][0]), x[0][1])):
-        times = sorted(r["ttft_ms"] for r in rs)
+    order = sorted(groups, key=lambda k: (MODES.index(k[0]), k[1] == "all", k[1] if k[1] != "all" else 0))
+    for mode, pos in order:
+        rs = groups[(mode, pos)]
+        times = sorted(r["ttft_ms"] for r in rs if r.get("ttft_ms") is not None)
+        lo, hi = mean_interval([r["score"] for r in rs], seed=f"{mode}/{pos}")
         out.append({"mode": mode, "gold_position": pos, "n": len(rs),
-                    "score": round(sum(r["score"] for r in rs) / len(rs), 4),
-                    "ttft_ms": round(times[len(times) // 2], 3)})
+                    "score": round(sum(r["score"] for r in rs) / len(rs), 4), "ci_low": round(lo, 4),
+                    "ci_high": round(hi, 4), "ttft_ms": round(times[len(times) // 2], 3) if times else None})
     return out
 
 
 def write_summary(out: Path, rows: list[dict]) -> list[dict]:
     summary = summarize(rows)
-    with (out / "summary.csv").open("w", newline="") as f:
+    tmp = out / "summary.csv.tmp"
+    with tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
         w.writeheader()
         w.writerows(summary)
+    tmp.replace(out / "summary.csv")
     _plot(summary, out / "summary.png")
     return summary
 
@@ -132,10 +144,13 @@ def _plot(summary: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for mode in MODES:
-        pts = [(r["gold_position"] + 1, r["score"]) for r in summary if r["mode"] == mode]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=mode)
+    for k, mode in enumerate(MODES):
+        rs = [r for r in summary if r["mode"] == mode and r["gold_position"] != "all"]
+        if rs:  # 95% intervals as error bars, modes side by side so the bars do not overlap
+            x = [r["gold_position"] + 1 + 0.06 * (k - 1.5) for r in rs]
+            y = [r["score"] for r in rs]
+            err = [[r["score"] - r["ci_low"] for r in rs], [r["ci_high"] - r["score"] for r in rs]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=mode)
     ax.set_xlabel("gold document position (1 = first)")
     ax.set_ylabel("best-subspan exact match")
     ax.set_ylim(-0.02, 1.02)
