@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The real-weight GPU tables of benchmarks/README.md, reproducible on one CUDA GPU (≥ 80 GB) with kvforge installed:
+#
+#   bash benchmarks/gpu_tables.sh quality   # KVLink accuracy, sharing perplexity, streaming perplexity (jobs at once)
+#   bash benchmarks/gpu_tables.sh speed     # timings, one at a time on a quiet GPU: streaming 100k, sharing
+#                                           # throughput, KVLink TTFT, prefill memory / overhead / capacity
+#   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log
+#
+# Check the captured streaming step on this GPU first: `pytest -m cuda tests -o addopts=""` (the quality jobs use
+# --cuda-graph). Results go to $RUNS (default runs/gpu); every command resumes when re-run. The quality jobs share the GPU (about
+# 70 GB at peak on an H100 80GB), so their timings are not speed claims; the speed phase runs alone.
+set -uo pipefail
+RUNS=${RUNS:-runs/gpu}
+LOGS=$RUNS/logs
+mkdir -p "$LOGS"
+KV=${KV:-kvforge}
+export PYTHONUNBUFFERED=1 TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 TQDM_MININTERVAL=20
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+
+job() {  # job NAME COMMAND...: run in the background (its own session), log and exit code in $LOGS
+  local name=$1; shift
+  setsid bash -c "$* > $LOGS/$name.log 2>&1; echo \$? > $LOGS/$name.rc" < /dev/null > /dev/null 2>&1 &
+}
+wait_for() { for n in "$@"; do while [ ! -f "$LOGS/$n.rc" ]; do sleep 5; done; done; }
+
+SMOL="--model smollm2-135m --device cuda --dtype float32"
+HELD="--text-file shakespeare:heldout --tokens 20000 --rows 4 --sinks 4"
+
+case "${1:-status}" in
+quality)
+  python3 -c "from kvforge.streaming.data import read_text; open('$RUNS/shakespeare_train.txt', 'w').write(read_text('shakespeare:train'))"
+  # KVLink: train, then every mode on the base model and full/naive on the fine-tuned one (the fair comparison)
+  job link "$KV train kvlink --model smollm2-135m --device cuda --steps 800 --batch 16 --lr 2e-5 --out $RUNS/smol-kvlink \
+    && $KV link eval --model smollm2-135m --links $RUNS/smol-kvlink --device cuda --docs 10 --samples 70 --no-ttft --out $RUNS/link-eval \
+    && $KV link eval --model $RUNS/smol-kvlink --device cuda --docs 10 --samples 70 --modes full,naive --no-ttft --out $RUNS/link-eval-finetuned"
+  # cross-layer sharing: dense baseline, cla, lckv (4 warm-up layers), 400 steps each, one after another
+  job sharing "for P in dense cla lckv; do python3 benchmarks/sharing_perplexity.py --text-file $RUNS/shakespeare_train.txt \
+    --presets \$P --warmup 4 --steps 400 --batch-size 16 --seq-len 512 --device cuda --out $RUNS/share_\$P || exit 1; done"
+  # streaming, SmolLM2: one process per cache size; KV-Align on every size, then its kv rows
+  for C in 32 64 128 256 1024; do
+    job ppl_smol_$C "$KV ppl $SMOL $HELD --modes full,sw,ar,window --cache-sizes $C --cuda-graph --out $RUNS/ppl_smol_$C"
+  done
+  job kv_smol "$KV train kv-align $SMOL --text-file shakespeare:train --cuda-graph --out $RUNS/kv-smol \
+    && for C in 32 64 128 256 1024; do $KV ppl $SMOL $HELD --modes kv --kv-align $RUNS/kv-smol --cache-sizes \$C \
+       --cuda-graph --out $RUNS/ppl_smolkv_\$C || exit 1; done"
+  # streaming, GPT-2 trained here: train, KV-Align on every size incl. 1024, then all modes
+  GPT="--model $RUNS/gpt2 --device cuda --dtype float32"
+  job gpt2 "$KV train gpt2 --text-file shakespeare:train --heldout shakespeare:heldout --steps 1500 --device cuda --out $RUNS/gpt2 \
+    && $KV train kv-align $GPT --text-file shakespeare:train --key-hidden 256,64 --value-hidden 64,128 --cuda-graph --out $RUNS/kv-gpt2 \
+    && for C in 32 64 128 256 1024; do $KV ppl $GPT $HELD --modes sw,ar,window,kv --kv-align $RUNS/kv-gpt2 \
+       --cache-sizes \$C --cuda-graph --out $RUNS/ppl_gpt2_\$C || exit 1; done"
+  echo "started; follow with: bash $0 status"
+  ;;
+speed)
+  [ -f "$LOGS/gpt2.log" ] && wait_for gpt2  # a running quality phase first trains the GPT-2 used below
+  $KV stream $SMOL --mode sw --cache-size 1024 --num-tokens 100000 --quiet --cuda-graph --compare-ar 2000 --out $RUNS/stream_smol
+  [ -d "$RUNS/gpt2" ] && $KV stream --model $RUNS/gpt2 --device cuda --dtype float32 --mode sw --cache-size 1024 \
+    --num-tokens 100000 --quiet --cuda-graph --compare-ar 5000 --out $RUNS/stream_gpt2
+  for CFG in llama3.2-1b llama3.1-8b; do
+    $KV bench --random-weights --config $CFG --context 2k --presses none --sharing lckv,cla,yoco --new-tokens 512 \
+      --batch 8 --device cuda --out $RUNS/sharing_bench_$CFG
+    $KV bench --random-weights --config $CFG --max-batch --context 2k --presses none --sharing lckv,cla,yoco \
+      --device cuda --out $RUNS/sharing_capacity_$CFG
+  done
+  python3 benchmarks/link_ttft.py --config llama3.1-8b --repeats 7 --device cuda --out $RUNS/link_ttft.json
+  $KV bench --random-weights --config llama3.1-8b --context 128k --presses none,knorm,snapkv,tova,adakv:snapkv \
+    --ratios 0.75 --prefill-chunk none,8k --new-tokens 16 --device cuda --out $RUNS/prefill_memory
+  $KV bench --random-weights --config llama3.1-8b --max-context --presses none,knorm --ratios 0.75 \
+    --prefill-chunk none,8k --search-limit 1024k --device cuda --out $RUNS/capacity_context
+  ;;
+status)
+  for f in "$LOGS"/*.log; do
+    [ -e "$f" ] || { echo "nothing started in $RUNS"; break; }
+    n=$(basename "$f" .log); rc=$(cat "$LOGS/$n.rc" 2>/dev/null || echo running)
+    echo "== $n [$rc] $(tail -c 300 "$f" | tr '\r' '\n' | grep -av '^\s*$' | tail -1)"
+  done
+  ;;
+*) echo "usage: bash $0 quality|speed|status"; exit 2 ;;
+esac
