@@ -9,6 +9,7 @@ kvpress needs transformers < 5.3, so it runs in its own environment, never next 
 
     python -m venv /tmp/peer && /tmp/peer/bin/pip install kvpress==0.5.5 transformers==5.2.0
     OUT=runs /tmp/peer/bin/python benchmarks/kvpress_speed.py      # LENGTHS=32768,131072 by default
+    PRESSES=none,knorm_0.75 LENGTHS=131072 OUT=runs /tmp/peer/bin/python benchmarks/kvpress_speed.py
 
 Writes `$OUT/kvpress_speed.json` (`OUT` defaults to the current directory). Run it on the same machine right
 after the `kvforge bench` run it is compared with, so that the ratio is between two runs of one machine.
@@ -38,9 +39,12 @@ NEW = 32
 PRESSES = {
     "none": lambda: None,
     "knorm_0.5": lambda: KnormPress(compression_ratio=0.5),
+    "knorm_0.75": lambda: KnormPress(compression_ratio=0.75),
     "knorm_0.8": lambda: KnormPress(compression_ratio=0.8),
     "adakv_knorm_0.5": lambda: AdaKVPress(KnormPress(compression_ratio=0.5)),
+    "adakv_knorm_0.75": lambda: AdaKVPress(KnormPress(compression_ratio=0.75)),
 }
+DEFAULT_PRESSES = "none,knorm_0.5,knorm_0.8,adakv_knorm_0.5"
 
 
 def main() -> None:
@@ -53,9 +57,14 @@ def main() -> None:
     res = {"transformers": transformers.__version__, "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name(), "rows": []}
     lengths = [int(x) for x in os.environ.get("LENGTHS", "32768,131072").split(",")]
+    names = os.environ.get("PRESSES", DEFAULT_PRESSES).split(",")
+    unknown = [n for n in names if n not in PRESSES]
+    if unknown:
+        sys.exit(f"PRESSES={','.join(unknown)} unknown; allowed: {', '.join(PRESSES)}")
     for t in lengths:
         ids = torch.randint(0, 128000, (1, t), device="cuda")
-        for name, make in PRESSES.items():
+        for name in names:
+            make = PRESSES[name]
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             press = make()
