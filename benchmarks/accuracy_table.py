@@ -1,0 +1,138 @@
+"""Merge per-task `kvforge eval` runs into one run per model, and draw the "which press" table from it.
+
+    python benchmarks/accuracy_table.py merge --out benchmarks/accuracy/smollm2-135m runs/gpu/acc_smollm2-135m_*
+    python benchmarks/accuracy_table.py best benchmarks/accuracy/smollm2-135m benchmarks/accuracy/gemma3-270m \
+        --out benchmarks/accuracy/which_press.csv
+
+`merge`: the GPU table runs one `kvforge eval` process per (model, task) — and a second one per task for the presses
+answered one at a time — so that small models keep the GPU busy. This concatenates their `results.jsonl` (a record
+present in several runs is kept once; the uncompressed baseline of a sample is the same in every run of its task),
+writes `run_meta.json` (each part's command, device, start, end and wall time, the total, and the throughput in
+sample × press runs per minute of wall time), then `summary.csv` and `report.html` as `kvforge eval` does.
+
+`best`: per model and ratio, every press's score pooled over all tasks (the mean of per-sample scores, each task
+weighted by its samples) with a seeded bootstrap 95% interval, the best press, and the presses whose interval overlaps
+the best one's (statistically tied). Written as CSV and printed as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from kvforge.eval.intervals import mean_interval
+from kvforge.eval.results import BASELINE, load_done
+from kvforge.eval.runner import write_summary
+from kvforge.eval.runs import write_text_atomic
+
+
+def merge(parts: list[Path], out: Path) -> dict:
+    """Concatenate the parts' results into `out` (atomically) and write its meta, summary and report."""
+    records: dict[tuple, dict] = {}
+    metas = []
+    for part in parts:
+        results = part / "results.jsonl"
+        if not results.is_file():
+            raise SystemExit(f"{part}: no results.jsonl; pass kvforge eval output directories")
+        for key, rec in load_done(results).items():
+            records.setdefault(key, rec)
+        meta_path = part / "run_meta.json"
+        if meta_path.is_file():
+            metas.append({"dir": part.name, **json.loads(meta_path.read_text())})
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records.values()))
+    runs = sum(1 for r in records.values() if r["press"] != BASELINE)
+    walls = [m.get("wall_seconds") for m in metas if m.get("wall_seconds")]
+    starts = sorted(m["started"] for m in metas if m.get("started"))
+    ends = sorted(m["ended"] for m in metas if m.get("ended"))
+    meta = {
+        "merged_from": [m["dir"] for m in metas],
+        "parts": [{k: m.get(k) for k in ("dir", "argv", "device", "started", "ended", "wall_seconds", "settings",
+                                          "git_commit", "versions", "prompt_format")} for m in metas],
+        "device": sorted({m.get("device") for m in metas if m.get("device")}),
+        "started": starts[0] if starts else None,
+        "ended": ends[-1] if ends else None,
+        "samples": len({(r["task"], r["sample_id"]) for r in records.values()}),
+        "press_runs": runs,
+        "sum_of_part_wall_seconds": round(sum(walls), 1),
+        "note": "parts ran concurrently on one GPU; the wall time of the whole table is ended - started",
+    }
+    write_text_atomic(out / "run_meta.json", json.dumps(meta, indent=2))
+    write_summary(out)
+    return meta
+
+
+def best(run_dirs: list[Path]) -> list[dict]:
+    """Rows (model, ratio, press, n, score, ci_low, ci_high, best, tied_with_best) pooled over tasks."""
+    rows = []
+    for run in run_dirs:
+        recs = list(load_done(run / "results.jsonl").values())
+        meta = json.loads((run / "run_meta.json").read_text()) if (run / "run_meta.json").is_file() else {}
+        model = (meta.get("parts") or [{}])[0].get("settings", {}).get("model") or run.name
+        cells: dict[tuple, list[float]] = defaultdict(list)
+        for r in recs:
+            cells[(r["compression_ratio"], r["press"])].append(r["score"])
+        base = cells.get((0.0, BASELINE), [])
+        base_ci = mean_interval(base, seed=f"{model}|none") if base else None
+        by_ratio: dict[float, list[dict]] = defaultdict(list)
+        for (ratio, press), scores in cells.items():
+            if press == BASELINE:
+                continue
+            ci = mean_interval(scores, seed=f"{model}|{press}|{ratio}")
+            by_ratio[ratio].append({"model": model, "compression_ratio": ratio, "press": press, "n": len(scores),
+                                    "score": round(sum(scores) / len(scores), 4),
+                                    "ci_low": round(ci[0], 4), "ci_high": round(ci[1], 4),
+                                    "baseline": round(sum(base) / len(base), 4) if base else None,
+                                    "baseline_ci": None if base_ci is None else
+                                    f"{base_ci[0]:.3f}-{base_ci[1]:.3f}"})
+        for _ratio, cand in sorted(by_ratio.items()):
+            cand.sort(key=lambda c: -c["score"])
+            top = cand[0]
+            for c in cand:
+                c["best"] = c is top
+                c["tied_with_best"] = c["ci_high"] >= top["ci_low"]
+            rows.extend(cand)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["| model | ratio | best press (95% CI) | tied with it | baseline |", "|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["model"], r["compression_ratio"])].append(r)
+    for (model, ratio), rs in groups.items():
+        top = next(r for r in rs if r["best"])
+        tied = [r["press"] for r in rs if r["tied_with_best"] and not r["best"]]
+        ci = f"({top['ci_low']:.3f}–{top['ci_high']:.3f})"
+        label = "quantization (no ratio)" if ratio == 0.0 else ratio
+        out.append(f"| {model} | {label} | {top['press']} {top['score']:.3f} {ci}, n={top['n']} | "
+                   f"{', '.join(tied) or '—'} | {top['baseline']} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge")
+    m.add_argument("parts", nargs="+", type=Path)
+    m.add_argument("--out", required=True, type=Path)
+    b = sub.add_parser("best")
+    b.add_argument("runs", nargs="+", type=Path)
+    b.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+    if args.cmd == "merge":
+        meta = merge(args.parts, args.out)
+        print(f"{args.out}: {meta['samples']} samples, {meta['press_runs']} press runs from {len(meta['parts'])} parts")
+    else:
+        rows = best(args.runs)
+        cols = list(rows[0]) if rows else []
+        lines = [",".join(cols)] + [",".join("" if r[c] is None else str(r[c]) for c in cols) for r in rows]
+        write_text_atomic(args.out, "\n".join(lines) + "\n")
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
