@@ -12,6 +12,16 @@ the prefill), peak GPU memory, KV bytes after generation (`KVCache.stats()`), or
 first run once at batch 1, untimed (kernel set-up); cuDNN's SDPA backend is off (see main()). Rows already in
 `--out` for the same set-up are skipped, so a stopped run resumes. The summary printed at the end: largest batch
 that fits and its tokens/s, per model.
+
+Batch sizes grow by `--growth` until the first out-of-memory, then the gap between the last batch that fit and
+that one is bisected until it is at most 1/`--resolution` of the former (`--resolution 0`: no bisection).
+
+`--prefill-chunk N` prefills the prompt N tokens at a time (transformers' `prefill_chunk_size`, every model alike),
+so activations are bounded by batch x N and the KV cache, not the prefill, decides the largest batch. Without it
+the whole batch's 2k-token prompt runs in one forward and its activations (the MLP's, ~3x its width per token)
+dominate the peak at large batch. A sharing model with upward-pointing layers (lckv) iterates each chunk (m + b
+passes), so its chunked prefill is an iteration of different length than its unchunked one; speed is what this
+measures (its exactness is tested in tests/test_sharing*).
 """
 
 from __future__ import annotations
@@ -52,20 +62,23 @@ def build(name: str, config: str, dtype: torch.dtype, device: str, warmup: int, 
     return model.eval()
 
 
-def run_once(model, batch: int, prompt: int, new: int, device: str) -> dict:
+def run_once(model, batch: int, prompt: int, new: int, device: str, chunk: int | None = None) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(10, 30000, (batch, prompt), device=device)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         t = time.perf_counter()
-        model(ids, past_key_values=KVCache(model, reserve=0), use_cache=True, logits_to_keep=1)
+        cache = KVCache(model, reserve=0)
+        for part in ids.split(chunk or prompt, dim=1):  # what generate's prefill_chunk_size does
+            model(part, past_key_values=cache, use_cache=True, logits_to_keep=1)
         torch.cuda.synchronize()
         prefill = time.perf_counter() - t
+        del cache
         cache = KVCache(model, reserve=new + 8)
         t = time.perf_counter()
         out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=0)
+                             pad_token_id=0, prefill_chunk_size=chunk)
         torch.cuda.synchronize()
         total = time.perf_counter() - t
     assert out.shape[1] == prompt + new
@@ -81,11 +94,15 @@ def main() -> None:
     ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated; dense = the stock Llama")
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--min-batch", type=int, default=1, help="first batch size tried")
     ap.add_argument("--max-batch", type=int, default=1024)
     ap.add_argument("--growth", type=int, default=2, help="batch sizes 1, g, g², ... (4 halves the runs)")
     ap.add_argument("--warmup", type=int, default=2, help="lckv warm-up layers")
     ap.add_argument("--sliding-window", type=int, default=1024, help="window of yoco/mixattention sliding layers")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="prefill N prompt tokens at a time (default: all)")
+    ap.add_argument("--resolution", type=int, default=8,
+                    help="bisect after the first out-of-memory until the gap is <= 1/R of the largest fit (0: off)")
     ap.add_argument("--out", required=True, help="JSON lines; re-run the same command to resume")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -99,45 +116,72 @@ def main() -> None:
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     setup = {"config": args.config, "prompt": args.prompt, "new_tokens": args.new_tokens, "dtype": args.dtype,
              "warmup": args.warmup, "sliding_window": args.sliding_window, "gpu": torch.cuda.get_device_name()}
+    if args.prefill_chunk:
+        setup["prefill_chunk"] = args.prefill_chunk
+
+    def same(r: dict) -> bool:
+        return all(r.get(k) == v for k, v in setup.items()) and r.get("prefill_chunk") == args.prefill_chunk
 
     for name in args.presets.split(","):
-        rows = [r for r in done if r["preset"] == name and all(r.get(k) == v for k, v in setup.items())]
-        if any(r.get("oom") for r in rows) or any(r["batch"] >= args.max_batch for r in rows):
-            continue
-        model = build(name, args.config, dtype, device, args.warmup, args.sliding_window)
-        run_once(model, 1, min(args.prompt, 64), 4, device)  # untimed: kernel set-up
-        batch = 1
-        while batch <= args.max_batch:
-            if any(r["batch"] == batch for r in rows):
-                batch *= args.growth
-                continue
-            row = setup | {"preset": name, "batch": batch,
-                           "kv_layers": getattr(model.config, "kv_layers", None) or "dense"}
-            try:
-                row |= run_once(model, batch, args.prompt, args.new_tokens, device)
-            except torch.cuda.OutOfMemoryError:
-                row |= {"oom": True}
-            gc.collect()
-            torch.cuda.empty_cache()
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
-            done.append(row)
-            if row.get("oom"):
-                break
-            batch *= args.growth
+        rows = {r["batch"]: r for r in done if r["preset"] == name and same(r)}
+        model = None
+
+        def measure(batch: int) -> bool:
+            """True when `batch` fits (from `--out` when already measured)."""
+            nonlocal model
+            if batch not in rows:
+                if model is None:
+                    model = build(name, args.config, dtype, device, args.warmup, args.sliding_window)
+                    run_once(model, 1, min(args.prompt, 64), 4, device)  # untimed: kernel set-up
+                row = setup | {"preset": name, "batch": batch,
+                               "kv_layers": getattr(model.config, "kv_layers", None) or "dense"}
+                try:
+                    row |= run_once(model, batch, args.prompt, args.new_tokens, device, args.prefill_chunk)
+                except torch.cuda.OutOfMemoryError:
+                    row |= {"oom": True}
+                gc.collect()
+                torch.cuda.empty_cache()
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+                rows[batch] = row
+                done.append(row)
+            return not rows[batch].get("oom")
+
+        search(measure, args.growth, args.max_batch, args.resolution, args.min_batch)
         del model
         gc.collect()
         torch.cuda.empty_cache()
 
-    print(f"\n{args.config}, prompt {args.prompt}, {args.new_tokens} new tokens: largest batch that fits")
+    print(f"\n{args.config}, prompt {args.prompt}, {args.new_tokens} new tokens, prefill chunk "
+          f"{args.prefill_chunk or 'none'}: largest batch that fits (first out-of-memory)")
     for name in args.presets.split(","):
-        ok = [r for r in done if r["preset"] == name and not r.get("oom")
-              and all(r.get(k) == v for k, v in setup.items())]
+        rows = [r for r in done if r["preset"] == name and same(r)]
+        ok = [r for r in rows if not r.get("oom")]
+        oom = [r["batch"] for r in rows if r.get("oom")]
         if ok:
             best = max(ok, key=lambda r: r["batch"])
+            first_oom = min((b for b in oom if b > best["batch"]), default=None)
             print(f"  {name:13s} batch {best['batch']:5d}  {best['tokens_per_s']:10.1f} tokens/s  "
-                  f"peak {best['peak_gib']:.1f} GiB")
+                  f"peak {best['peak_gib']:.1f} GiB  (oom at {first_oom or 'none up to --max-batch'})")
+
+
+def search(fits, growth: int, max_batch: int, resolution: int, first: int = 1) -> int:
+    """The largest batch <= `max_batch` for which `fits(batch)`: first, first·g, first·g², ... until one does not fit,
+    then bisection of the gap until it is at most 1/`resolution` of the largest fit. 0 when `first` does not fit."""
+    lo, hi, batch = 0, None, first
+    while batch <= max_batch:
+        if not fits(batch):
+            hi = batch
+            break
+        lo = batch
+        batch *= growth
+    if hi is None and lo < max_batch and fits(max_batch):  # the cap itself, when the growth stepped over it
+        lo = max_batch
+    while resolution and hi is not None and lo and hi - lo > max(1, lo // resolution):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 if __name__ == "__main__":
