@@ -60,6 +60,10 @@ CLI_ROWS = [
     # eval
     (["eval", "--tasks", "nope", "--presses", "knorm", "--out", "{out}"], "unknown task 'nope'; allowed: ", False),
     (["eval", "--tasks", "", "--presses", "knorm", "--out", "{out}"], "task list is empty", False),
+    (["eval", "--tasks", "facts_qa", "--presses", "knorm", "--out", "{out}", "--device", "tpu"],
+     "bad device 'tpu'; allowed: cpu, cuda, cuda:N, auto", False),
+    (["eval", "--tasks", "facts_qa", "--presses", "knorm", "--out", "{out}", "--dtype", "int8"],
+     "bad dtype 'int8'; allowed: bfloat16, float16, float32", False),
     (["eval", "--tasks", "facts_qa", "--presses", "", "--out", "{out}"], "press list is empty", False),
     (["eval", "--tasks", "facts_qa", "--presses", "knorm"], "the following arguments are required: --out", False),
     (["eval", "--tasks", "facts_qa", "--presses", "knorm", "--out", "{out}", "--samples", "0"],

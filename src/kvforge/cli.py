@@ -236,7 +236,7 @@ def cmd_eval(args) -> None:
         shared_prefill=not args.no_shared_prefill, argv=sys.argv[1:], query_aware=args.query_aware,
         press_batch=args.press_batch, cuda_graph=args.cuda_graph, overwrite=args.overwrite,
         chunk_size=_chunk(args.prefill_chunk),
-        prompt_format=args.prompt_format,
+        prompt_format=args.prompt_format, device=args.device, dtype=args.dtype,
     )
     print(format_table(write_summary(out)))
     print(f"\nreport: {out / 'report.html'}")
@@ -409,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cuda-graph", action="store_true",
                    help="decode answers by replaying one captured step per token (GPU: small models stop being "
                         "launch-bound)")
+    e.add_argument("--device", default=None, help="cpu | cuda | auto (default: cpu)")
+    e.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 "
+                                                 "on CUDA)")
     e.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
     e.add_argument("--overwrite", action="store_true",
                    help="start clean in --out (its results are deleted) instead of resuming; needed when --out holds "

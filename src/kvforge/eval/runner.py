@@ -175,6 +175,8 @@ def run_eval(
     overwrite: bool = False,
     chunk_size: int | None = None,
     prompt_format: str = DEFAULT_PROMPT_FORMAT,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """Run the sweep; returns the output directory (results.jsonl, summary.csv, run_meta.json, report).
 
@@ -193,6 +195,9 @@ def run_eval(
     made with other settings is refused with a one-line KVForgeError naming the setting, unless `overwrite=True`,
     which deletes that run's files first. Every argument is checked before the model loads; a refused run writes
     nothing.
+
+    `device`, `dtype`: where and in what precision `model_name` is loaded when no `model` is given (`load_model`'s
+    defaults: the CPU, float32 there and bfloat16 on CUDA; "auto" picks CUDA when there is one).
 
     `chunk_size`: prefill every context that many tokens at a time, the press compressing each chunk as it comes
     (`generate.prefill`); every (press, ratio) then prefills on its own (a shared prefill replays one unchunked
@@ -213,6 +218,10 @@ def run_eval(
             check_chunking(factory(0.0 if factory.ratio_free else ratios[0]), chunk_size)
         shared_prefill = False
     check_prompt_format(prompt_format)
+    if model is None:  # a bad device or dtype is refused before anything is written
+        from kvforge.models import resolve_device, resolve_dtype
+
+        resolve_dtype(dtype, resolve_device(device))
     out_dir = check_out(out)
     settings = {"model": model_name, "seed": seed, "max_new_tokens": max_new_tokens, "query_aware": query_aware,
                 "cuda_graph": cuda_graph}
@@ -224,7 +233,7 @@ def run_eval(
     if model is None:
         from kvforge.models import load_model
 
-        model, tokenizer = load_model(model_name)
+        model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     limit = model_max_length(model)
     for n in lengths:
         if limit and n > limit:
