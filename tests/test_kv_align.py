@@ -63,7 +63,7 @@ def test_train_cli_reduces_validation_loss_and_the_networks_apply(tok, tmp_path)
     args = ["train", "kv-align", "--model", str(model_dir), "--text-file", str(tmp_path / "text.txt"), "--out",
             str(out), "--cache-sizes", "12", "--sinks", "2", "--streams", "4", "--snapshots", "4", "--epochs", "3",
             "--per-snapshot", "512",
-            "--batch-size", "64", "--num-pos", "32", "--key-hidden", "32", "--value-hidden", "32"]
+            "--batch-size", "64", "--num-pos", "32", "--key-hidden", "32", "--value-hidden", "32", "--alphas", "1"]
     assert main(args) == 0
     record = json.loads((out / "kv_align.json").read_text())["trained"]
     assert max(record["val_loss"]) < record["val_identity"]  # better than leaving the entries as they are
@@ -96,3 +96,34 @@ def test_networks_save_load_round_trip_and_refuse_another_model(tmp_path):
     with pytest.raises(KVForgeError) as e:
         KVAlign.load(tmp_path / "missing")
     assert "no KV-Align networks" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_calibrated_strength_is_the_validation_loss_minimum_and_zero_is_sw(tok, tmp_path):
+    """Training ends by streaming validation text through KV at each α per cache size and keeping the α of lowest
+    loss: the recorded losses are those of `stream_nll` over the same rows, the chosen α is their argmin, α = 0
+    gives exactly `sw`, and sizes not calibrated take the nearest calibrated size's α."""
+    from kvforge.streaming.ppl import stream_nll
+    from kvforge.streaming.train import TrainConfig, calibrate
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    nets = KVAlign.for_model(model, num_pos=32, key_hidden=[16], value_hidden=[16])
+    torch.manual_seed(2)
+    for p in list(nets.key_net.parameters()) + list(nets.value_net.parameters()):
+        p.data.normal_(0, 0.3)  # a strong, untrained correction: α matters
+    ids = tok(TEXT, return_tensors="pt").input_ids[0]
+    cfg = TrainConfig(cache_sizes=[10, 14], n_sink=2, alphas=[0.0, 0.5, 1.0], calib_rows=2, calib_tokens=20)
+    table = calibrate(model, nets, ids, cfg, progress=False)
+    for size in (10, 14):
+        x = ids[: 2 * (size + 21)].view(2, size + 21)
+        for alpha in (0.0, 0.5, 1.0):
+            nll = stream_nll(model, x, KV(size, 2, nets=nets, alpha=alpha))[:, size:].double().mean()
+            assert table[str(size)][str(alpha)] == pytest.approx(float(nll), rel=1e-6)
+        losses = table[str(size)]
+        assert nets.spec.strength[str(size)] == float(min(losses, key=losses.get))
+    x = ids[:40][None]
+    torch.testing.assert_close(stream_nll(model, x, KV(10, 2, nets=nets, alpha=0.0)),
+                               stream_nll(model, x, SW(10, 2)), rtol=0, atol=0)
+    assert nets.spec.strength_for(11) == nets.spec.strength["10"]
+    assert nets.spec.strength_for(100) == nets.spec.strength["14"]
+    nets.save(tmp_path)
+    assert KVAlign.load(tmp_path).spec.strength == nets.spec.strength

@@ -6,6 +6,9 @@ import json
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import kvforge
 from kvforge import KVCache, KVForgeError
@@ -169,6 +172,75 @@ def test_kv_bytes_are_the_producers_share_of_dense(name):
     assert caches[0] * LAYERS * n == caches[1] * tokens
     if name in ("lckv", "cla"):
         assert caches[0] * LAYERS == caches[1] * len(lm.producers)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created by ops under the mode and still alive, and their peak (CPU; exact, unlike
+    torch.profiler's CPU memory events)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for k in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.now -= self.live.pop(k)[1]
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.live:
+                s = t.untyped_storage()
+                self.live[s._cdata] = (StorageWeakRef(s), s.nbytes())
+                self.now += s.nbytes()
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+@pytest.mark.parametrize("name", list(MAPS))
+def test_a_forward_keeps_no_producer_buffer_the_cache_replaced(name):
+    """When a producer writes the cache (a DenseLayer growing into new buffers, a sliding layer concatenating), its
+    old buffers and the KV of the new tokens it computed are free before the forward ends. They were held until the
+    end (`SharedKV.past`, `SharedKV.new`): at the chunk that grew the cache, every producer's old buffers at once."""
+    model = sharing_model(MAPS[name])
+    lm = LayerMap.parse(MAPS[name])
+    cache = KVCache(model, reserve=0)  # so the second chunk grows every dense producer's buffers
+    x = ids(n=12)
+    with torch.no_grad():
+        model(x[:, :6], past_key_values=cache, use_cache=True, sequential=False)  # (lckv: 6 steps would not grow)
+    old = {j: StorageWeakRef(cache.layers[j].keys.untyped_storage()) for j in lm.producers}
+    new = {}
+    hooks = [model.model.layers[j].self_attn.v_proj.register_forward_hook(
+        lambda mod, args, out, j=j: new.__setitem__(j, StorageWeakRef(out.untyped_storage())))  # the final pass's
+        for j in lm.producers]
+    alive = {}
+    hooks.append(model.model.layers[-1].register_forward_hook(lambda *_: alive.update(
+        old=[j for j in lm.producers if not old[j].expired()], new=[j for j in lm.producers if not new[j].expired()])))
+    with torch.no_grad():
+        model(x[:, 6:], past_key_values=cache, use_cache=True, sequential=False)
+    assert all(cache.layers[j].keys.untyped_storage()._cdata != old[j].cdata for j in lm.producers)  # all replaced
+    for h in hooks:
+        h.remove()
+    assert alive == {"old": [], "new": []}
+
+
+def test_chunked_prefill_peak_above_the_kv_is_the_dense_models():
+    """Peak bytes of a chunked prefill above the KV buffers it leaves: CLA's was 2.1x the dense model's (the old
+    buffers of every producer alive at the chunk that grew them); now the same as dense (one chunk's activations and
+    one layer's GQA expansion in SDPA)."""
+    kw = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, head_dim=32, intermediate_size=512,
+              num_hidden_layers=8, max_position_embeddings=4096, vocab_size=512)
+    dense = tiny_model("llama", **kw)
+    dense.set_attn_implementation("sdpa")
+    cla = sharing_model(str(preset("cla", 8)), **kw)
+    x = ids(b=4, n=256)
+    extra = {}
+    for name, model in (("dense", dense), ("cla", cla)):
+        cache = KVCache(model, reserve=0)
+        with torch.inference_mode(), LiveBytes() as live:
+            for part in x.split(32, 1):
+                model(part, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        extra[name] = live.peak - cache.stats()["allocated_bytes"]
+    assert 0 < extra["cla"] <= 1.25 * extra["dense"], extra  # 1.07x; 2.1x before
 
 
 def test_non_producers_have_no_kv_projections_and_round_trip(tmp_path):

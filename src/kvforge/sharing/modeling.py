@@ -101,10 +101,11 @@ def stored_view(layer) -> KVView | None:
 class SharedKV:
     """The KV of every producing layer during one forward of q new tokens after `start` cached ones.
 
-    `past[j]`: what layer j's cache held before this forward. `new[j]`: j's KV of the new tokens from the latest
-    pass (`[B, H_kv, q, D]`). `estimate[j]`: what upward layers read for the new tokens of j (the previous pass's
-    `new[j]`, zeros before the first pass). `fresh[j]`: past + new, what layers at or above j read. In the final
-    pass (`final`), producers append their new KV to the cache. `pad [B, start + q]` (True = real token) or None.
+    `past[j]`: what layer j's cache held before this forward (dropped once j has written the cache). `new[j]`: j's KV
+    of the new tokens from the latest pass before the final one (`[B, H_kv, q, D]`). `estimate[j]`: what upward
+    layers read for the new tokens of j (the previous pass's `new[j]`, zeros before the first pass). `fresh[j]`:
+    past + new, what layers at or above j read. In the final pass (`final`), producers append their new KV to the
+    cache. `pad [B, start + q]` (True = real token) or None.
     """
 
     def __init__(self, config: KVSharingConfig, layer_map: LayerMap, cache: KVCache | None, start: int, q: int,
@@ -122,13 +123,18 @@ class SharedKV:
 
     def produce(self, j: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Layer j computed its KV of the new tokens (post-RoPE keys `[B, H_kv, q, D]`)."""
-        self.new[j] = (keys, values)
+        if not self.final:  # the next pass's estimate; after the final pass nothing reads it
+            self.new[j] = (keys, values)
         past = self.past[j]
         if not (self.final and self.cache is not None):
             self.fresh[j] = past.cat(keys, values, self.start) if past is not None else KVView.new(keys, values,
                                                                                                   self.start)
             return
         layer = self.cache.layers[j]
+        # Nothing reads past[j] after j's final write (upward readers of j run before j), and it views the buffers
+        # the update may replace (a DenseLayer growing, a sliding layer's concatenation): let them go now, or every
+        # producer's old buffers stay alive until the forward ends (~1.65x the KV at the chunk that grows the cache).
+        self.past[j] = None
         self.returned[j] = self.cache.update(keys, values, j)
         if isinstance(layer, DenseLayer):
             self.fresh[j] = stored_view(layer)
@@ -406,7 +412,8 @@ class KVSharingModel(KVSharingPreTrainedModel):
                     hidden = inputs
                     for layer in self.layers[a:b]:
                         hidden = layer(hidden, position_embeddings, state)
-                state.estimate.update({j: state.new[j] for j in targets})
+                if not state.final:
+                    state.estimate.update({j: state.new[j] for j in targets})
         return hidden
 
 

@@ -22,6 +22,17 @@ def _ints(text: str) -> list[int]:
         raise KVForgeError(f"cannot read {text!r} as comma-separated integers") from None
 
 
+def _floats(text: str) -> list[float]:
+    """--alphas: comma-separated strengths >= 0; [] when only 1 (or nothing) is given: no calibration."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KVForgeError(f"--alphas {text!r}: allowed: comma-separated numbers >= 0, e.g. 0,0.5,1") from None
+    if any(not v >= 0 for v in values):
+        raise KVForgeError(f"--alphas {text!r}: allowed: comma-separated numbers >= 0, e.g. 0,0.5,1")
+    return [] if set(values) <= {1.0} else values
+
+
 def _check_mode(mode: str, cache_size: int, sinks: int, kv_align: str | None) -> None:
     """The checks that need no model: mode name, cache size against the sinks, networks for `kv`."""
     if mode not in MODE_NAMES:
@@ -125,12 +136,12 @@ def cmd_train_kv_align(args) -> None:
                       per_snapshot=args.per_snapshot,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       num_pos=args.num_pos, key_hidden=_ints(args.key_hidden), value_hidden=_ints(args.value_hidden),
-                      cuda_graph=args.cuda_graph)
+                      cuda_graph=args.cuda_graph, alphas=_floats(args.alphas), calib_tokens=args.calib_tokens)
     text = read_text(args.text_file)
     model, tok = load_stream_model(args.model, dtype=args.dtype, device=args.device)
     nets = train_kv_align(model, tok, text, args.out, cfg, meta=_meta(args, model))
     print(f"KV-Align networks -> {args.out} (validation loss {nets.spec.trained['val_loss'][-1]:.4g}, "
-          f"identity {nets.spec.trained['val_identity']:.4g})")
+          f"identity {nets.spec.trained['val_identity']:.4g}; strength per cache size {nets.spec.strength or 1.0})")
 
 
 def cmd_train_gpt2(args) -> None:
@@ -210,6 +221,9 @@ def add_parsers(sub) -> None:
     k.add_argument("--key-hidden", default="128,128", help="hidden sizes of the key network")
     k.add_argument("--value-hidden", default="128,128", help="hidden sizes of the value network")
     k.add_argument("--cuda-graph", action="store_true", help="stream the training text with a captured step per token")
+    k.add_argument("--alphas", default="0,0.5,1",
+                   help="strengths of the correction tried per cache size on validation text ('' or 1: no calibration)")
+    k.add_argument("--calib-tokens", type=int, default=1024, help="validation predictions per row and (size, α)")
     k.set_defaults(func=cmd_train_kv_align)
 
     g = tsub.add_parser("gpt2", help="a small GPT-2 (absolute positions) trained from scratch, seeded")

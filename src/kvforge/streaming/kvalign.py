@@ -13,6 +13,10 @@ What differs here, and why (docs/streaming.md):
   model's; on rotary models keys are aligned pre-RoPE (positions are exact already, by re-rotation).
 - Each (layer, head) is normalised by the RMS of its training inputs, and the last layer starts at zero, so an
   untrained network is the identity (`kv` = `sw`).
+- A strength α per cache size scales the correction (x + α·s·MLP): training picks it from {0, ½, 1} by next-token
+  loss on validation text streamed at that size (`AlignSpec.strength`), so at a size where the networks do not help
+  on validation text `kv` falls back towards `sw` instead of making it worse. Sizes not calibrated use the nearest
+  calibrated size's α (1 when none is).
 """
 
 from __future__ import annotations
@@ -61,6 +65,14 @@ class AlignSpec:
     value_hidden: list[int] = field(default_factory=lambda: [128, 128])
     n_sink: int = 4
     trained: dict = field(default_factory=dict)  # what training recorded (cache sizes, steps, losses)
+    strength: dict = field(default_factory=dict)  # cache size (str) -> α chosen on validation text
+
+    def strength_for(self, cache_size: int) -> float:
+        """α for a cache of `cache_size` entries: its own, else the nearest calibrated size's, else 1."""
+        if not self.strength:
+            return 1.0
+        nearest = min(self.strength, key=lambda k: (abs(int(k) - cache_size), int(k)))
+        return float(self.strength[nearest])
 
 
 class AlignNet(nn.Module):
@@ -79,8 +91,9 @@ class AlignNet(nn.Module):
         nn.init.zeros_(self.fcs[-1].bias)
         self.register_buffer("scale", torch.ones(layers, heads))
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor, layer: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        s = self.scale[layer, head][:, None]
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, layer: torch.Tensor, head: torch.Tensor,
+                alpha: float = 1.0) -> torch.Tensor:
+        s = self.scale[layer, head][:, None] * alpha
         z = torch.cat([x / s, self.pos(shift.clamp(max=self.num_pos - 1)), self.layer(layer), self.head(head)], -1)
         for fc in self.fcs[:-1]:
             z = torch.relu(fc(z))
@@ -117,18 +130,29 @@ class KVAlign:
                                f"({theirs['model_type']}, {theirs['num_layers']} layers); train them for this model "
                                "with `kvforge train kv-align`")
 
+    def aligner(self, cache_size: int, alpha: float | None = None):
+        """What a `SinkWindowLayer` of `cache_size` entries calls: `apply` at that size's strength (`alpha` overrides
+        it); None at α = 0 (the entries stay as stored: `sw`)."""
+        alpha = self.spec.strength_for(cache_size) if alpha is None else alpha
+        if alpha == 0:
+            return None
+        if alpha == 1:
+            return self.apply
+        return lambda layer_idx, keys, values, shifts: self.apply(layer_idx, keys, values, shifts, alpha=alpha)
+
     @torch.no_grad()
-    def apply(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, shifts: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Aligned keys `[B, H, m, Dk]` and values `[B, H, m, Dv]` of m window entries with shifts `[m]`."""
+    def apply(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, shifts: torch.Tensor,
+              alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aligned keys `[B, H, m, Dk]` and values `[B, H, m, Dv]` of m window entries with shifts `[m]`; `alpha`
+        scales the correction."""
         b, h, m, _ = keys.shape
         dev = keys.device
         shift = shifts.to(dev).expand(b, h, m).reshape(-1)
         head = torch.arange(h, device=dev)[None, :, None].expand(b, h, m).reshape(-1)
         layer = torch.full_like(head, layer_idx)
         net_dtype = self.key_net.scale.dtype
-        k = self.key_net(keys.reshape(-1, keys.shape[-1]).to(net_dtype), shift, layer, head)
-        v = self.value_net(values.reshape(-1, values.shape[-1]).to(net_dtype), shift, layer, head)
+        k = self.key_net(keys.reshape(-1, keys.shape[-1]).to(net_dtype), shift, layer, head, alpha)
+        v = self.value_net(values.reshape(-1, values.shape[-1]).to(net_dtype), shift, layer, head, alpha)
         return k.view(keys.shape).to(keys.dtype), v.view(values.shape).to(values.dtype)
 
     # -- files ----------------------------------------------------------------------------------------------

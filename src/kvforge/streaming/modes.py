@@ -38,10 +38,11 @@ def check_size(model: Any, cache_size: int, n_sink: int = 0) -> None:
 
 
 def streaming_cache(model: Any, cache_size: int, n_sink: int = 4, align: KVAlign | None = None,
-                    bits: int = 16) -> KVCache:
+                    bits: int = 16, alpha: float | None = None) -> KVCache:
     """A `KVCache` whose every layer is a `SinkWindowLayer` (plan kind `sink_window`) of `cache_size` entries with
     `n_sink` sinks, usable as `past_key_values` one token at a time (after a first forward of at most `cache_size`
-    tokens). `align`: KV-Align networks applied to shifted window entries. `bits` < 16: entries stored quantized
+    tokens). `align`: KV-Align networks applied to shifted window entries, at the strength calibrated for
+    `cache_size` unless `alpha` is given. `bits` < 16: entries stored quantized
     (see `SinkWindowLayer`). The model is not modified."""
     check_size(model, cache_size, n_sink)
     check_entry_bits(bits)
@@ -51,7 +52,7 @@ def streaming_cache(model: Any, cache_size: int, n_sink: int = 4, align: KVAlign
     if align is not None:
         align.check_model(model)
         for layer in cache.layers:
-            layer.align = align.apply
+            layer.align = align.aligner(cache_size, alpha)
     return cache
 
 
@@ -102,6 +103,7 @@ class KV(SW):
     """KV-Align: `SW` plus networks that rewrite the shifted window entries after every eviction."""
 
     nets: KVAlign | None = field(default=None, compare=False)
+    alpha: float | None = None  # strength of the correction; None: the one calibrated for cache_size
     name = "kv"
     paper = "https://github.com/eecs585projectorg/kv-align"
 
@@ -113,7 +115,7 @@ class KV(SW):
         self.nets.check_model(model)
 
     def cache(self, model: Any) -> KVCache:
-        return streaming_cache(model, self.cache_size, self.n_sink, align=self.nets, bits=self.bits)
+        return streaming_cache(model, self.cache_size, self.n_sink, align=self.nets, bits=self.bits, alpha=self.alpha)
 
 
 MODES = {"sw": SW, "window": Window, "ar": AR, "kv": KV}

@@ -8,6 +8,10 @@ shifted entry is read (`SinkWindowLayer.raw`, pre-RoPE on rotary models) togethe
 the same position of a plain forward over the tokens the cache holds [sinks + window] at positions 0..n-1. So the
 networks are trained on the shifts that occur at inference for every cache size they will serve. Pairs are saved
 (DIR/pairs.pt) and reused by a re-run with the same settings.
+
+Then, per cache size, the strength α of the correction (`kvalign` docstring) is chosen from `alphas` by the
+next-token loss of validation text streamed through `KV` at that size (α = 0 is `sw`): the loss the networks are
+for, not the MSE they are trained on. The table is recorded in kv_align.json (`trained.calibration`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class TrainConfig:
     key_hidden: list[int] = field(default_factory=lambda: [128, 128])
     value_hidden: list[int] = field(default_factory=lambda: [128, 128])
     cuda_graph: bool = False  # stream the pairs' text with one captured step per token (same pairs, faster)
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # strengths tried per size ([]: α = 1)
+    calib_rows: int = 8  # validation rows streamed side by side per (size, α)
+    calib_tokens: int = 1024  # predictions scored per row after the cache is full
 
 
 @torch.inference_mode()
@@ -209,6 +216,34 @@ def fit(nets: KVAlign, train: dict, val: dict, cfg: TrainConfig, progress: bool 
     return record
 
 
+def calibrate(model: Any, nets: KVAlign, ids: torch.Tensor, cfg: TrainConfig, progress: bool = True) -> dict:
+    """Per cache size, the α of `cfg.alphas` with the lowest next-token loss on rows of the validation ids `[T]`
+    streamed through `KV(size, alpha=α)` (scored after the cache is full); sets `nets.spec.strength` and returns
+    {size: {α: mean NLL}}. Ties keep the smaller α."""
+    from kvforge.streaming.modes import KV
+    from kvforge.streaming.ppl import stream_nll
+
+    table = {}
+    for size in cfg.cache_sizes:
+        need = size + cfg.calib_tokens + 1
+        if len(ids) < need:  # a short text: one row of what there is
+            need = len(ids)
+        if need < size + 2:
+            raise KVForgeError(f"the validation text has {len(ids)} tokens; calibrating cache {size} needs at least "
+                               f"{size + 2} (or pass alphas [] / --alphas 1)")
+        rows = min(cfg.calib_rows, len(ids) // need)
+        x = ids[: rows * need].view(rows, need)
+        losses = {}
+        for alpha in cfg.alphas:
+            nll = stream_nll(model, x, KV(size, cfg.n_sink, nets=nets, alpha=alpha), cuda_graph=cfg.cuda_graph)
+            losses[alpha] = float(nll[:, size:].double().mean())
+            if progress:
+                print(f"calibration: cache {size} α {alpha}: loss {losses[alpha]:.4f}", flush=True)
+        nets.spec.strength[str(size)] = min(losses, key=lambda a: (losses[a], a))
+        table[str(size)] = {str(a): v for a, v in losses.items()}
+    return table
+
+
 def _state(nets: KVAlign) -> tuple[dict, dict]:
     return ({k: v.clone() for k, v in nets.key_net.state_dict().items()},
             {k: v.clone() for k, v in nets.value_net.state_dict().items()})
@@ -241,6 +276,10 @@ def train_kv_align(model: Any, tokenizer: Any, text: str, out: str | Path, cfg: 
     set_scales(nets, train)
     nets.to(model.device)
     record = fit(nets, train, val, cfg, progress, max_steps)
+    if cfg.alphas:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        record["calibration"] = calibrate(model, nets, ids[int(len(ids) * (1 - cfg.val_fraction)):], cfg, progress)
+        record["strength"] = dict(nets.spec.strength)
     nets.spec.trained = {**record, "pairs": len(train["shift"]), "val_pairs": len(val["shift"]),
                          "config": asdict(cfg), "meta": meta or {}}
     nets.save(out)
