@@ -31,11 +31,13 @@ def device_name(model) -> str:
 
 
 def versions() -> dict:
-    import importlib.metadata
-
+    """Versions recorded in every run's meta. kvforge's is the package's own `__version__`, so a run from a source
+    tree (PYTHONPATH=src, no installed metadata) records it too instead of failing after its work is done."""
     import transformers
 
-    return {"kvforge": importlib.metadata.version("kvforge"), "torch": torch.__version__,
+    import kvforge
+
+    return {"kvforge": kvforge.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
