@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_tables.sh quality   # KVLink accuracy, sharing perplexity, streaming perplexity (jobs at once)
 #   bash benchmarks/gpu_tables.sh speed     # timings, one at a time on a quiet GPU: streaming 100k, sharing
 #                                           # throughput, KVLink TTFT, prefill memory / overhead / capacity
+#   bash benchmarks/gpu_tables.sh accuracy  # the method table of benchmarks/accuracy/ (both models) and the
+#                                           # kvpress agreement (kvpress 0.5.5 installed apart: KVPRESS_PATH)
 #   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log
 #
 # Check the captured streaming step on this GPU first: `pytest -m cuda tests -o addopts=""` (the quality jobs use
@@ -68,6 +70,26 @@ speed)
   $KV bench --random-weights --config llama3.1-8b --max-context --presses none,knorm --ratios 0.75 \
     --prefill-chunk none,8k --search-limit 1024k --device cuda --out $RUNS/capacity_context
   ;;
+accuracy)
+  # the method table (benchmarks/accuracy/README.md): one process per (model, task) for the batched presses, one
+  # per (model, two tasks) for the presses answered one fork at a time; then merge with benchmarks/accuracy_table.py
+  PB=random,streamingllm,knorm,l2norm,snapkv,pyramidkv,expected_attention,observed_attention,tova,nacl,headkv,kvzip
+  PB=$PB,adakv,chunk:snapkv,cam,kvmerger,merge:knorm,think,minicache
+  PA=quest,h2o,scissorhands,tova_decode,decoding,kivi@bits=2,kivi@bits=4,gear@bits=2,gear@bits=4,kvquant@bits=2
+  PA=$PA,kvquant@bits=4
+  for M in smollm2-135m gemma3-270m; do
+    E="--model $M --device cuda --cuda-graph --length 4k --samples 100 --ratios 0.25,0.5,0.75,0.9"
+    for T in niah_single_1 niah_multikey_1 niah_multivalue vt cwe fwe facts_qa; do
+      job acc_${M}_$T "$KV eval $E --tasks $T --presses $PB --press-batch 16 --out $RUNS/acc_${M}_$T"
+    done
+    for T in niah_single_1,niah_multikey_1 niah_multivalue,vt cwe,fwe facts_qa; do
+      job acca_${M}_${T/,/_} "$KV eval $E --tasks $T --presses $PA --out $RUNS/acca_${M}_${T/,/_}"
+    done
+  done
+  job agree "python3 benchmarks/kvpress_agreement.py --kvpress-path ${KVPRESS_PATH:-/tmp/kvp} --out $RUNS/agree \
+    --model smollm2-135m --task niah_single_1 --length 4000 --samples 100 --ratio 0.5 --device cuda"
+  echo "started; follow with: bash $0 status"
+  ;;
 status)
   for f in "$LOGS"/*.log; do
     [ -e "$f" ] || { echo "nothing started in $RUNS"; break; }
@@ -75,5 +97,5 @@ status)
     echo "== $n [$rc] $(tail -c 300 "$f" | tr '\r' '\n' | grep -av '^\s*$' | tail -1)"
   done
   ;;
-*) echo "usage: bash $0 quality|speed|status"; exit 2 ;;
+*) echo "usage: bash $0 quality|speed|accuracy|status"; exit 2 ;;
 esac
