@@ -3,6 +3,7 @@
 from kvforge import presses, sharing  # noqa: F401  (register every press; the shared-KV model with the Auto classes)
 from kvforge.attention import register as _register_attention
 from kvforge.cache import KVCache
+from kvforge.config import VERSION
 from kvforge.errors import KVForgeError
 from kvforge.generate import generate
 from kvforge.models import load_model
@@ -20,4 +21,4 @@ __all__ = [
     "list_presses",
     "load_model",
 ]
-__version__ = "0.1.0"
+__version__ = VERSION

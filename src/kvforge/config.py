@@ -11,6 +11,10 @@ from typing import Any
 
 from kvforge.errors import KVForgeError
 
+# The package's version (kvforge.__version__; pyproject.toml's `version`, kept equal by tests/test_eval_runs.py).
+# Here, at the bottom of the layering, so run metadata can record it without importing the package root.
+VERSION = "0.1.0"
+
 # The name the attention function is registered under (with transformers' AttentionInterface and
 # AttentionMaskInterface, when `kvforge` is imported).
 ATTENTION = "kvforge"

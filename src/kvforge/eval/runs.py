@@ -35,9 +35,9 @@ def versions() -> dict:
     tree (PYTHONPATH=src, no installed metadata) records it too instead of failing after its work is done."""
     import transformers
 
-    import kvforge
+    from kvforge.config import VERSION
 
-    return {"kvforge": kvforge.__version__, "torch": torch.__version__,
+    return {"kvforge": VERSION, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
