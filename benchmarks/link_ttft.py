@@ -14,8 +14,14 @@ on the weights or the text). Per repeat (median over `--repeats`, after one unti
   (`posix_fadvise(DONTNEED)`; a file system that ignores it reads warm);
 - `reuse_from_store_{warm,cold}_ms`: read + reuse, end to end;
 - `prompt_forward_ms`: the question's forward alone over an already assembled cache (the engine's share of
-  `reuse_ms`; the rest is placing the documents).
+  `reuse_ms`; the rest is placing the documents); `prompt_forward_host_ms`: the same forward until the call returns
+  (the device synchronised before, not after): the host's share. Equal to `prompt_forward_ms` when the forward is
+  launch-bound (the host, not the device, sets its time).
 Paths are timed round robin (each repeat times every path once), so a drift of the machine touches all alike.
+`--no-cudnn-sdpa` turns cuDNN's SDPA off for every path alike (`torch.backends.cuda.enable_cudnn_sdp(False)`, set
+before anything runs, warm-ups included): with boolean masks (link tokens, padded batches) torch may pick cuDNN,
+which builds a graph per mask shape. The JSON records the SDPA backends enabled (`sdpa`) and which kernel the
+question's bottom-right causal attention can take (`question_attention`: flash / efficient / a materialised mask).
 Writes `--out` (JSON) with the settings, device, commit and every repeat.
 """
 
@@ -44,15 +50,46 @@ def _versions() -> dict:
         return {"error": str(e), "torch": torch.__version__}
 
 
-def timed(fn, device) -> float:
-    """Milliseconds of `fn()`, synchronised with the device."""
+def timed(fn, device, host_only: bool = False) -> float:
+    """Milliseconds of `fn()`, synchronised with the device (`host_only`: before only; the device's remaining work
+    is waited for outside the clock)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     fn()
+    if device.type == "cuda" and not host_only:
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) * 1000
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1000
+    return ms
+
+
+def sdpa_backends() -> dict:
+    """The SDPA backends torch may pick from (`torch.backends.cuda.*_sdp_enabled`)."""
+    b = torch.backends.cuda
+    return {"cudnn": b.cudnn_sdp_enabled(), "flash": b.flash_sdp_enabled(), "efficient": b.mem_efficient_sdp_enabled(),
+            "math": b.math_sdp_enabled()}
+
+
+def question_attention(model, n_ctx: int, q: int, device) -> str:
+    """The kernel the question's attention can take: kvforge applies an unpadded causal forward over a longer cache
+    as SDPA's bottom-right causal bias, which runs flash, else memory-efficient attention, else materialises a
+    `[q, n]` mask (SDPA then picks a backend for a boolean mask, cuDNN included). Checked with the forward's shapes."""
+    if device.type != "cuda":
+        return "materialised mask (not CUDA)"
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    query = torch.empty(1, cfg.num_attention_heads, q, d, dtype=dtype, device=device)
+    key = torch.empty(1, cfg.num_key_value_heads, n_ctx + q, d, dtype=dtype, device=device)
+    gqa = cfg.num_attention_heads != cfg.num_key_value_heads
+    params = torch.backends.cuda.SDPAParams(query, key, key, None, 0.0, False, gqa)
+    if torch.backends.cuda.can_use_flash_attention(params):
+        return "flash"
+    if torch.backends.cuda.can_use_efficient_attention(params):
+        return "efficient"
+    return "materialised mask"
 
 
 def main() -> None:
@@ -66,8 +103,12 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="DocumentStore directory (default: a temporary one on local disk)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true",
+                    help="turn cuDNN's SDPA off for every path (full and reuse alike), warm-ups included")
     ap.add_argument("--out", default="link_ttft.json")
     args = ap.parse_args()
+    if args.no_cudnn_sdpa:  # before anything runs: every path and warm-up under the same setting
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     model, _ = load_model(args.config, random_weights=True, device=args.device, dtype=args.dtype)
     device = next(model.parameters()).device
@@ -115,6 +156,7 @@ def main() -> None:
         "full_ms": (full, warm),
         "reuse_ms": (lambda: prefill_ids(model, None, req, store=memory), warm),
         "prompt_forward_ms": (prompt_only, warm),
+        "prompt_forward_host_ms": (prompt_only, warm),
         "store_read_warm_ms": (read_all, warm),
         "store_read_cold_ms": (read_all, cold),
         "reuse_from_store_warm_ms": (lambda: prefill_ids(model, None, req, store=store), warm),
@@ -129,13 +171,15 @@ def main() -> None:
         for name, (fn, before) in paths.items():
             if before is not None:
                 before()
-            runs[name].append(timed(fn, device))
+            runs[name].append(timed(fn, device, host_only=name == "prompt_forward_host_ms"))
     med = {k: statistics.median(v) for k, v in runs.items()}
     doc_bytes = store.stats()["bytes"] / args.docs
     result = {
         "config": args.config, "docs": args.docs, "doc_tokens": args.doc_tokens, "question": args.question,
         "links": args.links, "dtype": str(next(model.parameters()).dtype), "device": device_name(model),
         "commit": git_commit(), "versions": _versions(), "store": str(path), "store_bytes_per_doc": doc_bytes,
+        "no_cudnn_sdpa": args.no_cudnn_sdpa, "sdpa": sdpa_backends(),
+        "question_attention": question_attention(model, n_ctx, len(question), device),
         "median_ms": med, "runs_ms": runs,
         "speedup_reuse_vs_full": med["full_ms"] / med["reuse_ms"],
         "read_GBps_warm": args.docs * doc_bytes / med["store_read_warm_ms"] / 1e6,

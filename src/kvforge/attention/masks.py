@@ -23,22 +23,18 @@ def entry_mask(attention_mask, layer, q: int, rows: slice | None = None) -> torc
     """
     slots, valid = layer.entry_slots(), layer.entry_valid()
     total = layer.logical  # logical length including the q current tokens
-    if rows is not None:
-        start, stop, _ = rows.indices(q)
-        q_idx = torch.arange(start, stop, device=layer.device)
-    else:
-        q_idx = torch.arange(q, device=layer.device)
-    if attention_mask is not None and rows is not None:
-        attention_mask = attention_mask[:, :, rows]
     if attention_mask is None and valid is None and rows is None:
         # no padding: the q new entries are the last q stored and every older entry is in the past, so the mask is
         # the bottom-right causal one over the stored entries, which the backends apply without a tensor (is_causal)
         return None
-    if slots is None and valid is None:
-        if attention_mask is not None:
-            return attention_mask
-        if rows is None and (q == 1 or layer.n == q):
-            return None  # plain decode / plain causal prefill: the backend needs no mask
+    if attention_mask is not None and rows is not None:
+        attention_mask = attention_mask[:, :, rows]
+    if slots is None and valid is None and attention_mask is not None:
+        return attention_mask
+    # from here on a mask tensor is built (not before: an arange per layer and forward, wasted on the paths above)
+    start, stop, _ = (slice(0, q) if rows is None else rows).indices(q)
+    q_idx = torch.arange(start, stop, device=layer.device)
+    if slots is None and valid is None:  # no mask given, so rows were asked for (rows=None returned None above)
         return causal_rows(q_idx, q, layer.n, layer.device)
     n = layer.n if slots is None else slots.shape[-1]
     if slots is None:

@@ -182,6 +182,27 @@ def _plain_positions(cached: list, layer_ids: list[int]) -> tuple[torch.Tensor, 
     return torch.cat(host), torch.cat(delta)
 
 
+def _tail(x: torch.Tensor, skip: int) -> torch.Tensor:
+    """Entries `skip:` of `x [B, H, n, D]` (x itself when skip = 0: no view op per layer and document)."""
+    return x if skip == 0 else x[:, :, skip:]
+
+
+def _rotate_(keys: torch.Tensor, delta: torch.Tensor, rope) -> None:
+    """`keys[:] = rotate(keys, delta, rope)`, in place and bitwise the same, for keys `[G, H, N, D]` and `delta [N]`:
+    4 large kernels instead of `rotate`'s 13 and under half its memory traffic (no fp32 copies of the keys, no
+    multiplication by a scale of 1, no concatenation). The products are taken in fp32 straight from the keys' dtype
+    (widening is exact), `x1·cos − x2·sin` is computed as `x1·cos + x2·(−sin)` (IEEE: a − b is a + (−b), and negating
+    a factor negates the rounded product), and each sum is rounded once into the keys' dtype, as `.to()` does."""
+    half, r = rope.rotary_dim // 2, rope.rotary_dim
+    angle = delta.to(torch.float32)[:, None] * rope.inv_freq.to(keys.device)  # [N, r/2], as rope.rotate
+    cos, sin = angle.cos(), angle.sin()
+    x = keys[..., :r].unflatten(-1, (2, half))  # [G, H, N, 2, r/2]: (x1, x2)
+    p = x * cos[:, None]  # (x1·cos, x2·cos), fp32
+    q = x * torch.stack([sin, -sin], 1)  # (x1·sin, −x2·sin), fp32
+    torch.add(p[..., 0, :], q[..., 1, :], out=keys[..., :half])  # x1·cos − x2·sin
+    torch.add(p[..., 1, :], q[..., 0, :], out=keys[..., half:r])  # x2·cos + x1·sin
+
+
 def _side_by_side(cached: list, layer_ids: list[int], rope, positions: tuple | None) -> list[Side]:
     """The cached entries of the layers `layer_ids` (one kind, one RoPE). Plain layers (`positions`: host positions,
     device positions and device Δ from `_plain_positions`) are stacked and rotated together — a handful of kernels
@@ -196,9 +217,9 @@ def _side_by_side(cached: list, layer_ids: list[int], rope, positions: tuple | N
     k = like.keys.new_empty(len(layer_ids), h, n, like.keys.shape[3])
     v = like.values.new_empty(len(layer_ids), h, n, like.values.shape[3])
     for g, i in enumerate(layer_ids):  # one copy of each entry, straight into the stacked buffers
-        torch.cat([p.doc.layers[i].keys[:, :, s:] for (p, _), s in zip(cached, skips)], dim=2, out=k[g : g + 1])
-        torch.cat([p.doc.layers[i].values[:, :, s:] for (p, _), s in zip(cached, skips)], dim=2, out=v[g : g + 1])
-    k = rotate(k, delta, rope)  # [G, H, N, Dk]
+        torch.cat([_tail(p.doc.layers[i].keys, s) for (p, _), s in zip(cached, skips)], dim=2, out=k[g : g + 1])
+        torch.cat([_tail(p.doc.layers[i].values, s) for (p, _), s in zip(cached, skips)], dim=2, out=v[g : g + 1])
+    _rotate_(k, delta, rope)  # [G, H, N, Dk]
     return [Side(k[g : g + 1], v[g : g + 1], pos, None, host) for g in range(len(layer_ids))]
 
 

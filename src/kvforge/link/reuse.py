@@ -156,14 +156,24 @@ def prefill_ids(model, tokenizer, req: Request, *, store=None, links: Links | No
                            "link.generate, which batches prompts of equal length")
     _check(model, tokenizer, req, links, max(map(len, req.prompts)))
     device = next(model.parameters()).device
-    ids, mask = _left_pad(req.prompts, _pad_id(tokenizer), device)  # copied while the device is idle
+    padded = len(set(map(len, req.prompts))) > 1
+    # copied while the device is idle; a padding mask only when some prompt is padded
+    if padded:
+        ids, mask = _left_pad(req.prompts, _pad_id(tokenizer), device)
+    else:
+        ids = torch.tensor(req.prompts, dtype=torch.long).to(device)
     cache, seq = document_cache(model, tokenizer, req, store=store, links=links, recompute=recompute, full=full,
                                 reserve=max(map(len, req.prompts)) + reserve)
     b, s = ids.shape[0], len(seq)
     if b > 1:
         cache.batch_repeat_interleave(b)
-    full_mask = torch.cat([torch.ones(b, s, dtype=mask.dtype, device=device), mask], dim=1)
-    position_ids = s + (mask.cumsum(-1) - 1).clamp(min=0)
+    if padded:
+        full_mask = torch.cat([torch.ones(b, s, dtype=mask.dtype, device=device), mask], dim=1)
+        position_ids = s + (mask.cumsum(-1) - 1).clamp(min=0)
+    else:
+        # every prompt token sees every earlier token: the ordinary cached forward, with no mask (given an all-ones
+        # mask, kvforge's mask function reads it back from the device to find that none is needed: a sync)
+        full_mask, position_ids = None, torch.arange(s, s + ids.shape[1], device=device).expand(b, -1)
     out = model(input_ids=ids, attention_mask=full_mask, position_ids=position_ids, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
     return cache, out.logits[:, -1]
