@@ -120,6 +120,10 @@ def test_calibrated_strength_is_the_validation_loss_minimum_and_zero_is_sw(tok, 
             assert table[str(size)][str(alpha)] == pytest.approx(float(nll), rel=1e-6)
         losses = table[str(size)]
         assert nets.spec.strength[str(size)] == float(min(losses, key=losses.get))
+    keys, shift = torch.randn(1, 2, 5, 16), torch.arange(1, 6)  # α scales the correction, not the network's input
+    full, half = nets.apply(1, keys, keys, shift), nets.apply(1, keys, keys, shift, alpha=0.5)
+    for a, b in zip(full, half):
+        torch.testing.assert_close(b - keys, 0.5 * (a - keys))
     x = ids[:40][None]
     torch.testing.assert_close(stream_nll(model, x, KV(10, 2, nets=nets, alpha=0.0)),
                                stream_nll(model, x, SW(10, 2)), rtol=0, atol=0)

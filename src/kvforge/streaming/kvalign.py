@@ -93,11 +93,11 @@ class AlignNet(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor, layer: torch.Tensor, head: torch.Tensor,
                 alpha: float = 1.0) -> torch.Tensor:
-        s = self.scale[layer, head][:, None] * alpha
+        s = self.scale[layer, head][:, None]
         z = torch.cat([x / s, self.pos(shift.clamp(max=self.num_pos - 1)), self.layer(layer), self.head(head)], -1)
         for fc in self.fcs[:-1]:
             z = torch.relu(fc(z))
-        return x + s * self.fcs[-1](z)
+        return x + (alpha * s) * self.fcs[-1](z)  # α scales the correction only, never the normalised input
 
 
 class KVAlign:
