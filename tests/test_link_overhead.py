@@ -12,11 +12,10 @@ import torch
 from helpers import FAMILIES
 
 from kvforge import KVCache
-from kvforge.link.assemble import _rotate_
 from kvforge.link.reuse import Request, document_cache, prefill_ids
 from kvforge.link.store import MemoryStore
 from kvforge.models import tiny_model
-from kvforge.rope import rope_for_layer, rotate
+from kvforge.rope import rope_for_layer, rotate, rotate_
 
 SYNCS = {"item", "_local_scalar_dense", "is_nonzero", "nonzero", "equal"}  # ops that read a tensor on the host
 N_DOCS, DOC_TOKENS, QUESTION = 10, 12, 16
@@ -112,5 +111,5 @@ def test_in_place_rotation_is_rotate_bit_for_bit(family, dtype):
         delta = torch.randint(0, 30000, (257,), generator=gen)
         want = rotate(keys, delta, rope)
         got = keys.clone()
-        _rotate_(got, delta, rope)
+        rotate_(got, delta, rope)
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (family, dtype, layer)

@@ -25,7 +25,7 @@ from kvforge.cache import DenseLayer, HeadVarlenLayer, KVCache, layer_plan
 from kvforge.config import enable_kvforge_attention, text_config
 from kvforge.errors import KVForgeError
 from kvforge.link.docs import DocKV
-from kvforge.rope import rope_for_layer, rotate
+from kvforge.rope import rope_for_layer, rotate, rotate_
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -187,22 +187,6 @@ def _tail(x: torch.Tensor, skip: int) -> torch.Tensor:
     return x if skip == 0 else x[:, :, skip:]
 
 
-def _rotate_(keys: torch.Tensor, delta: torch.Tensor, rope) -> None:
-    """`keys[:] = rotate(keys, delta, rope)`, in place and bitwise the same, for keys `[G, H, N, D]` and `delta [N]`:
-    4 large kernels instead of `rotate`'s 13 and under half its memory traffic (no fp32 copies of the keys, no
-    multiplication by a scale of 1, no concatenation). The products are taken in fp32 straight from the keys' dtype
-    (widening is exact), `x1·cos − x2·sin` is computed as `x1·cos + x2·(−sin)` (IEEE: a − b is a + (−b), and negating
-    a factor negates the rounded product), and each sum is rounded once into the keys' dtype, as `.to()` does."""
-    half, r = rope.rotary_dim // 2, rope.rotary_dim
-    angle = delta.to(torch.float32)[:, None] * rope.inv_freq.to(keys.device)  # [N, r/2], as rope.rotate
-    cos, sin = angle.cos(), angle.sin()
-    x = keys[..., :r].unflatten(-1, (2, half))  # [G, H, N, 2, r/2]: (x1, x2)
-    p = x * cos[:, None]  # (x1·cos, x2·cos), fp32
-    q = x * torch.stack([sin, -sin], 1)  # (x1·sin, −x2·sin), fp32
-    torch.add(p[..., 0, :], q[..., 1, :], out=keys[..., :half])  # x1·cos − x2·sin
-    torch.add(p[..., 1, :], q[..., 0, :], out=keys[..., half:r])  # x2·cos + x1·sin
-
-
 def _side_by_side(cached: list, layer_ids: list[int], rope, positions: tuple | None) -> list[Side]:
     """The cached entries of the layers `layer_ids` (one kind, one RoPE). Plain layers (`positions`: host positions,
     device positions and device Δ from `_plain_positions`) are stacked and rotated together — a handful of kernels
@@ -219,7 +203,7 @@ def _side_by_side(cached: list, layer_ids: list[int], rope, positions: tuple | N
     for g, i in enumerate(layer_ids):  # one copy of each entry, straight into the stacked buffers
         torch.cat([_tail(p.doc.layers[i].keys, s) for (p, _), s in zip(cached, skips)], dim=2, out=k[g : g + 1])
         torch.cat([_tail(p.doc.layers[i].values, s) for (p, _), s in zip(cached, skips)], dim=2, out=v[g : g + 1])
-    _rotate_(k, delta, rope)  # [G, H, N, Dk]
+    rotate_(k, delta, rope)  # [G, H, N, Dk]
     return [Side(k[g : g + 1], v[g : g + 1], pos, None, host) for g in range(len(layer_ids))]
 
 
