@@ -6,9 +6,10 @@
 For each model (the dense `LlamaForCausalLM` and a `KVSharingForCausalLM` per preset, both with the named
 config's shapes and i.i.d. random weights) and batch sizes 1, 2, 4, ... until CUDA runs out of memory: a random
 prompt of `--prompt` tokens, then `--new-tokens` greedy tokens through `model.generate` and a `KVCache` (every row
-generates all of them). One JSON line per (model, batch): seconds of the prefill alone and of the whole generation,
-generated tokens/s (batch x new tokens / whole generation, the LCKV paper's throughput), decode tokens/s (without
-the prefill), peak GPU memory, KV bytes after generation (`KVCache.stats()`), or `"oom": true`. Each model is
+generates all of them). One JSON line per (model, batch): seconds of the prefill (until generate asks for the
+first token's logits, in the same generation) and of the whole generation, generated tokens/s (batch x new tokens /
+whole generation, the LCKV paper's throughput), decode tokens/s (without the prefill), peak GPU memory, KV bytes
+after generation (`KVCache.stats()`), or `"oom": true`. Each model is
 first run once at batch 1, untimed (kernel set-up); cuDNN's SDPA backend is off (see main()). Rows already in
 `--out` for the same set-up are skipped, so a stopped run resumes. The summary printed at the end: largest batch
 that fits and its tokens/s, per model.
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 from transformers.initialization import no_init_weights
 
 from kvforge import KVCache
@@ -62,26 +63,34 @@ def build(name: str, config: str, dtype: torch.dtype, device: str, warmup: int, 
     return model.eval()
 
 
+class _PrefillClock(LogitsProcessor):
+    """Records when generate asks for the first token's logits: the prefill's end (one sync, first call only)."""
+
+    def __init__(self) -> None:
+        self.t: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.t is None:
+            torch.cuda.synchronize()
+            self.t = time.perf_counter()
+        return scores
+
+
 def run_once(model, batch: int, prompt: int, new: int, device: str, chunk: int | None = None) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(10, 30000, (batch, prompt), device=device)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    clock = _PrefillClock()
     with torch.inference_mode():
-        t = time.perf_counter()
-        cache = KVCache(model, reserve=0)
-        for part in ids.split(chunk or prompt, dim=1):  # what generate's prefill_chunk_size does
-            model(part, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        torch.cuda.synchronize()
-        prefill = time.perf_counter() - t
-        del cache
         cache = KVCache(model, reserve=new + 8)
         t = time.perf_counter()
         out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=0, prefill_chunk_size=chunk)
+                             pad_token_id=0, prefill_chunk_size=chunk, logits_processor=LogitsProcessorList([clock]))
         torch.cuda.synchronize()
         total = time.perf_counter() - t
     assert out.shape[1] == prompt + new
+    prefill = clock.t - t
     return {"prefill_s": round(prefill, 4), "total_s": round(total, 4),
             "tokens_per_s": round(batch * new / total, 2),
             "decode_tokens_per_s": round(batch * (new - 1) / max(total - prefill, 1e-9), 2),
