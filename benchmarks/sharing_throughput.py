@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument("--prefill-chunk", type=int, default=None, help="prefill N prompt tokens at a time (default: all)")
     ap.add_argument("--resolution", type=int, default=8,
                     help="bisect after the first out-of-memory until the gap is <= 1/R of the largest fit (0: off)")
+    ap.add_argument("--memory-gib", type=float, default=None,
+                    help="cap the memory this process may allocate (torch's per-process fraction), e.g. 78 to find "
+                         "the largest batches of an 80 GB card on a larger one")
     ap.add_argument("--out", required=True, help="JSON lines; re-run the same command to resume")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -120,11 +123,18 @@ def main() -> None:
     # torch 2.11 on the H200 sends SDPA with a boolean mask of a new length (every decode step) to cuDNN, which builds
     # a graph each time: ~3 ms of CPU per call, 50 ms per token for a 1B model. Off for every model alike.
     torch.backends.cuda.enable_cudnn_sdp(False)
+    total = torch.cuda.get_device_properties(0).total_memory
+    if args.memory_gib is not None:
+        if not 0 < args.memory_gib * 2**30 <= total:
+            raise SystemExit(f"--memory-gib {args.memory_gib}: must be > 0 and at most this GPU's {total / 2**30:.1f}")
+        torch.cuda.set_per_process_memory_fraction(args.memory_gib * 2**30 / total)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     setup = {"config": args.config, "prompt": args.prompt, "new_tokens": args.new_tokens, "dtype": args.dtype,
              "warmup": args.warmup, "sliding_window": args.sliding_window, "gpu": torch.cuda.get_device_name()}
+    if args.memory_gib is not None:
+        setup["memory_gib"] = args.memory_gib
     if args.prefill_chunk:
         setup["prefill_chunk"] = args.prefill_chunk
 
