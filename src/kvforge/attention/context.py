@@ -48,13 +48,27 @@ class LayerContext:
         return m
 
     @cached_property
+    def all_real(self) -> bool:
+        """True when every stored entry is real (`real` is all True, known without reading the device): no logical
+        mask (no padding; the newest query sees every stored entry, causality included) and no invalid entries.
+        False says nothing. Read through `real`, so a context given its own `real` is never all real."""
+        return self.real is not None and self.__dict__.get("_all_real", False)
+
+    @cached_property
     def real(self) -> torch.Tensor:
         b, h, n = self.keys.shape[:3]
+        if self.attention_mask is None and self.layer.entry_valid() is None:
+            # what the mask's last row is then (bottom-right causal, or every slot below the logical length): no mask
+            self.__dict__["_all_real"] = True
+            return torch.ones(1, 1, 1, dtype=torch.bool, device=self.keys.device).expand(b, h, n)
         return self.mask(slice(-1, None))[:, :, 0].expand(b, h, n)
 
     @cached_property
     def n_real(self) -> torch.Tensor:
         """Real entries per row `[B]` (the most any head holds)."""
+        if self.all_real:
+            b, _, n = self.keys.shape[:3]
+            return torch.full((b,), n, dtype=torch.long, device=self.keys.device)
         return self.real.sum(-1).amax(-1)
 
     @cached_property
@@ -73,6 +87,9 @@ class LayerContext:
 
     @cached_property
     def token_index(self) -> torch.Tensor:
+        if self.all_real:
+            b, h, n = self.keys.shape[:3]
+            return torch.arange(n, device=self.keys.device).expand(b, h, n)
         return self.real.long().cumsum(-1) - 1
 
     def window_attention(self, window: int) -> torch.Tensor:

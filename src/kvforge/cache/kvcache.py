@@ -133,6 +133,9 @@ class KVCache(Cache):
         snapshot point, which `restore()` rewinds; stock sliding layers never write in place.
         """
         new = copy.copy(self)
+        for layer in self.layers:
+            if isinstance(layer, DenseLayer):
+                layer.release()  # the fork shares the buffers: neither may move entries inside them
         new.layers = [copy.copy(layer) for layer in self.layers]
         new.armed, new._pending, new.recorded, new.observer, new._armed_at = False, set(), None, None, {}
         new.score_memo = self.score_memo  # forks of one prefill share press scores (presses.base.cached_score)

@@ -238,6 +238,39 @@ class DenseLayer(CacheLayerMixin):
         """Keep the entries at `indices` `[B, H_kv, k]` (physical positions), in that order; free the rest."""
         self._replace(*self._gather(indices))
 
+    # The key buffer when this layer alone holds its buffers, so `compact` may move entries inside them: set only by
+    # `compact` right after it allocated them, cleared by `snapshot()`, `restore()` and `release()` (a fork).
+    _private: torch.Tensor | None = None
+
+    def compact(self, indices: torch.Tensor, start: int = 0) -> None:
+        """`keep(indices)` for increasing positions `indices [B, H_kv, k]` (a subsequence of the stored entries) whose
+        first `start` are `0 .. start-1` (nothing dropped before `start`), moving only the entries from `start` on.
+
+        The same entries, slots and lengths as `keep`. The first call allocates new buffers as `keep` does (snapshots
+        and forks keep the old ones); later calls, until the next `snapshot()`/`restore()`/`release()`, move the
+        entries inside those private buffers: a decode-time press that drops an entry per token then neither
+        allocates nor copies the whole layer per step. The buffer identity (`storage`) is kept then: score memos are
+        read by prefill compression only, never on a buffer this allocated."""
+        if self._private is None or self._private is not self._k:
+            self.keep(indices)
+            self._private = self._k
+            return
+        b, h, k = indices.shape
+        if start < k:
+            cap = self._k.shape[2]
+            tail = indices[:, :, start:]
+            rows = (tail + (torch.arange(b * h, device=tail.device) * cap).view(b, h, 1)).reshape(-1)
+            for buf in (self._k, self._v):
+                flat = buf.view(b * h * cap, buf.shape[3])
+                buf[:, :, start:k] = flat.index_select(0, rows).view(b, h, k - start, buf.shape[3])
+            self.slots[:, :, start:k] = self.slots[:, :, : self.n].gather(2, tail)
+        self.n = k
+        self._sync_views()
+
+    def release(self) -> None:
+        """Another holder now shares this layer's buffers (a fork): `compact` allocates again before moving entries."""
+        self._private = None
+
     def _replace(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
         b, h, k = slots.shape
         self.n = 0
@@ -265,12 +298,15 @@ class DenseLayer(CacheLayerMixin):
 
     def snapshot(self) -> tuple:
         """Lengths and buffer references. Pruning allocates new buffers and appends only write past `n`, so
-        references are enough to come back here (decode-time presses included)."""
+        references are enough to come back here (decode-time presses included: `compact` moves entries only inside
+        buffers allocated after the last snapshot)."""
+        self._private = None
         return tuple(getattr(self, a) for a in self._STATE)
 
     def restore(self, state: tuple) -> None:
         for a, v in zip(self._STATE, state):
             setattr(self, a, v)
+        self._private = None
         self._sync_views()
 
     # -- accounting ------------------------------------------------------------------------------
@@ -370,6 +406,8 @@ class HeadVarlenLayer(DenseLayer):
         new = cls(reserve=layer.reserve)
         new.__dict__.update({k: v for k, v in layer.__dict__.items() if k != "valid"})
         new.valid = None
+        layer.release()
+        new.release()
         return new
 
     def _store(self, keys, values, slots, valid) -> None:

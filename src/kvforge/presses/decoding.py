@@ -32,8 +32,9 @@ def attention_probs(ctx: LayerContext, rows: slice) -> torch.Tensor:
     start, stop, _ = rows.indices(q)
     qr = ctx.query[:, :, start:stop].float().reshape(b, h, hq // h, stop - start, d)
     logits = torch.einsum("bhgrd,bhnd->bhgrn", qr, ctx.keys.float()) * ctx.scaling
-    mask = ctx.mask(slice(start, stop))  # [B, 1 | H, r, n]
-    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+    if not (start == q - 1 and ctx.all_real):  # the newest query over all-real entries sees every one: no mask
+        mask = ctx.mask(slice(start, stop))  # [B, 1 | H, r, n]
+        logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
@@ -47,6 +48,8 @@ def new_query_valid(ctx: LayerContext) -> torch.Tensor:
 def recent_mask(ctx: LayerContext, window: torch.Tensor) -> torch.Tensor:
     """`[B, H_kv, n]` bool: the last `window[b]` real entries of each row and head (entries are stored in
     token order: prunes keep order, decoding appends)."""
+    if ctx.all_real:
+        return ctx.token_index >= ctx.keys.shape[2] - window[:, None, None]
     n_real = ctx.real.sum(-1, keepdim=True)  # [B, H, 1]
     return ctx.real & (ctx.token_index >= n_real - window[:, None, None])
 
@@ -57,6 +60,12 @@ def row_budget(n_real: torch.Tensor, compression_ratio: float | None, budget: in
     if budget is not None:
         return torch.full_like(n_real, budget)
     return keep_count(n_real, compression_ratio, None)
+
+
+def host_read(t: torch.Tensor) -> list:
+    """`t.tolist()`: the decode-time presses read the device back only through this (tests count the calls; a read
+    stalls the launch queue on a GPU)."""
+    return t.tolist()
 
 
 def get_state(ctx: LayerContext) -> dict | None:
@@ -76,8 +85,15 @@ def extend(t: torch.Tensor, n: int, value: float = 0.0) -> torch.Tensor:
     return torch.cat([t, pad], dim=2)
 
 
-def keep_top(scores: torch.Tensor, real: torch.Tensor, k: torch.Tensor, protect: torch.Tensor | None = None):
-    """`[B, H, n]` bool: the `k[b]` best real entries per row and head; `protect`ed entries first."""
+def keep_top(scores: torch.Tensor, real: torch.Tensor, k: torch.Tensor, protect: torch.Tensor | None = None,
+             all_real: bool = False):
+    """`[B, H, n]` bool: the `k[b]` best real entries per row and head; `protect`ed entries first. `all_real`: the
+    caller knows every entry is real (`LayerContext.all_real`), so `real` masks nothing and is not applied."""
+    if all_real:
+        s = scores.float()
+        if protect is not None:
+            s = s.masked_fill(protect, float("inf"))
+        return descending_rank(s) < k[:, None, None]
     s = scores.float().masked_fill(~real, float("-inf"))
     if protect is not None:
         s = s.masked_fill(protect & real, float("inf"))
@@ -91,20 +107,56 @@ def evict(ctx: LayerContext, keep: torch.Tensor, entries: dict | None = None) ->
     Every (row, head) keeps its entries in order, filled up to the widest one with its own invisible entries
     (padding), as `select_topk` does, so the layer stays dense. When a row has too little padding for that
     (rows at different budgets), the layer becomes head-varlen and validity hides the filler.
+
+    One host read per call. A dense layer whose (row, head)s all keep the same count (one row decoding, or rows at
+    one budget) needs no filler: the kept positions in order, and the layer compacts them in place from the first
+    dropped position on (`DenseLayer.compact`), the same entries as `evict_reference`, its slow twin, keeps.
     """
+    entries = entries or {}
+    layer = ctx.layer
+    if type(layer) is not DenseLayer:
+        return evict_reference(ctx, keep, entries)
+    real = ctx.real
+    keep = keep if ctx.all_real else keep & real
+    n = keep.shape[-1]
+    counts = keep.sum(-1)  # [B, H]
+    position = torch.arange(n, device=keep.device)
+    first_drop = torch.where(keep, n, position).amin()  # entries before it stay where they are
+    nothing = keep.all() if ctx.all_real else (keep | ~real).all()
+    nothing, width, narrowest, start = host_read(torch.stack([nothing.long(), counts.amax(), counts.amin(),
+                                                              first_drop]))  # the one host read
+    if nothing:
+        return entries
+    if width != narrowest:
+        return _evict_with_filler(ctx, keep, entries, width)
+    b, h = keep.shape[:2]
+    target = torch.where(keep, keep.cumsum(-1) - 1, width)  # output column of each kept entry (width: discarded)
+    idx = keep.new_zeros(b, h, width + 1, dtype=torch.long).scatter_(2, target, position.expand(b, h, n))
+    idx = idx[:, :, :width]
+    layer.compact(idx, start)
+    return {k: _gather_entries(v, idx) for k, v in entries.items()}
+
+
+def evict_reference(ctx: LayerContext, keep: torch.Tensor, entries: dict | None = None) -> dict:
+    """`evict`'s slow twin (and its path for layers that are not plain dense): the same entries kept, written into
+    new buffers (`layer.keep`), kept positions chosen by a top-k over priorities."""
     entries = entries or {}
     real = ctx.real
     keep = keep & real
-    n = keep.shape[-1]
     if bool((keep | ~real).all()):
         return entries
+    return _evict_with_filler(ctx, keep, entries, int(keep.sum(-1).max()))
+
+
+def _evict_with_filler(ctx: LayerContext, keep: torch.Tensor, entries: dict, width: int) -> dict:
+    real = ctx.real
+    n = keep.shape[-1]
     layer = ctx.layer
     if type(layer) not in (DenseLayer, HeadVarlenLayer):  # e.g. packed per-head storage: follow by slots
         old_slots = _slots(layer)
         select_mask(ctx, keep)
         new_slots = _slots(ctx.layer)
         return {k: _realign(v, old_slots, new_slots, n, ctx.layer.logical) for k, v in entries.items()}
-    width = int(keep.sum(-1).max())
     priority = keep.to(torch.int8) * 2 + (~real).to(torch.int8)
     idx = priority.topk(width, dim=-1, sorted=False).indices.sort(-1).values
     kept = keep.gather(2, idx)
@@ -212,7 +264,7 @@ class DecodingPress(Press):
         over = n_real > self.target_size + self.compression_interval  # the bound holds from the prefill on
         k = torch.where(over, k.clamp(max=self.target_size), k)
         if bool((k < n_real).any()):
-            evict(ctx, keep_top(self.press.score(ctx), ctx.real, k))
+            evict(ctx, keep_top(self.press.score(ctx), ctx.real, k, all_real=ctx.all_real))
         set_state(ctx, state)
 
     def on_decode(self, ctx: LayerContext) -> None:
@@ -228,5 +280,5 @@ class DecodingPress(Press):
             if bool((k < n_real).any()):
                 window = QueryWindowContext(ctx, state["queries"], state["qvalid"], state["qslot"])
                 scores = self.press.score(window)
-                evict(ctx, keep_top(scores, ctx.real, k))
+                evict(ctx, keep_top(scores, ctx.real, k, all_real=ctx.all_real))
         set_state(ctx, state)

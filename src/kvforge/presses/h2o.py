@@ -69,7 +69,7 @@ class H2OPress(Press):
     def _cut(self, ctx: LayerContext, acc: torch.Tensor, budget: torch.Tensor) -> dict:
         k = torch.minimum(ctx.n_real, budget)
         recent = k - (self.heavy_ratio * k.double()).long()
-        keep = keep_top(acc, ctx.real, k, protect=recent_mask(ctx, recent))
+        keep = keep_top(acc, ctx.real, k, protect=recent_mask(ctx, recent), all_real=ctx.all_real)
         return evict(ctx, keep, {"acc": acc})
 
     def compress(self, ctx: LayerContext) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.presses.base import LayerContext, Press, check_int, descending_rank
-from kvforge.presses.decoding import get_state, set_state
+from kvforge.presses.decoding import get_state, host_read, set_state
 from kvforge.presses.registry import register
 
 
@@ -106,9 +106,10 @@ class QuestPress(Press):
         return out
 
     # -- pages ------------------------------------------------------------------------------------------------
-    def _frozen(self, ctx: LayerContext, complete: int):
+    def _frozen(self, ctx: LayerContext, complete: int, page: torch.Tensor | None = None, start: int | None = None):
         """Min/max of the first `complete` pages (complete in every row and head), extending the layer's saved
-        ones with the pages completed since; returns `(lo, hi)` `[B, H, complete, D]`."""
+        ones with the pages completed since; returns `(lo, hi)` `[B, H, complete, D]`. `page` (the page of each
+        entry, -1 for padding) and `start` (`_first_at_or_after(page, pages saved)`) when the caller has them."""
         state = get_state(ctx)
         ps = self.page_size
         if state is None or "lo" not in state or state["pages"] > complete:
@@ -116,8 +117,9 @@ class QuestPress(Press):
         else:
             done, lo, hi = state["pages"], state["lo"], state["hi"]
         if complete > done:
-            page = torch.where(ctx.real, ctx.token_index // ps, -1)
-            start = _first_at_or_after(page, done)
+            if page is None or start is None or done != self._saved_pages(ctx):
+                page = torch.where(ctx.real, ctx.token_index // ps, -1)
+                start = _first_at_or_after(page, done)
             new_lo, new_hi = page_min_max(ctx.keys[:, :, start:], page[:, :, start:], done, complete - done)
             lo = new_lo if lo is None else torch.cat([lo, new_lo], dim=2)
             hi = new_hi if hi is None else torch.cat([hi, new_hi], dim=2)
@@ -126,6 +128,12 @@ class QuestPress(Press):
             b, h, _, d = ctx.keys.shape
             lo = hi = ctx.keys.new_zeros(b, h, 0, d, dtype=torch.float32)
         return lo, hi
+
+    @staticmethod
+    def _saved_pages(ctx: LayerContext) -> int:
+        """Pages whose bounds the layer holds (0 when none)."""
+        state = get_state(ctx)
+        return state["pages"] if state is not None and "lo" in state else 0
 
     def compress(self, ctx: LayerContext) -> None:
         """At the prefill: nothing removed; page minima and maxima of the complete pages are computed."""
@@ -142,7 +150,48 @@ class QuestPress(Press):
         return (tokens // ps).clamp(min=1)
 
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
-        """Before attention on a decoding step: bool `[B, H_kv, n]` of the entries to attend, or None for all."""
+        """Before attention on a decoding step: bool `[B, H_kv, n]` of the entries to attend, or None for all.
+        One host read (the page counts, and where the pages to compute start; `select_reference` is its twin)."""
+        real = ctx.real
+        b, h, n = ctx.keys.shape[:3]
+        n_real = torch.full((b, h), n, device=real.device) if ctx.all_real else real.sum(-1)  # [B, H]
+        if ctx.rank < self.skip_layers:
+            self._count(ctx, n_real.sum(), n_real.sum(), n_real.new_zeros(()))
+            return None
+        ps = self.page_size
+        n_pages = (n_real + ps - 1) // ps
+        kept = self._pages_kept(n_real)
+        page = ctx.token_index // ps if ctx.all_real else torch.where(real, ctx.token_index // ps, -1)  # [B, H, n]
+        done = self._saved_pages(ctx)
+        complete_t = (n_real // ps).min()
+        reads = [complete_t, (n_pages <= kept).all().long(), n_pages.max()]
+        if not ctx.all_real:  # where the saved pages end and where the complete ones end, found on the device
+            reads += [_first_at_or_after_device(page, done), _first_at_or_after_device(page, complete_t)]
+        complete, fit, total, *starts = host_read(torch.stack(reads))
+        if ctx.all_real:  # entry t is token t: page p starts at p · page_size
+            starts = [min(done * ps, n), min(complete * ps, n)]
+        lo, hi = self._frozen(ctx, complete, page, starts[0])  # keeps the layer's page bounds current when all fit
+        if fit:
+            self._count(ctx, n_real.sum(), n_real.sum(), n_real.new_zeros(()))
+            return None
+        start = starts[1]
+        open_lo, open_hi = page_min_max(ctx.keys[:, :, start:], page[:, :, start:], complete, total - complete)
+        hq, d = ctx.query.shape[1], ctx.query.shape[3]
+        query = ctx.query[:, :, -1].reshape(b, h, hq // h, d)
+        bound = torch.cat([upper_bound(query, lo, hi), upper_bound(query, open_lo, open_hi)], dim=-1)
+        bound = bound.amax(2)  # [B, H, P]: the best query head of the group
+        idx = torch.arange(total, device=bound.device)
+        exists = idx < n_pages[..., None]
+        bound = bound.masked_fill(~exists, float("-inf"))
+        bound = bound.masked_fill(idx == n_pages[..., None] - 1, float("inf"))  # the newest page, always
+        chosen = (descending_rank(bound) < kept[..., None]) & exists  # [B, H, P]
+        mask = chosen.gather(2, page.clamp(min=0))
+        mask = mask if ctx.all_real else mask & real
+        self._count(ctx, mask.sum(), n_real.sum(), exists.sum())
+        return mask
+
+    def select_reference(self, ctx: LayerContext) -> torch.Tensor | None:
+        """`select`'s slow twin: the same mask, read step by step (a host read per count)."""
         real = ctx.real
         n_real = real.sum(-1)  # [B, H]
         if ctx.rank < self.skip_layers:
@@ -173,6 +222,12 @@ class QuestPress(Press):
         mask = chosen.gather(2, page.clamp(min=0)) & real
         self._count(ctx, mask.sum(), n_real.sum(), exists.sum())
         return mask
+
+
+def _first_at_or_after_device(page: torch.Tensor, first) -> torch.Tensor:
+    """`_first_at_or_after` as a 0-d tensor (`first` an int or a 0-d tensor), read back with the other counts."""
+    hit = page >= first
+    return torch.where(hit.any(-1), hit.int().argmax(-1), torch.full_like(page[..., 0], page.shape[-1])).min()
 
 
 def _first_at_or_after(page: torch.Tensor, first: int) -> int:

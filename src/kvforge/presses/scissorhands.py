@@ -31,10 +31,14 @@ from kvforge.presses.registry import register
 MAX_HISTORY = 62  # the window is a bitset in one int64 per entry and KV head
 
 
-def important(ctx: LayerContext, rows: slice) -> torch.Tensor:
+def important(ctx: LayerContext, rows: slice, probs: torch.Tensor | None = None) -> torch.Tensor:
     """`[B, H_kv, r, n]` bool: entry received more than the average attention 1/t from query row j, t = the
-    entries that query sees; the attention of a KV head is the mean over its query heads."""
-    probs = attention_probs(ctx, rows).mean(2)  # [B, H, r, n]
+    entries that query sees; the attention of a KV head is the mean over its query heads (`probs`, when the caller
+    computed it: `attention_probs(ctx, rows).mean(2)`)."""
+    probs = attention_probs(ctx, rows).mean(2) if probs is None else probs  # [B, H, r, n]
+    start, stop, _ = rows.indices(ctx.query.shape[2])
+    if start == ctx.query.shape[2] - 1 and ctx.all_real:  # the newest query sees every stored entry
+        return probs * max(ctx.keys.shape[2], 1) > 1.0
     seen = ctx.mask(rows).sum(-1, keepdim=True).clamp(min=1)  # [B, 1 | H, r, 1]
     return probs * seen > 1.0
 
@@ -69,10 +73,13 @@ class ScissorhandsPress(Press):
             raise KVForgeError(f"scissorhands: drop_amount={self.drop_amount} exceeds budget={self.budget}")
 
     def _observe(self, ctx: LayerContext, bits: torch.Tensor, count: torch.Tensor):
-        """Shift this forward's real queries (the last `history_window` of them) into every entry's window."""
+        """Shift this forward's real queries (the last `history_window` of them) into every entry's window. Returns
+        the new bits and counts, and the newest query's head-mean attention `[B, H, n]` when it was the only row
+        (a decoded token; `_cut` reuses it), else None."""
         q, w = ctx.query.shape[2], self.history_window
         rows = slice(max(0, q - w), q)
-        hit = important(ctx, rows).long()  # [B, H, r, n]
+        probs = attention_probs(ctx, rows).mean(2)  # [B, H, r, n]
+        hit = important(ctx, rows, probs).long()  # [B, H, r, n]
         valid = new_query_valid(ctx)[:, rows]  # [B, r]
         full = (1 << w) - 1
         for j in range(hit.shape[2]):
@@ -80,28 +87,29 @@ class ScissorhandsPress(Press):
             step = valid[:, j, None, None]
             bits = torch.where(step, ((bits << 1) | hit[:, :, j]) & full, bits)
             count = torch.where(step, count + hit[:, :, j] - oldest, count)
-        return bits, count
+        return bits, count, (probs[:, :, 0] if q == 1 else None)
 
-    def _cut(self, ctx: LayerContext, state: dict) -> dict:
+    def _cut(self, ctx: LayerContext, state: dict, newest: torch.Tensor | None = None) -> dict:
+        """Cut the rows above their budget (a row at or below it keeps every entry: `evict` then changes nothing,
+        found by its one host read). `newest`: the newest query's head-mean attention, when already computed."""
         n_real, budget = ctx.n_real, state["budget"]
         over = n_real > budget
-        if not bool(over.any()):
-            return state
         k = torch.where(over, (budget - self.drop_amount + 1).clamp(min=1), n_real)
-        q = ctx.query.shape[2]
-        newest = attention_probs(ctx, slice(q - 1, q))[:, :, :, 0].mean(2)  # [B, H, n], in [0, 1]
+        if newest is None:
+            q = ctx.query.shape[2]
+            newest = attention_probs(ctx, slice(q - 1, q))[:, :, :, 0].mean(2)  # [B, H, n], in [0, 1]
         scores = state["count"].float() + 0.5 * newest
         recent = torch.minimum(k, torch.full_like(k, self.recent_window))
-        keep = keep_top(scores, ctx.real, k, protect=recent_mask(ctx, recent))
+        keep = keep_top(scores, ctx.real, k, protect=recent_mask(ctx, recent), all_real=ctx.all_real)
         kept = evict(ctx, keep, {"bits": state["bits"], "count": state["count"]})
         return {**state, **kept}
 
     def compress(self, ctx: LayerContext) -> None:
         b, h, n = ctx.keys.shape[:3]
         zeros = torch.zeros(b, h, n, dtype=torch.long, device=ctx.keys.device)
-        bits, count = self._observe(ctx, zeros, zeros)
+        bits, count, newest = self._observe(ctx, zeros, zeros)
         budget = row_budget(ctx.n_real, self.compression_ratio, self.budget)
-        set_state(ctx, self._cut(ctx, {"bits": bits, "count": count, "budget": budget}))
+        set_state(ctx, self._cut(ctx, {"bits": bits, "count": count, "budget": budget}, newest))
 
     def on_decode(self, ctx: LayerContext) -> None:
         state = get_state(ctx)
@@ -110,5 +118,5 @@ class ScissorhandsPress(Press):
             before = ctx.n_real - new_query_valid(ctx).sum(-1)
             empty = torch.zeros(b, h, 0, dtype=torch.long, device=ctx.keys.device)
             state = {"bits": empty, "count": empty, "budget": row_budget(before, self.compression_ratio, self.budget)}
-        bits, count = self._observe(ctx, extend(state["bits"], n), extend(state["count"], n))
-        set_state(ctx, self._cut(ctx, {**state, "bits": bits, "count": count}))
+        bits, count, newest = self._observe(ctx, extend(state["bits"], n), extend(state["count"], n))
+        set_state(ctx, self._cut(ctx, {**state, "bits": bits, "count": count}, newest))

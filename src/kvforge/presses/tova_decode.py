@@ -42,9 +42,10 @@ class TOVADecodePress(Press):
     paper = "https://arxiv.org/abs/2401.06104"
 
     def _cut(self, ctx: LayerContext, budget: torch.Tensor) -> None:
+        """Cut the rows above their budget (at or below it, `keep_top` keeps every entry and `evict` changes nothing,
+        found by its one host read)."""
         k = torch.minimum(ctx.n_real, budget)
-        if bool((k < ctx.n_real).any()):
-            evict(ctx, keep_top(newest_query_scores(ctx), ctx.real, k))
+        evict(ctx, keep_top(newest_query_scores(ctx), ctx.real, k, all_real=ctx.all_real))
 
     def compress(self, ctx: LayerContext) -> None:
         budget = row_budget(ctx.n_real, self.compression_ratio, self.budget)
