@@ -31,6 +31,7 @@ import argparse
 import gc
 import json
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -156,8 +157,9 @@ def main() -> None:
                                "kv_layers": getattr(model.config, "kv_layers", None) or "dense"}
                 try:
                     row |= run_once(model, batch, args.prompt, args.new_tokens, device, args.prefill_chunk)
-                except torch.cuda.OutOfMemoryError:
-                    row |= {"oom": True}
+                except torch.cuda.OutOfMemoryError as e:  # what was asked for, and where: a transient or the KV?
+                    row |= {"oom": True, "oom_message": str(e).split(". Including")[0][:300],
+                            "oom_where": oom_site(e)}
                 gc.collect()
                 torch.cuda.empty_cache()
                 with out.open("a") as f:
@@ -183,6 +185,14 @@ def main() -> None:
             first_oom = min((b for b in oom if b > best["batch"]), default=None)
             print(f"  {name:13s} batch {best['batch']:5d}  {best['tokens_per_s']:10.1f} tokens/s  "
                   f"peak {best['peak_gib']:.1f} GiB  (oom at {first_oom or 'none up to --max-batch'})")
+
+
+def oom_site(e: BaseException) -> str:
+    """The innermost frames of this repository or transformers where an out-of-memory error was raised."""
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames
+            if "kvforge" in f.filename or "transformers" in f.filename]
+    return " < ".join(reversed(ours[-3:]))
 
 
 def search(fits, growth: int, max_batch: int, resolution: int, first: int = 1) -> int:
