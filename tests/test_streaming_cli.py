@@ -101,6 +101,34 @@ def test_stream_prints_and_writes_latency(model_dir, tmp_path, capsys, monkeypat
     assert summary["ar"]["tokens"] == 5 and summary["speedup_vs_ar"] > 0
 
 
+def test_stopped_stream_keeps_finished_blocks_and_quiet_shows_progress(model_dir, tmp_path, capsys, monkeypatch):
+    import kvforge.streaming.generate as gen
+
+    monkeypatch.setattr(gen, "BLOCK", 10)
+    real = gen.write_latency_csv
+    written = []
+
+    def stop_after_two(out, records):  # the run is killed right after its second block is on disk
+        real(out, records)
+        written.append(len(records))
+        if len(records) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("kvforge.streaming.generate.write_latency_csv", stop_after_two)
+    args = ["stream", "--model", str(model_dir), "--mode", "sw", "--cache-size", "12", "--num-tokens", "100000",
+            "--prompt", "The sea", "--quiet", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert written == [1, 2]
+    assert [r["tokens"] for r in rows(tmp_path / "latency.csv")] == ["10", "20"]
+    assert not (tmp_path / "summary.json").exists()
+    monkeypatch.setattr(gen, "PROGRESS", 20)  # --quiet: a progress line every PROGRESS tokens, on stderr
+    assert main(["stream", "--model", str(model_dir), "--mode", "sw", "--cache-size", "12", "--num-tokens", "40",
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "20/40 tokens" in err and "40/40 tokens" in err and "10/40" not in err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--mode", "sw", "--cache-size", "4", "--sinks", "4"], "not larger than the 4 sinks"),
     (["--mode", "kv", "--cache-size", "16"], "needs KV-Align networks"),

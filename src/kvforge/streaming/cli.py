@@ -93,7 +93,8 @@ def cmd_stream(args) -> None:
     from pathlib import Path
 
     from kvforge.eval.runs import prepare_out
-    from kvforge.streaming.generate import compare_ar, run_stream, write_latency
+    from kvforge.streaming import generate
+    from kvforge.streaming.generate import compare_ar, run_stream, write_latency, write_latency_csv
     from kvforge.streaming.load import load_stream_model
     from kvforge.streaming.modes import make_mode
 
@@ -109,8 +110,16 @@ def cmd_stream(args) -> None:
     if emit:
         print(args.prompt, end="", flush=True)
     records: list = []
+
+    def on_block(recs: list) -> None:  # a stopped run keeps its finished blocks; --quiet still shows progress
+        if out:
+            write_latency_csv(Path(out), recs)
+        if args.quiet and recs[-1]["tokens"] % generate.PROGRESS == 0:
+            print(f"{recs[-1]['tokens']}/{args.num_tokens} tokens, {recs[-1]['ms_per_token']} ms/token",
+                  file=sys.stderr, flush=True)
+
     summary = run_stream(model, tok, mode, args.prompt, args.num_tokens, emit=emit, top_k=args.top_k,
-                         seed=args.seed, records=records, cuda_graph=args.cuda_graph)
+                         seed=args.seed, records=records, cuda_graph=args.cuda_graph, on_block=on_block)
     if args.compare_ar:
         ar = compare_ar(model, tok, args.prompt, args.cache_size, args.compare_ar, args.top_k, args.seed)
         summary["ar"] = ar

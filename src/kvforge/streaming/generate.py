@@ -17,6 +17,7 @@ from kvforge.streaming.modes import AR
 from kvforge.streaming.runner import Stream
 
 BLOCK = 1000  # tokens per latency record
+PROGRESS = 10_000  # tokens per progress line of `kvforge stream --quiet`
 LATENCY_COLUMNS = ["tokens", "ms_per_token", "memory_bytes", "cache_bytes"]
 
 
@@ -67,11 +68,13 @@ def pick(logits: torch.Tensor, top_k: int | None, generator: torch.Generator | N
 
 def run_stream(model: Any, tokenizer: Any, mode: Any, prompt: str, num_tokens: int,
                emit: Callable[[str], Any] | None = print, top_k: int | None = None, seed: int = 0,
-               records: list | None = None, cuda_graph: bool = False) -> dict:
+               records: list | None = None, cuda_graph: bool = False,
+               on_block: Callable[[list], Any] | None = None) -> dict:
     """Generate `num_tokens` tokens after `prompt` under `mode`; `emit` gets the text as it streams (None: silent).
     Appends one record per `BLOCK` tokens to `records` (tokens so far, ms per token over the block, memory, cache
-    bytes). `cuda_graph`: one captured step replayed per token once the cache is full. Returns a summary: tokens/s,
-    ms per token, peak memory, cache bytes."""
+    bytes) and then calls `on_block(records)` (the CLI writes latency.csv there, so a stopped run keeps its blocks).
+    `cuda_graph`: one captured step replayed per token once the cache is full. Returns a summary: tokens/s, ms per
+    token, peak memory, cache bytes."""
     device = model.device
     generator = torch.Generator().manual_seed(seed)
     ids = tokenizer(prompt, return_tensors="pt").input_ids if prompt else None
@@ -98,6 +101,8 @@ def run_stream(model: Any, tokenizer: Any, mode: Any, prompt: str, num_tokens: i
             records.append({"tokens": i, "ms_per_token": f"{(now - block_start) * 1000 / BLOCK:.3f}",
                             "memory_bytes": memory_bytes(device), "cache_bytes": cache_bytes(stream)})
             block_start = now
+            if on_block is not None:
+                on_block(records)
     _sync(device)
     total = time.perf_counter() - t_start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else memory_bytes(device)
@@ -107,14 +112,19 @@ def run_stream(model: Any, tokenizer: Any, mode: Any, prompt: str, num_tokens: i
             "peak_memory_bytes": peak, "cache_bytes": cache_bytes(stream)}
 
 
-def write_latency(out: Path, records: list[dict], summary: dict, meta: dict) -> None:
-    """DIR/latency.csv (one row per 1k tokens), DIR/summary.json, DIR/run_meta.json — each written atomically."""
+def write_latency_csv(out: Path, records: list[dict]) -> None:
+    """DIR/latency.csv (one row per 1k tokens so far), written atomically."""
     tmp = out / "latency.csv.tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=LATENCY_COLUMNS)
         w.writeheader()
         w.writerows(records)
     os.replace(tmp, out / "latency.csv")
+
+
+def write_latency(out: Path, records: list[dict], summary: dict, meta: dict) -> None:
+    """DIR/latency.csv (one row per 1k tokens), DIR/summary.json, DIR/run_meta.json — each written atomically."""
+    write_latency_csv(out, records)
     for name, data in (("summary.json", summary), ("run_meta.json", meta)):
         (out / (name + ".tmp")).write_text(json.dumps(data, indent=1))
         os.replace(out / (name + ".tmp"), out / name)
