@@ -131,3 +131,29 @@ def test_calibrated_strength_is_the_validation_loss_minimum_and_zero_is_sw(tok, 
     assert nets.spec.strength_for(100) == nets.spec.strength["14"]
     nets.save(tmp_path)
     assert KVAlign.load(tmp_path).spec.strength == nets.spec.strength
+
+
+def test_networks_are_saved_before_the_calibration_runs(tok, tmp_path, monkeypatch):
+    """A stopped calibration (the GPU machine taken back) keeps the trained networks on disk, without a strength
+    (α = 1 everywhere until calibrated); a finished run records the strength."""
+    import kvforge.streaming.train as train
+    from kvforge.streaming.train import TrainConfig, train_kv_align
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    cfg = TrainConfig(cache_sizes=[10], n_sink=2, streams=2, snapshots=2, per_snapshot=64, epochs=1, batch_size=32,
+                      num_pos=32, key_hidden=[16], value_hidden=[16], alphas=[0.0, 1.0], calib_rows=1,
+                      calib_tokens=8)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "calibrate", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train_kv_align(model, tok, TEXT, tmp_path / "a", cfg, progress=False)
+    kept = KVAlign.load(tmp_path / "a")
+    assert kept.spec.strength == {} and kept.spec.strength_for(10) == 1.0
+    assert kept.spec.trained["val_loss"] and kept.spec.trained["steps"] > 0  # trained, not the identity:
+    assert any(float(p.detach().abs().sum()) > 0 for p in kept.key_net.fcs[-1].parameters())
+    monkeypatch.undo()
+    done = train_kv_align(model, tok, TEXT, tmp_path / "a", cfg, progress=False)  # reuses the cached pairs
+    assert set(KVAlign.load(tmp_path / "a").spec.strength) == {"10"} == set(done.spec.strength)

@@ -145,6 +145,8 @@ def _loss(net, x, y, shift, layer, head) -> torch.Tensor:
 
 
 def _batch(pairs: dict, idx, dev) -> dict:
+    if isinstance(idx, torch.Tensor):
+        idx = idx.to(next(iter(pairs.values())).device)
     return {k: v[idx].to(dev, torch.float32 if v.is_floating_point() else None) for k, v in pairs.items()}
 
 
@@ -188,6 +190,9 @@ def fit(nets: KVAlign, train: dict, val: dict, cfg: TrainConfig, progress: bool 
     n = len(train["shift"])
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if max_steps is None else min(max_steps, steps_per_epoch * cfg.epochs)
+    # the pairs move to the device once (as stored, fp16): a step gathers its batch there (on a GPU, gathering on the
+    # host and copying each batch, plus a sync per step for the progress bar, made training launch-bound)
+    train, val = ({k: v.to(dev) for k, v in part.items()} for part in (train, val))
     record = {"val_identity": evaluate(nets, val), "val_loss": [], "steps": 0}
     best = (record["val_identity"], _state(nets))
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
@@ -204,7 +209,8 @@ def fit(nets: KVAlign, train: dict, val: dict, cfg: TrainConfig, progress: bool 
             opt.step()
             record["steps"] += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()) / 2:.4g}")
+            if record["steps"] % 50 == 1:  # reading the loss waits for the device: not every step
+                bar.set_postfix(loss=f"{float(loss.detach()) / 2:.4g}")
         v = evaluate(nets, val)
         record["val_loss"].append(v)
         bar.write(f"validation loss {v:.4g} (identity {record['val_identity']:.4g})")
@@ -276,6 +282,9 @@ def train_kv_align(model: Any, tokenizer: Any, text: str, out: str | Path, cfg: 
     set_scales(nets, train)
     nets.to(model.device)
     record = fit(nets, train, val, cfg, progress, max_steps)
+    nets.spec.trained = {**record, "pairs": len(train["shift"]), "val_pairs": len(val["shift"]),
+                         "config": asdict(cfg), "meta": meta or {}}
+    nets.save(out)  # the trained networks are kept even if the calibration below is stopped (strength: none yet)
     if cfg.alphas:
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
         record["calibration"] = calibrate(model, nets, ids[int(len(ids) * (1 - cfg.val_fraction)):], cfg, progress)
