@@ -42,13 +42,13 @@ quality)
   for C in 32 64 128 256 1024; do
     job ppl_smol_$C "$KV ppl $SMOL $HELD --modes full,sw,ar,window --cache-sizes $C --cuda-graph --out $RUNS/ppl_smol_$C"
   done
-  job kv_smol "$KV train kv-align $SMOL --text-file shakespeare:train --cuda-graph --out $RUNS/kv-smol \
+  job kv_smol "$KV train kv-align $SMOL --text-file shakespeare:train --cuda-graph --alphas 0,0.25,0.5,0.75,1 --out $RUNS/kv-smol \
     && for C in 32 64 128 256 1024; do $KV ppl $SMOL $HELD --modes kv --kv-align $RUNS/kv-smol --cache-sizes \$C \
        --cuda-graph --out $RUNS/ppl_smolkv_\$C || exit 1; done"
   # streaming, GPT-2 trained here: train, KV-Align on every size incl. 1024, then all modes
   GPT="--model $RUNS/gpt2 --device cuda --dtype float32"
   job gpt2 "$KV train gpt2 --text-file shakespeare:train --heldout shakespeare:heldout --steps 1500 --device cuda --out $RUNS/gpt2 \
-    && $KV train kv-align $GPT --text-file shakespeare:train --key-hidden 256,64 --value-hidden 64,128 --cuda-graph --out $RUNS/kv-gpt2 \
+    && $KV train kv-align $GPT --text-file shakespeare:train --key-hidden 256,64 --value-hidden 64,128 --streams 32 --cuda-graph --alphas 0,0.25,0.5,0.75,1 --out $RUNS/kv-gpt2 \
     && for C in 32 64 128 256 1024; do $KV ppl $GPT $HELD --modes sw,ar,window,kv --kv-align $RUNS/kv-gpt2 \
        --cache-sizes \$C --cuda-graph --out $RUNS/ppl_gpt2_\$C || exit 1; done"
   echo "started; follow with: bash $0 status"
