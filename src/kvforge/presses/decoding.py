@@ -68,6 +68,24 @@ def host_read(t: torch.Tensor) -> list:
     return t.tolist()
 
 
+def host_budget(ctx: LayerContext, compression_ratio: float | None, budget: int | None, n: int | None = None):
+    """`row_budget` of every row as one host int, when it is known without reading the device: every entry is real
+    (`LayerContext.all_real`), so every row holds `n` (default: the stored entries) and gets the same budget (the
+    same arithmetic: `int(n · (1 − ratio))` in double precision, truncated). None otherwise."""
+    if not ctx.all_real:
+        return None
+    if budget is not None:
+        return budget
+    n = ctx.keys.shape[2] if n is None else n
+    return int(n * (1.0 - compression_ratio))
+
+
+def uniform(ctx: LayerContext) -> bool:
+    """True when a press may decide on the host: a plain dense layer whose entries are all real, so every (row,
+    head) holds `n` entries and `keep_top(…, k)` with one k for every row keeps exactly min(k, n) of each."""
+    return ctx.all_real and type(ctx.layer) is DenseLayer
+
+
 def get_state(ctx: LayerContext) -> dict | None:
     return getattr(ctx.layer, "press_state", None)
 
@@ -100,7 +118,23 @@ def keep_top(scores: torch.Tensor, real: torch.Tensor, k: torch.Tensor, protect:
     return (descending_rank(s) < k[:, None, None]) & real
 
 
-def evict(ctx: LayerContext, keep: torch.Tensor, entries: dict | None = None) -> dict:
+def keep_top_uniform(scores: torch.Tensor, k: int, protect: torch.Tensor | None = None) -> torch.Tensor:
+    """`keep_top(scores, real, k, protect, all_real=True)` with one host k for every row (`uniform`): `[B, H, n]`
+    bool. A decoded token over the budget (k = n − 1) drops only the lowest-scored entry, the last of equal lowest
+    ones (the stable order's last), found in O(n) without a sort; other k go through `keep_top`. Scores must not be
+    NaN (attention-derived ones never are)."""
+    b, h, n = scores.shape
+    if k != n - 1:
+        return keep_top(scores, None, torch.full((b,), k, device=scores.device), protect, all_real=True)
+    s = scores.float()
+    if protect is not None:
+        s = s.masked_fill(protect, float("inf"))
+    position = torch.arange(n, device=s.device)
+    last_lowest = torch.where(s == s.amin(-1, keepdim=True), position, -1).amax(-1, keepdim=True)
+    return position != last_lowest
+
+
+def evict(ctx: LayerContext, keep: torch.Tensor, entries: dict | None = None, width: int | None = None) -> dict:
     """Keep the entries where `keep [B, H_kv, n]` (real entries only) and return `entries` (per-entry state
     tensors `[B, H_kv, n, ...]`) gathered like the entries; a no-op when nothing real is dropped.
 
@@ -108,9 +142,11 @@ def evict(ctx: LayerContext, keep: torch.Tensor, entries: dict | None = None) ->
     (padding), as `select_topk` does, so the layer stays dense. When a row has too little padding for that
     (rows at different budgets), the layer becomes head-varlen and validity hides the filler.
 
-    One host read per call. A dense layer whose (row, head)s all keep the same count (one row decoding, or rows at
-    one budget) needs no filler: the kept positions in order, and the layer compacts them in place from the first
-    dropped position on (`DenseLayer.compact`), the same entries as `evict_reference`, its slow twin, keeps.
+    A dense layer whose (row, head)s all keep the same count (one row decoding, or rows at one budget) needs no
+    filler: the kept positions in order, and the layer compacts them in place from the first dropped position on
+    (`DenseLayer.compact`), the same entries as `evict_reference`, its slow twin, keeps. One host read per call
+    (nothing dropped? the counts, the first dropped position), none when the caller passes `width`: it knows that
+    every (row, head) keeps exactly `width` of its entries, fewer than it holds (`uniform`), and every entry moves.
     """
     entries = entries or {}
     layer = ctx.layer
@@ -119,16 +155,19 @@ def evict(ctx: LayerContext, keep: torch.Tensor, entries: dict | None = None) ->
     real = ctx.real
     keep = keep if ctx.all_real else keep & real
     n = keep.shape[-1]
-    counts = keep.sum(-1)  # [B, H]
     position = torch.arange(n, device=keep.device)
-    first_drop = torch.where(keep, n, position).amin()  # entries before it stay where they are
-    nothing = keep.all() if ctx.all_real else (keep | ~real).all()
-    nothing, width, narrowest, start = host_read(torch.stack([nothing.long(), counts.amax(), counts.amin(),
-                                                              first_drop]))  # the one host read
-    if nothing:
-        return entries
-    if width != narrowest:
-        return _evict_with_filler(ctx, keep, entries, width)
+    if width is None:
+        counts = keep.sum(-1)  # [B, H]
+        first_drop = torch.where(keep, n, position).amin()  # entries before it stay where they are
+        nothing = keep.all() if ctx.all_real else (keep | ~real).all()
+        nothing, width, narrowest, start = host_read(torch.stack([nothing.long(), counts.amax(), counts.amin(),
+                                                                  first_drop]))  # the one host read
+        if nothing:
+            return entries
+        if width != narrowest:
+            return _evict_with_filler(ctx, keep, entries, width)
+    else:
+        start = 0
     b, h = keep.shape[:2]
     target = torch.where(keep, keep.cumsum(-1) - 1, width)  # output column of each kept entry (width: discarded)
     idx = keep.new_zeros(b, h, width + 1, dtype=torch.long).scatter_(2, target, position.expand(b, h, n))
@@ -137,9 +176,11 @@ def evict(ctx: LayerContext, keep: torch.Tensor, entries: dict | None = None) ->
     return {k: _gather_entries(v, idx) for k, v in entries.items()}
 
 
-def evict_reference(ctx: LayerContext, keep: torch.Tensor, entries: dict | None = None) -> dict:
+def evict_reference(ctx: LayerContext, keep: torch.Tensor, entries: dict | None = None, width: int | None = None
+                    ) -> dict:
     """`evict`'s slow twin (and its path for layers that are not plain dense): the same entries kept, written into
-    new buffers (`layer.keep`), kept positions chosen by a top-k over priorities."""
+    new buffers (`layer.keep`), kept positions chosen by a top-k over priorities; `width` is not needed (the counts
+    are read)."""
     entries = entries or {}
     real = ctx.real
     keep = keep & real
@@ -272,8 +313,18 @@ class DecodingPress(Press):
         old = get_state(ctx)
         state = push_queries(old, ctx, self.query_buffer_size)
         state["since"] = (old or {}).get("since", 0) + ctx.query.shape[2]
-        n_real = ctx.n_real
         due = state["since"] >= self.compression_interval
+        if uniform(ctx):  # every row holds n entries: decided on the host
+            n = ctx.keys.shape[2]
+            if due or n > self.target_size + self.compression_interval:
+                state["since"] = 0
+                if n > self.target_size:
+                    window = QueryWindowContext(ctx, state["queries"], state["qvalid"], state["qslot"])
+                    k = torch.full((ctx.keys.shape[0],), self.target_size, device=ctx.keys.device)
+                    evict(ctx, keep_top(self.press.score(window), ctx.real, k, all_real=True), width=self.target_size)
+            set_state(ctx, state)
+            return
+        n_real = ctx.n_real
         if due or bool((n_real > self.target_size + self.compression_interval).any()):
             state["since"] = 0
             k = n_real.clamp(max=self.target_size)

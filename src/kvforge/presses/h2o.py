@@ -18,11 +18,14 @@ from kvforge.presses.decoding import (
     evict,
     extend,
     get_state,
+    host_budget,
     keep_top,
+    keep_top_uniform,
     new_query_valid,
     recent_mask,
     row_budget,
     set_state,
+    uniform,
 )
 from kvforge.presses.registry import register
 
@@ -32,6 +35,8 @@ def received_attention(ctx: LayerContext, how: str, chunk: int = PREFILL_CHUNK) 
     over the query heads of each KV head (`how`), float32 `[B, H_kv, n]`. Queries in blocks of `chunk` rows
     (the prefill's full attention matrix is never held at once)."""
     q = ctx.query.shape[2]
+    if q == 1 and ctx.all_real:  # a decoded token, a real query: its attention is the sum (x · 1 = x)
+        return aggregate_groups(attention_probs(ctx, slice(0, 1))[:, :, :, 0], how)
     valid = new_query_valid(ctx).float()  # [B, q]: padding queries add nothing
     total = None
     for start in range(0, q, chunk):
@@ -66,7 +71,17 @@ class H2OPress(Press):
         check_float(self, "heavy_ratio", self.heavy_ratio, 0, 1)
         check_choice(self, "gqa_aggregation", self.gqa_aggregation, GQA_AGGREGATIONS)
 
-    def _cut(self, ctx: LayerContext, acc: torch.Tensor, budget: torch.Tensor) -> dict:
+    def _cut(self, ctx: LayerContext, acc: torch.Tensor, budget: torch.Tensor, budget_all: int | None = None) -> dict:
+        """Evict down to the budget; `budget_all`: every row's budget, known on the host (`host_budget`): with every
+        entry real, the decision needs no read."""
+        if budget_all is not None and uniform(ctx):
+            n = ctx.keys.shape[2]
+            if n <= budget_all:
+                return {"acc": acc}
+            k = torch.full((ctx.keys.shape[0],), budget_all, device=ctx.keys.device)
+            recent = k - (self.heavy_ratio * k.double()).long()
+            keep = keep_top_uniform(acc, budget_all, protect=recent_mask(ctx, recent))
+            return evict(ctx, keep, {"acc": acc}, width=budget_all)
         k = torch.minimum(ctx.n_real, budget)
         recent = k - (self.heavy_ratio * k.double()).long()
         keep = keep_top(acc, ctx.real, k, protect=recent_mask(ctx, recent), all_real=ctx.all_real)
@@ -75,8 +90,9 @@ class H2OPress(Press):
     def compress(self, ctx: LayerContext) -> None:
         acc = received_attention(ctx, self.gqa_aggregation)
         budget = row_budget(ctx.n_real, self.compression_ratio, self.budget)
-        state = self._cut(ctx, acc, budget)
-        set_state(ctx, {"acc": state["acc"], "budget": budget})
+        budget_all = host_budget(ctx, self.compression_ratio, self.budget)
+        state = self._cut(ctx, acc, budget, budget_all)
+        set_state(ctx, {"acc": state["acc"], "budget": budget, "budget_all": budget_all})
 
     def on_decode(self, ctx: LayerContext) -> None:
         state = get_state(ctx)
@@ -84,7 +100,8 @@ class H2OPress(Press):
         if state is None:  # a cache that skipped the prefill compression: budget from what it held before
             before = ctx.n_real - new_query_valid(ctx).sum(-1)
             state = {"acc": ctx.keys.new_zeros(*ctx.keys.shape[:2], 0, dtype=torch.float32),
-                     "budget": row_budget(before, self.compression_ratio, self.budget)}
+                     "budget": row_budget(before, self.compression_ratio, self.budget),
+                     "budget_all": host_budget(ctx, self.compression_ratio, self.budget, n - ctx.query.shape[2])}
         acc = extend(state["acc"], n) + received_attention(ctx, self.gqa_aggregation)
-        kept = self._cut(ctx, acc, state["budget"])
-        set_state(ctx, {"acc": kept["acc"], "budget": state["budget"]})
+        kept = self._cut(ctx, acc, state["budget"], state.get("budget_all"))
+        set_state(ctx, {"acc": kept["acc"], "budget": state["budget"], "budget_all": state.get("budget_all")})

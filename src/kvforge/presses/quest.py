@@ -149,9 +149,19 @@ class QuestPress(Press):
             tokens = (n_real.double() * (1.0 - self.compression_ratio)).long()
         return (tokens // ps).clamp(min=1)
 
+    def _pages_kept_host(self, n: int) -> int:
+        """`_pages_kept` of a row and head holding n entries, on the host (the same arithmetic)."""
+        ps = self.page_size
+        if self.budget is not None or not self.compression_ratio:
+            tokens = self.budget if self.budget is not None else self.token_budget
+        else:
+            tokens = int(n * (1.0 - self.compression_ratio))
+        return max(tokens // ps, 1)
+
     def select(self, ctx: LayerContext) -> torch.Tensor | None:
         """Before attention on a decoding step: bool `[B, H_kv, n]` of the entries to attend, or None for all.
-        One host read (the page counts, and where the pages to compute start; `select_reference` is its twin)."""
+        At most one host read (the page counts, and where the pages to compute start), none when every entry is real
+        (`LayerContext.all_real`); `select_reference` is its twin."""
         real = ctx.real
         b, h, n = ctx.keys.shape[:3]
         n_real = torch.full((b, h), n, device=real.device) if ctx.all_real else real.sum(-1)  # [B, H]
@@ -163,13 +173,15 @@ class QuestPress(Press):
         kept = self._pages_kept(n_real)
         page = ctx.token_index // ps if ctx.all_real else torch.where(real, ctx.token_index // ps, -1)  # [B, H, n]
         done = self._saved_pages(ctx)
-        complete_t = (n_real // ps).min()
-        reads = [complete_t, (n_pages <= kept).all().long(), n_pages.max()]
-        if not ctx.all_real:  # where the saved pages end and where the complete ones end, found on the device
-            reads += [_first_at_or_after_device(page, done), _first_at_or_after_device(page, complete_t)]
-        complete, fit, total, *starts = host_read(torch.stack(reads))
-        if ctx.all_real:  # entry t is token t: page p starts at p · page_size
-            starts = [min(done * ps, n), min(complete * ps, n)]
+        if ctx.all_real:  # every (row, head) holds n entries, entry t is token t: all known on the host, no read
+            complete, total = n // ps, (n + ps - 1) // ps
+            fit = total <= self._pages_kept_host(n)
+            starts = [min(done * ps, n), min(complete * ps, n)]  # page p starts at p · page_size
+        else:  # the counts, where the saved pages end and where the complete ones end: one read
+            complete_t = (n_real // ps).min()
+            reads = [complete_t, (n_pages <= kept).all().long(), n_pages.max(),
+                     _first_at_or_after_device(page, done), _first_at_or_after_device(page, complete_t)]
+            complete, fit, total, *starts = host_read(torch.stack(reads))
         lo, hi = self._frozen(ctx, complete, page, starts[0])  # keeps the layer's page bounds current when all fit
         if fit:
             self._count(ctx, n_real.sum(), n_real.sum(), n_real.new_zeros(()))

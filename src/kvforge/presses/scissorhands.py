@@ -20,11 +20,14 @@ from kvforge.presses.decoding import (
     evict,
     extend,
     get_state,
+    host_budget,
     keep_top,
+    keep_top_uniform,
     new_query_valid,
     recent_mask,
     row_budget,
     set_state,
+    uniform,
 )
 from kvforge.presses.registry import register
 
@@ -92,16 +95,28 @@ class ScissorhandsPress(Press):
     def _cut(self, ctx: LayerContext, state: dict, newest: torch.Tensor | None = None) -> dict:
         """Cut the rows above their budget (a row at or below it keeps every entry: `evict` then changes nothing,
         found by its one host read). `newest`: the newest query's head-mean attention, when already computed."""
-        n_real, budget = ctx.n_real, state["budget"]
-        over = n_real > budget
-        k = torch.where(over, (budget - self.drop_amount + 1).clamp(min=1), n_real)
+        budget_all = state.get("budget_all")
+        width = None
+        if budget_all is not None and uniform(ctx):  # every row's budget known on the host: no read decides
+            if ctx.keys.shape[2] <= budget_all:
+                return state
+            width = max(budget_all - self.drop_amount + 1, 1)
+            k = torch.full((ctx.keys.shape[0],), width, device=ctx.keys.device)
+        else:
+            n_real, budget = ctx.n_real, state["budget"]
+            over = n_real > budget
+            k = torch.where(over, (budget - self.drop_amount + 1).clamp(min=1), n_real)
         if newest is None:
             q = ctx.query.shape[2]
             newest = attention_probs(ctx, slice(q - 1, q))[:, :, :, 0].mean(2)  # [B, H, n], in [0, 1]
         scores = state["count"].float() + 0.5 * newest
         recent = torch.minimum(k, torch.full_like(k, self.recent_window))
-        keep = keep_top(scores, ctx.real, k, protect=recent_mask(ctx, recent), all_real=ctx.all_real)
-        kept = evict(ctx, keep, {"bits": state["bits"], "count": state["count"]})
+        protect = recent_mask(ctx, recent)
+        if width is not None:
+            keep = keep_top_uniform(scores, width, protect)
+        else:
+            keep = keep_top(scores, ctx.real, k, protect=protect, all_real=ctx.all_real)
+        kept = evict(ctx, keep, {"bits": state["bits"], "count": state["count"]}, width=width)
         return {**state, **kept}
 
     def compress(self, ctx: LayerContext) -> None:
@@ -109,7 +124,9 @@ class ScissorhandsPress(Press):
         zeros = torch.zeros(b, h, n, dtype=torch.long, device=ctx.keys.device)
         bits, count, newest = self._observe(ctx, zeros, zeros)
         budget = row_budget(ctx.n_real, self.compression_ratio, self.budget)
-        set_state(ctx, self._cut(ctx, {"bits": bits, "count": count, "budget": budget}, newest))
+        budget_all = host_budget(ctx, self.compression_ratio, self.budget)
+        set_state(ctx, self._cut(ctx, {"bits": bits, "count": count, "budget": budget, "budget_all": budget_all},
+                                 newest))
 
     def on_decode(self, ctx: LayerContext) -> None:
         state = get_state(ctx)
@@ -117,6 +134,7 @@ class ScissorhandsPress(Press):
         if state is None:  # a cache that skipped the prefill compression: budget from what it held before
             before = ctx.n_real - new_query_valid(ctx).sum(-1)
             empty = torch.zeros(b, h, 0, dtype=torch.long, device=ctx.keys.device)
-            state = {"bits": empty, "count": empty, "budget": row_budget(before, self.compression_ratio, self.budget)}
+            state = {"bits": empty, "count": empty, "budget": row_budget(before, self.compression_ratio, self.budget),
+                     "budget_all": host_budget(ctx, self.compression_ratio, self.budget, n - ctx.query.shape[2])}
         bits, count, newest = self._observe(ctx, extend(state["bits"], n), extend(state["count"], n))
         set_state(ctx, self._cut(ctx, {**state, "bits": bits, "count": count}, newest))

@@ -13,7 +13,18 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.presses.base import LayerContext, Press
-from kvforge.presses.decoding import attention_probs, evict, get_state, keep_top, new_query_valid, row_budget, set_state
+from kvforge.presses.decoding import (
+    attention_probs,
+    evict,
+    get_state,
+    host_budget,
+    keep_top,
+    keep_top_uniform,
+    new_query_valid,
+    row_budget,
+    set_state,
+    uniform,
+)
 from kvforge.presses.registry import register
 
 
@@ -41,21 +52,30 @@ class TOVADecodePress(Press):
     query_aware = True
     paper = "https://arxiv.org/abs/2401.06104"
 
-    def _cut(self, ctx: LayerContext, budget: torch.Tensor) -> None:
+    def _cut(self, ctx: LayerContext, budget: torch.Tensor, budget_all: int | None = None) -> None:
         """Cut the rows above their budget (at or below it, `keep_top` keeps every entry and `evict` changes nothing,
-        found by its one host read)."""
+        found by its one host read). `budget_all`: every row's budget, known on the host (`host_budget`): with every
+        entry real, the decision needs no read."""
+        if budget_all is not None and uniform(ctx):
+            n = ctx.keys.shape[2]
+            if n > budget_all:
+                evict(ctx, keep_top_uniform(newest_query_scores(ctx), budget_all), width=budget_all)
+            return
         k = torch.minimum(ctx.n_real, budget)
         evict(ctx, keep_top(newest_query_scores(ctx), ctx.real, k, all_real=ctx.all_real))
 
     def compress(self, ctx: LayerContext) -> None:
         budget = row_budget(ctx.n_real, self.compression_ratio, self.budget)
-        self._cut(ctx, budget)
-        set_state(ctx, {"budget": budget})
+        budget_all = host_budget(ctx, self.compression_ratio, self.budget)
+        self._cut(ctx, budget, budget_all)
+        set_state(ctx, {"budget": budget, "budget_all": budget_all})
 
     def on_decode(self, ctx: LayerContext) -> None:
         state = get_state(ctx)
         if state is None:  # a cache that skipped the prefill compression: budget from what it held before
             before = ctx.n_real - new_query_valid(ctx).sum(-1)
-            state = {"budget": row_budget(before, self.compression_ratio, self.budget)}
-        self._cut(ctx, state["budget"])
+            state = {"budget": row_budget(before, self.compression_ratio, self.budget),
+                     "budget_all": host_budget(ctx, self.compression_ratio, self.budget,
+                                               ctx.keys.shape[2] - ctx.query.shape[2])}
+        self._cut(ctx, state["budget"], state.get("budget_all"))
         set_state(ctx, state)
