@@ -32,14 +32,6 @@ PRESSES = [
 ]
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def reference_paths(monkeypatch) -> None:
     """Every fast path off: its slow twin instead (no all-real shortcut, so no host-known budget nor
     `keep_top_uniform` either)."""

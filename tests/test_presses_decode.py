@@ -216,15 +216,6 @@ def greedy(model, ids, press, steps=512, after_step=None):
     return cache
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one thread is as fast, and much faster when the CPU is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name, options, bound", [
     ("h2o", dict(budget=32), 32),
     ("tova_decode", dict(budget=32), 32),

@@ -188,15 +188,7 @@ class QuestPress(Press):
             return None
         start = starts[1]
         open_lo, open_hi = page_min_max(ctx.keys[:, :, start:], page[:, :, start:], complete, total - complete)
-        hq, d = ctx.query.shape[1], ctx.query.shape[3]
-        query = ctx.query[:, :, -1].reshape(b, h, hq // h, d)
-        bound = torch.cat([upper_bound(query, lo, hi), upper_bound(query, open_lo, open_hi)], dim=-1)
-        bound = bound.amax(2)  # [B, H, P]: the best query head of the group
-        idx = torch.arange(total, device=bound.device)
-        exists = idx < n_pages[..., None]
-        bound = bound.masked_fill(~exists, float("-inf"))
-        bound = bound.masked_fill(idx == n_pages[..., None] - 1, float("inf"))  # the newest page, always
-        chosen = (descending_rank(bound) < kept[..., None]) & exists  # [B, H, P]
+        chosen, exists = _chosen_pages(ctx, (lo, hi), (open_lo, open_hi), total, n_pages, kept)
         mask = chosen.gather(2, page.clamp(min=0))
         mask = mask if ctx.all_real else mask & real
         self._count(ctx, mask.sum(), n_real.sum(), exists.sum())
@@ -221,19 +213,26 @@ class QuestPress(Press):
         total = int(n_pages.max())
         start = _first_at_or_after(page, complete)
         open_lo, open_hi = page_min_max(ctx.keys[:, :, start:], page[:, :, start:], complete, total - complete)
-        b, hq, _, d = ctx.query.shape
-        h = ctx.keys.shape[1]
-        query = ctx.query[:, :, -1].reshape(b, h, hq // h, d)
-        bound = torch.cat([upper_bound(query, lo, hi), upper_bound(query, open_lo, open_hi)], dim=-1)
-        bound = bound.amax(2)  # [B, H, P]: the best query head of the group
-        idx = torch.arange(total, device=bound.device)
-        exists = idx < n_pages[..., None]
-        bound = bound.masked_fill(~exists, float("-inf"))
-        bound = bound.masked_fill(idx == n_pages[..., None] - 1, float("inf"))  # the newest page, always
-        chosen = (descending_rank(bound) < kept[..., None]) & exists  # [B, H, P]
+        chosen, exists = _chosen_pages(ctx, (lo, hi), (open_lo, open_hi), total, n_pages, kept)
         mask = chosen.gather(2, page.clamp(min=0)) & real
         self._count(ctx, mask.sum(), n_real.sum(), exists.sum())
         return mask
+
+
+def _chosen_pages(ctx: LayerContext, frozen: tuple, open_: tuple, total, n_pages: torch.Tensor, kept: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pages chosen `[B, H, P]` (the `kept` of highest upper bound for the newest query, the newest page always) and
+    which pages exist, from the frozen pages' and the open pages' key bounds."""
+    b, hq, _, d = ctx.query.shape
+    h = ctx.keys.shape[1]
+    query = ctx.query[:, :, -1].reshape(b, h, hq // h, d)
+    bound = torch.cat([upper_bound(query, *frozen), upper_bound(query, *open_)], dim=-1)
+    bound = bound.amax(2)  # [B, H, P]: the best query head of the group
+    idx = torch.arange(total, device=bound.device)
+    exists = idx < n_pages[..., None]
+    bound = bound.masked_fill(~exists, float("-inf"))
+    bound = bound.masked_fill(idx == n_pages[..., None] - 1, float("inf"))  # the newest page, always
+    return (descending_rank(bound) < kept[..., None]) & exists, exists
 
 
 def _first_at_or_after_device(page: torch.Tensor, first) -> torch.Tensor:
