@@ -57,6 +57,42 @@ def test_batched_forks_equal_one_at_a_time(tmp_path, tiny, smol_tokenizer):
         assert one[key]["kv_bytes"] == many[key]["kv_bytes"], key
 
 
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_samples_batched_equal_one_at_a_time(tmp_path, tiny, smol_tokenizer, one_thread, cuda_graph):
+    """`sample_batch`: samples of a task prefilled and answered as one left-padded batch record the predictions
+    and scores of one sample at a time, for prefill, decode-time, quantizing, merging and extra-pass presses,
+    tasks whose answer prefix differs per sample (vt) and several questions per context (facts_qa)."""
+    presses = ["knorm", "snapkv", "adakv:knorm", "h2o", "quest", "kivi@bits=2", "kvmerger", "kvzip"]
+    kw = dict(tasks=["vt", "facts_qa", "niah_single_1"], presses=presses, samples=3, press_batch=4, length=600,
+              cuda_graph=cuda_graph)
+    one = records(run(tmp_path / "one", tiny, smol_tokenizer, **kw))
+    out = run(tmp_path / "many", tiny, smol_tokenizer, sample_batch=3, **kw)
+    many = records(out)
+    assert one.keys() == many.keys() and len(one) == 3 * 3 * (2 + 7 * 2)  # kivi is ratio-free
+    assert {r["sample_batch"] for r in many.values() if r["press"] != "kivi@bits=2"} == {3}
+    assert {r["sample_batch"] for r in many.values() if r["press"] == "kivi@bits=2"} == {1}  # alone: see runner
+    from kvforge.eval.tasks import make_samples
+
+    assert len({x.answer_prefix for x in make_samples("vt", smol_tokenizer, 600, 3, 0)}) == 3  # one per row
+    for key in one:
+        assert one[key]["predictions"] == many[key]["predictions"], key
+        assert one[key]["scores"] == many[key]["scores"], key
+    assert json.loads((out / "run_meta.json").read_text())["args"]["sample_batch"] == 3
+
+
+def test_sample_groups_keep_tasks_and_answer_lengths_apart():
+    from kvforge.eval.tasks.base import Sample
+
+    def s(task, i, q=1, mnt=8, metric="string_match_all"):
+        return Sample(task, f"{task}-{i}", "ctx", ["q"] * q, "", [["a"]] * q, mnt, metric, {})
+
+    samples = [s("a", 0), s("a", 1), s("a", 2), s("a", 3, q=2), s("a", 4, mnt=9), s("b", 5), s("b", 6),
+               s("p", 7, metric="ppl"), s("p", 8, metric="ppl")]
+    groups = [[x.id for x in g] for g in runner.sample_groups(samples, 2)]
+    assert groups == [["a-0", "a-1"], ["a-2"], ["a-3"], ["a-4"], ["b-5", "b-6"], ["p-7"], ["p-8"]]
+    assert [len(g) for g in runner.sample_groups(samples, 1)] == [1] * len(samples)
+
+
 def test_graph_decoded_answers_equal_transformers_decoded(tmp_path, tiny, smol_tokenizer):
     """`cuda_graph=True` (answers decoded by replayed graph steps; on CPU uncaptured), batched forks included,
     records the same predictions as transformers' generate, and the run says which path it took."""

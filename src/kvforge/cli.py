@@ -236,7 +236,7 @@ def cmd_eval(args) -> None:
         shared_prefill=not args.no_shared_prefill, argv=sys.argv[1:], query_aware=args.query_aware,
         press_batch=args.press_batch, cuda_graph=args.cuda_graph, overwrite=args.overwrite,
         chunk_size=_chunk(args.prefill_chunk),
-        prompt_format=args.prompt_format, device=args.device, dtype=args.dtype,
+        prompt_format=args.prompt_format, device=args.device, dtype=args.dtype, sample_batch=args.sample_batch,
     )
     print(format_table(write_summary(out)))
     print(f"\nreport: {out / 'report.html'}")
@@ -404,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-shared-prefill", action="store_true", help="prefill again for every press (slow)")
     e.add_argument("--press-batch", type=_count, default=8,
                    help="answer this many (press, ratio) forks of a prefill as one batch (1 = one at a time)")
+    e.add_argument("--sample-batch", type=_count, default=1,
+                   help="prefill and answer this many samples of a task as one left-padded batch (same answers; "
+                        "on a GPU, a small model needs 16-64 to stop being launch-bound)")
     e.add_argument("--query-aware", action="store_true",
                    help="compress context + question together, one prefill per question (SnapKV's setting)")
     e.add_argument("--cuda-graph", action="store_true",

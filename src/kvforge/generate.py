@@ -88,15 +88,20 @@ class Encoded:
         return max((len(r) for row in self.q_rows for r in row), default=0)
 
 
-def encode(model, tokenizer, contexts: list[str], questions: list[list[str]], answer_prefix: str = "",
+def encode(model, tokenizer, contexts: list[str], questions: list[list[str]], answer_prefix: str | list[str] = "",
            chat_template: bool | None = None, max_new_tokens: int = 0,
            prompt_format: str = DEFAULT_PROMPT_FORMAT) -> Encoded:
-    """Tokenize contexts and questions (see `encode_prompt`) and check they fit the model's window."""
+    """Tokenize contexts and questions (see `encode_prompt`) and check they fit the model's window.
+    `answer_prefix`: one for every context, or a list with one per context."""
     check_prompt_format(prompt_format)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = [[encode_prompt(tokenizer, c, q, answer_prefix, chat_template, prompt_format) for q in row]
-           for c, row in zip(contexts, questions)]
+    prefixes = [answer_prefix] * len(contexts) if isinstance(answer_prefix, str) else list(answer_prefix)
+    if len(prefixes) != len(contexts):
+        raise KVForgeError(f"got {len(prefixes)} answer prefixes for {len(contexts)} contexts; give one string or "
+                           "one per context")
+    enc = [[encode_prompt(tokenizer, c, q, prefix, chat_template, prompt_format) for q in row]
+           for c, row, prefix in zip(contexts, questions, prefixes)]
     ctx_rows = [row[0][0] if row else encode_prompt(tokenizer, c, "", "", chat_template, prompt_format)[0]
                 for c, row in zip(contexts, enc)]
     q_rows = [[q for _, q in row] for row in enc]

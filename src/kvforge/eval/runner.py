@@ -177,6 +177,7 @@ def run_eval(
     prompt_format: str = DEFAULT_PROMPT_FORMAT,
     device: str | None = None,
     dtype: str | None = None,
+    sample_batch: int = 1,
 ) -> Path:
     """Run the sweep; returns the output directory (results.jsonl, summary.csv, run_meta.json, report).
 
@@ -209,6 +210,7 @@ def run_eval(
     per_task = samples if isinstance(samples, dict) else dict.fromkeys(tasks, samples)
     factories = _check_args(tasks, presses, ratios, lengths, per_task, max_new_tokens, press_batch, seed,
                             query_aware)
+    check_count(sample_batch, "sample_batch")
     if chunk_size is not None:
         check_chunking(None, chunk_size)
         if query_aware:
@@ -242,10 +244,12 @@ def run_eval(
                     prompt_format=prompt_description(tokenizer, prompt_format))
     if recorded is not None:
         refuse_other_settings(out_dir, recorded, settings)
-    all_samples, row_facts = [], {}
+    all_samples, groups, row_facts = [], [], {}
     for t in tasks:
         for n in lengths:
-            for s in make_samples(t, tokenizer, n, per_task[t], seed):
+            made = make_samples(t, tokenizer, n, per_task[t], seed)
+            groups += sample_groups(made, sample_batch)
+            for s in made:
                 mnt = max_new_tokens or s.max_new_tokens
                 # context + question + answer must fit the model's positions: refused now, not mid-run
                 encode(model, tokenizer, [s.context], [[] if s.metric == "ppl" else s.questions], s.answer_prefix,
@@ -261,7 +265,8 @@ def run_eval(
     meta = {
         "args": {"model": model_name, "tasks": tasks, "presses": presses, "ratios": ratios, "length": length,
                  "samples": samples, "seed": seed, "max_new_tokens": max_new_tokens, "shared_prefill": shared_prefill,
-                 "query_aware": query_aware, "press_batch": press_batch, "cuda_graph": cuda_graph,
+                 "query_aware": query_aware, "press_batch": press_batch, "sample_batch": sample_batch,
+                 "cuda_graph": cuda_graph,
                  "prompt_format": prompt_format},
         "settings": settings,
         "argv": argv, "git_commit": git_commit(), "versions": versions(), "device": device_name(model),
@@ -285,16 +290,16 @@ def run_eval(
             sink.flush()
             done[(record["task"], record["sample_id"], record["press"], record["compression_ratio"])] = record
 
-        for sample in all_samples:
-            key = (sample.task, sample.id)
-            todo = [(s, r) for s, r in grid if key + (s, r) not in done]
-            base_done = key + (BASELINE, 0.0) in done
-            bar.update(len(grid) - len(todo) + int(base_done))
-            if not todo and base_done:
+        for group in groups:
+            todo = [(s, r) for s, r in grid if any((x.task, x.id, s, r) not in done for x in group)]
+            base_done = sum((x.task, x.id, BASELINE, 0.0) in done for x in group)
+            bar.update(sum((x.task, x.id, s, r) in done for x in group for s, r in grid) + base_done)
+            if not todo and base_done == len(group):
                 continue
-            bar.set_postfix_str(f"{sample.task} {sample.id[-12:]}")
-            _run_sample(model, tokenizer, sample, factories, todo, base_done, done, emit, max_new_tokens,
-                        shared_prefill, bar, query_aware, press_batch, cuda_graph, chunk_size, prompt_format)
+            more = f" +{len(group) - 1}" if len(group) > 1 else ""
+            bar.set_postfix_str(f"{group[0].task} {group[0].id[-12:]}{more}")
+            _run_group(model, tokenizer, group, factories, todo, done, emit, max_new_tokens, shared_prefill, bar,
+                       query_aware, press_batch, cuda_graph, chunk_size, prompt_format)
     bar.close()
     meta["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta["wall_seconds"] = round(time.perf_counter() - wall0, 2)
@@ -303,11 +308,11 @@ def run_eval(
     return out_dir
 
 
-def _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, emit, bar, batch,
+def _run_batched(model, tok, group, factories, todo, full, enc, mnt, report, bar, batch,
                  cuda_graph: bool = False) -> list:
     """Answer the (press, ratio) forks of one prefill `batch` at a time, as the rows of one stacked cache
-    (`KVCache.stack`). Presses that act while decoding can't share a batch: they are returned for the
-    one-at-a-time path. Recorded seconds are the group's time divided evenly."""
+    (`KVCache.stack`; each fork holds every sample of `group`). Presses that act while decoding can't share a
+    batch: they are returned for the one-at-a-time path. Recorded seconds are the group's time divided evenly."""
     from kvforge.cache.kvcache import KVCache
     from kvforge.generate import Encoded
 
@@ -316,10 +321,11 @@ def _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, 
         press = factories[spec](ratio)
         alone = press.acts_while_decoding or _codes(press)
         (rest if alone else ready).append((spec, ratio, press))
+    n = len(group)
     for i in range(0, len(ready), batch):
-        group = ready[i : i + batch]
+        forks_of = ready[i : i + batch]
         t0 = time.perf_counter()
-        forks = [compress_prefilled(full, press, model, enc) for _, _, press in group]
+        forks = [compress_prefilled(full, press, model, enc) for _, _, press in forks_of]
         stats = [f.stats() for f in forks]
         k = len(forks)
         stacked = KVCache.stack(forks)
@@ -328,9 +334,8 @@ def _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, 
         answers = answer(model, tok, stacked, enc_k, mnt, cuda_graph=cuda_graph)
         del stacked
         each = (time.perf_counter() - t0) / k
-        for (spec, ratio, _), preds, st in zip(group, answers, stats):
-            emit(_record(sample, spec, ratio, preds, baseline, float("nan"), each, 0.0, st))
-            bar.update(1)
+        for f, ((spec, ratio, _), st) in enumerate(zip(forks_of, stats)):
+            report(spec, ratio, answers[f * n : (f + 1) * n], [float("nan")] * n, each, 0.0, st)
     return [(spec, ratio) for spec, ratio, _ in rest]
 
 
@@ -342,71 +347,108 @@ def _codes(press) -> bool:
     return press.kind == "quantization" or bool(inner and any(_codes(p) for p in inner))
 
 
-def _run_sample(model, tok, sample, factories, todo, base_done, done, emit, max_new_tokens, shared, bar,
-                query_aware=False, batch=1, cuda_graph=False, chunk_size=None, prompt_format=DEFAULT_PROMPT_FORMAT):
-    is_ppl = sample.metric == "ppl"
-    mnt = max_new_tokens or sample.max_new_tokens
-    continuation: list[int] = []
-    context = sample.context
-    if is_ppl:  # compress the first 3/4 of the text, measure perplexity on the rest
-        ids = tok(context, add_special_tokens=False)["input_ids"]
-        cut = len(ids) * 3 // 4
-        context, continuation = tok.decode(ids[:cut]), ids[cut:]
-    questions = [] if is_ppl else sample.questions
-    enc = encode(model, tok, [context], [questions], sample.answer_prefix, max_new_tokens=0 if is_ppl else mnt,
-                 prompt_format=prompt_format)
+def sample_groups(samples: list, size: int) -> list[list]:
+    """Consecutive samples (of one task and length) answered as one batch of at most `size`: same question count
+    and answer length; perplexity samples alone."""
+    groups: list[list] = []
 
-    def evaluate(cache) -> tuple[list[str], float]:
+    def key(s):
+        return (s.task, len(s.questions), s.max_new_tokens, s.metric)
+
+    for s in samples:
+        g = groups[-1] if groups else None
+        if (g and len(g) < size and s.metric != "ppl" and g[0].metric != "ppl" and key(g[0]) == key(s)):
+            g.append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def _run_group(model, tok, group, factories, todo, done, emit, max_new_tokens, shared, bar,
+               query_aware=False, batch=1, cuda_graph=False, chunk_size=None, prompt_format=DEFAULT_PROMPT_FORMAT):
+    """Every (press, ratio) of `todo` on the samples of `group`, prefilled as one left-padded batch (each row
+    answers as it would alone: batch equality is tested per press; quantizers, whose token groups left padding
+    would shift, run one sample at a time). Rows already in `done` are not written again; a group's seconds and
+    KV bytes are shared evenly by its samples."""
+    first, n = group[0], len(group)
+    is_ppl = first.metric == "ppl"  # a perplexity sample is always a group of its own
+    mnt = max_new_tokens or first.max_new_tokens
+    continuation: list[int] = []
+    contexts = [s.context for s in group]
+    if is_ppl:  # compress the first 3/4 of the text, measure perplexity on the rest
+        ids = tok(first.context, add_special_tokens=False)["input_ids"]
+        cut = len(ids) * 3 // 4
+        contexts, continuation = [tok.decode(ids[:cut])], ids[cut:]
+    questions = [[] if is_ppl else s.questions for s in group]
+    enc = encode(model, tok, contexts, questions, [s.answer_prefix for s in group],
+                 max_new_tokens=0 if is_ppl else mnt, prompt_format=prompt_format)
+
+    def evaluate(cache) -> tuple[list[list[str]], list[float]]:
         if is_ppl:
-            return [], _perplexity(model, cache, enc, continuation)
-        return answer(model, tok, cache, enc, mnt, cuda_graph=cuda_graph)[0], float("nan")
+            return [[]], [_perplexity(model, cache, enc, continuation)]
+        return answer(model, tok, cache, enc, mnt, cuda_graph=cuda_graph), [float("nan")] * n
+
+    baselines: list = [None] * n
+
+    def report(spec, ratio, answers, ppls, seconds, pre, stats) -> None:
+        for i, s in enumerate(group):
+            if (s.task, s.id, spec, ratio) in done:
+                continue
+            emit(_record(s, spec, ratio, answers[i], baselines[i], ppls[i], seconds / n, pre / n, stats, n))
+            bar.update(1)
 
     t0 = time.perf_counter()
     full = prefill_context(model, enc, None, mnt, record=shared, chunk_size=chunk_size)
     prefill_s = time.perf_counter() - t0
-    base_key = (sample.task, sample.id, BASELINE, 0.0)
-    if base_done:
-        baseline = done[base_key]["predictions"]
+    base_keys = [(s.task, s.id, BASELINE, 0.0) for s in group]
+    if all(k in done for k in base_keys):
+        baselines = [done[k]["predictions"] for k in base_keys]
     else:
         t0 = time.perf_counter()
         full_stats = full.stats()
-        baseline, ppl = evaluate(full)
-        emit(_record(sample, BASELINE, 0.0, baseline, None, ppl, time.perf_counter() - t0, prefill_s, full_stats))
-        bar.update(1)
+        answers, ppls = evaluate(full)
+        report(BASELINE, 0.0, answers, ppls, time.perf_counter() - t0, prefill_s, full_stats)
+        baselines = answers
+    if n > 1:  # quantizers code token groups counted from a row's first entry, left padding included: alone
+        alone = [(spec, ratio) for spec, ratio in todo if _codes(factories[spec](ratio))]
+        todo = [x for x in todo if x not in alone]
     if shared and batch > 1 and not query_aware and not is_ppl:
-        todo = _run_batched(model, tok, sample, factories, todo, full, enc, mnt, baseline, emit, bar, batch,
-                            cuda_graph)
+        todo = _run_batched(model, tok, group, factories, todo, full, enc, mnt, report, bar, batch, cuda_graph)
     for spec, ratio in todo:
         t0 = time.perf_counter()
         press = factories[spec](ratio)
         if query_aware and not is_ppl:  # context + question compressed together, once per question
             answers, cache = answer_query_aware(model, tok, enc, press, mnt)
-            pre = 0.0
-        elif shared:
-            cache = compress_prefilled(full, press, model, enc)
-            pre = 0.0
-        else:  # end to end: a fresh prefill with the press active
-            cache = prefill_context(model, enc, press, mnt, chunk_size=chunk_size)
-            pre = time.perf_counter() - t0
-        preds, ppl = (answers[0], float("nan")) if query_aware and not is_ppl else evaluate(cache)
-        stats = cache.stats()
-        emit(_record(sample, spec, ratio, preds, baseline, ppl, time.perf_counter() - t0, pre, stats))
+            ppls, pre = [float("nan")] * n, 0.0
+        else:
+            if shared:
+                cache = compress_prefilled(full, press, model, enc)
+                pre = 0.0
+            else:  # end to end: a fresh prefill with the press active
+                cache = prefill_context(model, enc, press, mnt, chunk_size=chunk_size)
+                pre = time.perf_counter() - t0
+            answers, ppls = evaluate(cache)
+        report(spec, ratio, answers, ppls, time.perf_counter() - t0, pre, cache.stats())
         del cache
-        bar.update(1)
+    if n > 1 and alone:
+        del full
+        for sample in group:
+            _run_group(model, tok, [sample], factories, alone, done, emit, max_new_tokens, shared, bar, query_aware,
+                       1, cuda_graph, chunk_size, prompt_format)
 
 
-def _record(sample, press, ratio, preds, baseline, ppl, seconds, prefill_s, stats) -> dict:
+def _record(sample, press, ratio, preds, baseline, ppl, seconds, prefill_s, stats, rows: int = 1) -> dict:
     if sample.metric == "ppl":
         scores, agree, score = [], None, ppl
     else:
-        scores, agree = _score_answers(sample, preds, baseline if press != BASELINE else None)
+        scores, agree = _score_answers(sample, preds, None if press == BASELINE else baseline)
         score = sum(scores) / max(len(scores), 1)
     return {
         "task": sample.task, "sample_id": sample.id, "press": press, "compression_ratio": ratio,
         "metric": sample.metric, "questions": sample.questions, "predictions": preds, "golds": sample.answers,
         "scores": scores, "score": score, "agreement": agree, "seconds": round(seconds, 4),
         "prefill_seconds": round(prefill_s, 4), "meta": sample.meta,
-        "kv_bytes": None if stats is None else stats["bytes"],
+        "kv_bytes": None if stats is None else stats["bytes"] // rows, "sample_batch": rows,
     }
 
 
