@@ -8,17 +8,22 @@
 answered one at a time — so that small models keep the GPU busy. This concatenates their `results.jsonl` (a record
 present in several runs is kept once; the uncompressed baseline of a sample is the same in every run of its task),
 writes `run_meta.json` (each part's command, device, start, end and wall time, the total, and the throughput in
-sample × press runs per minute of wall time), then `summary.csv` and `report.html` as `kvforge eval` does.
+sample × press runs per minute of wall time), then `summary.csv` and `report.html` as `kvforge eval` does. The merged
+records are kept as `results.jsonl.gz` (a table's raw JSONL is ~40 MB, gzipped ~1.5 MB); a part may itself be a
+merged directory, so presses run later (the decode-time ones, say) are merged into a committed table.
 
 `best`: per model and ratio, every press's score pooled over all tasks (the mean of per-sample scores, each task
 weighted by its samples) with a seeded bootstrap 95% interval, the best press, and the presses whose interval overlaps
-the best one's (statistically tied). Written as CSV and printed as a Markdown table.
+the best one's (statistically tied). Presses not run on every task of the baseline are left out with a note: a mean
+over fewer tasks is not comparable. Written as CSV and printed as a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -29,19 +34,43 @@ from kvforge.eval.runner import write_summary
 from kvforge.eval.runs import write_text_atomic
 
 
+def load_records(run: Path) -> dict[tuple, dict]:
+    """A run's records by (task, sample_id, press, ratio): from `results.jsonl`, else `results.jsonl.gz`."""
+    plain, packed = run / "results.jsonl", run / "results.jsonl.gz"
+    if plain.is_file():
+        return load_done(plain)
+    if not packed.is_file():
+        raise SystemExit(f"{run}: no results.jsonl or results.jsonl.gz; pass kvforge eval output directories")
+    try:
+        lines = gzip.decompress(packed.read_bytes()).decode("utf-8").splitlines()
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{packed}: unreadable ({e}); restore it from git") from None
+    records = {}
+    for line in lines:
+        r = json.loads(line)
+        records[(r["task"], r["sample_id"], r["press"], r["compression_ratio"])] = r
+    return records
+
+
+def _part_metas(part: Path) -> list[dict]:
+    """A part's run_meta as one entry, or a merged directory's own parts."""
+    meta_path = part / "run_meta.json"
+    if not meta_path.is_file():
+        return []
+    meta = json.loads(meta_path.read_text())
+    if "parts" in meta:
+        return [{**m, "dir": m.get("dir")} for m in meta["parts"]]
+    return [{"dir": part.name, **meta}]
+
+
 def merge(parts: list[Path], out: Path) -> dict:
-    """Concatenate the parts' results into `out` (atomically) and write its meta, summary and report."""
+    """Concatenate the parts' results into `out` and write its meta, summary and report (each file atomically)."""
     records: dict[tuple, dict] = {}
     metas = []
     for part in parts:
-        results = part / "results.jsonl"
-        if not results.is_file():
-            raise SystemExit(f"{part}: no results.jsonl; pass kvforge eval output directories")
-        for key, rec in load_done(results).items():
+        for key, rec in load_records(part).items():
             records.setdefault(key, rec)
-        meta_path = part / "run_meta.json"
-        if meta_path.is_file():
-            metas.append({"dir": part.name, **json.loads(meta_path.read_text())})
+        metas += _part_metas(part)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records.values()))
     runs = sum(1 for r in records.values() if r["press"] != BASELINE)
@@ -62,6 +91,10 @@ def merge(parts: list[Path], out: Path) -> dict:
     }
     write_text_atomic(out / "run_meta.json", json.dumps(meta, indent=2))
     write_summary(out)
+    tmp = out / "results.jsonl.gz.tmp"
+    tmp.write_bytes(gzip.compress((out / "results.jsonl").read_bytes(), mtime=0))
+    os.replace(tmp, out / "results.jsonl.gz")
+    (out / "results.jsonl").unlink()
     return meta
 
 
@@ -69,12 +102,20 @@ def best(run_dirs: list[Path]) -> list[dict]:
     """Rows (model, ratio, press, n, score, ci_low, ci_high, best, tied_with_best) pooled over tasks."""
     rows = []
     for run in run_dirs:
-        recs = list(load_done(run / "results.jsonl").values())
+        recs = list(load_records(run).values())
         meta = json.loads((run / "run_meta.json").read_text()) if (run / "run_meta.json").is_file() else {}
         model = (meta.get("parts") or [{}])[0].get("settings", {}).get("model") or run.name
         cells: dict[tuple, list[float]] = defaultdict(list)
+        tasks: dict[tuple, set] = defaultdict(set)
         for r in recs:
             cells[(r["compression_ratio"], r["press"])].append(r["score"])
+            tasks[(r["compression_ratio"], r["press"])].add(r["task"])
+        every = tasks.get((0.0, BASELINE), set())
+        partial = sorted({p for (_, p), ts in tasks.items() if ts != every})
+        if partial:  # a pooled score over fewer tasks is not comparable with one over all of them
+            print(f"{model}: left out of the pooled table, not run on every task: {', '.join(partial)}",
+                  file=sys.stderr)
+            cells = {k: v for k, v in cells.items() if k[1] not in partial}
         base = cells.get((0.0, BASELINE), [])
         base_ci = mean_interval(base, seed=f"{model}|none") if base else None
         by_ratio: dict[float, list[dict]] = defaultdict(list)
