@@ -16,6 +16,7 @@ from kvforge.kernels.quantize import (
     dequantize_keys,
     dequantize_values,
     low_rank,
+    low_rank_svd,
     pack,
     quantize_keys,
     quantize_values,
@@ -225,6 +226,30 @@ def test_low_rank_is_the_best_rank_r_approximation():
     f, g = low_rank(a, 3)
     assert f.shape == (1, 2, 20, 3) and g.shape == (1, 2, 3, 12)
     assert torch.allclose(f @ g, a, atol=1e-4)
+
+
+@pytest.mark.parametrize("m", [7, 32, 64, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_matches_its_svd_twin(m, dtype):
+    """The Gram-matrix factors give the truncated SVD's approximation error on fresh random (noise-like, so
+    nearly degenerate) residuals, tall and wide, and its exact product on a matrix of well-separated spectrum."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        r = torch.randn(2, 3, m, 64).to(dtype)
+        a, b = low_rank(r, 4)
+        c, d = low_rank_svd(r, 4)
+        assert a.shape == c.shape and b.shape == d.shape and a.dtype == dtype
+        err, ref = [(r.float() - (f.float() @ g.float())).norm(dim=(-2, -1)) for f, g in ((a, b), (c, d))]
+        assert torch.isfinite(err).all()
+        assert torch.allclose(err, ref, rtol=1e-3 if dtype == torch.bfloat16 else 1e-5)
+        scales = torch.tensor([8.0, 4.0, 2.0, 1.0])  # rank 4 with a clear gap, plus small noise
+        s = (torch.randn(2, 3, m, 4) * scales) @ torch.linalg.qr(torch.randn(2, 3, 64, 4))[0].transpose(-1, -2)
+        s = s + 1e-3 * torch.randn_like(s)
+        f, g = low_rank(s, 4)
+        h, k = low_rank_svd(s, 4)
+        assert torch.allclose(f @ g, h @ k, atol=1e-4)
+    z0, z1 = low_rank(torch.randn(1, 1, 5, 8), 0)
+    assert z0.shape == (1, 1, 5, 0) and z1.shape == (1, 1, 0, 8)
 
 
 def codec_error(press, keys, values):

