@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_tables.sh quality   # KVLink accuracy, sharing perplexity, streaming perplexity (jobs at once)
 #   bash benchmarks/gpu_tables.sh speed     # timings, one at a time on a quiet GPU: streaming 100k, sharing
 #                                           # throughput, KVLink TTFT, prefill memory / overhead / capacity
-#   bash benchmarks/gpu_tables.sh accuracy  # the method table of benchmarks/accuracy/ (both models) and the
-#                                           # kvpress agreement (kvpress 0.5.5 installed apart: KVPRESS_PATH)
+#   bash benchmarks/gpu_tables.sh accuracy  # the method table of benchmarks/accuracy/ (both models; PARTS= picks
+#                                           # parts) and the kvpress agreement (kvpress 0.5.5 apart: KVPRESS_PATH)
 #   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log
 #
 # Check the captured streaming step on this GPU first: `pytest -m cuda tests -o addopts=""` (the quality jobs use
@@ -71,23 +71,40 @@ speed)
     --prefill-chunk none,8k --search-limit 1024k --device cuda --out $RUNS/capacity_context
   ;;
 accuracy)
-  # the method table (benchmarks/accuracy/README.md): one process per (model, task) for the batched presses, one
-  # per (model, two tasks) for the presses answered one fork at a time; then merge with benchmarks/accuracy_table.py
-  PB=random,streamingllm,knorm,l2norm,snapkv,pyramidkv,expected_attention,observed_attention,tova,nacl,headkv,kvzip
-  PB=$PB,adakv,chunk:snapkv,cam,kvmerger,merge:knorm,think,minicache
-  PA=quest,h2o,scissorhands,tova_decode,decoding,kivi@bits=2,kivi@bits=4,gear@bits=2,gear@bits=4,kvquant@bits=2
-  PA=$PA,kvquant@bits=4
-  for M in smollm2-135m gemma3-270m; do
-    E="--model $M --device cuda --cuda-graph --length 4k --samples 100 --ratios 0.25,0.5,0.75,0.9"
+  # The method table of benchmarks/accuracy/ (README there): PARTS picks what runs (default: all of it), e.g.
+  # PARTS="extra decode quant agree" for what the committed table lacks; then merge into it:
+  #   python3 benchmarks/accuracy_table.py merge --out benchmarks/accuracy/$M benchmarks/accuracy/$M $RUNS/acc*_${M}_*
+  # Jobs are many small processes sharing one GPU: start MPS first where it runs (gpu_session.sh mps).
+  PARTS=${PARTS:-prefill extra decode quant agree}
+  P=random,streamingllm,knorm,l2norm,snapkv,pyramidkv,adakv,tova,observed_attention,expected_attention,kvzip,cam,kvmerger
+  D=h2o,scissorhands,tova_decode,quest,decoding
+  Q=kivi@bits=2,kivi@bits=4,gear@bits=2,gear@bits=4,kvquant@bits=2,kvquant@bits=4
+  R="--ratios 0.25,0.5,0.75,0.9"
+  for M in ${MODELS:-smollm2-135m gemma3-270m}; do
+    E="--model $M --device cuda --cuda-graph --length 4k --samples 100"
+    case " $PARTS " in *" extra "*)  # headkv needs its head scores first (calibrated on niah, 4 samples)
+      $KV headkv-scores --model $M --device cuda --length 4000 --out $RUNS/headkv_$M.json > $LOGS/headkv_$M.log 2>&1 ;;
+    esac
     for T in niah_single_1 niah_multikey_1 niah_multivalue vt cwe fwe facts_qa; do
-      job acc_${M}_$T "$KV eval $E --tasks $T --presses $PB --press-batch 16 --out $RUNS/acc_${M}_$T"
-    done
-    for T in niah_single_1,niah_multikey_1 niah_multivalue,vt cwe,fwe facts_qa; do
-      job acca_${M}_${T/,/_} "$KV eval $E --tasks $T --presses $PA --out $RUNS/acca_${M}_${T/,/_}"
+      case " $PARTS " in *" prefill "*)
+        job acc_${M}_$T "$KV eval $E --tasks $T --presses $P $R --press-batch 8 --sample-batch 8 --out $RUNS/acc_${M}_$T" ;;
+      esac
+      case " $PARTS " in *" extra "*)
+        job accx_${M}_$T "$KV eval $E --tasks $T --presses nacl,think,minicache,headkv@scores_path=$RUNS/headkv_$M.json \
+          $R --press-batch 8 --sample-batch 8 --out $RUNS/accx_${M}_$T" ;;
+      esac
+      case " $PARTS " in *" decode "*)  # batched over samples only: a large sample batch is what makes them fast
+        job accd_${M}_$T "$KV eval $E --tasks $T --presses $D $R --sample-batch 50 --out $RUNS/accd_${M}_$T" ;;
+      esac
+      case " $PARTS " in *" quant "*)  # one sample at a time (left padding would shift their token groups)
+        job accq_${M}_$T "$KV eval $E --tasks $T --presses $Q --out $RUNS/accq_${M}_$T" ;;
+      esac
     done
   done
-  job agree "python3 benchmarks/kvpress_agreement.py --kvpress-path ${KVPRESS_PATH:-/tmp/kvp} --out $RUNS/agree \
-    --model smollm2-135m --task niah_single_1 --length 4000 --samples 100 --ratio 0.5 --device cuda"
+  case " $PARTS " in *" agree "*)
+    job agree "python3 benchmarks/kvpress_agreement.py --kvpress-path ${KVPRESS_PATH:-/tmp/kvp} --out $RUNS/agree \
+      --model smollm2-135m --task niah_single_1 --length 4000 --samples 100 --ratio 0.5 --device cuda" ;;
+  esac
   echo "started; follow with: bash $0 status"
   ;;
 status)
