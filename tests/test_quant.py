@@ -346,18 +346,27 @@ def test_cli_quant_flags(capsys):
 def test_fused_decode_and_graph_mode_equal_the_decoded_path(models, smol_tokenizer):
     """Decoding straight from the KIVI codes (the fused kernel's twin on CPU; the Triton kernel on CUDA) and
     graph mode (static tail, device-side lengths) give the tokens of the plain path that decodes the codes to
-    full precision and runs eager attention."""
+    full precision and runs eager attention — over enough steps that groups leave the residual window and are
+    coded while decoding (graph mode runs those steps eagerly), ending with the same codes and tail."""
     from kvforge.attention.function import use_backend
     from kvforge.generate import prefill
 
     model = models["llama"]
     ids = torch.tensor([sum(encode_prompt(smol_tokenizer, CONTEXT, QUESTIONS[0]), [])])
-    tokens = {}
+    tokens, layers = {}, {}
     for mode in ("decoded", "fused", "graph"):
-        cache = KVCache(model, press=get_press("kivi", bits=4, group_size=4, residual_length=16), reserve=16)
+        cache = KVCache(model, press=get_press("kivi", bits=4, group_size=4, residual_length=16), reserve=32)
         logits = prefill(model, ids, torch.ones_like(ids), cache)
         layer = cache.layers[0]
         assert isinstance(layer, CodedLayer) and layer.codec.m > 0 and layer.fused()
+        m0 = layer.codec.m
         with use_backend("eager" if mode == "decoded" else "sdpa"):
-            tokens[mode] = greedy_decode(model, cache, logits, ids.shape[1], 12, graph=mode == "graph")
+            tokens[mode] = greedy_decode(model, cache, logits, ids.shape[1], 22, graph=mode == "graph")
+        layers[mode] = cache.layers[0]
+        assert layers[mode].codec.m >= m0 + 16  # coded 4+ groups while decoding
     assert tokens["fused"] == tokens["decoded"] and tokens["graph"] == tokens["decoded"]
+    eager, graph = layers["decoded"], layers["graph"]
+    assert graph.codec.m == eager.codec.m and graph.n == eager.n
+    for a, b in zip(graph.codec.parts, eager.codec.parts):
+        assert torch.equal(a, b)
+    assert torch.equal(graph.keys, eager.keys) and torch.equal(graph.values, eager.values)

@@ -96,7 +96,7 @@ class CodedLayer(DenseLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append to the tail (coding whole groups that leave the residual window) and return the tail views;
         the attention function reads the coded part itself (`full()`, or the fused kernel on CUDA)."""
-        if self.graph is not None:  # CUDA-graph step: static tail buffers, no coding until the graph exits
+        if self.graph is not None:  # CUDA-graph step: static tail; GraphDecoder runs the steps that code eagerly
             return self.graph_update(key_states, value_states)
         DenseLayer.update(self, key_states, value_states)
         c = self.codec

@@ -5,6 +5,10 @@ them than the GPU spends reading the weights and the cache. `GraphDecoder` switc
 to *graph mode* (write position and segment lengths kept in device tensors, static buffers), runs one eager
 step, captures the next forward of the whole model, and then replays it once per token.
 
+Quantized layers whose code grows while decoding (KIVI, GEAR, KVQuant: a group of entries is coded each time the
+full-precision tail passes residual + group) code exactly as eager decoding does: the step that codes runs
+eagerly, outside the graph, and the next step is captured again (every `group_size` tokens).
+
 Limits: one token per step, no padding entries in the cache (`kvforge.generate.graph_generate` drops a padded
 batch's from kvforge layers; stock sliding-window layers, run as rings, must be unpadded), no decode-time press
 hooks.
@@ -64,16 +68,8 @@ class GraphDecoder:
         device = next(model.parameters()).device
         self.capture = device.type == "cuda"
         self.rings: dict[int, RingLayer] = {}  # stock sliding-window layers, swapped for rings while decoding
-        with torch.inference_mode():  # the buffers are inference tensors (prefilled under inference_mode)
-            try:
-                for i, layer in enumerate(cache.layers):
-                    if _stock_sliding(layer):
-                        self.rings[i] = cache.layers[i] = RingLayer.from_stock(layer, steps)
-                    else:
-                        layer.enter_graph_mode(steps)
-            except Exception:  # e.g. too little spare room: leave no layer half in graph mode
-                self._leave_graph_mode()
-                raise
+        self.steps, self.fed = steps, 0
+        self._enter_graph_mode(steps)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         if isinstance(position, torch.Tensor):  # one per row (left-padded batches: real tokens before each)
             self.pos = position.reshape(batch, 1).to(device=device, dtype=torch.long).clone()
@@ -89,6 +85,36 @@ class GraphDecoder:
         mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
         self._step = (torch.compile(GraphDecoder._step_body, dynamic=False, fullgraph=True, mode=mode) if compile
                       else None)
+
+    def _enter_graph_mode(self, steps: int) -> None:
+        with torch.inference_mode():  # the buffers are inference tensors (prefilled under inference_mode)
+            try:
+                for i, layer in enumerate(self.cache.layers):
+                    if _stock_sliding(layer):
+                        self.rings[i] = self.cache.layers[i] = RingLayer.from_stock(layer, steps)
+                    else:
+                        layer.enter_graph_mode(steps)
+            except Exception:  # e.g. too little spare room: leave no layer half in graph mode
+                self._leave_graph_mode()
+                raise
+
+    def _codes_next(self) -> bool:
+        """True when the next token makes a quantized layer code a group (its tail reaches residual + group)."""
+        for layer in self.cache.layers:
+            c = getattr(layer, "codec", None)
+            if c is not None and c.step and layer.n + 1 >= c.residual + c.step:
+                return True
+        return False
+
+    def _eager_step(self) -> torch.Tensor:
+        """One step outside graph mode (the layers' own update path, which codes), then graph mode again."""
+        self._leave_graph_mode()
+        self.graph = None  # the next step warms up and captures again
+        logits = self.model(input_ids=self.tok, position_ids=self.pos.clone(), past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.pos += 1
+        self._enter_graph_mode(self.steps - self.fed)
+        return logits
 
     def _step_body(self) -> torch.Tensor:
         out = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.cache, use_cache=True,
@@ -110,6 +136,9 @@ class GraphDecoder:
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         self.tok.copy_(token)
+        self.fed += 1
+        if self._codes_next():
+            return self._eager_step()
         if self.graph is None:
             if not self.capture:  # CPU: graph mode runs eagerly (same kernels' twins, same device counters)
                 logits = self._forward()
