@@ -136,6 +136,46 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
     assert list(src.cache_dir.parent.iterdir()) == []
 
 
+def test_conversion_replaces_older_versions_of_its_own_origin_only(tmp_path, monkeypatch):
+    """Two environments with their own copy of a model (two paths, one cache name) keep both conversions: a
+    process loading one is never left without its directory. A changed file (same path, new key) replaces its
+    own older conversion; conversions of unknown origin (made before origins were recorded) are dropped."""
+    import types
+
+    monkeypatch.setenv("KVFORGE_CACHE", str(tmp_path / "cache"))
+
+    class FakeTokenizer:
+        def save_pretrained(self, d):
+            os.makedirs(d, exist_ok=True)
+            open(os.path.join(d, "tokenizer.json"), "w").close()
+
+    class FakeModel:
+        def __init__(self):
+            self.config = types.SimpleNamespace(quantization_config=None)
+
+        def save_pretrained(self, d):
+            os.makedirs(d, exist_ok=True)
+            open(os.path.join(d, "model.safetensors"), "w").close()
+
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: FakeTokenizer())
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: FakeModel())
+    monkeypatch.setattr(models, "check_supported", lambda model: None)
+    a, b = tmp_path / "env_a" / "m.gguf", tmp_path / "env_b" / "m.gguf"
+    for f in (a, b):
+        f.parent.mkdir()
+        f.write_bytes(b"GGUF")
+    legacy = tmp_path / "cache" / "m" / "0123legacy"
+    legacy.mkdir(parents=True)  # a conversion without an origin marker
+    src_a = models._GGUFSource("m", "aaaa", path=a)
+    src_b = models._GGUFSource("m", "bbbb", path=b)
+    dir_a = models._convert(src_a)
+    assert (dir_a / models.ORIGIN_FILE).read_text() == str(a.resolve()) and not legacy.exists()
+    dir_b = models._convert(src_b)
+    assert dir_a.is_dir() and dir_b.is_dir()  # the other environment's conversion is kept
+    dir_a2 = models._convert(models._GGUFSource("m", "cccc", path=a))  # the file at `a` changed
+    assert dir_a2.is_dir() and dir_b.is_dir() and not dir_a.exists()
+
+
 # --- local directories and hub ids -------------------------------------------------------------------
 
 

