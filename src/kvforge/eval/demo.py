@@ -30,5 +30,5 @@ def run_demo(out: str = "runs/demo", model_name: str = "smollm2-135m", samples: 
     rows = write_summary(out)
     print(format_table(rows))
     print("\nci_low/ci_high: 95% interval; vs_baseline says lower/higher only where the intervals separate. "
-          "GPU accuracy tables: benchmarks/accuracy/")
+          "The full method table (GPU, both models, n = 100 per cell): benchmarks/accuracy/")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; report: {out}/report.html")
