@@ -15,12 +15,14 @@ merged directory, so presses run later (the decode-time ones, say) are merged in
 `best`: per model and ratio, every press's score pooled over all tasks (the mean of per-sample scores, each task
 weighted by its samples) with a seeded bootstrap 95% interval, the best press, and the presses whose interval overlaps
 the best one's (statistically tied). Presses not run on every task of the baseline are left out with a note: a mean
-over fewer tasks is not comparable. Written as CSV and printed as a Markdown table.
+over fewer tasks is not comparable. Written as CSV and printed as the README's Markdown table (to the
+character: tests/test_accuracy_table.py compares them).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
 import json
 import os
@@ -140,18 +142,36 @@ def best(run_dirs: list[Path]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| model | ratio | best press (95% CI) | tied with it | baseline |", "|---|---|---|---|---|"]
+    """The README's "which press" table: per model and ratio the best press with its interval, the presses tied
+    with it, and the best press not tied with it (`next`); the model cell carries the uncompressed score."""
+    out = ["| model (uncompressed) | ratio | best press | tied with it | next |", "|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["model"], r["compression_ratio"])].append(r)
+    shown = set()
     for (model, ratio), rs in groups.items():
+        rs = sorted(rs, key=lambda r: -r["score"])
         top = next(r for r in rs if r["best"])
         tied = [r["press"] for r in rs if r["tied_with_best"] and not r["best"]]
+        after = next((r for r in rs if not r["tied_with_best"]), None)
+        base = top["baseline"]
+        first = "" if model in shown else (
+            f"{model} ({base:.3f}, {top['baseline_ci'].replace('-', '–')})" if base is not None else model)
+        shown.add(model)
+        label = "quantization (no ratio)" if ratio == 0.0 else f"{ratio:g}"
+        nxt = "—" if after is None else f"{after['press']} {after['score']:.3f}"
         ci = f"({top['ci_low']:.3f}–{top['ci_high']:.3f})"
-        label = "quantization (no ratio)" if ratio == 0.0 else ratio
-        out.append(f"| {model} | {label} | {top['press']} {top['score']:.3f} {ci}, n={top['n']} | "
-                   f"{', '.join(tied) or '—'} | {top['baseline']} |")
+        out.append(f"| {first} | {label} | {top['press']} {top['score']:.3f} {ci} | {', '.join(tied) or '—'} | {nxt} |")
     return "\n".join(out)
+
+
+def load_best(path: Path) -> list[dict]:
+    """Rows of a `best` CSV (`which_press.csv`) with their types, as `best` returns them."""
+    types = {"compression_ratio": float, "n": int, "score": float, "ci_low": float, "ci_high": float,
+             "baseline": float, "best": lambda v: v == "True", "tied_with_best": lambda v: v == "True"}
+    with path.open(newline="", encoding="utf-8") as f:
+        return [{k: (types[k](v) if k in types and v != "" else (None if v == "" else v)) for k, v in r.items()}
+                for r in csv.DictReader(f)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -81,3 +81,11 @@ def test_merge_refuses_a_folder_without_results(table, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no results.jsonl"):
         table.merge([tmp_path / "empty"], tmp_path / "out")
+
+
+def test_readme_which_press_table_is_drawn_from_the_committed_run(table):
+    """The README's table is `markdown(best)` of the committed `which_press.csv`, to the character: rerunning the
+    GPU table and `best` without updating the README fails here."""
+    rows = table.load_best(ROOT / "benchmarks" / "accuracy" / "which_press.csv")
+    assert {r["model"] for r in rows} == {"smollm2-135m", "gemma3-270m"} and all(r["n"] >= 700 for r in rows)
+    assert table.markdown(rows) in (ROOT / "README.md").read_text(encoding="utf-8")
