@@ -31,8 +31,8 @@ SENTENCE = "The archive holds the parish registers and photographs of the harbou
 def _press(spec: str, ratio: float):
     if spec == "none":
         return None
-    quantizer = kvforge.get_press(spec).kind == "quantization"
-    return kvforge.get_press(spec) if quantizer else kvforge.get_press(spec, compression_ratio=ratio)
+    press = kvforge.get_press(spec)
+    return press if press.kind == "quantization" else kvforge.get_press(spec, compression_ratio=ratio)
 
 
 def measure(model, tok, presses: list[str], rows: int, context: int, steps: int, ratio: float) -> list[dict]:

@@ -109,6 +109,12 @@ class CodedLayer(DenseLayer):
             self._replace(self._k[:, :, move : self.n], self._v[:, :, move : self.n], self.slots[:, :, move : self.n])
         return self.keys, self.values
 
+    def codes_on_next_append(self) -> bool:
+        """True when appending one more entry makes `update` code a group (the tail reaches residual + group):
+        `GraphDecoder` runs that step eagerly."""
+        c = self.codec
+        return bool(c.step) and self.n + 1 >= c.residual + c.step
+
     def fused(self) -> bool:
         """True when decode attention can read the codes directly (`kvforge.kernels.quant_decode`: the Triton
         kernel on CUDA, its torch twin elsewhere): KIVI codes, every entry valid."""

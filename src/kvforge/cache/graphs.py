@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from kvforge.cache.coded import CodedLayer
 from kvforge.cache.kvcache import GRAPH_STEP, KVCache
 from kvforge.cache.layers import DenseLayer
 from kvforge.cache.ring import RingLayer
@@ -99,12 +100,8 @@ class GraphDecoder:
                 raise
 
     def _codes_next(self) -> bool:
-        """True when the next token makes a quantized layer code a group (its tail reaches residual + group)."""
-        for layer in self.cache.layers:
-            c = getattr(layer, "codec", None)
-            if c is not None and c.step and layer.n + 1 >= c.residual + c.step:
-                return True
-        return False
+        """True when the next token makes a quantized layer code a group."""
+        return any(isinstance(layer, CodedLayer) and layer.codes_on_next_append() for layer in self.cache.layers)
 
     def _eager_step(self) -> torch.Tensor:
         """One step outside graph mode (the layers' own update path, which codes), then graph mode again."""

@@ -115,6 +115,11 @@ def scatter_set(x: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.
     return flat.view_as(x)
 
 
+def _no_factors(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-0 factors of r `[B, H, m, D]`: `[B, H, m, 0]` and `[B, H, 0, D]`."""
+    return r.new_zeros(*r.shape[:3], 0), r.new_zeros(*r.shape[:2], 0, r.shape[3])
+
+
 def low_rank(r: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-`rank` factors of each `[m, D]` slice of r `[B, H, m, D]`: (A `[B,H,m,rank]`, B `[B,H,rank,D]`).
 
@@ -124,7 +129,7 @@ def low_rank(r: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     twin). 5× faster on 2 CPU cores at [8, 3, 4096, 64]; on CUDA a small batched eigensolver replaces a tall SVD."""
     rank = min(rank, r.shape[2], r.shape[3])
     if rank == 0:
-        return r.new_zeros(*r.shape[:3], 0), r.new_zeros(*r.shape[:2], 0, r.shape[3])
+        return _no_factors(r)
     x = r.float()
     tall = x.shape[2] >= x.shape[3]
     gram = x.transpose(-1, -2) @ x if tall else x @ x.transpose(-1, -2)
@@ -138,6 +143,6 @@ def low_rank_svd(r: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     """`low_rank` by a truncated SVD (the slow, obviously correct twin)."""
     rank = min(rank, r.shape[2], r.shape[3])
     if rank == 0:
-        return r.new_zeros(*r.shape[:3], 0), r.new_zeros(*r.shape[:2], 0, r.shape[3])
+        return _no_factors(r)
     u, s, vh = torch.linalg.svd(r.float(), full_matrices=False)
     return (u[..., :rank] * s[..., None, :rank]).to(r.dtype), vh[..., :rank, :].to(r.dtype)
