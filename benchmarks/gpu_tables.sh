@@ -74,38 +74,52 @@ accuracy)
   # The method table of benchmarks/accuracy/ (README there): PARTS picks what runs (default: all of it), e.g.
   # PARTS="extra decode quant agree" for what the committed table lacks; then merge into it:
   #   python3 benchmarks/accuracy_table.py merge --out benchmarks/accuracy/$M benchmarks/accuracy/$M $RUNS/acc*_${M}_*
-  # Jobs are many small processes sharing one GPU: start MPS first where it runs (gpu_session.sh mps).
+  # Many small processes share one GPU (start MPS first where it runs: gpu_session.sh mps), at most JOBS at a
+  # time (one CPU core each: eager decoding is launch-bound), from a queue in the order written, slowest first.
   PARTS=${PARTS:-prefill extra decode quant agree}
   P=random,streamingllm,knorm,l2norm,snapkv,pyramidkv,adakv,tova,observed_attention,expected_attention,kvzip,cam,kvmerger
   D=h2o,scissorhands,tova_decode,quest,decoding
-  Q=kivi@bits=2,kivi@bits=4,gear@bits=2,gear@bits=4,kvquant@bits=2,kvquant@bits=4
   R="--ratios 0.25,0.5,0.75,0.9"
+  TASKS="niah_single_1 niah_multikey_1 niah_multivalue vt cwe fwe facts_qa"
+  Q=$LOGS/queue.tsv; : > "$Q"
+  queue() { local name=$1; shift; printf '%s\t%s\n' "$name" "$*" >> "$Q"; }
+  case " $PARTS " in *" agree "*)
+    queue agree "python3 benchmarks/kvpress_agreement.py --kvpress-path ${KVPRESS_PATH:-/tmp/kvp} --out $RUNS/agree \
+      --model smollm2-135m --task niah_single_1 --length 4000 --samples 100 --ratio 0.5 --device cuda" ;;
+  esac
   for M in ${MODELS:-smollm2-135m gemma3-270m}; do
     E="--model $M --device cuda --cuda-graph --length 4k --samples 100"
-    case " $PARTS " in *" extra "*)  # headkv needs its head scores first (calibrated on niah, 4 samples)
-      $KV headkv-scores --model $M --device cuda --length 4000 --out $RUNS/headkv_$M.json > $LOGS/headkv_$M.log 2>&1 ;;
+    case " $PARTS " in *" extra "*)  # headkv's head scores (calibrated on niah, 4 samples), before its rows
+      queue headkv_$M "$KV headkv-scores --model $M --device cuda --length 4000 --out $RUNS/headkv_$M.json" ;;
     esac
-    for T in niah_single_1 niah_multikey_1 niah_multivalue vt cwe fwe facts_qa; do
-      case " $PARTS " in *" prefill "*)
-        job acc_${M}_$T "$KV eval $E --tasks $T --presses $P $R --press-batch 8 --sample-batch 8 --out $RUNS/acc_${M}_$T" ;;
-      esac
-      case " $PARTS " in *" extra "*)
-        job accx_${M}_$T "$KV eval $E --tasks $T --presses nacl,think,minicache,headkv@scores_path=$RUNS/headkv_$M.json \
-          $R --press-batch 8 --sample-batch 8 --out $RUNS/accx_${M}_$T" ;;
-      esac
-      case " $PARTS " in *" decode "*)  # batched over samples only: a large sample batch is what makes them fast
-        job accd_${M}_$T "$KV eval $E --tasks $T --presses $D $R --sample-batch 50 --out $RUNS/accd_${M}_$T" ;;
+    for T in $TASKS; do
+      case " $PARTS " in *" decode "*)  # batched over samples only: a sample batch is what makes them fast (25: recorded queries and KV of 4k-token rows fit many processes)
+        queue accd_${M}_$T "$KV eval $E --tasks $T --presses $D $R --sample-batch 25 --out $RUNS/accd_${M}_$T" ;;
       esac
       case " $PARTS " in *" quant "*)  # one sample at a time (left padding would shift their token groups)
-        job accq_${M}_$T "$KV eval $E --tasks $T --presses $Q --out $RUNS/accq_${M}_$T" ;;
+        for F in gear kvquant kivi; do
+          queue accq_${M}_${T}_$F "$KV eval $E --tasks $T --presses $F@bits=2,$F@bits=4 --out $RUNS/accq_${M}_${T}_$F"
+        done ;;
+      esac
+    done
+    for T in $TASKS; do
+      case " $PARTS " in *" prefill "*)
+        queue acc_${M}_$T "$KV eval $E --tasks $T --presses $P $R --press-batch 8 --sample-batch 8 --out $RUNS/acc_${M}_$T" ;;
+      esac
+      case " $PARTS " in *" extra "*)
+        queue accx_${M}_$T "test -f $RUNS/headkv_$M.json && $KV eval $E --tasks $T \
+          --presses nacl,think,minicache,headkv@scores_path=$RUNS/headkv_$M.json $R --press-batch 8 --sample-batch 8 \
+          --out $RUNS/accx_${M}_$T" ;;
       esac
     done
   done
-  case " $PARTS " in *" agree "*)
-    job agree "python3 benchmarks/kvpress_agreement.py --kvpress-path ${KVPRESS_PATH:-/tmp/kvp} --out $RUNS/agree \
-      --model smollm2-135m --task niah_single_1 --length 4000 --samples 100 --ratio 0.5 --device cuda" ;;
-  esac
-  echo "started; follow with: bash $0 status"
+  # the dispatcher: JOBS lines of the queue at a time, each with its log and exit code in $LOGS
+  cat > "$LOGS/one.sh" <<'ONE'
+n=${1%%$'\t'*}; c=${1#*$'\t'}
+eval "$c" > "$LOGS/$n.log" 2>&1; echo $? > "$LOGS/$n.rc"
+ONE
+  LOGS=$LOGS setsid xargs -d '\n' -P "${JOBS:-14}" -n 1 bash "$LOGS/one.sh" < "$Q" > "$LOGS/dispatcher.out" 2>&1 &
+  echo "$(wc -l < "$Q") jobs queued, ${JOBS:-14} at a time; follow with: bash $0 status"
   ;;
 status)
   for f in "$LOGS"/*.log; do

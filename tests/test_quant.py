@@ -11,7 +11,7 @@ from kvforge.cache import KVCache
 from kvforge.cache.coded import CodedLayer
 from kvforge.cli import build_parser
 from kvforge.eval.runner import parse_press
-from kvforge.generate import encode_prompt
+from kvforge.generate import encode_prompt, prefill
 from kvforge.kernels.quantize import (
     dequantize_keys,
     dequantize_values,
@@ -349,7 +349,6 @@ def test_fused_decode_and_graph_mode_equal_the_decoded_path(models, smol_tokeniz
     full precision and runs eager attention — over enough steps that groups leave the residual window and are
     coded while decoding (graph mode runs those steps eagerly), ending with the same codes and tail."""
     from kvforge.attention.function import use_backend
-    from kvforge.generate import prefill
 
     model = models["llama"]
     ids = torch.tensor([sum(encode_prompt(smol_tokenizer, CONTEXT, QUESTIONS[0]), [])])
@@ -370,3 +369,57 @@ def test_fused_decode_and_graph_mode_equal_the_decoded_path(models, smol_tokeniz
     for a, b in zip(graph.codec.parts, eager.codec.parts):
         assert torch.equal(a, b)
     assert torch.equal(graph.keys, eager.keys) and torch.equal(graph.values, eager.values)
+
+
+@pytest.mark.parametrize("spec", [
+    ("gear", {"bits": 2, "group_size": 4, "residual_length": 16}),
+    ("kvquant", {"bits": 2, "group_size": 4}),
+    ("think", {"compression_ratio": 0.5}),
+    ("minicache", {}),
+], ids=lambda s: s[0])
+def test_graph_mode_of_codes_the_kernel_cannot_read_equals_eager_decode(models, smol_tokenizer, spec):
+    """GEAR, KVQuant, channel-pruned (ThinK) and merged (MiniCache) layers in graph mode: the code decoded inside
+    the step and the static tail masked by its device-side length give the tokens of eager decoding (which
+    attends over `full()`), over enough steps that the streaming codecs code groups while decoding (graph mode
+    runs those steps eagerly), ending with the same codes and tail."""
+    name, kwargs = spec
+    model = models["llama"]
+    ids = torch.tensor([sum(encode_prompt(smol_tokenizer, CONTEXT, QUESTIONS[0]), [])])
+    tokens, layers = {}, {}
+    for mode in ("eager", "graph"):
+        cache = KVCache(model, press=get_press(name, **kwargs), reserve=32)
+        logits = prefill(model, ids, torch.ones_like(ids), cache)
+        coded = [layer for layer in cache.layers if isinstance(layer, CodedLayer)]
+        assert coded and not any(layer.fused() for layer in coded)
+        m0 = coded[-1].codec.m
+        tokens[mode] = greedy_decode(model, cache, logits, ids.shape[1], 22, graph=mode == "graph")
+        layers[mode] = [layer for layer in cache.layers if isinstance(layer, CodedLayer)]
+        if name in ("gear", "kvquant"):
+            assert layers[mode][-1].codec.m >= m0 + 16  # coded 4+ groups while decoding
+    assert tokens["graph"] == tokens["eager"]
+    for g, e in zip(layers["graph"], layers["eager"]):
+        assert g.codec.m == e.codec.m and g.n == e.n
+        # masked SDPA over the block rounds differently from eager attention over `full()` (fp32): the new
+        # tokens' K/V differ in the last bits, so compare what the codes decode to, not their bits
+        for a, b in zip(g.full(), e.full()):
+            assert torch.isfinite(a).all() and (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["kivi", "gear", "kvquant", "think"])
+def test_captured_graph_decode_of_codes_equals_eager_decode_on_cuda(name):
+    """On CUDA the graph-mode step of every coded layer kind is captured (no host read inside it) and replays
+    to the tokens of eager decoding, coding steps included (fp32: argmax ties are not a rounding question)."""
+    torch.manual_seed(0)
+    model = tiny_model("llama").to("cuda")
+    ids = torch.randint(3, model.config.vocab_size, (1, 96), device="cuda")
+    kwargs = {"compression_ratio": 0.5} if name == "think" else {"bits": 4, "group_size": 16, "residual_length": 16}
+    if name == "kvquant":
+        kwargs.pop("residual_length")
+    tokens = {}
+    for graph in (False, True):
+        cache = KVCache(model, press=get_press(name, **kwargs), reserve=64)
+        logits = prefill(model, ids, torch.ones_like(ids), cache)
+        tokens[graph] = greedy_decode(model, cache, logits, ids.shape[1], 40, graph=graph)
+    assert tokens[True] == tokens[False]

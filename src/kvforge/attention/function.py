@@ -135,11 +135,12 @@ def _graph_step_attention(cache, layer_idx: int, query, scaling) -> torch.Tensor
     Returns `[B, 1, Hq, Dv]`."""
     layer = cache.layers[layer_idx]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if isinstance(layer, CodedLayer):
+    if isinstance(layer, CodedLayer) and layer.fused():
         out = layer.fused_attention(query[:, :, 0], scale, tail_len=layer.graph["pos"])
-    elif isinstance(layer, HeadVarlenLayer) and layer.block()[2] is not None:
-        # the padded per-head layout: what a masking implementation does (SDPA over the block, validity mask)
-        keys, values, valid = layer.block()
+    elif isinstance(layer, CodedLayer) or (isinstance(layer, HeadVarlenLayer) and layer.block()[2] is not None):
+        # a decoded code + static tail, or the padded per-head layout: what a masking implementation does (SDPA
+        # over the block, validity mask)
+        keys, values, valid = layer.graph_block() if isinstance(layer, CodedLayer) else layer.block()
         out = BACKENDS["sdpa"](query, keys, values, valid[:, :, None, :], scale=scale)[:, :, 0]
     else:
         k_flat, v_flat, offsets, lengths, max_len, total = layer.graph_segments()

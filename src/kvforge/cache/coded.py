@@ -131,10 +131,25 @@ class CodedLayer(DenseLayer):
                                       self.n if tail_len is None else tail_len, scale)
 
     def enter_graph_mode(self, steps: int) -> None:
-        if not self.fused():
-            raise KVForgeError("CUDA-graph decoding of a coded layer needs KIVI codes (2/4/8 bits); decode without "
-                               "graphs")
+        """Static tail, device-side length (`DenseLayer`). Fused (KIVI) layers are read by the kernel from their codes;
+        the others (GEAR, KVQuant, channel-pruned, merged) through `graph_block`, whose unused tail slots are zeroed
+        here: a masked slot must hold a finite number (0 · NaN garbage would poison the softmax)."""
         super().enter_graph_mode(steps)
+        if not self.fused():
+            self._k[:, :, self.n :].zero_()
+            self._v[:, :, self.n :].zero_()
+
+    def graph_block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Graph mode, a layer the fused kernel cannot read: (keys `[B, H_kv, m + cap, Dk]`, values, validity
+        `[B, H_kv, m + cap]`): the code decoded, as the eager step's `full()` decodes it (the code is constant
+        between the coding steps, which run eagerly, so it may be decoded inside the captured step: one layer's
+        transient copy at a time), then the static tail, valid up to the device-side length."""
+        ck, cv = self.codec.decode()
+        b, h, m = ck.shape[:3]
+        cap = self._k.shape[2]
+        tail = (torch.arange(cap, device=self._k.device) < self.graph["pos"]).expand(b, h, cap)
+        head = ck.new_ones(b, h, m, dtype=torch.bool) if self.c_valid is None else self.c_valid
+        return torch.cat([ck, self._k], 2), torch.cat([cv, self._v], 2), torch.cat([head, tail], 2)
 
     # -- what a coded layer refuses --------------------------------------------------------------------------
     def keep(self, indices: torch.Tensor) -> None:
