@@ -6,7 +6,7 @@
 #                                           # throughput, KVLink TTFT, prefill memory / overhead / capacity
 #   bash benchmarks/gpu_tables.sh accuracy  # the method table of benchmarks/accuracy/ (both models; PARTS= picks
 #                                           # parts) and the kvpress agreement (kvpress 0.5.5 apart: KVPRESS_PATH)
-#   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log
+#   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log (brief: counts, failures)
 #
 # Check the captured streaming step on this GPU first: `pytest -m cuda tests -o addopts=""` (the quality jobs use
 # --cuda-graph). Results go to $RUNS (default runs/gpu); every command resumes when re-run. The quality jobs share the GPU (about
@@ -87,39 +87,51 @@ accuracy)
     queue agree "python3 benchmarks/kvpress_agreement.py --kvpress-path ${KVPRESS_PATH:-/tmp/kvp} --out $RUNS/agree \
       --model smollm2-135m --task niah_single_1 --length 4000 --samples 100 --ratio 0.5 --device cuda" ;;
   esac
-  for M in ${MODELS:-smollm2-135m gemma3-270m}; do
-    E="--model $M --device cuda --cuda-graph --length 4k --samples 100"
-    case " $PARTS " in *" extra "*)  # headkv's head scores (calibrated on niah, 4 samples), before its rows
-      queue headkv_$M "$KV headkv-scores --model $M --device cuda --length 4000 --out $RUNS/headkv_$M.json" ;;
+  MODELS=${MODELS:-smollm2-135m gemma3-270m}
+  e() { echo "--model $1 --device cuda --cuda-graph --length 4k --samples 100"; }
+  case " $PARTS " in *" extra "*)  # headkv's head scores (calibrated on niah, 4 samples), before its rows
+    for M in $MODELS; do
+      queue headkv_$M "$KV headkv-scores --model $M --device cuda --length 4000 --out $RUNS/headkv_$M.json"
+    done ;;
+  esac
+  for T in $TASKS; do for M in $MODELS; do
+    case " $PARTS " in *" decode "*)  # batched over samples only (25: recorded queries and KV of 4k rows, many jobs)
+      queue accd_${M}_$T "$KV eval $(e $M) --tasks $T --presses $D $R --sample-batch 25 --out $RUNS/accd_${M}_$T" ;;
     esac
-    for T in $TASKS; do
-      case " $PARTS " in *" decode "*)  # batched over samples only: a sample batch is what makes them fast (25: recorded queries and KV of 4k-token rows fit many processes)
-        queue accd_${M}_$T "$KV eval $E --tasks $T --presses $D $R --sample-batch 25 --out $RUNS/accd_${M}_$T" ;;
-      esac
-      case " $PARTS " in *" quant "*)  # one sample at a time (left padding would shift their token groups)
-        for F in gear kvquant kivi; do
-          queue accq_${M}_${T}_$F "$KV eval $E --tasks $T --presses $F@bits=2,$F@bits=4 --out $RUNS/accq_${M}_${T}_$F"
-        done ;;
-      esac
-    done
-    for T in $TASKS; do
-      case " $PARTS " in *" prefill "*)
-        queue acc_${M}_$T "$KV eval $E --tasks $T --presses $P $R --press-batch 8 --sample-batch 8 --out $RUNS/acc_${M}_$T" ;;
-      esac
-      case " $PARTS " in *" extra "*)
-        queue accx_${M}_$T "test -f $RUNS/headkv_$M.json && $KV eval $E --tasks $T \
-          --presses nacl,think,minicache,headkv@scores_path=$RUNS/headkv_$M.json $R --press-batch 8 --sample-batch 8 \
-          --out $RUNS/accx_${M}_$T" ;;
-      esac
-    done
-  done
+    case " $PARTS " in *" quant "*)  # one sample at a time (left padding would shift their token groups)
+      for F in gear kvquant kivi; do
+        queue accq_${M}_${T}_$F "$KV eval $(e $M) --tasks $T --presses $F@bits=2,$F@bits=4 --out $RUNS/accq_${M}_${T}_$F"
+      done ;;
+    esac
+  done; done
+  for T in $TASKS; do for M in $MODELS; do
+    case " $PARTS " in *" prefill "*)
+      queue acc_${M}_$T "$KV eval $(e $M) --tasks $T --presses $P $R --press-batch 8 --sample-batch 8 --out $RUNS/acc_${M}_$T" ;;
+    esac
+    case " $PARTS " in *" extra "*)
+      queue accx_${M}_$T "test -f $RUNS/headkv_$M.json && $KV eval $(e $M) --tasks $T \
+        --presses nacl,think,minicache,headkv@scores_path=$RUNS/headkv_$M.json $R --press-batch 8 --sample-batch 8 \
+        --out $RUNS/accx_${M}_$T" ;;
+    esac
+  done; done
+  # ~9 GB per job at most (a 4k sample batch's recorded queries, KV and forks): 14 on an H200, 8 on 80 GB
+  mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+  JOBS=${JOBS:-$([ "${mib:-0}" -gt 100000 ] && echo 14 || echo 8)}
   # the dispatcher: JOBS lines of the queue at a time, each with its log and exit code in $LOGS
   cat > "$LOGS/one.sh" <<'ONE'
 n=${1%%$'\t'*}; c=${1#*$'\t'}
 eval "$c" > "$LOGS/$n.log" 2>&1; echo $? > "$LOGS/$n.rc"
 ONE
-  LOGS=$LOGS setsid xargs -d '\n' -P "${JOBS:-14}" -n 1 bash "$LOGS/one.sh" < "$Q" > "$LOGS/dispatcher.out" 2>&1 &
-  echo "$(wc -l < "$Q") jobs queued, ${JOBS:-14} at a time; follow with: bash $0 status"
+  LOGS=$LOGS setsid xargs -d '\n' -P "$JOBS" -n 1 bash "$LOGS/one.sh" < "$Q" > "$LOGS/dispatcher.out" 2>&1 &
+  echo "$(wc -l < "$Q") jobs queued, $JOBS at a time; follow with: bash $0 status"
+  ;;
+brief)  # counts, failures and the running jobs' last progress line, short
+  echo "done $(grep -lx 0 "$LOGS"/*.rc 2>/dev/null | wc -l) failed $(grep -Lx 0 "$LOGS"/*.rc 2>/dev/null | wc -l) of $(wc -l < "$LOGS/queue.tsv" 2>/dev/null)"
+  for f in $(grep -Lx 0 "$LOGS"/*.rc 2>/dev/null); do echo "FAILED $(basename "$f" .rc): $(tail -c 300 "${f%.rc}.log")"; done
+  for f in "$LOGS"/*.log; do
+    [ -f "${f%.log}.rc" ] && continue
+    echo "$(basename "$f" .log): $(tail -c 200 "$f" | tr '\r' '\n' | grep -av '^\s*$' | tail -1 | cut -c1-110)"
+  done
   ;;
 status)
   for f in "$LOGS"/*.log; do
@@ -128,5 +140,5 @@ status)
     echo "== $n [$rc] $(tail -c 300 "$f" | tr '\r' '\n' | grep -av '^\s*$' | tail -1)"
   done
   ;;
-*) echo "usage: bash $0 quality|speed|accuracy|status"; exit 2 ;;
+*) echo "usage: bash $0 quality|speed|accuracy|status|brief"; exit 2 ;;
 esac

@@ -34,3 +34,28 @@ def greedy_decode(model, cache, logits, pos: int, steps: int, graph: bool = Fals
         dec.close()
         assert cache.get_seq_length() == start + steps
     return out
+
+
+def captured_codes_match_eager(name: str, steps: int = 40) -> bool:
+    """A tiny fp32 Llama on CUDA, its cache coded by press `name` (kivi, gear, kvquant: groups of 16 coded while
+    decoding; think: channel-pruned): True when the captured graph steps give the tokens of eager decoding. Plain
+    Python (no pytest), so a bare GPU machine can run it: `python3 -c "import sys; sys.path.insert(0, 'tests');
+    from helpers import captured_codes_match_eager as c; print(all(map(c, ['kivi', 'gear', 'kvquant', 'think'])))"`.
+    """
+    from kvforge import get_press
+    from kvforge.cache import KVCache
+    from kvforge.generate import prefill
+    from kvforge.models import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("llama").to("cuda")
+    ids = torch.randint(3, model.config.vocab_size, (1, 96), device="cuda")
+    kwargs = {"compression_ratio": 0.5} if name == "think" else {"bits": 4, "group_size": 16}
+    if name in ("kivi", "gear"):
+        kwargs["residual_length"] = 16
+    tokens = {}
+    for graph in (False, True):
+        cache = KVCache(model, press=get_press(name, **kwargs), reserve=steps + 16)
+        logits = prefill(model, ids, torch.ones_like(ids), cache)
+        tokens[graph] = greedy_decode(model, cache, logits, ids.shape[1], steps, graph=graph)
+    return tokens[True] == tokens[False]

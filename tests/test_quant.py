@@ -411,15 +411,23 @@ def test_graph_mode_of_codes_the_kernel_cannot_read_equals_eager_decode(models, 
 def test_captured_graph_decode_of_codes_equals_eager_decode_on_cuda(name):
     """On CUDA the graph-mode step of every coded layer kind is captured (no host read inside it) and replays
     to the tokens of eager decoding, coding steps included (fp32: argmax ties are not a rounding question)."""
-    torch.manual_seed(0)
-    model = tiny_model("llama").to("cuda")
-    ids = torch.randint(3, model.config.vocab_size, (1, 96), device="cuda")
-    kwargs = {"compression_ratio": 0.5} if name == "think" else {"bits": 4, "group_size": 16, "residual_length": 16}
-    if name == "kvquant":
-        kwargs.pop("residual_length")
-    tokens = {}
-    for graph in (False, True):
-        cache = KVCache(model, press=get_press(name, **kwargs), reserve=64)
-        logits = prefill(model, ids, torch.ones_like(ids), cache)
-        tokens[graph] = greedy_decode(model, cache, logits, ids.shape[1], 40, graph=graph)
-    assert tokens[True] == tokens[False]
+    from helpers import captured_codes_match_eager
+
+    assert captured_codes_match_eager(name)
+
+
+def test_graph_codes_switch_falls_back_to_eager_answers(models, smol_tokenizer, monkeypatch):
+    """`KVFORGE_GRAPH_CODES=0` refuses graph mode for codes the kernel cannot read; `generate(cuda_graph=True)`
+    then answers through the eager path, with the same answers."""
+    from kvforge.cache.graphs import GraphDecoder
+
+    press = get_press("gear", bits=4, group_size=4, residual_length=16)
+    kwargs = dict(press=press, max_new_tokens=6, cuda_graph=True)
+    fast = generate(models["llama"], smol_tokenizer, CONTEXT, QUESTIONS[:1], **kwargs)
+    monkeypatch.setenv("KVFORGE_GRAPH_CODES", "0")
+    cache = KVCache(models["llama"], press=press, reserve=16)
+    ids = torch.tensor([sum(encode_prompt(smol_tokenizer, CONTEXT, QUESTIONS[0]), [])])
+    prefill(models["llama"], ids, torch.ones_like(ids), cache)
+    with pytest.raises(KVForgeError, match="KVFORGE_GRAPH_CODES=0"):
+        GraphDecoder(models["llama"], cache, ids.shape[1], 4, 1)
+    assert generate(models["llama"], smol_tokenizer, CONTEXT, QUESTIONS[:1], **kwargs) == fast

@@ -10,6 +10,8 @@ instead (`kvforge.kernels.quant_decode`). Stored bytes are the code's bytes plus
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kvforge.cache.layers import DenseLayer
@@ -133,7 +135,10 @@ class CodedLayer(DenseLayer):
     def enter_graph_mode(self, steps: int) -> None:
         """Static tail, device-side length (`DenseLayer`). Fused (KIVI) layers are read by the kernel from their codes;
         the others (GEAR, KVQuant, channel-pruned, merged) through `graph_block`, whose unused tail slots are zeroed
-        here: a masked slot must hold a finite number (0 · NaN garbage would poison the softmax)."""
+        here: a masked slot must hold a finite number (0 · NaN garbage would poison the softmax).
+        `KVFORGE_GRAPH_CODES=0` (debugging) refuses graph mode for those layers: callers then decode eagerly."""
+        if not self.fused() and os.environ.get("KVFORGE_GRAPH_CODES", "1") == "0":
+            raise KVForgeError("KVFORGE_GRAPH_CODES=0: graph mode only for KIVI codes; decode without graphs")
         super().enter_graph_mode(steps)
         if not self.fused():
             self._k[:, :, self.n :].zero_()
