@@ -81,7 +81,7 @@ accuracy)
   D=h2o,scissorhands,tova_decode,quest,decoding
   R="--ratios 0.25,0.5,0.75,0.9"
   TASKS="niah_single_1 niah_multikey_1 niah_multivalue vt cwe fwe facts_qa"
-  Q=$LOGS/queue.tsv; : > "$Q"
+  Q=$LOGS/queue_$(date +%s%N).tsv  # a queue per call: a later call's jobs run beside an earlier call's
   queue() { local name=$1; shift; printf '%s\t%s\n' "$name" "$*" >> "$Q"; }
   case " $PARTS " in *" agree "*)
     queue agree "python3 benchmarks/kvpress_agreement.py --kvpress-path ${KVPRESS_PATH:-/tmp/kvp} --out $RUNS/agree \
@@ -126,7 +126,7 @@ ONE
   echo "$(wc -l < "$Q") jobs queued, $JOBS at a time; follow with: bash $0 status"
   ;;
 brief)  # counts, failures and the running jobs' last progress line, short
-  echo "done $(grep -lx 0 "$LOGS"/*.rc 2>/dev/null | wc -l) failed $(grep -Lx 0 "$LOGS"/*.rc 2>/dev/null | wc -l) of $(wc -l < "$LOGS/queue.tsv" 2>/dev/null)"
+  echo "done $(grep -lx 0 "$LOGS"/*.rc 2>/dev/null | wc -l) failed $(grep -Lx 0 "$LOGS"/*.rc 2>/dev/null | wc -l) of $(cat "$LOGS"/queue_*.tsv 2>/dev/null | wc -l)"
   for f in $(grep -Lx 0 "$LOGS"/*.rc 2>/dev/null); do echo "FAILED $(basename "$f" .rc): $(tail -c 300 "${f%.rc}.log")"; done
   for f in "$LOGS"/*.log; do
     [ -f "${f%.log}.rc" ] && continue
