@@ -7,7 +7,9 @@ step, captures the next forward of the whole model, and then replays it once per
 
 Quantized layers whose code grows while decoding (KIVI, GEAR, KVQuant: a group of entries is coded each time the
 full-precision tail passes residual + group) code exactly as eager decoding does: the step that codes runs
-eagerly, outside the graph, and the next step is captured again (every `group_size` tokens).
+eagerly, outside the graph, and the next step is captured again (every `group_size` tokens). KIVI's codes are read
+by the fused kernel; other codes (GEAR, KVQuant, channel-pruned, merged) are decoded inside the captured step,
+one layer at a time (`CodedLayer.graph_block`).
 
 Limits: one token per step, no padding entries in the cache (`kvforge.generate.graph_generate` drops a padded
 batch's from kvforge layers; stock sliding-window layers, run as rings, must be unpadded), no decode-time press
