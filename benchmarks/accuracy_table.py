@@ -65,8 +65,19 @@ def _part_metas(part: Path) -> list[dict]:
     return [{"dir": part.name, **meta}]
 
 
-def merge(parts: list[Path], out: Path) -> dict:
-    """Concatenate the parts' results into `out` and write its meta, summary and report (each file atomically)."""
+def unfinished(part: Path) -> bool:
+    """True for a `kvforge eval` run that was stopped: its run_meta.json has no `ended` (a merged table has one)."""
+    meta_path = part / "run_meta.json"
+    return meta_path.is_file() and not json.loads(meta_path.read_text()).get("ended")
+
+
+def merge(parts: list[Path], out: Path, partial: bool = False) -> dict:
+    """Concatenate the parts' results into `out` and write its meta, summary and report (each file atomically).
+    A part whose run was stopped (cells with fewer samples than asked) is refused unless `partial`."""
+    stopped = [str(p) for p in parts if unfinished(p)]
+    if stopped and not partial:
+        raise SystemExit(f"unfinished runs (no 'ended' in run_meta.json): {', '.join(stopped)}; resume them, leave "
+                         "them out, or pass --partial")
     records: dict[tuple, dict] = {}
     metas = []
     for part in parts:
@@ -180,12 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     m = sub.add_parser("merge")
     m.add_argument("parts", nargs="+", type=Path)
     m.add_argument("--out", required=True, type=Path)
+    m.add_argument("--partial", action="store_true", help="merge stopped runs too (their cells hold fewer samples)")
     b = sub.add_parser("best")
     b.add_argument("runs", nargs="+", type=Path)
     b.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     if args.cmd == "merge":
-        meta = merge(args.parts, args.out)
+        meta = merge(args.parts, args.out, partial=args.partial)
         print(f"{args.out}: {meta['samples']} samples, {meta['press_runs']} press runs from {len(meta['parts'])} parts")
     else:
         rows = best(args.runs)

@@ -89,3 +89,18 @@ def test_readme_which_press_table_is_drawn_from_the_committed_run(table):
     rows = table.load_best(ROOT / "benchmarks" / "accuracy" / "which_press.csv")
     assert {r["model"] for r in rows} == {"smollm2-135m", "gemma3-270m"} and all(r["n"] >= 700 for r in rows)
     assert table.markdown(rows) in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_merge_refuses_a_stopped_run_unless_partial(table, tmp_path):
+    """A run stopped mid-way (no `ended` in its run_meta.json) holds cells with fewer samples than asked: merging it
+    into the published table needs --partial."""
+    done = part(tmp_path, "done", [record("A", i, "none", 0.0, 1.0) for i in range(2)])
+    stopped = part(tmp_path, "stopped", [record("A", 0, "knorm", 0.5, 1.0)])
+    meta = json.loads((stopped / "run_meta.json").read_text())
+    del meta["ended"]
+    (stopped / "run_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="unfinished runs .*stopped"):
+        table.main(["merge", str(done), str(stopped), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    table.main(["merge", str(done), str(stopped), "--out", str(tmp_path / "out"), "--partial"])
+    assert len(table.load_records(tmp_path / "out")) == 3
