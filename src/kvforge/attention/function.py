@@ -135,6 +135,13 @@ def _graph_step_attention(cache, layer_idx: int, query, scaling) -> torch.Tensor
     Returns `[B, 1, Hq, Dv]`."""
     layer = cache.layers[layer_idx]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q = query.shape[2]
+    if q > 1:  # a captured forward of several tokens (GraphForward): plain layers, causal by device-side length
+        if type(layer) is not DenseLayer:
+            raise KVForgeError(f"a graph-mode forward of {q} tokens needs plain full-attention layers; layer "
+                               f"{layer_idx} is {type(layer).__name__}")
+        keys, values, mask = layer.graph_window(q)
+        return BACKENDS["sdpa"](query, keys, values, mask, scale=scale).transpose(1, 2)
     if isinstance(layer, CodedLayer) and layer.fused():
         out = layer.fused_attention(query[:, :, 0], scale, tail_len=layer.graph["pos"])
     elif isinstance(layer, CodedLayer) or (isinstance(layer, HeadVarlenLayer) and layer.block()[2] is not None):

@@ -172,3 +172,110 @@ class GraphDecoder:
             # compiled code is cached per code object with guards on this decoder: drop it, so later decoders
             # neither pile up against dynamo's recompile limit nor keep references to this cache
             torch.compiler.reset()
+
+
+class GraphForward:
+    """One captured forward of `width` new tokens over a cache whose contents change between calls: KVLink's
+    question step, where the documents (the cache) change with every request and the question's length does not.
+
+    `run(source, ids, position)` copies the layers of `source` (plain full-attention layers, e.g. documents placed by
+    `kvforge.link`) into static buffers of `capacity` entries (allocated on the first call from its shapes), feeds
+    `ids [B, width]` at positions `position..position + width − 1` and returns the last token's logits `[B, vocab]`;
+    `self.cache` then holds the whole sequence, in normal (not graph) mode, until the next call. The first call runs
+    the step eagerly and captures it; later calls copy and replay (on CPU every call runs the same graph-mode step
+    eagerly). Each new token attends every stored entry before it (the ordinary causal forward), by the device-side
+    length, so one captured step serves every context length up to `capacity − width`.
+    """
+
+    def __init__(self, model, capacity: int, width: int):
+        if width < 1 or capacity <= width:
+            raise KVForgeError(f"GraphForward(capacity={capacity}, width={width}): need width >= 1 and "
+                               "capacity > width")
+        self.model, self.capacity, self.width = model, capacity, width
+        self.cache: KVCache | None = None
+        self.graph = None
+        self.graphs: list[dict] = []
+        self.tok = self.pos = self.logits = None
+        self.buffers: list = []
+
+    def _check(self, source: KVCache, ids: torch.Tensor) -> int:
+        if ids.dim() != 2 or ids.shape[1] != self.width:
+            raise KVForgeError(f"GraphForward of width {self.width}: ids of shape {tuple(ids.shape)}; allowed: "
+                               f"[batch, {self.width}]")
+        ns = set()
+        for i, layer in enumerate(source.layers):
+            if type(layer) is not DenseLayer or layer.slots is not None:
+                raise KVForgeError(f"GraphForward needs plain full-attention layers (entry t = position t); layer {i} "
+                                   f"is {type(layer).__name__}{' with slots' if type(layer) is DenseLayer else ''}")
+            ns.add(layer.n)
+        if len(ns) != 1 or next(iter(ns)) + self.width > self.capacity:
+            raise KVForgeError(f"GraphForward: layers hold {sorted(ns)} entries; allowed: one count, at most "
+                               f"{self.capacity - self.width} (capacity {self.capacity} − width {self.width})")
+        return ns.pop()
+
+    @torch.inference_mode()
+    def run(self, source: KVCache, ids: torch.Tensor, position: int) -> torch.Tensor:
+        n = self._check(source, ids)
+        moved = self.cache is not None and any(a.storage is not b for a, b in zip(self.cache.layers, self.buffers))
+        if moved:
+            self.cache, self.graph, self.graphs = None, None, []  # decoding past capacity reallocated: start again
+        first = self.cache is None
+        if first:  # static buffers of `capacity` entries; unused slots zeroed (masked slots must be finite)
+            layers = []
+            for layer in source.layers:
+                k, v = layer.keys, layer.values
+                new = DenseLayer.from_entries(k, v, reserve=self.capacity - n)
+                new._k[:, :, n:].zero_()
+                new._v[:, :, n:].zero_()
+                layers.append(new)
+            self.cache = KVCache.from_layers(self.model, layers)
+            self.buffers = [layer.storage for layer in layers]
+            self.tok = ids.clone()
+            self.pos = torch.arange(position, position + self.width, device=ids.device).expand_as(ids).clone()
+        else:
+            if ids.shape[0] != self.tok.shape[0]:
+                raise KVForgeError(f"GraphForward was built for batch {self.tok.shape[0]}; got {ids.shape[0]}")
+            for dst, src in zip(self.cache.layers, source.layers):
+                dst.load_(src.keys, src.values)
+            self.tok.copy_(ids)
+            self.pos.copy_(torch.arange(position, position + self.width, device=ids.device).expand_as(ids))
+        layers = self.cache.layers
+        if not self.graphs:
+            for layer in layers:
+                layer.enter_graph_mode(self.width)
+            self.graphs = [layer.graph for layer in layers]
+        else:  # the same device tensors the captured step reads, set to this context's length
+            for layer, g in zip(layers, self.graphs):
+                layer.graph = g
+                for key in ("pos", "logical", "lengths"):
+                    g[key].fill_(n)
+        try:
+            if self.graph is not None:
+                self.graph.replay()
+                logits = self.logits.clone()  # the static output is overwritten by the next replay
+            elif first and ids.is_cuda:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):  # this call's answer, eagerly (and the warm-up)
+                    logits = self._forward()
+                torch.cuda.current_stream().wait_stream(stream)
+                self.graph = torch.cuda.CUDAGraph()  # recorded, not run: the device state stays as the warm-up left it
+                with torch.cuda.graph(self.graph):
+                    self.logits = self._forward()
+            else:
+                logits = self._forward()
+        finally:
+            for layer in layers:
+                layer.exit_graph_mode()
+        for layer in layers:  # host bookkeeping: the step wrote `width` entries
+            layer.advance(self.width)
+        return logits
+
+    def _forward(self) -> torch.Tensor:
+        GRAPH_STEP.cache = self.cache
+        try:
+            out = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=1)
+            return out.logits[:, -1]
+        finally:
+            GRAPH_STEP.cache = None

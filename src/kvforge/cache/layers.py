@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from kvforge.errors import KVForgeError
+
 GROWTH = 1.5  # capacity multiplier when a buffer is full
 
 
@@ -154,14 +156,39 @@ class DenseLayer(CacheLayerMixin):
 
     def graph_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
         g = self.graph
-        self._k.index_copy_(2, g["pos"], key_states)
-        self._v.index_copy_(2, g["pos"], value_states)
+        q = key_states.shape[2]
+        at = g["pos"] if q == 1 else g["pos"] + torch.arange(q, device=g["pos"].device)
+        self._k.index_copy_(2, at, key_states)
+        self._v.index_copy_(2, at, value_states)
         if self.slots is not None:
-            self.slots.index_copy_(2, g["pos"], g["logical"].expand(*self.slots.shape[:2], 1))
-        g["pos"] += 1
-        g["logical"] += 1
-        g["lengths"] += 1
+            new = g["logical"] if q == 1 else g["logical"] + torch.arange(q, device=g["pos"].device)
+            self.slots.index_copy_(2, at, new.expand(*self.slots.shape[:2], q))
+        g["pos"] += q
+        g["logical"] += q
+        g["lengths"] += q
         return self._k, self._v
+
+    def graph_window(self, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Graph mode, a step of q > 1 tokens (after its update): (keys `[B, H_kv, cap, Dk]`, values, mask
+        `[1, 1, q, cap]`): new token i sees every entry before it and itself, by the device-side length."""
+        cap = self._k.shape[2]
+        first = self.graph["pos"] - q  # where this step's first token was written
+        seen = first + 1 + torch.arange(q, device=first.device)
+        return self._k, self._v, (torch.arange(cap, device=first.device)[None, :] < seen[:, None])[None, None]
+
+    def load_(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the entries with keys `[B, H_kv, n, Dk]`, values `[B, H_kv, n, Dv]` (entry t = slot t) in the
+        same buffers, which a captured step keeps pointing at (`GraphForward`); the capacity does not change."""
+        b, h, n = keys.shape[:3]
+        if self._k is None or keys.shape[:2] != self._k.shape[:2] or n > self.capacity:
+            have = None if self._k is None else f"{tuple(self._k.shape[:2])} with room for {self.capacity}"
+            raise KVForgeError(f"load_: {n} entries of {tuple(keys.shape[:2])} do not fit this layer ({have})")
+        self._k[:, :, :n] = keys
+        self._v[:, :, :n] = values
+        self.n = self.logical = n
+        if self.slots is not None:
+            self.slots[:, :, :n] = torch.arange(n, device=self.slots.device)
+        self._sync_views()
 
     def graph_segments(self):
         """(k_flat, v_flat, offsets, lengths, max_len, total) for the decode kernel in graph mode."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.cache import KVCache
+from kvforge.cache.graphs import GraphForward
 from kvforge.errors import KVForgeError
 from kvforge.generate import Encoded, answer, model_max_length
 from kvforge.link.assemble import SLIDING, Cached, Fresh, build_cache, check_plan
@@ -145,9 +146,14 @@ def prefill(model, tokenizer, documents: Sequence[str], prompt: str | Sequence[s
 
 @torch.inference_mode()
 def prefill_ids(model, tokenizer, req: Request, *, store=None, links: Links | None = None, recompute: int = 0,
-                full: bool = False, reserve: int = 256):
+                full: bool = False, reserve: int = 256, graph: GraphForward | None = None):
     """`prefill` from token ids (`tokenize`'s `Request`); `tokenizer` gives the padding id and checks `links`
-    (None: padding id 0, link ids taken as they are)."""
+    (None: padding id 0, link ids taken as they are).
+
+    `graph`: a `GraphForward` whose width is the prompt's length: the prompt's forward replays one captured step
+    (on a GPU: no per-layer launch overhead, the time to first token of a reused request) over a copy of the placed
+    documents in its static buffers; the returned cache is `graph.cache` (valid until its next call). One prompt,
+    documents on full-attention layers."""
     if not req.prompts or any(not p for p in req.prompts):
         raise KVForgeError("the prompt is empty; give a non-empty prompt (or a list of them)")
     if has_sliding(model) and len(set(map(len, req.prompts))) > 1:
@@ -162,9 +168,14 @@ def prefill_ids(model, tokenizer, req: Request, *, store=None, links: Links | No
         ids, mask = _left_pad(req.prompts, _pad_id(tokenizer), device)
     else:
         ids = torch.tensor(req.prompts, dtype=torch.long).to(device)
+    if graph is not None and len(req.prompts) > 1:
+        raise KVForgeError(f"a GraphForward serves one prompt at a time; got {len(req.prompts)}")
     cache, seq = document_cache(model, tokenizer, req, store=store, links=links, recompute=recompute, full=full,
                                 reserve=max(map(len, req.prompts)) + reserve)
     b, s = ids.shape[0], len(seq)
+    if graph is not None:
+        logits = graph.run(cache, ids, s)
+        return graph.cache, logits
     if b > 1:
         cache.batch_repeat_interleave(b)
     if padded:
