@@ -141,8 +141,7 @@ class CodedLayer(DenseLayer):
             raise KVForgeError("KVFORGE_GRAPH_CODES=0: graph mode only for KIVI codes; decode without graphs")
         super().enter_graph_mode(steps)
         if not self.fused():
-            self._k[:, :, self.n :].zero_()
-            self._v[:, :, self.n :].zero_()
+            self.zero_spare_()
 
     def graph_block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Graph mode, a layer the fused kernel cannot read: (keys `[B, H_kv, m + cap, Dk]`, values, validity

@@ -225,8 +225,7 @@ class GraphForward:
             for layer in source.layers:
                 k, v = layer.keys, layer.values
                 new = DenseLayer.from_entries(k, v, reserve=self.capacity - n)
-                new._k[:, :, n:].zero_()
-                new._v[:, :, n:].zero_()
+                new.zero_spare_()
                 layers.append(new)
             self.cache = KVCache.from_layers(self.model, layers)
             self.buffers = [layer.storage for layer in layers]

@@ -176,6 +176,12 @@ class DenseLayer(CacheLayerMixin):
         seen = first + 1 + torch.arange(q, device=first.device)
         return self._k, self._v, (torch.arange(cap, device=first.device)[None, :] < seen[:, None])[None, None]
 
+    def zero_spare_(self) -> None:
+        """Zero the buffers past the stored entries: slots a graph-mode step masks must still hold finite numbers
+        (a masked NaN would poison the softmax)."""
+        self._k[:, :, self.n :].zero_()
+        self._v[:, :, self.n :].zero_()
+
     def load_(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Replace the entries with keys `[B, H_kv, n, Dk]`, values `[B, H_kv, n, Dv]` (entry t = slot t) in the
         same buffers, which a captured step keeps pointing at (`GraphForward`); the capacity does not change."""
