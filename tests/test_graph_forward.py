@@ -78,21 +78,23 @@ def test_captured_graph_forward_replays_the_cached_forward_on_cuda():
 
 def test_link_prefill_with_a_graph_forward_equals_without():
     """KVLink's request path with the prompt's forward through a `GraphForward`: the logits and the cache of the
-    ordinary path, for two requests with different documents (the second through the same buffers)."""
-    from kvforge.link import MemoryStore
+    ordinary path, for requests with different documents (later ones through the same buffers), with and without
+    link tokens."""
+    from kvforge.link import Links, MemoryStore
     from kvforge.link.reuse import Request, prefill_ids
 
     model = tiny_model("llama")
     hi = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     store = MemoryStore(model)
+    links = Links(2, 3, tuple(f"<l{i}>" for i in range(6)), tuple(range(50, 56)))  # existing ids stand in
     step = GraphForward(model, capacity=160, width=6)
-    for n_docs in (3, 2):
+    for n_docs, use in ((3, None), (2, links), (3, links)):
         docs = [torch.randint(3, hi, (int(torch.randint(10, 40, (1,), generator=gen)),), generator=gen).tolist()
                 for _ in range(n_docs)]
         req = Request([], docs, [torch.randint(3, hi, (6,), generator=gen).tolist()])
-        want_cache, want = prefill_ids(model, None, req, store=store)
-        got_cache, got = prefill_ids(model, None, req, store=store, graph=step)
+        want_cache, want = prefill_ids(model, None, req, store=store, links=use)
+        got_cache, got = prefill_ids(model, None, req, store=store, links=use, graph=step)
         assert (got - want).abs().max() <= 1e-4 * want.abs().max()
         assert got_cache is step.cache and got_cache.get_seq_length() == want_cache.get_seq_length()
         for a, b in zip(got_cache.layers, want_cache.layers):
