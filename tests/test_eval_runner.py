@@ -70,14 +70,45 @@ def test_samples_batched_equal_one_at_a_time(tmp_path, tiny, smol_tokenizer, one
     many = records(out)
     assert one.keys() == many.keys() and len(one) == 3 * 3 * (2 + 7 * 2)  # kivi is ratio-free
     assert {r["sample_batch"] for r in many.values() if r["press"] != "kivi@bits=2"} == {3}
-    assert {r["sample_batch"] for r in many.values() if r["press"] == "kivi@bits=2"} == {1}  # alone: see runner
+    # kivi: with the samples of equal token counts (no padding among them; see runner), here mostly alone
     from kvforge.eval.tasks import make_samples
+    from kvforge.generate import encode
+
+    for task in kw["tasks"]:
+        made = make_samples(task, smol_tokenizer, 600, 3, 0)
+        enc = encode(tiny, smol_tokenizer, [x.context for x in made], [x.questions for x in made],
+                     [x.answer_prefix for x in made], max_new_tokens=6)
+        sizes = {x.id: len(sub) for sub in runner.equal_length_groups(made, enc) for x in sub}
+        assert all(many[(task, i, "kivi@bits=2", 0.0)]["sample_batch"] == n for i, n in sizes.items())
 
     assert len({x.answer_prefix for x in make_samples("vt", smol_tokenizer, 600, 3, 0)}) == 3  # one per row
     for key in one:
         assert one[key]["predictions"] == many[key]["predictions"], key
         assert one[key]["scores"] == many[key]["scores"], key
     assert json.loads((out / "run_meta.json").read_text())["args"]["sample_batch"] == 3
+
+
+def test_quantizers_batch_samples_of_equal_token_counts(tmp_path, tiny, smol_tokenizer, one_thread):
+    """Quantizers answer a padded sample batch in sub-groups of equal token counts (no padding, so their token
+    groups start where each row's do): fwe's samples all have the same counts, so they answer as one batch, with
+    the predictions of one sample at a time, eagerly and in graph mode (GEAR's and KVQuant's codes decoded in the
+    captured step)."""
+    from kvforge.eval.tasks import make_samples
+    from kvforge.generate import encode
+
+    made = make_samples("fwe", smol_tokenizer, 600, 3, 0)
+    enc = encode(tiny, smol_tokenizer, [x.context for x in made], [x.questions for x in made],
+                 [x.answer_prefix for x in made], max_new_tokens=6)
+    assert [len(g) for g in runner.equal_length_groups(made, enc)] == [3] and not runner._padded(enc)
+    presses = ["kivi@bits=2", "gear@bits=2", "kvquant@bits=2"]
+    for graph in (False, True):
+        kw = dict(tasks=["fwe"], presses=presses, samples=3, length=600, cuda_graph=graph)
+        one = records(run(tmp_path / f"one{graph}", tiny, smol_tokenizer, **kw))
+        many = records(run(tmp_path / f"many{graph}", tiny, smol_tokenizer, sample_batch=3, **kw))
+        assert one.keys() == many.keys() and len(one) == 3 * (1 + 3)
+        assert {r["sample_batch"] for r in many.values()} == {3}
+        for key in one:
+            assert one[key]["predictions"] == many[key]["predictions"], key
 
 
 def test_sample_groups_keep_tasks_and_answer_lengths_apart():

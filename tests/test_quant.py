@@ -303,6 +303,8 @@ def test_kvquant_keeps_sinks_and_outliers_exact_and_fits_non_uniform_levels():
         return (x - c[(x[:, None] - c).abs().argmin(-1)]).pow(2).mean()
 
     assert err(lv) < 0.8 * err(uniform)
+    rows = torch.stack([x, x.flip(0) * 0.5, x.clamp(0, 1)])  # one codebook per row: each as if fitted alone
+    assert torch.allclose(kmeans_levels(rows, 4), torch.stack([kmeans_levels(r, 4) for r in rows]), atol=1e-5)
 
 
 # -- bad input and the CLI / eval specs ------------------------------------------------------------------------

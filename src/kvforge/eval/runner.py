@@ -368,8 +368,8 @@ def _run_group(model, tok, group, factories, todo, done, emit, max_new_tokens, s
                query_aware=False, batch=1, cuda_graph=False, chunk_size=None, prompt_format=DEFAULT_PROMPT_FORMAT):
     """Every (press, ratio) of `todo` on the samples of `group`, prefilled as one left-padded batch (each row
     answers as it would alone: batch equality is tested per press; quantizers, whose token groups left padding
-    would shift, run one sample at a time). Rows already in `done` are not written again; a group's seconds and
-    KV bytes are shared evenly by its samples."""
+    would shift, run on the samples of equal token counts together, `equal_length_groups`, else alone). Rows
+    already in `done` are not written again; a group's seconds and KV bytes are shared evenly by its samples."""
     first, n = group[0], len(group)
     is_ppl = first.metric == "ppl"  # a perplexity sample is always a group of its own
     mnt = max_new_tokens or first.max_new_tokens
@@ -409,7 +409,9 @@ def _run_group(model, tok, group, factories, todo, done, emit, max_new_tokens, s
         answers, ppls = evaluate(full)
         report(BASELINE, 0.0, answers, ppls, time.perf_counter() - t0, prefill_s, full_stats)
         baselines = answers
-    if n > 1:  # quantizers code token groups counted from a row's first entry, left padding included: alone
+    alone = []
+    if n > 1 and _padded(enc):  # quantizers code token groups counted from a row's first entry, left padding
+        # included: they answer in sub-groups of samples whose token counts are equal (no padding), else alone
         alone = [(spec, ratio) for spec, ratio in todo if _codes(factories[spec](ratio))]
         todo = [x for x in todo if x not in alone]
     if shared and batch > 1 and not query_aware and not is_ppl:
@@ -430,11 +432,27 @@ def _run_group(model, tok, group, factories, todo, done, emit, max_new_tokens, s
             answers, ppls = evaluate(cache)
         report(spec, ratio, answers, ppls, time.perf_counter() - t0, pre, cache.stats())
         del cache
-    if n > 1 and alone:
+    if alone:
         del full
-        for sample in group:
-            _run_group(model, tok, [sample], factories, alone, done, emit, max_new_tokens, shared, bar, query_aware,
+        for sub in equal_length_groups(group, enc):
+            _run_group(model, tok, sub, factories, alone, done, emit, max_new_tokens, shared, bar, query_aware,
                        1, cuda_graph, chunk_size, prompt_format)
+
+
+def _padded(enc) -> bool:
+    """True when a batch's rows hold padding: contexts or some question of different token counts."""
+    questions = range(len(enc.q_rows[0])) if enc.q_rows else range(0)
+    return not bool(enc.ctx_mask.all()) or any(len({len(row[j]) for row in enc.q_rows}) > 1 for j in questions)
+
+
+def equal_length_groups(group: list, enc) -> list[list]:
+    """The samples of `group` (encoded as `enc`) in sub-groups whose contexts and questions have the same token
+    counts, so that none of them is padded; in order of first appearance."""
+    subs: dict[tuple, list] = {}
+    lengths = enc.ctx_mask.sum(1).tolist()
+    for i, sample in enumerate(group):
+        subs.setdefault((lengths[i], tuple(len(q) for q in enc.q_rows[i])), []).append(sample)
+    return list(subs.values())
 
 
 def _record(sample, press, ratio, preds, baseline, ppl, seconds, prefill_s, stats, rows: int = 1) -> dict:

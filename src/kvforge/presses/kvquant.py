@@ -8,9 +8,9 @@ NeurIPS 2024, https://arxiv.org/abs/2401.18079. What is done here:
   and head, at prefill);
 - elements outside that range are kept exactly (dense-and-sparse, default 1%), and so are the first `sinks`
   tokens of each row (attention-sink-aware: the paper keeps the first token in fp16);
-- non-uniform levels: one codebook of 2^bits levels per layer, fitted by 1-D k-means on the normalised
+- non-uniform levels: one codebook of 2^bits levels per layer and sequence, fitted by 1-D k-means on the normalised
   prefill keys (the paper's nuqX fits sensitivity-weighted k-means per channel offline; plain k-means per
-  layer is what is practical online);
+  layer and sequence is what is practical online, and keeps a sequence's codes independent of its batch);
 - values per token, uniform, in channel groups (as KIVI) with the sinks exact;
 - tokens generated later are coded in groups of `group_size` with the prefill's calibration (their
   out-of-range elements become outliers), then RoPE is re-applied at read time.
@@ -32,16 +32,19 @@ from kvforge.rope import SEQ_LEN_TYPES, STATIC_TYPES, Rope, apply, rope_for_laye
 
 
 def kmeans_levels(x: torch.Tensor, levels: int, iters: int = 8) -> torch.Tensor:
-    """1-D k-means of the values `x` (flat, in [-1, 1]) into `levels` sorted centroids, from a uniform start."""
-    c = torch.linspace(-1.0, 1.0, levels, device=x.device)
-    if x.numel() > 1 << 18:  # a strided sample is plenty for a 1-D fit
-        x = x[:: x.numel() // (1 << 18) + 1]
+    """1-D k-means of each row of `x` `[..., N]` (values in [-1, 1]) into `levels` sorted centroids `[..., levels]`,
+    from a uniform start; a row longer than 2^18 values is fitted on a strided sample of them."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, n)
+    if n > 1 << 18:  # a strided sample is plenty for a 1-D fit
+        x = x[:, :: n // (1 << 18) + 1]
+    c = torch.linspace(-1.0, 1.0, levels, device=x.device).expand(x.shape[0], levels).clone()
     for _ in range(iters):
-        a = (x[:, None] - c).abs().argmin(-1)
-        sums = torch.zeros_like(c).index_add_(0, a, x)
-        counts = torch.zeros_like(c).index_add_(0, a, torch.ones_like(x))
+        a = (x[:, :, None] - c[:, None, :]).abs().argmin(-1)
+        sums = torch.zeros_like(c).scatter_add_(1, a, x)
+        counts = torch.zeros_like(c).scatter_add_(1, a, torch.ones_like(x))
         c = torch.where(counts > 0, sums / counts.clamp_min(1), c)
-    return c.sort().values
+    return c.sort(-1).values.reshape(*lead, levels)
 
 
 class KVQuantCodec(Codec):
@@ -65,7 +68,9 @@ class KVQuantCodec(Codec):
             lo = hi = pre.new_zeros(b, h, d)
         hi = torch.maximum(hi, lo + 1e-6)
         norm = ((pre - lo[:, :, None]) / (hi - lo)[:, :, None] * 2 - 1).clamp(-1, 1)
-        levels = kmeans_levels(norm.flatten(), 2**press.bits) if m else torch.linspace(-1, 1, 2**press.bits)
+        # one codebook per (layer, row): a row's codes never depend on the other rows of its batch
+        levels = (kmeans_levels(norm.flatten(1), 2**press.bits) if m
+                  else torch.linspace(-1, 1, 2**press.bits, device=keys.device).expand(b, -1))
         calib = (lo.to(keys.dtype), hi.to(keys.dtype), levels.to(keys.device), rope)
         codec = cls(press, calib, (), 0)
         codec.pad = pad
@@ -82,7 +87,7 @@ class KVQuantCodec(Codec):
         norm = (pre - lo_f) / (hi_f - lo_f) * 2 - 1
         exact = (norm < -1) | (norm > 1)
         exact |= ((positions >= 0) & (positions < press.sinks))[..., None]  # sinks: every channel kept exactly
-        codes = (norm.clamp(-1, 1)[..., None] - levels).abs().argmin(-1).to(torch.uint8)
+        codes = (norm.clamp(-1, 1)[..., None] - levels[:, None, None, None, :]).abs().argmin(-1).to(torch.uint8)
         kq = pack(codes, press.bits)
         vq = quantize_values(values, press.bits, press.group_size)
         # sparse exact set, same count in every (row, head) so it stays a dense tensor: the largest one wins
@@ -101,7 +106,8 @@ class KVQuantCodec(Codec):
         press = self.press
         ks, vs = [], []
         for kq, vq, idx, kx, vx, positions in self.chunks:
-            norm = levels[unpack(kq, press.bits).long()]
+            codes = unpack(kq, press.bits).long()
+            norm = levels.gather(1, codes.flatten(1)).view(codes.shape)
             pre = ((norm + 1) / 2 * (hi.float() - lo.float())[:, :, None] + lo.float()[:, :, None]).to(kx.dtype)
             pre = pre.flatten(2).scatter(-1, idx.long(), kx).view(pre.shape)
             k = apply(pre, positions, rope)
@@ -126,8 +132,8 @@ class KVQuantCodec(Codec):
 @register("kvquant")
 @dataclass
 class KVQuantPress(QuantizerPress):
-    """Keys `[B, H_kv, m, D]`: inverse RoPE, per-channel ranges, per-layer non-uniform codebook (2^bits levels),
-    outliers and sinks exact; values per token. Residual window 0 by default (the paper keeps none)."""
+    """Keys `[B, H_kv, m, D]`: inverse RoPE, per-channel ranges, a non-uniform codebook per layer and row (2^bits
+    levels), outliers and sinks exact; values per token. Residual window 0 by default (the paper keeps none)."""
 
     frees_memory = "yes (bits/16 + outliers)"
     paper = "https://arxiv.org/abs/2401.18079"
