@@ -98,9 +98,10 @@ accuracy)
     case " $PARTS " in *" decode "*)  # batched over samples only (25: recorded queries and KV of 4k rows, many jobs)
       queue accd_${M}_$T "$KV eval $(e $M) --tasks $T --presses $D $R --sample-batch 25 --out $RUNS/accd_${M}_$T" ;;
     esac
-    case " $PARTS " in *" quant "*)  # one sample at a time (left padding would shift their token groups)
+    case " $PARTS " in *" quant "*)  # samples of equal token counts together (padding would shift token groups)
       for F in gear kvquant kivi; do
-        queue accq_${M}_${T}_$F "$KV eval $(e $M) --tasks $T --presses $F@bits=2,$F@bits=4 --out $RUNS/accq_${M}_${T}_$F"
+        queue accq_${M}_${T}_$F "$KV eval $(e $M) --tasks $T --presses $F@bits=2,$F@bits=4 --sample-batch 25 \
+          --out $RUNS/accq_${M}_${T}_$F"
       done ;;
     esac
   done; done
