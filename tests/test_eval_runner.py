@@ -111,6 +111,23 @@ def test_quantizers_batch_samples_of_equal_token_counts(tmp_path, tiny, smol_tok
             assert one[key]["predictions"] == many[key]["predictions"], key
 
 
+def test_batches_gather_samples_of_equal_token_counts():
+    """With a sample batch, samples are ordered by their token counts before grouping (stably, compatible samples
+    together), so a batch holds as few distinct counts as the task allows."""
+    from kvforge.eval.tasks.base import Sample
+
+    def s(i, q=1, mnt=8):
+        return Sample("a", f"a-{i}", "ctx", ["q"] * q, "", [["a"]] * q, mnt, "string_match_all", {})
+
+    made = [s(0), s(1), s(2), s(3, q=2), s(4), s(5)]
+    counts = {"a-0": (10, (3,)), "a-1": (12, (3,)), "a-2": (10, (3,)), "a-3": (10, (3, 3)), "a-4": (12, (3,)),
+              "a-5": (10, (4,))}
+    ordered = runner.by_token_counts(made, counts)
+    assert [x.id for x in ordered] == ["a-0", "a-2", "a-5", "a-1", "a-4", "a-3"]
+    assert [[x.id for x in g] for g in runner.sample_groups(ordered, 2)] == [["a-0", "a-2"], ["a-5", "a-1"],
+                                                                              ["a-4"], ["a-3"]]
+
+
 def test_sample_groups_keep_tasks_and_answer_lengths_apart():
     from kvforge.eval.tasks.base import Sample
 

@@ -248,14 +248,16 @@ def run_eval(
     for t in tasks:
         for n in lengths:
             made = make_samples(t, tokenizer, n, per_task[t], seed)
-            groups += sample_groups(made, sample_batch)
+            counts = {}
             for s in made:
                 mnt = max_new_tokens or s.max_new_tokens
                 # context + question + answer must fit the model's positions: refused now, not mid-run
-                encode(model, tokenizer, [s.context], [[] if s.metric == "ppl" else s.questions], s.answer_prefix,
-                       max_new_tokens=0 if s.metric == "ppl" else mnt, prompt_format=prompt_format)
+                e = encode(model, tokenizer, [s.context], [[] if s.metric == "ppl" else s.questions], s.answer_prefix,
+                           max_new_tokens=0 if s.metric == "ppl" else mnt, prompt_format=prompt_format)
+                counts[s.id] = (e.ctx_ids.shape[1], tuple(len(q) for q in e.q_rows[0]))
                 all_samples.append(s)
                 row_facts[(s.task, s.id)] = {"length": n, "max_new_tokens": None if s.metric == "ppl" else mnt}
+            groups += sample_groups(by_token_counts(made, counts) if sample_batch > 1 else made, sample_batch)
 
     out_dir = prepare_out(out_dir)  # every check passed: the first write
     if overwrite:
@@ -345,6 +347,13 @@ def _codes(press) -> bool:
     never code later tokens, so their stacked answers are the same.)"""
     inner = getattr(press, "presses", None)
     return press.kind == "quantization" or bool(inner and any(_codes(p) for p in inner))
+
+
+def by_token_counts(samples: list, counts: dict) -> list:
+    """`samples` reordered (stably) so that batchable samples of equal token counts `counts[id]` (context, each
+    question) sit together: batches then hold less padding, and quantizers (which answer samples of equal counts
+    together, `equal_length_groups`) fewer sub-groups. Records are keyed by sample, so the order changes no row."""
+    return sorted(samples, key=lambda s: (s.metric, len(s.questions), s.max_new_tokens, counts[s.id]))
 
 
 def sample_groups(samples: list, size: int) -> list[list]:
