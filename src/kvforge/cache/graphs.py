@@ -258,9 +258,10 @@ class GraphForward:
                 with torch.cuda.stream(stream):  # this call's answer, eagerly (and the warm-up)
                     logits = self._forward()
                 torch.cuda.current_stream().wait_stream(stream)
-                self.graph = torch.cuda.CUDAGraph()  # recorded, not run: the device state stays as the warm-up left it
-                with torch.cuda.graph(self.graph):
+                graph = torch.cuda.CUDAGraph()  # recorded, not run: the device state stays as the warm-up left it
+                with torch.cuda.graph(graph):
                     self.logits = self._forward()
+                self.graph = graph  # only a complete capture is ever replayed
             else:
                 logits = self._forward()
         finally:
