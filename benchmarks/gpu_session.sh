@@ -11,7 +11,10 @@
 #                                                         # bytes are there, `&& ... gemma` after the last part
 #   carry [.wk]   bash benchmarks/gpu_session.sh peer     # kvpress into /tmp/kvp (the agreement run)
 #   then: eval "$(bash benchmarks/gpu_session.sh env)"; bash benchmarks/gpu_session.sh mps;
-#         PARTS="..." bash benchmarks/gpu_tables.sh accuracy; sleep N; bash benchmarks/gpu_tables.sh status
+#         python3 -c "import sys; sys.path.insert(0, 'tests'); from helpers import captured_codes_match_eager as c;
+#           print({n: c(n) for n in ['kivi', 'gear', 'kvquant', 'think']})"   # else export KVFORGE_GRAPH_CODES=0
+#         PARTS="..." MODELS=... bash benchmarks/gpu_tables.sh accuracy; sleep N; bash benchmarks/gpu_tables.sh brief
+#   (SmolLM2's jobs can start right after its third carry, Gemma3's in a later call: each call queues its own)
 #   last: bash benchmarks/gpu_session.sh fetch    # $RUNS and logs as $OUT/runs.tgz
 # Measured 2026-12-06 (H200): setup 19 s, each part < 1 s, SmolLM2 conversion 18 s, Gemma3 49 s.
 set -euo pipefail
