@@ -157,12 +157,14 @@ class DenseLayer(CacheLayerMixin):
     def graph_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
         g = self.graph
         q = key_states.shape[2]
-        at = g["pos"] if q == 1 else g["pos"] + torch.arange(q, device=g["pos"].device)
+        at, slot = g["pos"], g["logical"]  # one token: the counters themselves (no extra kernel per decode step)
+        if q > 1:
+            step = torch.arange(q, device=at.device)
+            at, slot = at + step, slot + step
         self._k.index_copy_(2, at, key_states)
         self._v.index_copy_(2, at, value_states)
         if self.slots is not None:
-            new = g["logical"] if q == 1 else g["logical"] + torch.arange(q, device=g["pos"].device)
-            self.slots.index_copy_(2, at, new.expand(*self.slots.shape[:2], q))
+            self.slots.index_copy_(2, at, slot.expand(*self.slots.shape[:2], q))
         g["pos"] += q
         g["logical"] += q
         g["lengths"] += q

@@ -254,7 +254,7 @@ def run_eval(
                 # context + question + answer must fit the model's positions: refused now, not mid-run
                 e = encode(model, tokenizer, [s.context], [[] if s.metric == "ppl" else s.questions], s.answer_prefix,
                            max_new_tokens=0 if s.metric == "ppl" else mnt, prompt_format=prompt_format)
-                counts[s.id] = (e.ctx_ids.shape[1], tuple(len(q) for q in e.q_rows[0]))
+                counts[s.id] = token_counts(e)[0]
                 all_samples.append(s)
                 row_facts[(s.task, s.id)] = {"length": n, "max_new_tokens": None if s.metric == "ppl" else mnt}
             groups += sample_groups(by_token_counts(made, counts) if sample_batch > 1 else made, sample_batch)
@@ -448,19 +448,22 @@ def _run_group(model, tok, group, factories, todo, done, emit, max_new_tokens, s
                        1, cuda_graph, chunk_size, prompt_format)
 
 
+def token_counts(enc) -> list[tuple]:
+    """Per row of `enc`: (context tokens, (tokens of each question)). Rows of equal counts need no padding."""
+    return [(n, tuple(len(q) for q in qs)) for n, qs in zip(enc.ctx_mask.sum(1).tolist(), enc.q_rows)]
+
+
 def _padded(enc) -> bool:
     """True when a batch's rows hold padding: contexts or some question of different token counts."""
-    questions = range(len(enc.q_rows[0])) if enc.q_rows else range(0)
-    return not bool(enc.ctx_mask.all()) or any(len({len(row[j]) for row in enc.q_rows}) > 1 for j in questions)
+    return len(set(token_counts(enc))) > 1
 
 
 def equal_length_groups(group: list, enc) -> list[list]:
     """The samples of `group` (encoded as `enc`) in sub-groups whose contexts and questions have the same token
     counts, so that none of them is padded; in order of first appearance."""
     subs: dict[tuple, list] = {}
-    lengths = enc.ctx_mask.sum(1).tolist()
-    for i, sample in enumerate(group):
-        subs.setdefault((lengths[i], tuple(len(q) for q in enc.q_rows[i])), []).append(sample)
+    for key, sample in zip(token_counts(enc), group):
+        subs.setdefault(key, []).append(sample)
     return list(subs.values())
 
 
