@@ -141,11 +141,17 @@ def cmd_train_kv_align(args) -> None:
     sizes = _ints(args.cache_sizes)
     for size in sizes:
         _check_mode("sw", size, args.sinks, None)
+    for flag, value, least in (("--lm-steps", args.lm_steps, 0), ("--lm-rows", args.lm_rows, 1),
+                               ("--lm-eval-every", args.lm_eval_every, 1)):
+        if value < least:
+            raise KVForgeError(f"{flag} {value}; allowed: an integer ≥ {least}")
     cfg = TrainConfig(cache_sizes=sizes, n_sink=args.sinks, streams=args.streams, snapshots=args.snapshots,
                       per_snapshot=args.per_snapshot,
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       num_pos=args.num_pos, key_hidden=_ints(args.key_hidden), value_hidden=_ints(args.value_hidden),
-                      cuda_graph=args.cuda_graph, alphas=_floats(args.alphas), calib_tokens=args.calib_tokens)
+                      cuda_graph=args.cuda_graph, alphas=_floats(args.alphas), calib_tokens=args.calib_tokens,
+                      lm_steps=args.lm_steps, lm_rows=args.lm_rows, lm_lr=args.lm_lr,
+                      lm_eval_every=args.lm_eval_every)
     text = read_text(args.text_file)
     model, tok = load_stream_model(args.model, dtype=args.dtype, device=args.device)
     nets = train_kv_align(model, tok, text, args.out, cfg, meta=_meta(args, model))
@@ -233,6 +239,12 @@ def add_parsers(sub) -> None:
     k.add_argument("--alphas", default="0,0.5,1",
                    help="strengths of the correction tried per cache size on validation text ('' or 1: no calibration)")
     k.add_argument("--calib-tokens", type=int, default=1024, help="validation predictions per row and (size, α)")
+    k.add_argument("--lm-steps", type=int, default=0,
+                   help="after the K/V fit, steps on the next-token loss of text streamed through kv mode, "
+                        "backpropagated through the frozen model (0: none)")
+    k.add_argument("--lm-rows", type=int, default=8, help="text rows per cache size in each --lm-steps step")
+    k.add_argument("--lm-lr", type=float, default=1e-4, help="learning rate of the --lm-steps stage")
+    k.add_argument("--lm-eval-every", type=int, default=100, help="validate every this many --lm-steps steps")
     k.set_defaults(func=cmd_train_kv_align)
 
     g = tsub.add_parser("gpt2", help="a small GPT-2 (absolute positions) trained from scratch, seeded")

@@ -144,7 +144,12 @@ class KVAlign:
     def apply(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, shifts: torch.Tensor,
               alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Aligned keys `[B, H, m, Dk]` and values `[B, H, m, Dv]` of m window entries with shifts `[m]`; `alpha`
-        scales the correction."""
+        scales the correction. No autograd graph (`correct` is the same with one)."""
+        return self.correct(layer_idx, keys, values, shifts, alpha)
+
+    def correct(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, shifts: torch.Tensor,
+                alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`apply`, differentiable in the networks' weights (what training through the frozen model calls)."""
         b, h, m, _ = keys.shape
         dev = keys.device
         shift = shifts.to(dev).expand(b, h, m).reshape(-1)

@@ -172,7 +172,10 @@ class SinkWindowLayer(CacheLayerMixin):
         return k, v
 
     def _write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store entries `[B, H, q, D]` in `slots [q]` (quantized when `bits` < 16; the decoded buffers follow)."""
+        """Store entries `[B, H, q, D]` in `slots [q]` (quantized when `bits` < 16; the decoded buffers follow).
+        The buffers hold values, never autograd history: when KV-Align trains through the cache (`kvforge.streaming.
+        tune`) a stored entry is a constant of every later step."""
+        keys, values = keys.detach(), values.detach()
         if self.bits == 16:
             self._k.index_copy_(2, slots, keys)
             self._v.index_copy_(2, slots, values)
@@ -289,8 +292,8 @@ class SinkWindowLayer(CacheLayerMixin):
         every layer at every step); channels past 2·m unchanged."""
         half, r = c.shape[-1], 2 * c.shape[-1]
         x1, x2 = x[..., :half], x[..., half:r]
-        if x.dtype != torch.float32:  # fp32 arithmetic, one rounding (as kvforge.rope)
-            x1, x2 = x1.float(), x2.float()
+        if x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):  # (out= is not differentiable)
+            x1, x2 = x1.float(), x2.float()  # fp32 arithmetic, one rounding (as kvforge.rope)
             return torch.cat([(x1 * c - x2 * s).to(x.dtype), (x2 * c + x1 * s).to(x.dtype), x[..., r:]], -1)
         out = torch.empty_like(x)  # fp32: four fused in-place operations into one output, no temporaries
         o1, o2 = out[..., :half], out[..., half:r]

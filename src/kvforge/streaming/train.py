@@ -55,6 +55,10 @@ class TrainConfig:
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # strengths tried per size ([]: α = 1)
     calib_rows: int = 8  # validation rows streamed side by side per (size, α)
     calib_tokens: int = 1024  # predictions scored per row after the cache is full
+    lm_steps: int = 0  # then steps on the next-token loss through the frozen model (kvforge.streaming.tune; 0: none)
+    lm_rows: int = 8  # text rows per cache size in each of those steps
+    lm_lr: float = 1e-4
+    lm_eval_every: int = 100  # steps between validations of that stage (the best networks are kept)
 
 
 @torch.inference_mode()
@@ -284,10 +288,20 @@ def train_kv_align(model: Any, tokenizer: Any, text: str, out: str | Path, cfg: 
     record = fit(nets, train, val, cfg, progress, max_steps)
     nets.spec.trained = {**record, "pairs": len(train["shift"]), "val_pairs": len(val["shift"]),
                          "config": asdict(cfg), "meta": meta or {}}
-    nets.save(out)  # the trained networks are kept even if the calibration below is stopped (strength: none yet)
+    nets.save(out)  # the trained networks are kept even if a stage below is stopped (strength: none yet)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    split = int(len(ids) * (1 - cfg.val_fraction))
+    if cfg.lm_steps:
+        from kvforge.streaming.tune import TuneConfig, tune
+
+        tcfg = TuneConfig(steps=cfg.lm_steps, rows=cfg.lm_rows, lr=cfg.lm_lr, eval_every=cfg.lm_eval_every,
+                          n_sink=cfg.n_sink, seed=cfg.seed)
+        record["lm"] = tune(model, nets, ids[:split], ids[split:], cfg.cache_sizes, tcfg, progress)
+        nets.spec.trained = {**record, "pairs": len(train["shift"]), "val_pairs": len(val["shift"]),
+                             "config": asdict(cfg), "meta": meta or {}}
+        nets.save(out)
     if cfg.alphas:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-        record["calibration"] = calibrate(model, nets, ids[int(len(ids) * (1 - cfg.val_fraction)):], cfg, progress)
+        record["calibration"] = calibrate(model, nets, ids[split:], cfg, progress)
         record["strength"] = dict(nets.spec.strength)
     nets.spec.trained = {**record, "pairs": len(train["shift"]), "val_pairs": len(val["shift"]),
                          "config": asdict(cfg), "meta": meta or {}}
