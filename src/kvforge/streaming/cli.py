@@ -239,7 +239,7 @@ def add_parsers(sub) -> None:
     k.add_argument("--alphas", default="0,0.5,1",
                    help="strengths of the correction tried per cache size on validation text ('' or 1: no calibration)")
     k.add_argument("--calib-tokens", type=int, default=1024, help="validation predictions per row and (size, α)")
-    k.add_argument("--lm-steps", type=int, default=0,
+    k.add_argument("--lm-steps", type=int, default=300,
                    help="after the K/V fit, steps on the next-token loss of text streamed through kv mode, "
                         "backpropagated through the frozen model (0: none)")
     k.add_argument("--lm-rows", type=int, default=8, help="text rows per cache size in each --lm-steps step")

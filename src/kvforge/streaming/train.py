@@ -55,7 +55,7 @@ class TrainConfig:
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])  # strengths tried per size ([]: α = 1)
     calib_rows: int = 8  # validation rows streamed side by side per (size, α)
     calib_tokens: int = 1024  # predictions scored per row after the cache is full
-    lm_steps: int = 0  # then steps on the next-token loss through the frozen model (kvforge.streaming.tune; 0: none)
+    lm_steps: int = 300  # then steps on the next-token loss through the frozen model (kvforge.streaming.tune; 0: none)
     lm_rows: int = 8  # text rows per cache size in each of those steps
     lm_lr: float = 1e-4
     lm_eval_every: int = 100  # steps between validations of that stage (the best networks are kept)
