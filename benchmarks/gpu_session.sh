@@ -112,7 +112,8 @@ gemma)
   ;;
 env) echo "$ENV" ;;  # eval "$(bash benchmarks/gpu_session.sh env)"
 fetch)
-  env_vars; tar czf "$OUT/runs.tgz" -C "$(dirname "$RUNS")" "$(basename "$RUNS")" && ls -l "$OUT"
+  env_vars; tar czf "$OUT/runs.tgz" --exclude='model*.safetensors' --exclude=pairs.pt --exclude='*.gguf' \
+    -C "$(dirname "$RUNS")" "$(basename "$RUNS")" && ls -l "$OUT"  # results and small artifacts, no weights
   ;;
 *) echo "usage: bash $0 build|setup|part|smol|gemma|peer|text|mps|env|fetch"; exit 2 ;;
 esac

@@ -62,8 +62,8 @@ def test_train_cli_reduces_validation_loss_and_the_networks_apply(tok, tmp_path)
     out = tmp_path / "nets"
     args = ["train", "kv-align", "--model", str(model_dir), "--text-file", str(tmp_path / "text.txt"), "--out",
             str(out), "--cache-sizes", "12", "--sinks", "2", "--streams", "4", "--snapshots", "4", "--epochs", "3",
-            "--per-snapshot", "512",
-            "--batch-size", "64", "--num-pos", "32", "--key-hidden", "32", "--value-hidden", "32", "--alphas", "1", "--lm-steps", "0"]
+            "--per-snapshot", "512", "--batch-size", "64", "--num-pos", "32", "--key-hidden", "32", "--value-hidden",
+            "32", "--alphas", "1", "--lm-steps", "0"]
     assert main(args) == 0
     record = json.loads((out / "kv_align.json").read_text())["trained"]
     assert max(record["val_loss"]) < record["val_identity"]  # better than leaving the entries as they are

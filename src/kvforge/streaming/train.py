@@ -9,7 +9,9 @@ the same position of a plain forward over the tokens the cache holds [sinks + wi
 networks are trained on the shifts that occur at inference for every cache size they will serve. Pairs are saved
 (DIR/pairs.pt) and reused by a re-run with the same settings.
 
-Then, per cache size, the strength α of the correction (`kvalign` docstring) is chosen from `alphas` by the
+Then (`lm_steps` > 0, the default) the networks train on the next-token loss of text streamed through `KV` mode,
+backpropagated through the frozen model (`kvforge.streaming.tune`): the K/V error is a proxy that can disagree with
+perplexity. Then, per cache size, the strength α of the correction (`kvalign` docstring) is chosen from `alphas` by the
 next-token loss of validation text streamed through `KV` at that size (α = 0 is `sw`): the loss the networks are
 for, not the MSE they are trained on. The table is recorded in kv_align.json (`trained.calibration`).
 """
