@@ -151,3 +151,30 @@ def test_train_and_eval_cli(tmp_path, tiny_dir, capsys):
     capsys.readouterr()
     assert main(["link", "eval", "--model", str(tiny_dir), "--modes", "links", "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip().endswith("needs --links DIR (a model saved by `kvforge train kvlink`)")
+
+
+def test_link_lr_trains_the_link_rows_apart_and_freezes_the_other_rows(tmp_path, smol_tokenizer):
+    """`link_lr`: the decoder fine-tunes at `lr`, the link rows at their own rate (Adam's first steps move each
+    element by about its group's rate), every other embedding row stays as it was."""
+    import copy
+
+    from kvforge.link.train import TrainConfig, train_kvlink
+
+    smol_tokenizer = copy.deepcopy(smol_tokenizer)  # adding link tokens changes a tokenizer: not the shared one
+    moved = {}
+    for link_lr in (None, 1e-2):
+        model = tiny_model("llama")
+        add_links(model, smol_tokenizer, 2, 3)  # training continues with the links a model has
+        before = model.get_input_embeddings().weight.detach().clone()
+        q = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+        cfg = TrainConfig(steps=2, batch=1, lr=1e-5, warmup=1, n_links=2, max_docs=3, link_lr=link_lr)
+        train_kvlink(model, smol_tokenizer, tmp_path / str(link_lr), cfg, progress=False)
+        after = model.get_input_embeddings().weight.detach()
+        ids = sorted(load_links(model, smol_tokenizer).ids)
+        others = torch.ones(len(after), dtype=torch.bool)
+        others[ids] = False
+        assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, q)  # the decoder trains either way
+        moved[link_lr] = float((after[ids] - before[ids]).abs().max())
+        if link_lr:
+            assert torch.equal(after[others], before[others])
+    assert moved[None] < 3e-5 < 3e-3 < moved[1e-2]

@@ -18,9 +18,11 @@ def cmd_train_kvlink(args) -> None:
 
     cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, n_links=args.n_links,
                       max_docs=args.max_docs, text_fraction=args.text_fraction, two_hop_fraction=args.two_hop_fraction,
-                      lora=args.lora, seed=args.seed, template=_template(args))
+                      lora=args.lora, link_lr=args.link_lr, seed=args.seed, template=_template(args))
     if not 0 <= cfg.text_fraction <= 1 or not 0 <= cfg.two_hop_fraction <= 1 or cfg.lora < 0 or cfg.n_links < 1:
         raise KVForgeError("--text-fraction and --two-hop-fraction must be in [0, 1], --lora ≥ 0, --n-links ≥ 1")
+    if cfg.link_lr is not None and not cfg.link_lr > 0:
+        raise KVForgeError(f"--link-lr {cfg.link_lr}; allowed: a learning rate > 0")
     model, tok = load_model(args.model, dtype=args.dtype or "float32", device=args.device)
     log = train_kvlink(model, tok, args.out, cfg, meta={"model": args.model, "argv": sys.argv[1:]})
     losses = log["loss"]
@@ -72,6 +74,9 @@ def add_parsers(subparsers) -> None:
     t.add_argument("--text-fraction", type=float, default=0.2, help="share of plain-text continuation samples")
     t.add_argument("--two-hop-fraction", type=float, default=0.3, help="share of QA needing two documents")
     t.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tune, the reference's recipe)")
+    t.add_argument("--link-lr", type=float, default=None,
+                   help="the link tokens' embedding rows at this learning rate, the other embedding rows frozen "
+                        "(default: everything at --lr, the reference's recipe)")
     t.set_defaults(func=cmd_train_kvlink)
 
     e = command_group(subparsers, "link", "document KV reuse with link tokens (KVLink)").add_parser(

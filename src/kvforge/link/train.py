@@ -40,6 +40,7 @@ class TrainConfig:
     text_fraction: float = 0.2
     two_hop_fraction: float = 0.3
     lora: int = 0  # LoRA rank; 0 = full fine-tune
+    link_lr: float | None = None  # the link rows' own learning rate; the other embedding rows then stay frozen
     lora_alpha: float = 16.0
     seed: int = 0
     template: bool | None = None  # default: the tokenizer's chat template when it has one
@@ -75,20 +76,32 @@ def _swap_linears(model, make) -> None:
                 setattr(module, child, make(sub))
 
 
-def trainable_parameters(model, links: Links, cfg: TrainConfig) -> list[dict]:
-    """Optimizer groups: everything (full fine-tune), or LoRA adapters + the link rows of the input embeddings."""
-    if not cfg.lora:
-        model.requires_grad_(True)
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    model.requires_grad_(False)
-    _swap_linears(model, lambda lin: LoRALinear(lin, cfg.lora, cfg.lora_alpha))
+def _link_rows(model, links: Links, cfg: TrainConfig) -> dict:
+    """The optimizer group of the input embeddings in which only the link tokens' rows learn (at `link_lr` if set)."""
     emb = model.get_input_embeddings().weight
     rows = torch.zeros(emb.shape[0], 1, dtype=emb.dtype, device=emb.device)
     rows[list(links.ids)] = 1
     emb.requires_grad_(True)
-    emb.register_hook(lambda g: g * rows)  # only the link tokens' rows learn
+    emb.register_hook(lambda g: g * rows)
+    return {"params": [emb], "weight_decay": 0.0, **({"lr": cfg.link_lr} if cfg.link_lr else {})}
+
+
+def trainable_parameters(model, links: Links, cfg: TrainConfig) -> list[dict]:
+    """Optimizer groups: everything (full fine-tune, the reference's recipe), or LoRA adapters + the link rows of the
+    input embeddings. With `link_lr`, a full fine-tune trains the decoder at `lr` and the link rows at `link_lr`,
+    the other embedding rows (and a tied output head) frozen: Adam's step does not scale with the gradient, so a
+    row's learning rate can only differ through a group of its own, and new rows at the model's small `lr` barely
+    move from their initialisation (measured: docs/link.md)."""
+    if not cfg.lora:
+        model.requires_grad_(True)
+        if not cfg.link_lr:
+            return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        emb = model.get_input_embeddings().weight
+        return [{"params": [p for p in model.parameters() if p is not emb]}, _link_rows(model, links, cfg)]
+    model.requires_grad_(False)
+    _swap_linears(model, lambda lin: LoRALinear(lin, cfg.lora, cfg.lora_alpha))
     adapters = [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.a, m.b)]
-    return [{"params": adapters}, {"params": [emb], "weight_decay": 0.0}]
+    return [{"params": adapters}, _link_rows(model, links, cfg)]
 
 
 def batch_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
