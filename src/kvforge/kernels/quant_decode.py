@@ -59,19 +59,28 @@ except ImportError:  # pragma: no cover - CPU-only installs
 def quant_decode_attention_ref(query, parts, bits: int, group: int, tail_k, tail_v, tail_len, scale: float,
                                dequant_dtype: torch.dtype | None = None):
     """Reference: dequantize the coded part (in the cache dtype, as decoding does, or `dequant_dtype`), append the
-    valid tail, softmax attention in float32 (float64 when `dequant_dtype` is float64: an exact reference)."""
+    valid tail, softmax attention in float32 (float64 when `dequant_dtype` is float64: an exact reference).
+    `tail_len` a device tensor (graph mode): the whole tail is read and slots past the length are masked, so nothing
+    waits for the device (a CUDA graph capture refuses a sync)."""
     kq, ks, kz, vq, vs, vz = parts
     b, hq, d = query.shape
     h = kq.shape[1]
     g = hq // h
-    n = int(tail_len)
     acc = torch.float64 if dequant_dtype == torch.float64 else torch.float32
-    keys = torch.cat([dequantize_keys(kq, ks, kz, bits, group, dequant_dtype or ks.dtype).to(acc),
-                      tail_k[:, :, :n].to(acc)], 2)
-    vals = torch.cat([dequantize_values(vq, vs, vz, bits, group, dequant_dtype or vs.dtype).to(acc),
-                      tail_v[:, :, :n].to(acc)], 2)
+    if isinstance(tail_len, torch.Tensor):
+        tk, tv, live = tail_k, tail_v, torch.arange(tail_k.shape[2], device=tail_k.device) < tail_len
+    else:
+        n = int(tail_len)
+        tk, tv, live = tail_k[:, :, :n], tail_v[:, :, :n], None
+    keys = torch.cat([dequantize_keys(kq, ks, kz, bits, group, dequant_dtype or ks.dtype).to(acc), tk.to(acc)], 2)
+    vals = torch.cat([dequantize_values(vq, vs, vz, bits, group, dequant_dtype or vs.dtype).to(acc), tv.to(acc)], 2)
     q = query.to(acc).view(b, h, g, d)
-    p = torch.softmax(torch.einsum("bhgd,bhnd->bhgn", q, keys) * scale, dim=-1)
+    scores = torch.einsum("bhgd,bhnd->bhgn", q, keys) * scale
+    if live is not None:  # spare slots may hold anything, NaN included: masked out of the scores and the values
+        keep = torch.cat([live.new_ones(kq.shape[2]), live])
+        scores = scores.masked_fill(~keep, float("-inf"))
+        vals = torch.where(keep[:, None], vals, 0)
+    p = torch.softmax(scores, dim=-1)
     return torch.einsum("bhgn,bhnd->bhgd", p, vals).reshape(b, hq, vals.shape[-1]).to(query.dtype)
 
 
