@@ -118,6 +118,15 @@ class KVAlign:
         self.value_net.to(device)
         return self
 
+    def state(self) -> tuple[dict, dict]:
+        """A copy of both networks' weights (training keeps its best networks this way)."""
+        return ({k: v.detach().clone() for k, v in self.key_net.state_dict().items()},
+                {k: v.detach().clone() for k, v in self.value_net.state_dict().items()})
+
+    def load_state(self, state: tuple[dict, dict]) -> None:
+        self.key_net.load_state_dict(state[0])
+        self.value_net.load_state_dict(state[1])
+
     def check_model(self, model: Any) -> None:
         """One-line KVForgeError unless these networks were made for `model`."""
         mine, theirs = self.spec.model, model_identity(model)

@@ -200,7 +200,7 @@ def fit(nets: KVAlign, train: dict, val: dict, cfg: TrainConfig, progress: bool 
     # host and copying each batch, plus a sync per step for the progress bar, made training launch-bound)
     train, val = ({k: v.to(dev) for k, v in part.items()} for part in (train, val))
     record = {"val_identity": evaluate(nets, val), "val_loss": [], "steps": 0}
-    best = (record["val_identity"], _state(nets))
+    best = (record["val_identity"], nets.state())
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress)
     for _ in range(cfg.epochs):
         for idx in _batches(n, cfg.batch_size, gen):
@@ -221,10 +221,9 @@ def fit(nets: KVAlign, train: dict, val: dict, cfg: TrainConfig, progress: bool 
         record["val_loss"].append(v)
         bar.write(f"validation loss {v:.4g} (identity {record['val_identity']:.4g})")
         if v < best[0]:
-            best = (v, _state(nets))
+            best = (v, nets.state())
     bar.close()
-    nets.key_net.load_state_dict(best[1][0])
-    nets.value_net.load_state_dict(best[1][1])
+    nets.load_state(best[1])
     return record
 
 
@@ -232,33 +231,20 @@ def calibrate(model: Any, nets: KVAlign, ids: torch.Tensor, cfg: TrainConfig, pr
     """Per cache size, the α of `cfg.alphas` with the lowest next-token loss on rows of the validation ids `[T]`
     streamed through `KV(size, alpha=α)` (scored after the cache is full); sets `nets.spec.strength` and returns
     {size: {α: mean NLL}}. Ties keep the smaller α."""
-    from kvforge.streaming.modes import KV
-    from kvforge.streaming.ppl import stream_nll
+    from kvforge.streaming.tune import streamed_loss
 
     table = {}
     for size in cfg.cache_sizes:
-        need = size + cfg.calib_tokens + 1
-        if len(ids) < need:  # a short text: one row of what there is
-            need = len(ids)
-        if need < size + 2:
-            raise KVForgeError(f"the validation text has {len(ids)} tokens; calibrating cache {size} needs at least "
-                               f"{size + 2} (or pass alphas [] / --alphas 1)")
-        rows = min(cfg.calib_rows, len(ids) // need)
-        x = ids[: rows * need].view(rows, need)
         losses = {}
         for alpha in cfg.alphas:
-            nll = stream_nll(model, x, KV(size, cfg.n_sink, nets=nets, alpha=alpha), cuda_graph=cfg.cuda_graph)
-            losses[alpha] = float(nll[:, size:].double().mean())
+            losses[alpha] = streamed_loss(model, nets, ids, size, alpha, cfg.n_sink, cfg.calib_rows, cfg.calib_tokens,
+                                          cuda_graph=cfg.cuda_graph, what="calibrating",
+                                          hint=" (or pass alphas [] / --alphas 1)")
             if progress:
                 print(f"calibration: cache {size} α {alpha}: loss {losses[alpha]:.4f}", flush=True)
         nets.spec.strength[str(size)] = min(losses, key=lambda a: (losses[a], a))
         table[str(size)] = {str(a): v for a, v in losses.items()}
     return table
-
-
-def _state(nets: KVAlign) -> tuple[dict, dict]:
-    return ({k: v.clone() for k, v in nets.key_net.state_dict().items()},
-            {k: v.clone() for k, v in nets.value_net.state_dict().items()})
 
 
 def train_kv_align(model: Any, tokenizer: Any, text: str, out: str | Path, cfg: TrainConfig | None = None,

@@ -83,23 +83,27 @@ class TrainStream:
 
 
 @torch.inference_mode()
-def validation_loss(model: Any, nets: KVAlign, ids: torch.Tensor, sizes: list[int], cfg: TuneConfig,
-                    alpha: float = 1.0) -> dict[str, float]:
-    """Mean next-token loss per cache size of `cfg.val_rows` rows of `ids` `[T]` streamed through
-    `KV(size, alpha=alpha)`, scored after the cache is full (α = 0 is `sw`)."""
+def streamed_loss(model: Any, nets: KVAlign, ids: torch.Tensor, size: int, alpha: float, n_sink: int, rows: int,
+                  tokens: int, cuda_graph: bool = False, what: str = "validating", hint: str = "") -> float:
+    """Mean next-token loss of up to `rows` rows of `ids` `[T]` (each `size + tokens + 1` long; one row of what
+    there is when the text is shorter) streamed through `KV(size, alpha=alpha)`, scored after the cache is full
+    (α = 0 is `sw`)."""
     from kvforge.streaming.ppl import stream_nll
 
-    out = {}
-    for size in sizes:
-        need = min(size + cfg.val_tokens + 1, len(ids))  # a short text: one row of what there is
-        if need < size + 2:
-            raise KVForgeError(f"the validation text has {len(ids)} tokens; validating cache {size} needs at least "
-                               f"{size + 2}")
-        rows = min(cfg.val_rows, len(ids) // need)
-        x = ids[: rows * need].view(rows, need)
-        nll = stream_nll(model, x, KV(size, cfg.n_sink, nets=nets, alpha=alpha))
-        out[str(size)] = float(nll[:, size:].double().mean())
-    return out
+    need = min(size + tokens + 1, len(ids))
+    if need < size + 2:
+        raise KVForgeError(f"the validation text has {len(ids)} tokens; {what} cache {size} needs at least "
+                           f"{size + 2}{hint}")
+    x = ids[: min(rows, len(ids) // need) * need].view(-1, need)
+    nll = stream_nll(model, x, KV(size, n_sink, nets=nets, alpha=alpha), cuda_graph=cuda_graph)
+    return float(nll[:, size:].double().mean())
+
+
+def validation_loss(model: Any, nets: KVAlign, ids: torch.Tensor, sizes: list[int], cfg: TuneConfig,
+                    alpha: float = 1.0) -> dict[str, float]:
+    """`streamed_loss` per cache size of `sizes` on `cfg.val_rows` rows of `cfg.val_tokens` predictions."""
+    return {str(size): streamed_loss(model, nets, ids, size, alpha, cfg.n_sink, cfg.val_rows, cfg.val_tokens)
+            for size in sizes}
 
 
 def tune(model: Any, nets: KVAlign, train_ids: torch.Tensor, val_ids: torch.Tensor, sizes: list[int],
@@ -131,7 +135,7 @@ def tune(model: Any, nets: KVAlign, train_ids: torch.Tensor, val_ids: torch.Tens
         record = {"config": asdict(cfg), "val_sw": validation_loss(model, nets, val_ids, sizes, cfg, 0.0),
                   "val": [], "train_loss": []}
         step = 0
-        best = (validate(), _state(nets), 0)
+        best = (validate(), nets.state(), 0)
         bar = tqdm(total=cfg.steps, desc="tune (next-token loss)", unit="step", disable=not progress)
         running = None
         while step < cfg.steps:
@@ -154,18 +158,13 @@ def tune(model: Any, nets: KVAlign, train_ids: torch.Tensor, val_ids: torch.Tens
                     bar.write(f"step {step}: validation loss {v:.4f} (best {best[0]:.4f}, sw "
                               f"{sum(record['val_sw'].values()) / len(sizes):.4f})")
                 if v < best[0]:
-                    best = (v, _state(nets), step)
+                    best = (v, nets.state(), step)
         bar.close()
     finally:
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
-    nets.key_net.load_state_dict(best[1][0])
-    nets.value_net.load_state_dict(best[1][1])
+    nets.load_state(best[1])
     record["best_step"], record["steps"] = best[2], step
     return record
 
-
-def _state(nets: KVAlign) -> tuple[dict, dict]:
-    return ({k: v.detach().clone() for k, v in nets.key_net.state_dict().items()},
-            {k: v.detach().clone() for k, v in nets.value_net.state_dict().items()})
