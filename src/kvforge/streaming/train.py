@@ -31,6 +31,7 @@ from kvforge.rope import rope_for_layer, unapply
 from kvforge.streaming.kvalign import KVAlign, model_identity
 from kvforge.streaming.modes import SW, check_size
 from kvforge.streaming.runner import Stream
+from kvforge.streaming.tune import TuneConfig, streamed_loss, tune
 
 PAIRS = ("xk", "xv", "yk", "yv", "shift", "layer", "head")
 STORE = torch.float16  # pairs are kept (and saved) in half precision; batches are trained in fp32
@@ -231,8 +232,6 @@ def calibrate(model: Any, nets: KVAlign, ids: torch.Tensor, cfg: TrainConfig, pr
     """Per cache size, the α of `cfg.alphas` with the lowest next-token loss on rows of the validation ids `[T]`
     streamed through `KV(size, alpha=α)` (scored after the cache is full); sets `nets.spec.strength` and returns
     {size: {α: mean NLL}}. Ties keep the smaller α."""
-    from kvforge.streaming.tune import streamed_loss
-
     table = {}
     for size in cfg.cache_sizes:
         losses = {}
@@ -274,24 +273,22 @@ def train_kv_align(model: Any, tokenizer: Any, text: str, out: str | Path, cfg: 
     set_scales(nets, train)
     nets.to(model.device)
     record = fit(nets, train, val, cfg, progress, max_steps)
-    nets.spec.trained = {**record, "pairs": len(train["shift"]), "val_pairs": len(val["shift"]),
-                         "config": asdict(cfg), "meta": meta or {}}
-    nets.save(out)  # the trained networks are kept even if a stage below is stopped (strength: none yet)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    split = int(len(ids) * (1 - cfg.val_fraction))
-    if cfg.lm_steps:
-        from kvforge.streaming.tune import TuneConfig, tune
 
-        tcfg = TuneConfig(steps=cfg.lm_steps, rows=cfg.lm_rows, lr=cfg.lm_lr, eval_every=cfg.lm_eval_every,
-                          n_sink=cfg.n_sink, seed=cfg.seed)
-        record["lm"] = tune(model, nets, ids[:split], ids[split:], cfg.cache_sizes, tcfg, progress)
+    def save() -> None:  # the networks and the record so far: a stage stopped later keeps what finished before it
         nets.spec.trained = {**record, "pairs": len(train["shift"]), "val_pairs": len(val["shift"]),
                              "config": asdict(cfg), "meta": meta or {}}
         nets.save(out)
+
+    save()  # (strength: none yet)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    split = int(len(ids) * (1 - cfg.val_fraction))
+    if cfg.lm_steps:
+        tcfg = TuneConfig(steps=cfg.lm_steps, rows=cfg.lm_rows, lr=cfg.lm_lr, eval_every=cfg.lm_eval_every,
+                          n_sink=cfg.n_sink, seed=cfg.seed)
+        record["lm"] = tune(model, nets, ids[:split], ids[split:], cfg.cache_sizes, tcfg, progress)
+        save()
     if cfg.alphas:
         record["calibration"] = calibrate(model, nets, ids[split:], cfg, progress)
         record["strength"] = dict(nets.spec.strength)
-    nets.spec.trained = {**record, "pairs": len(train["shift"]), "val_pairs": len(val["shift"]),
-                         "config": asdict(cfg), "meta": meta or {}}
-    nets.save(out)
+    save()
     return nets
