@@ -140,6 +140,28 @@ def test_ar_equals_plain_forward_over_the_last_n_tokens(family):
     torch.testing.assert_close(nll, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_ar_keeps_no_window_logits_alive():
+    """`ar` over a prompt longer than the cache runs one forward per token; each returns the whole window's logits
+    `[B, n, V]`. Keeping a view of the last row kept them all alive (77 GiB on an H100 for a 1,871-token prompt,
+    cache 1024, GPT-2's 50k vocabulary): at most the newest one may be alive when the next forward runs."""
+    import weakref
+
+    model = small("llama")
+    stream = Stream(model, AR(cache_size=6))
+    alive: list = []
+    forward = stream._forward
+
+    def counting(ids, cache):  # the logits in a numpy array, which lives exactly as long as their storage
+        assert sum(r() is not None for r in alive) <= 1
+        array = forward(ids, cache).numpy().copy()
+        alive.append(weakref.ref(array))
+        return torch.from_numpy(array)
+
+    stream._forward = counting
+    out = stream.step(ids_for(model.config.vocab_size, 20))
+    assert out.shape[1] == 20 and len(alive) == 20  # longer than the cache: one forward per token
+
+
 def test_batch_rows_stream_independently():
     model = small("qwen2")
     ids = ids_for(model.config.vocab_size, 25, batch=2, seed=3)

@@ -101,6 +101,27 @@ def test_stream_prints_and_writes_latency(model_dir, tmp_path, capsys, monkeypat
     assert summary["ar"]["tokens"] == 5 and summary["speedup_vs_ar"] > 0
 
 
+def test_ar_stream_from_a_prompt_longer_than_the_cache_is_its_definition(model_dir):
+    """`ar` generation = greedy tokens, each from a plain forward over the last n tokens so far (prompt included)."""
+    import torch
+
+    from kvforge.streaming import AR
+    from kvforge.streaming.generate import run_stream
+    from kvforge.streaming.load import load_stream_model
+
+    model, tok = load_stream_model(str(model_dir), dtype="float32", device="cpu")
+    n, prompt = 12, TEXT[:200]
+    got: list = []
+    summary = run_stream(model, tok, AR(cache_size=n), prompt, 6, emit=got.append)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    assert summary["prompt_tokens"] == ids.shape[1] > 3 * n
+    with torch.inference_mode():
+        for _ in range(6):
+            nxt = model(input_ids=ids[:, -n:]).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    assert "".join(got) == tok.decode(ids[0, -6:], skip_special_tokens=True)
+
+
 def test_stopped_stream_keeps_finished_blocks_and_quiet_shows_progress(model_dir, tmp_path, capsys, monkeypatch):
     import kvforge.streaming.generate as gen
 

@@ -120,6 +120,8 @@ def cmd_stream(args) -> None:
 
     summary = run_stream(model, tok, mode, args.prompt, args.num_tokens, emit=emit, top_k=args.top_k,
                          seed=args.seed, records=records, cuda_graph=args.cuda_graph, on_block=on_block)
+    if out:  # the stream is kept even if the comparison below fails
+        write_latency(Path(out), records, summary, _meta(args, model))
     if args.compare_ar:
         ar = compare_ar(model, tok, args.prompt, args.cache_size, args.compare_ar, args.top_k, args.seed)
         summary["ar"] = ar

@@ -82,8 +82,8 @@ class Stream:
             if ids_all.shape[1] <= n:  # the whole history fits: one forward
                 outs.append(self._forward(ids_all, None)[:, first:])
             else:
-                for t in range(first, ids_all.shape[1]):
-                    outs.append(self._forward(ids_all[:, max(0, t + 1 - n) : t + 1], None)[:, -1:])
+                for t in range(first, ids_all.shape[1]):  # clone: a view would keep the window's logits alive
+                    outs.append(self._forward(ids_all[:, max(0, t + 1 - n) : t + 1], None)[:, -1:].clone())
             self.history = ids_all[:, -(n - 1) :] if n > 1 else ids_all[:, :0]
         else:
             at = 0
