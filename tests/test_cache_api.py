@@ -165,3 +165,55 @@ def test_no_press_leaves_the_attention_alone_and_matches_dynamic_cache(smol_toke
 def test_a_press_that_is_not_a_press_object_is_a_one_line_error(bad):
     with pytest.raises(KVForgeError, match="is not a press object"):
         KVCache(tiny_config("llama"), press=bad)
+
+
+def _dropped(make_and_use) -> bool:
+    """True when the KVCache that `make_and_use()` returns a weak reference to is gone after a collection."""
+    import gc
+
+    ref = make_and_use()
+    gc.collect()
+    return ref() is None
+
+
+@pytest.mark.parametrize("attention, press", [("sdpa", None), ("kvforge", None), ("sdpa", "knorm")])
+def test_a_dropped_cache_is_freed_after_generate(attention, press):
+    """The attention binding must not keep the last cache alive: on a model that runs sdpa (a user's, with no press)
+    nothing takes the binding, and a strong reference to it kept the whole cache's memory after `del cache`."""
+    import weakref
+
+    model = tiny_model("llama")
+    model.set_attn_implementation(attention)  # a press switches it to kvforge's
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def use():
+        cache = KVCache(model, press=None if press is None else get_press(press, compression_ratio=0.5))
+        model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        return weakref.ref(cache)
+
+    assert _dropped(use)
+
+
+def test_a_cache_is_freed_after_a_forward_that_failed_between_update_and_attention():
+    """An out-of-memory error inside attention (after the layer's update) leaves the binding set; the cache it names
+    must still be freed once the caller drops it (a benchmark's batch search retries after such errors)."""
+    import weakref
+
+    from transformers import AttentionInterface
+
+    def boom(module, query, key, value, attention_mask, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated inside attention)")
+
+    AttentionInterface.register("kvforge_test_boom", boom)
+    model = tiny_model("llama")
+    model.set_attn_implementation("kvforge_test_boom")
+    ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def use():
+        cache = KVCache(model)
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            model(ids, past_key_values=cache)
+        assert cache.get_seq_length() == 8  # the update ran before attention failed
+        return weakref.ref(cache)
+
+    assert _dropped(use)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from contextvars import ContextVar
 from typing import Any
 
@@ -16,8 +17,11 @@ from kvforge.errors import KVForgeError, check_count
 
 # The layer whose `update()` ran last in this thread/context, and the key tensor it returned. The attention
 # function only trusts it when the key it receives *is* that tensor, so a binding can never leak into a
-# later call that uses another cache (or none).
-_BOUND: ContextVar[tuple[KVCache, int, torch.Tensor] | None] = ContextVar("kvforge_bound", default=None)
+# later call that uses another cache (or none). Both are held by weak reference: nothing takes the binding
+# when the model runs another attention (sdpa, with no press) or a forward stops between a layer's update and
+# its attention (an out-of-memory error), and a strong reference here would keep that cache's memory alive
+# after the caller dropped it.
+_BOUND: ContextVar[tuple[weakref.ref, int, weakref.ref] | None] = ContextVar("kvforge_bound", default=None)
 
 
 class _GraphStep:
@@ -38,8 +42,9 @@ def take_binding(key: torch.Tensor) -> tuple[KVCache, int] | None:
     if bound is None:
         return None
     _BOUND.set(None)
-    cache, layer_idx, returned = bound
-    return (cache, layer_idx) if returned is key else None
+    cache_ref, layer_idx, key_ref = bound
+    cache = cache_ref()
+    return (cache, layer_idx) if cache is not None and key_ref() is key else None
 
 
 def check_press(press: Any) -> None:
@@ -166,7 +171,7 @@ class KVCache(Cache):
                                "the cache from the model, KVCache(model, press=...), which switches it on")
         keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
         if GRAPH_STEP.cache is not self:
-            _BOUND.set((self, layer_idx, keys))
+            _BOUND.set((weakref.ref(self), layer_idx, weakref.ref(keys)))
         return keys, values
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
