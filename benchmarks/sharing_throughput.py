@@ -16,6 +16,7 @@ that fits and its tokens/s, per model.
 
 Batch sizes grow by `--growth` until the first out-of-memory, then the gap between the last batch that fit and
 that one is bisected until it is at most 1/`--resolution` of the former (`--resolution 0`: no bisection).
+`--batches 256,192` measures exactly those batch sizes, in that order, in one process instead.
 
 `--prefill-chunk N` prefills the prompt N tokens at a time (transformers' `prefill_chunk_size`, every model alike),
 so activations are bounded by batch x N and the KV cache, not the prefill, decides the largest batch. Without it
@@ -107,6 +108,9 @@ def main() -> None:
     ap.add_argument("--min-batch", type=int, default=1, help="first batch size tried")
     ap.add_argument("--max-batch", type=int, default=1024)
     ap.add_argument("--growth", type=int, default=2, help="batch sizes 1, g, g², ... (4 halves the runs)")
+    ap.add_argument("--batches", default=None,
+                    help="comma-separated batch sizes measured in this order in one process, instead of the search "
+                         "(e.g. 256,192: does an out-of-memory leave memory behind for the next run?)")
     ap.add_argument("--warmup", type=int, default=2, help="lckv warm-up layers")
     ap.add_argument("--sliding-window", type=int, default=1024, help="window of yoco/mixattention sliding layers")
     ap.add_argument("--dtype", default="bfloat16")
@@ -118,6 +122,12 @@ def main() -> None:
                          "the largest batches of an 80 GB card on a larger one")
     ap.add_argument("--out", required=True, help="JSON lines; re-run the same command to resume")
     args = ap.parse_args()
+    try:
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else []
+    except ValueError:
+        raise SystemExit(f"--batches {args.batches!r}: give comma-separated positive integers, e.g. 256,192") from None
+    if any(b < 1 for b in batches):
+        raise SystemExit(f"--batches {args.batches!r}: every batch size must be at least 1")
     if not torch.cuda.is_available():
         raise SystemExit("sharing_throughput.py measures GPU memory: run it on a CUDA machine")
     device, dtype = "cuda", getattr(torch, args.dtype)
@@ -169,7 +179,11 @@ def main() -> None:
                 done.append(row)
             return not rows[batch].get("oom")
 
-        search(measure, args.growth, args.max_batch, args.resolution, args.min_batch)
+        if batches:
+            for b in batches:
+                measure(b)
+        else:
+            search(measure, args.growth, args.max_batch, args.resolution, args.min_batch)
         del model
         gc.collect()
         torch.cuda.empty_cache()
