@@ -46,8 +46,10 @@ from kvforge.sharing import KVSharingConfig, preset
 PRESETS = ("dense", "lckv", "cla", "yoco", "mixattention")
 
 
-def build(name: str, config: str, dtype: torch.dtype, device: str, warmup: int, window: int):
-    """A random-weight model: the dense config, or its KVSharingConfig with the preset's layer map."""
+def build(name: str, config: str, dtype: torch.dtype, device: str, warmup: int, window: int,
+          attention: str = "sdpa"):
+    """A random-weight model: the dense config, or its KVSharingConfig with the preset's layer map, running
+    `attention` (transformers' "sdpa", or "kvforge": SDPA with enable_gqa, no repeat_kv copy of the KV)."""
     cfg = random_config(config)
     if name != "dense":
         fields = {k: v for k, v in cfg.to_dict().items()
@@ -61,7 +63,7 @@ def build(name: str, config: str, dtype: torch.dtype, device: str, warmup: int, 
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(1.0) if p.ndim == 1 else p.uniform_(-bound, bound)
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(attention)
     return model.eval()
 
 
@@ -114,6 +116,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="lckv warm-up layers")
     ap.add_argument("--sliding-window", type=int, default=1024, help="window of yoco/mixattention sliding layers")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "kvforge"],
+                    help="every model's attention: transformers' sdpa (expands GQA with repeat_kv when a mask is "
+                         "given: a transient of the layer's KV x the group size) or kvforge's (SDPA with enable_gqa)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="prefill N prompt tokens at a time (default: all)")
     ap.add_argument("--resolution", type=int, default=8,
                     help="bisect after the first out-of-memory until the gap is <= 1/R of the largest fit (0: off)")
@@ -148,9 +153,12 @@ def main() -> None:
         setup["memory_gib"] = args.memory_gib
     if args.prefill_chunk:
         setup["prefill_chunk"] = args.prefill_chunk
+    if args.attention != "sdpa":  # rows without the key ran sdpa (the tables before the option existed)
+        setup["attention"] = args.attention
 
     def same(r: dict) -> bool:
-        return all(r.get(k) == v for k, v in setup.items()) and r.get("prefill_chunk") == args.prefill_chunk
+        return (all(r.get(k) == v for k, v in setup.items()) and r.get("prefill_chunk") == args.prefill_chunk
+                and r.get("attention", "sdpa") == args.attention)
 
     for name in args.presets.split(","):
         rows = {r["batch"]: r for r in done if r["preset"] == name and same(r)}
@@ -161,7 +169,8 @@ def main() -> None:
             nonlocal model
             if batch not in rows:
                 if model is None:
-                    model = build(name, args.config, dtype, device, args.warmup, args.sliding_window)
+                    model = build(name, args.config, dtype, device, args.warmup, args.sliding_window,
+                                  args.attention)
                     run_once(model, 1, min(args.prompt, 64), 4, device)  # untimed: kernel set-up
                 row = setup | {"preset": name, "batch": batch,
                                "kv_layers": getattr(model.config, "kv_layers", None) or "dense"}
