@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_tables.sh gpt2      # streaming on the GPT-2 trained here (only wheels and text carried)
 #   bash benchmarks/gpu_tables.sh link      # KVLink: TTFT alone, then training (link rows at their own rate) and
 #                                           # full / naive / links on that one fine-tuned model
+#   bash benchmarks/gpu_tables.sh sharing   # cross-layer sharing throughput (#19), one ~8-minute call, alone
 #   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log (brief: counts, failures)
 #
 # Check the captured streaming step on this GPU first: `pytest -m cuda tests -o addopts=""` (the quality jobs use
@@ -149,6 +150,22 @@ gpt2)  # streaming on the GPT-2 trained here, nothing but wheels and text carrie
   echo "gpt2 jobs started; follow with: bash $0 brief; then, alone: $KV stream $GPT --mode sw --cache-size 1024 \
     --prompt \"\$(head -c 6000 $T/heldout.txt)\" --num-tokens 100000 --quiet --cuda-graph --compare-ar 5000 \
     --out $RUNS/stream_gpt2_long"
+  ;;
+sharing)  # the same-run throughput table of every preset (random Llama-3.1-8B, 2k prompts, 512 new tokens, prefill in
+  # 256-token chunks), alone on the GPU. The batches around each known limit (H100, 2026-12-06/07: dense 128 fits and
+  # 160 does not, cla 240/256, yoco 320/384) are measured directly, mixattention is searched; ~8 min on an H100.
+  # lckv (minutes per run: 9 passes per prefill chunk) is separate: LCKV="512 640" runs those batches instead.
+  # ATTENTION=kvforge: every model on kvforge's attention (no repeat_kv copy of the KV). The summary is printed.
+  S="python3 benchmarks/sharing_throughput.py --config llama3.1-8b --prompt 2048 --new-tokens 512 --prefill-chunk 256 \
+    --attention ${ATTENTION:-sdpa} --out $RUNS/sharing_tp_8b_${ATTENTION:-sdpa}.jsonl"
+  if [ -n "${LCKV:-}" ]; then
+    $S --presets lckv --batches "$(echo $LCKV | tr ' ' ,)" 2>&1 | grep -av '^{'
+  else
+    $S --presets dense --batches 128,160 2>&1 | grep -av '^{'
+    $S --presets cla --batches 240,256 2>&1 | grep -av '^{'
+    $S --presets yoco --batches 320,384 2>&1 | grep -av '^{'
+    $S --presets mixattention --min-batch 128 --resolution 4 2>&1 | grep -av '^{'
+  fi
   ;;
 link)  # KVLink (#18): time to first token on the quiet GPU first (TTFT=0 skips it), then, in the background,
   # training with the link rows at their own learning rate (LINK_LR, default 3e-4; the reference's single rate gave
