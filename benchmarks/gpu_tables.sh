@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_tables.sh gpt2      # streaming on the GPT-2 trained here (only wheels and text carried)
 #   bash benchmarks/gpu_tables.sh link      # KVLink: TTFT alone, then training (link rows at their own rate) and
 #                                           # full / naive / links on that one fine-tuned model
-#   bash benchmarks/gpu_tables.sh sharing   # cross-layer sharing throughput (#19), one ~8-minute call, alone
+#   bash benchmarks/gpu_tables.sh sharing   # cross-layer sharing throughput (#19), 8-10 minutes, alone
 #   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log (brief: counts, failures)
 #
 # Check the captured streaming step on this GPU first: `pytest -m cuda tests -o addopts=""` (the quality jobs use
@@ -153,7 +153,7 @@ gpt2)  # streaming on the GPT-2 trained here, nothing but wheels and text carrie
   ;;
 sharing)  # the same-run throughput table of every preset (random Llama-3.1-8B, 2k prompts, 512 new tokens, prefill in
   # 256-token chunks), alone on the GPU. The batches around each known limit (H100, 2026-12-06/07: dense 128 fits and
-  # 160 does not, cla 240/256, yoco 320/384) are measured directly, mixattention is searched; ~8 min on an H100.
+  # 160 does not, cla 240/256, yoco 320/384) are measured directly, mixattention is searched; 8-10 min on an H100 (a call cut short resumes: re-run it).
   # lckv (minutes per run: 9 passes per prefill chunk) is separate: LCKV="512 640" runs those batches instead.
   # ATTENTION=kvforge: every model on kvforge's attention (no repeat_kv copy of the KV). The summary is printed.
   S="python3 benchmarks/sharing_throughput.py --config llama3.1-8b --prompt 2048 --new-tokens 512 --prefill-chunk 256 \
