@@ -153,7 +153,8 @@ gpt2)  # streaming on the GPT-2 trained here, nothing but wheels and text carrie
   ;;
 sharing)  # the same-run throughput table of every preset (random Llama-3.1-8B, 2k prompts, 512 new tokens, prefill in
   # 256-token chunks), alone on the GPU. The batches around each known limit (H100, 2026-12-06/07: dense 128 fits and
-  # 160 does not, cla 240/256, yoco 320/384) are measured directly, mixattention is searched; 8-10 min on an H100 (a call cut short resumes: re-run it).
+  # 160 does not, cla 240/256, yoco 320/384) are measured directly, mixattention is searched; 8-10 min on an H100
+  # (a call cut short resumes: re-run it).
   # lckv (minutes per run: 9 passes per prefill chunk) is separate: LCKV="512 640" runs those batches instead.
   # ATTENTION=kvforge: every model on kvforge's attention (no repeat_kv copy of the KV). The summary is printed.
   S="python3 benchmarks/sharing_throughput.py --config llama3.1-8b --prompt 2048 --new-tokens 512 --prefill-chunk 256 \

@@ -2,10 +2,13 @@
 `entries()`; the per-layer plan as the one place deciding kinds; a press acting (or refused) whatever path the
 model came from."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from helpers import CONTEXT, QUESTIONS
-from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config
+from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache, GPT2Config
 
 from kvforge import KVCache, KVForgeError, generate, get_press
 from kvforge.cache import LAYER_KINDS, DenseLayer, HeadVarlenLayer, PackedHeadLayer, register_layer_kind
@@ -169,8 +172,6 @@ def test_a_press_that_is_not_a_press_object_is_a_one_line_error(bad):
 
 def _dropped(make_and_use) -> bool:
     """True when the KVCache that `make_and_use()` returns a weak reference to is gone after a collection."""
-    import gc
-
     ref = make_and_use()
     gc.collect()
     return ref() is None
@@ -180,8 +181,6 @@ def _dropped(make_and_use) -> bool:
 def test_a_dropped_cache_is_freed_after_generate(attention, press):
     """The attention binding must not keep the last cache alive: on a model that runs sdpa (a user's, with no press)
     nothing takes the binding, and a strong reference to it kept the whole cache's memory after `del cache`."""
-    import weakref
-
     model = tiny_model("llama")
     model.set_attn_implementation(attention)  # a press switches it to kvforge's
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -197,10 +196,6 @@ def test_a_dropped_cache_is_freed_after_generate(attention, press):
 def test_a_cache_is_freed_after_a_forward_that_failed_between_update_and_attention():
     """An out-of-memory error inside attention (after the layer's update) leaves the binding set; the cache it names
     must still be freed once the caller drops it (a benchmark's batch search retries after such errors)."""
-    import weakref
-
-    from transformers import AttentionInterface
-
     def boom(module, query, key, value, attention_mask, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated inside attention)")
 
