@@ -10,6 +10,9 @@
 #   bash benchmarks/gpu_tables.sh link      # KVLink: TTFT alone, then training (link rows at their own rate) and
 #                                           # full / naive / links on that one fine-tuned model
 #   bash benchmarks/gpu_tables.sh sharing   # cross-layer sharing throughput (#19), 8-10 minutes, alone
+#   bash benchmarks/gpu_tables.sh memory    # #21: prefill peak / press overhead at 128k, chunked and not, and
+#                                           # kvpress's peak in the same session (KVPRESS_PATH), ~5 minutes, alone
+#   bash benchmarks/gpu_tables.sh capacity  # #21: the longest context on a GPU of MEMORY_GB (default 40), ~8 minutes
 #   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log (brief: counts, failures)
 #
 # Check the captured streaming step on this GPU first: `pytest -m cuda tests -o addopts=""` (the quality jobs use
@@ -167,6 +170,19 @@ sharing)  # the same-run throughput table of every preset (random Llama-3.1-8B, 
     $S --presets yoco --batches 320,384 2>&1 | grep -av '^{'
     $S --presets mixattention --min-batch 128 --resolution 4 2>&1 | grep -av '^{'
   fi
+  ;;
+memory)  # #21, one call on a quiet GPU: kvforge's rows, then kvpress 0.5.5 (its own transformers, KVPRESS_PATH) on
+  # the same machine right after, so that the peaks compare within one session
+  $KV bench --random-weights --config llama3.1-8b --context 128k --presses none,knorm,snapkv,tova,adakv:snapkv \
+    --ratios 0.75 --prefill-chunk none,8k --new-tokens 16 --device cuda --out $RUNS/prefill_memory
+  [ -d "${KVPRESS_PATH:-/tmp/kvp}" ] && PRESSES=none,knorm_0.75 LENGTHS=131072 OUT=$RUNS/prefill_memory \
+    PYTHONPATH=${KVPRESS_PATH:-/tmp/kvp} python3 benchmarks/kvpress_speed.py
+  ;;
+capacity)  # #21: the longest context that fits a GPU of MEMORY_GB (the allocator is capped there), none and knorm
+  # 0.75, unchunked and in 8k chunks; searched to 16k (a try near the top is a prefill of several 100k tokens)
+  $KV bench --random-weights --config llama3.1-8b --max-context --presses none,knorm --ratios 0.75 \
+    --prefill-chunk none,8k --memory-limit ${MEMORY_GB:-40} --search-step 16384 --search-limit 1024k --device cuda \
+    --out $RUNS/capacity_context
   ;;
 link)  # KVLink (#18): time to first token on the quiet GPU first (TTFT=0 skips it), then, in the background,
   # training with the link rows at their own learning rate (LINK_LR, default 3e-4; the reference's single rate gave

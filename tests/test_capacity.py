@@ -98,3 +98,29 @@ def test_capacity_bad_input(tmp_path, small):
         run_capacity(small, ["kvzip"], [0.5], str(tmp_path), prefill_chunks=[64])
     with pytest.raises(KVForgeError, match="a batch search needs the context length"):
         run_capacity(small, ["knorm"], [0.5], str(tmp_path), what="batch")
+
+
+def test_an_interrupted_search_resumes_from_the_rows_it_found(tmp_path, small, monkeypatch):
+    """Rows are appended to capacity.jsonl as they are found; a re-run with the same settings reuses them and searches
+    only what is missing (a cut last line is dropped), and a file that is not capacity rows is refused."""
+    import kvforge.eval.capacity as capacity
+
+    first = run_capacity(small, ["knorm"], [0.75], str(tmp_path), step=128, limit=512)
+    lines = (tmp_path / "capacity.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    (tmp_path / "capacity.jsonl").write_text(lines[0] + "\n" + lines[1][:20])  # killed while writing row 2
+    tried = []
+    real = capacity.fits
+    monkeypatch.setattr(capacity, "fits", lambda *a, **k: tried.append(a[1]) or real(*a, **k))
+    again = run_capacity(small, ["knorm"], [0.75], str(tmp_path), step=128, limit=512)
+    assert [r["max_context"] for r in again] == [r["max_context"] for r in first]
+    assert tried and all(p is not None for p in tried)  # `none` came from the file; only knorm was searched
+    assert len((tmp_path / "capacity.jsonl").read_text().splitlines()) == 2
+    tried.clear()
+    run_capacity(small, ["knorm"], [0.75], str(tmp_path), step=128, limit=512)
+    assert tried == []  # everything was found before
+    other = run_capacity(small, ["knorm"], [0.75], str(tmp_path), step=128, limit=384)  # other settings: searched
+    assert len(tried) > 0 and all(r["searched_up_to"] == 384 for r in other)
+    (tmp_path / "capacity.jsonl").write_text("not json\n")
+    with pytest.raises(KVForgeError, match="line 1 is not a capacity row"):
+        run_capacity(small, ["knorm"], [0.75], str(tmp_path), step=128, limit=512)

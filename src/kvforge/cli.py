@@ -478,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-batch", action="store_true",
                    help="instead of timing: the largest batch that fits at each --context, per press, ratio and chunk")
     b.add_argument("--memory-limit", type=float, default=None,
-                   help="with --max-context/--max-batch: a peak above this many GB counts as out of memory")
+                   help="with --max-context/--max-batch: a peak above this many GB counts as out of memory "
+                        "(on CUDA the allocator is capped there during the search: a GPU of that size)")
     b.add_argument("--search-step", type=_count, default=1024, help="context granularity of --max-context (tokens)")
     b.add_argument("--search-limit", default=None,
                    help="largest size --max-context / --max-batch tries (tokens, e.g. 512k, or rows; default: the "

@@ -460,7 +460,7 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     every run's copy bandwidth. Rows of another set-up in `out` are refused (one line naming the setting) unless
     `overwrite=True`, which starts clean. Every argument, the model's positions and (for random weights, before
     they are built) the memory needed are checked first: a refused run writes nothing."""
-    from kvforge.eval.runs import check_out, device_name, git_commit, prepare_out
+    from kvforge.eval.runs import check_out, device_name, git_commit, prepare_out, write_text_atomic
     from kvforge.models import (
         check_memory,
         load_model,
@@ -524,7 +524,7 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
                 row.setdefault(key, None)
             rows.append(row)
             tqdm.write(json.dumps(row))
-        (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write_text_atomic(out_dir / "bench.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
 
     grids = {n: [(chunk, spec, r) for chunk in prefill_chunks for spec in presses
                  for r in ([0.0] if spec == "none" or factories[spec].ratio_free else ratios)] for n in contexts}
@@ -563,7 +563,7 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     bar.close()
     against_none(rows)
     _against_dense(rows)
-    (out_dir / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_text_atomic(out_dir / "bench.json", json.dumps({"meta": meta, "rows": rows}, indent=2))
     for r in rows:
         if r.get("speedup_vs_none") is not None and r["press"] != "none":
             freed = r.get("memory_freed_of_kv_removed")

@@ -4,17 +4,23 @@ press, ratio and prefill chunk size, found by search next to `none` in the same 
 A size fits when a prefill of it (chunked and compressed as asked) and a few decode steps run without running out of
 memory — `torch.OutOfMemoryError` on CUDA, memory freed between tries — and, with `memory_limit`, when their peak
 stays under it (on CPU, where nothing runs out first, this is how the search is exercised: the peak counts the weights
-plus what the prefill allocated, measured from torch's profiler). The search grows the size exponentially until a
-try fails, then halves the gap (`largest_fitting`; `largest_fitting_linear` is its slow twin). It assumes that what
-fits at n fits below n, which holds for memory.
+plus what the prefill allocated, measured from torch's profiler). On CUDA the limit is also the allocator's own cap
+(`torch.cuda.set_per_process_memory_fraction`) for the search: a try that would pass it runs out of memory as soon as
+it allocates past it, as on a GPU of that size, instead of running to its end first. The search
+grows the size exponentially until a try fails, then halves the gap (`largest_fitting`; `largest_fitting_linear` is
+its slow twin). It assumes that what fits at n fits below n, which holds for memory.
 """
 
 from __future__ import annotations
 
 import csv
 import gc
+import io
 import json
+import sys
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -114,6 +120,39 @@ def fits(model, press, batch: int, context: int, chunk_size: int | None, memory_
     return ok, peak
 
 
+@contextmanager
+def memory_cap(device: torch.device, limit_bytes: int | None):
+    """On CUDA, cap the caching allocator at `limit_bytes` (everything allocated counts, the weights included) for
+    the duration, then lift the cap; elsewhere (or with no limit) do nothing."""
+    if device.type != "cuda" or limit_bytes is None:
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit_bytes / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def _done_rows(path, keys: list[str]) -> dict[tuple, dict]:
+    """Rows of an earlier, interrupted run (`capacity.jsonl`), by their search settings; a cut last line is
+    dropped."""
+    from kvforge.eval.runs import drop_partial_line
+
+    if not path.exists():
+        return {}
+    drop_partial_line(path)
+    done = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            done[tuple(row[k] for k in keys)] = row
+        except (ValueError, KeyError, TypeError):
+            raise KVForgeError(f"{path}: line {n} is not a capacity row; move the file away to start over") from None
+    return done
+
+
 def run_capacity(model, presses: list[str], ratios: list[float], out: str, what: str = "context",
                  prefill_chunks: list[int | None] | None = None, batch: int = 1, contexts: list[int] | None = None,
                  memory_limit_gb: float | None = None, step: int = 1024, start: int | None = None,
@@ -121,11 +160,13 @@ def run_capacity(model, presses: list[str], ratios: list[float], out: str, what:
                  sharing_warmup: int = 2) -> list[dict]:
     """For every (prefill chunk, press, ratio) — `none` included — the longest context (`what="context"`, at
     `batch`) or the largest batch (`what="batch"`, at each of `contexts`) that fits; rows written to
-    `out`/capacity.json and capacity.csv. `step`: the context granularity (batches are searched to 1); `limit`: the
-    largest size tried (default: the model's positions minus the decoded tokens for contexts, 4096 for batches).
+    `out`/capacity.json and capacity.csv (each row also appended to capacity.jsonl as it is found: a re-run with
+    the same settings skips the rows already there, so an interrupted search resumes). `step`: the context
+    granularity (batches are searched to 1); `limit`: the largest size tried (default: the model's positions minus
+    the decoded tokens for contexts, 4096 for batches).
     `sharing`: cross-layer sharing presets (Llama architecture), each searched unpressed and unchunked with a
     random-weight sharing model of the same shapes, rows `sharing:<preset>` (with `kv_layers`)."""
-    from kvforge.eval.runs import device_name, prepare_out
+    from kvforge.eval.runs import device_name, prepare_out, write_text_atomic
     from kvforge.presses.registry import parse_press
 
     if what not in ("context", "batch"):
@@ -152,24 +193,41 @@ def run_capacity(model, presses: list[str], ratios: list[float], out: str, what:
     limit_bytes = None if memory_limit_gb is None else int(memory_limit_gb * 1e9)
     positions = model_max_length(model) or 1 << 20
     out_dir = prepare_out(out)
+    device = next(model.parameters()).device
+    keys = ["press", "compression_ratio", "prefill_chunk", "batch" if what == "context" else "context",
+            "memory_limit_gb", "searched_up_to", "kv_layers"]
+    done = _done_rows(out_dir / "capacity.jsonl", keys)
     rows = []
     runs = [(model, chunk, spec, ratio, None) for chunk, spec, ratio in grid]
     runs += [(None, None, f"sharing:{name}", 0.0, layer_map) for name, layer_map in maps.items()]
+    top = limit or (positions - new_tokens if what == "context" else 4096)
+    sizes = contexts if what == "batch" else [None]
     for run_model, chunk, spec, ratio, layer_map in runs:
+        settings = {c: (spec, ratio, chunk, batch if what == "context" else c, memory_limit_gb, top,
+                        layer_map or "dense") for c in sizes}  # a row's identity, as `keys` reads it back
+        if all(settings[c] in done for c in sizes):  # found by an earlier run
+            for c in sizes:
+                rows.append(done[settings[c]])
+                print(json.dumps(done[settings[c]]))
+            continue
         if layer_map is not None:  # one sharing model at a time, freed after its search
             from kvforge.sharing import random_sharing_model
 
             run_model = random_sharing_model(model, layer_map)
         press = None if spec == "none" or layer_map is not None else factories[spec](ratio)
-        for context in (contexts if what == "batch" else [None]):
-            if what == "context":
-                top = limit or positions - new_tokens
-                found, peak, tries = _search(lambda n: (batch, n), run_model, press, chunk, limit_bytes,
-                                             new_tokens, start or 4 * step, top, step)
-            else:
-                top = limit or 4096
-                found, peak, tries = _search(lambda n, c=context: (n, c), run_model, press, chunk, limit_bytes,
-                                             new_tokens, start or 1, top, 1)
+        for context in sizes:
+            if settings[context] in done:
+                rows.append(done[settings[context]])
+                print(json.dumps(done[settings[context]]))
+                continue
+            label = f"{spec} {ratio} chunk={chunk}" + ("" if context is None else f" context={context}")
+            with memory_cap(device, limit_bytes):
+                if what == "context":
+                    found, peak, tries = _search(lambda n: (batch, n), run_model, press, chunk, limit_bytes,
+                                                 new_tokens, start or 4 * step, top, step, label)
+                else:
+                    found, peak, tries = _search(lambda n, c=context: (n, c), run_model, press, chunk, limit_bytes,
+                                                 new_tokens, start or 1, top, 1, label)
             row = {"press": spec, "compression_ratio": ratio, "prefill_chunk": chunk,
                    "batch": batch if what == "context" else found, "context": found if what == "context" else context,
                    f"max_{what}": found, "peak_gb_at_max": None if peak is None else round(peak / 1e9, 3),
@@ -177,27 +235,34 @@ def run_capacity(model, presses: list[str], ratios: list[float], out: str, what:
                    "device": device_name(model), "kv_layers": layer_map or "dense"}
             rows.append(row)
             print(json.dumps(row))
+            with (out_dir / "capacity.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
         if layer_map is not None:
             del run_model
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    (out_dir / "capacity.json").write_text(json.dumps({"what": what, "rows": rows}, indent=2))
-    with (out_dir / "capacity.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_text_atomic(out_dir / "capacity.json", json.dumps({"what": what, "rows": rows}, indent=2))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out_dir / "capacity.csv", buf.getvalue())
     return rows
 
 
 def _search(shape: Callable[[int], tuple[int, int]], model, press, chunk: int | None, limit_bytes: int | None,
-            new_tokens: int, start: int, top: int, step: int) -> tuple[int, int | None, int]:
+            new_tokens: int, start: int, top: int, step: int, label: str = "") -> tuple[int, int | None, int]:
     """`largest_fitting` over sizes n run as (batch, context) = `shape(n)`: (the size found, its peak in bytes or
-    None, the number of tries)."""
+    None, the number of tries). Each try is reported on stderr as it ends."""
     peaks: dict[int, int | None] = {}
 
     def try_size(n: int) -> bool:
+        t0 = time.perf_counter()
         ok, peaks[n] = fits(model, press, *shape(n), chunk, limit_bytes, new_tokens)
+        peak = "out of memory" if peaks[n] is None else f"peak {peaks[n] / 1e9:.2f} GB"
+        print(f"  {label}: (batch, context) {shape(n)} {'fits' if ok else 'does not fit'} ({peak}, "
+              f"{time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
         return ok
 
     found = largest_fitting(try_size, start, top, step)
