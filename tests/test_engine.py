@@ -273,6 +273,31 @@ def test_compiled_graph_decode_equals_eager_decode(models, press_name, packed, f
     assert tokens["compiled"] == tokens["eager"]
 
 
+def test_one_compiled_step_serves_every_context_length(models):
+    """Plain layers' KV length is a symbol in the compiled step (their attention is one operator that reads it from
+    the shapes): decoders over contexts of other lengths reuse inductor's compilation (a cache hit, nothing
+    compiled anew) and decode the eager path's tokens, with and without a press."""
+    from torch._dynamo.utils import counters
+
+    from kvforge.generate import prefill
+
+    model = models["llama"]
+    for i, (length, press) in enumerate([(40, None), (57, None), (64, "knorm"), (91, "knorm")]):
+        ids = torch.randint(5, 200, (2, length), generator=torch.Generator().manual_seed(i))
+        tokens = {}
+        for mode in ("eager", "compiled"):
+            counters.clear()
+            cache = KVCache(model, press=None if press is None else get_press(press, compression_ratio=0.5),
+                            reserve=8)
+            logits = prefill(model, ids, torch.ones_like(ids), cache)
+            cache.armed = False
+            tokens[mode] = greedy_decode(model, cache, logits, length, 5, graph=mode == "compiled",
+                                         compile=mode == "compiled")
+        assert tokens["compiled"] == tokens["eager"], (length, press)
+        if i in (1, 3):  # the same layers as the decoder before, another length: served from the cache
+            assert counters["inductor"]["fxgraph_cache_hit"] == 1 and counters["inductor"]["fxgraph_cache_miss"] == 0
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("press_name", ["knorm", "adakv"])

@@ -22,7 +22,7 @@ from kvforge.cache.coded import CodedLayer
 from kvforge.cache.kvcache import GRAPH_STEP, take_binding
 from kvforge.cache.layers import DenseLayer, HeadVarlenLayer, PackedHeadLayer
 from kvforge.errors import KVForgeError
-from kvforge.kernels.decode import decode_attention
+from kvforge.kernels.decode import decode_attention, dense_decode_attention
 
 NAME = "kvforge"
 _local = threading.local()
@@ -151,7 +151,11 @@ def _graph_step_attention(cache, layer_idx: int, query, scaling) -> torch.Tensor
         out = BACKENDS["sdpa"](query, keys, values, valid[:, :, None, :], scale=scale)[:, :, 0]
     else:
         k_flat, v_flat, offsets, lengths, max_len, total = layer.graph_segments()
-        out = decode_attention(query[:, :, 0], k_flat, v_flat, offsets, lengths, scale, max_len=max_len, total=total)
+        if type(layer).graph_segments is DenseLayer.graph_segments:  # equal segments: lengths from the shapes
+            out = dense_decode_attention(query[:, :, 0], k_flat, v_flat, offsets, lengths, scale)
+        else:
+            out = decode_attention(query[:, :, 0], k_flat, v_flat, offsets, lengths, scale, max_len=max_len,
+                                   total=total)
     return out[:, None]
 
 

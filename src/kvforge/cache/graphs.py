@@ -45,7 +45,9 @@ class GraphDecoder:
         compile: run the step through `torch.compile(fullgraph=True)` before capture (inductor fuses the
             model's small elementwise kernels — RMSNorm, RoPE, residual adds — that dominate the non-KV time of a
             captured step; measured in benchmarks/README.md); the first step pays the compilation. The step traces
-            as one graph that never recompiles while decoding (graph mode keeps every host value it reads constant).
+            as one graph that never recompiles while decoding (graph mode keeps every host value it reads constant);
+            plain layers' KV length is a symbol in it, so inductor's on-disk cache serves later decoders of any
+            context length.
             A string is passed as the inductor mode (e.g. "max-autotune-no-cudagraphs": tuned Triton GEMMs).
             `close()` then calls `torch.compiler.reset()` — process-wide: other compiled code recompiles on its
             next call — so that successive decoders neither hit dynamo's recompile limit nor keep old caches.
@@ -86,8 +88,20 @@ class GraphDecoder:
         # the class's function, not a bound method: a bound method stored on self is a reference cycle, and the
         # cache (all of the KV) would then live until the garbage collector happens to run
         mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
-        self._step = (torch.compile(GraphDecoder._step_body, dynamic=False, fullgraph=True, mode=mode) if compile
-                      else None)
+        self._step = None
+        if compile:
+            self._mark_lengths_dynamic()
+            self._step = torch.compile(GraphDecoder._step_body, dynamic=None, fullgraph=True, mode=mode)
+
+    def _mark_lengths_dynamic(self) -> None:
+        """Let the compiled step take the length of plain layers' buffers as a symbol: their attention reads it from
+        the shapes at run time (`dense_decode_attention`), so the traced step, and inductor's cached compilation
+        of it, serve every context length. Everything else stays static."""
+        for layer in self.cache.layers:
+            if type(layer) is DenseLayer:
+                for t in (layer._k, layer._v, layer.slots):
+                    if t is not None:
+                        torch._dynamo.maybe_mark_dynamic(t, 2)
 
     def _enter_graph_mode(self, steps: int) -> None:
         with torch.inference_mode():  # the buffers are inference tensors (prefilled under inference_mode)

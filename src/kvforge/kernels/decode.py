@@ -283,3 +283,21 @@ def dense_segments(keys_buffer: torch.Tensor, n: int) -> tuple[torch.Tensor, tor
     offsets = torch.arange(b * h, device=keys_buffer.device, dtype=torch.int64) * cap
     lengths = torch.full((b * h,), n, device=keys_buffer.device, dtype=torch.int32)
     return keys_buffer.view(b * h * cap, d), offsets, lengths
+
+
+@torch.library.custom_op("kvforge::dense_decode_attention", mutates_args=())
+def dense_decode_attention(query: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, offsets: torch.Tensor,
+                           lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """`decode_attention` over equal-capacity segments (a dense layer's buffer `[B·H_kv·cap, D]`, `offsets` its
+    B·H_kv segment starts), as one operator that `torch.compile` calls without tracing into it: the longest segment
+    and the total (`cap`, `B·H_kv·cap`) are read from the shapes at run time, so a compiled decode step whose
+    buffers' length is marked dynamic depends on no KV length and one compilation serves every context length
+    (`kvforge.cache.graphs.GraphDecoder`). query `[B, Hq, Dk]` → `[B, Hq, Dv]`."""
+    total = k_flat.shape[0]
+    return decode_attention(query, k_flat, v_flat, offsets, lengths, scale, max_len=total // offsets.numel(),
+                            total=total)
+
+
+@dense_decode_attention.register_fake
+def _dense_decode_attention_fake(query, k_flat, v_flat, offsets, lengths, scale):
+    return query.new_empty(*query.shape[:2], v_flat.shape[-1])
