@@ -270,8 +270,20 @@ class DenseLayer(CacheLayerMixin):
         return keys, values, self._full_slots().gather(2, indices)
 
     def keep(self, indices: torch.Tensor) -> None:
-        """Keep the entries at `indices` `[B, H_kv, k]` (physical positions), in that order; free the rest."""
-        self._replace(*self._gather(indices))
+        """Keep the entries at `indices` `[B, H_kv, k]` (physical positions), in that order; free the rest.
+
+        The kept entries are gathered straight into the new buffers (no gathered copy beside them): while a layer is
+        compressed its memory is the full-length entries plus the kept ones, as in kvpress."""
+        b, h, k = indices.shape
+        old_k, old_v, old_slots = self._k[:, :, : self.n], self._v[:, :, : self.n], self._full_slots()
+        self.n = 0
+        self._alloc(b, h, old_k.shape[3], old_v.shape[3], k + self.reserve)
+        torch.gather(old_k, 2, indices[..., None].expand(b, h, k, old_k.shape[3]), out=self._k[:, :, :k])
+        torch.gather(old_v, 2, indices[..., None].expand(b, h, k, old_v.shape[3]), out=self._v[:, :, :k])
+        self.slots = old_slots.new_empty(b, h, k + self.reserve)
+        torch.gather(old_slots, 2, indices, out=self.slots[:, :, :k])
+        self.n = k
+        self._sync_views()
 
     # The key buffer when this layer alone holds its buffers, so `compact` may move entries inside them: set only by
     # `compact` right after it allocated them, cleared by `snapshot()`, `restore()` and `release()` (a fork).

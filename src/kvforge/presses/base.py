@@ -68,10 +68,15 @@ def select_topk(ctx: LayerContext, scores: torch.Tensor, k: torch.Tensor) -> Non
     so each row keeps exactly what it would keep alone. A row without enough padding left to fill with (a prefill
     compressed chunk by chunk already evicted it) makes the layer per-head instead (`select_mask`).
     """
+    kmax = int(k.max())
+    if ctx.all_real and bool((k == kmax).all()):  # no padding, one count (a plain prefill): the first kmax of the
+        # stable descending order are exactly the entries of rank < kmax; one sort instead of rank, topk and sort
+        order = scores.float().argsort(dim=-1, descending=True, stable=True)
+        ctx.layer.keep(order[..., :kmax].sort(-1).values)
+        return
     real = ctx.real
     rank = descending_rank(scores.float().masked_fill(~real, float("-inf")))
     selected = (rank < k[:, None, None]) & real
-    kmax = int(k.max())
     if bool(((~real).sum(-1) < (kmax - k)[:, None]).any()):
         select_mask(ctx, selected)
         return
