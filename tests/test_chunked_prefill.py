@@ -7,6 +7,7 @@ from helpers import CONTEXT, CONTEXTS, QUESTIONS
 from test_engine import plain_generate
 
 from kvforge import KVCache, KVForgeError, generate, get_press
+from kvforge.cache.layers import PackedHeadLayer
 from kvforge.generate import chunk_bounds, prefill
 from kvforge.models import tiny_model
 
@@ -139,6 +140,32 @@ def test_chunked_per_head_budgets_packed_equal_padded(models):
         assert real.sum(-1).sum(-1).tolist() == [30 * 2, 23 * 2, 10 * 2]
         kept[packed] = torch.where(real, slots, -1).sort(-1).values
     assert torch.equal(kept[True], kept[False])
+
+
+def test_chunks_over_packed_segments_equal_the_masked_padded_reference(models, monkeypatch):
+    """With no padding, a chunk over a packed per-head layer attends each (row, KV head) segment on its own,
+    bottom-right causal (`segment_attention`, no `[B, H_kv, G·q, n]` mask): the same kept entries and logits as the
+    eager reference over the padded block under its per-head mask, for every layer of a 2-row batch."""
+    import kvforge.attention.function as attention
+    from kvforge.attention.function import use_backend
+
+    calls = []
+    real = attention.segment_attention
+    monkeypatch.setattr(attention, "segment_attention", lambda *a: calls.append(1) or real(*a))
+    model = models["llama"]
+    ids = torch.randint(5, 900, (2, 70), generator=torch.Generator().manual_seed(4))
+    got = {}
+    for backend in ("sdpa", "eager"):
+        cache = KVCache(model, press=get_press("adakv", compression_ratio=0.6, press="snapkv"), chunk_size=16,
+                        packed=True)
+        with use_backend(backend):
+            logits = prefill(model, ids, torch.ones_like(ids), cache)
+        assert all(isinstance(layer, PackedHeadLayer) for layer in cache.layers)
+        assert len(set(cache.layers[0].lengths.tolist())) > 1  # ragged heads: the case the segments are for
+        got[backend] = (logits, [layer.entries()[2].sort(-1).values for layer in cache.layers])
+    assert len(calls) == 4 * len(model.model.layers)  # every chunk after the first, every layer, took the segments
+    assert torch.allclose(got["sdpa"][0], got["eager"][0], atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(got["sdpa"][1], got["eager"][1]))
 
 
 def _bottom_right_case(device, dtype):

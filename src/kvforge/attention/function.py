@@ -93,6 +93,8 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling
             out = decode_attention(query[:, :, 0], layer.k_flat, layer.v_flat, layer.offsets, layer.lengths, scale,
                                    max_len=layer.max_len, total=layer.total)[:, :, None]
+        elif attention_mask is None and chosen is None and backend_name() == "sdpa":
+            out = segment_attention(layer, query, scaling)  # a prefill chunk over per-head segments, no mask
         else:
             key, value = layer.padded()
             mask = entry_mask(attention_mask, layer, q)
@@ -127,6 +129,23 @@ def _compress(press, cache, ctx: LayerContext) -> None:
     if cuda:
         torch.cuda.synchronize(ctx.query.device)
     cache.press_seconds += time.perf_counter() - t0
+
+
+def segment_attention(layer: PackedHeadLayer, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """Attention of q new tokens (already appended: the last q entries of every segment) over a packed per-head
+    layer with no padding, one SDPA call per (row, KV head) segment, bottom-right causal: what the padded block under
+    its per-head mask gives (`entry_mask`), without building that `[B, H_kv, G·q, n]` mask (at a prefill chunk of 8k
+    over a 128k context, tens of GB). query `[B, Hq, q, Dk]` → `[B, Hq, q, Dv]`."""
+    b, hq, q, _ = query.shape
+    g = hq // layer.heads
+    out = query.new_empty(b, hq, q, layer.v_flat.shape[-1])
+    for i, (start, n) in enumerate(zip(layer.offsets.tolist(), layer.lengths.tolist())):  # one host read
+        row, head = divmod(i, layer.heads)
+        heads = slice(head * g, (head + 1) * g)
+        keys, values = layer.k_flat[start : start + n][None, None], layer.v_flat[start : start + n][None, None]
+        out[row, heads] = BACKENDS["sdpa"](query[row : row + 1, heads], keys, values, None, scale=scaling,
+                                           is_causal=True)[0]
+    return out
 
 
 def _graph_step_attention(cache, layer_idx: int, query, scaling) -> torch.Tensor:
