@@ -75,7 +75,7 @@ def test_bench_compile_both_times_each_row_twice(tmp_path, tiny):
 
 def test_bench_bad_input(tmp_path, tiny, capsys):
     with pytest.raises(KVForgeError,
-                       match="unknown compile mode 'sometimes'; allowed: off, on, both, autotune, max-autotune"):
+                       match="unknown compile mode 'sometimes'; allowed: auto, off, on, both, autotune, max-autotune"):
         run_bench("tiny", None, [64], 1, ["none"], [0.5], 2, str(tmp_path), model=tiny, compile="sometimes")
     with pytest.raises(KVForgeError, match="unknown layout.*allowed: packed, padded"):
         run_bench("tiny", None, [64], 1, ["adakv:knorm"], [0.5], 2, str(tmp_path), layouts=["ragged"], model=tiny)

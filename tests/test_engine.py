@@ -7,7 +7,7 @@ import torch
 from helpers import CONTEXT, CONTEXTS, FAMILIES, QUESTIONS, greedy_decode
 from transformers import DynamicCache
 
-from kvforge import KVCache, generate, get_press
+from kvforge import KVCache, KVForgeError, generate, get_press
 from kvforge.cache import DenseLayer, HeadVarlenLayer
 from kvforge.generate import encode_prompt
 from kvforge.models import tiny_model
@@ -502,3 +502,65 @@ def test_sliding_window_layers_run_as_rings_in_graph_mode(models, n):
                            logits_to_keep=1).logits[:, -1]
         tokens[mode] = first + [int(logits[0].argmax())] + greedy_decode(model, cache, logits, n + 21, 5)
     assert tokens["graph"] == tokens["eager"]
+
+
+def test_compile_settings_resolve_per_device(monkeypatch, tmp_path):
+    """"auto" is max-autotune on CUDA and nothing on CPU, KVFORGE_COMPILE overrides it (a bad value is one line),
+    and a compiled CUDA step keeps inductor's caches under $KVFORGE_CACHE/inductor unless TORCHINDUCTOR_CACHE_DIR is
+    set (the device is only read for its type here)."""
+    import os
+
+    from kvforge.cache.graphs import AUTOTUNE, resolve_compile
+
+    monkeypatch.delenv("KVFORGE_COMPILE", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("KVFORGE_CACHE", str(tmp_path))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", cpu) is False
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert resolve_compile("auto", cuda) == AUTOTUNE
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    assert resolve_compile("on", cuda) is True and os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
+    assert resolve_compile(False, cuda) is False and resolve_compile("off", cuda) is False
+    monkeypatch.setenv("KVFORGE_COMPILE", "off")
+    assert resolve_compile("auto", cuda) is False
+    monkeypatch.setenv("KVFORGE_COMPILE", "max-autotune")
+    assert resolve_compile("auto", cpu) == AUTOTUNE
+    monkeypatch.setenv("KVFORGE_COMPILE", "fast")
+    with pytest.raises(KVForgeError, match="KVFORGE_COMPILE='fast'; allowed: off, on, max-autotune"):
+        resolve_compile("auto", cuda)
+
+
+def test_a_step_that_fails_to_compile_decodes_uncompiled(models, capsys):
+    """A compiler failure on the first step (raised before the step ran) is one line on stderr, and decoding goes on
+    uncompiled with the eager path's tokens; the step is not run twice (the counters advanced once per token)."""
+    from kvforge.cache.graphs import GraphDecoder
+    from kvforge.generate import prefill
+
+    model = models["llama"]
+    ids = torch.randint(5, 200, (1, 30), generator=torch.Generator().manual_seed(2))
+    tokens = {}
+    for mode in ("eager", "failing"):
+        cache = KVCache(model, reserve=8)
+        logits = prefill(model, ids, torch.ones_like(ids), cache)
+        cache.armed = False
+        if mode == "eager":
+            tokens[mode] = greedy_decode(model, cache, logits, 30, 5)
+            continue
+        dec = GraphDecoder(model, cache, 30, 5, 1, compile=True)
+
+        def fail(self):
+            raise torch._dynamo.exc.TorchDynamoException("the backend gave up")
+
+        dec._step = fail
+        tok, out = logits.argmax(-1, keepdim=True), []
+        for _ in range(5):
+            tok = dec.step(tok).argmax(-1, keepdim=True)
+            out.append(int(tok[0]))
+        dec.close()
+        assert cache.get_seq_length() == 35
+        tokens[mode] = out
+    assert tokens["failing"] == tokens["eager"]
+    err = capsys.readouterr().err
+    assert "compiling the decode step failed (TorchDynamoException: the backend gave up)" in err

@@ -150,7 +150,7 @@ def cmd_generate(args) -> None:
     t1 = time.perf_counter()
     answers, cache = generate(
         model, tok, context, questions, press=press, max_new_tokens=args.max_new_tokens, return_cache=True,
-        cuda_graph=args.cuda_graph, chunk_size=chunk, prompt_format=args.prompt_format,
+        cuda_graph=args.cuda_graph, chunk_size=chunk, prompt_format=args.prompt_format, compile=args.compile,
     )
     t2 = time.perf_counter()
     for q, a in zip(questions, answers):
@@ -381,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph", action="store_true",
                    help="decode by replaying one captured step per token (fast on CUDA; bf16 rounding may differ "
                         "from plain generate)")
+    g.add_argument("--compile", default="auto", choices=["auto", "off", "on", "max-autotune"],
+                   help="with --cuda-graph: torch.compile the captured step; 'auto' (default) is max-autotune on "
+                        "CUDA, its tuning cached in $KVFORGE_CACHE/inductor (minutes the first time for a model's "
+                        "shapes), off elsewhere")
     g.add_argument("--prefill-chunk", default=None,
                    help="prefill the context this many tokens at a time (e.g. 4k), compressing as it goes: memory "
                         "is the weights, the kept KV and one chunk")
@@ -461,9 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sharing-warmup", type=int, default=2, help="lckv warm-up layers for --sharing (default: 2)")
     b.add_argument("--hf-caches", default=None,
                    help="also time plain transformers decoding with these caches: dynamic, quanto@bits=2, ...")
-    b.add_argument("--compile", nargs="?", const="on", default="off",
-                   choices=["off", "on", "both", "autotune", "max-autotune"],
-                   help="torch.compile the captured decode step (fuses the model's small kernels); 'both' times "
+    b.add_argument("--compile", nargs="?", const="on", default="auto",
+                   choices=["auto", "off", "on", "both", "autotune", "max-autotune"],
+                   help="torch.compile the captured decode step (fuses the model's small kernels); 'auto' (default) "
+                        "is max-autotune on CUDA (its tuning cached on disk, $KVFORGE_CACHE/inductor) and off "
+                        "elsewhere, or what KVFORGE_COMPILE says; 'both' times "
                         "every row without and with, in the same run; 'autotune' times default and max-autotune "
                         "compilation (inductor-tuned GEMMs), 'max-autotune' only the latter; the variants of a "
                         "row share its prefill")

@@ -119,13 +119,16 @@ def encode(model, tokenizer, contexts: list[str], questions: list[list[str]], an
 
 
 def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int,
-           cuda_graph: bool = False) -> list[list[str]]:
+           cuda_graph: bool = False, compile: bool | str = False) -> list[list[str]]:
     """Greedy answers to every question of `enc` from `cache` (which holds the prefilled contexts).
 
     The cache is restored after each question, so answers never see each other. `cuda_graph=True` decodes
     each answer by replaying one captured step per token (`graph_generate`; on CPU the same steps run uncaptured;
     a padded batch's padding entries are dropped first) when the cache allows it (kvforge layers only, no press
-    acting while decoding), otherwise through transformers' `generate`.
+    acting while decoding), otherwise through transformers' `generate`. `compile`: how that step is compiled
+    (`kvforge.cache.graphs.resolve_compile`; "auto": max-autotune on CUDA, its tuning cached on disk; off here by
+    default: evaluations decode short answers from many caches, where tracing each decoder costs more than it
+    saves; `kvforge.generate` defaults to "auto").
     Off by default: on CUDA its attention kernel rounds differently from SDPA in bf16, so "no press == plain
     `generate()`" holds exactly only on the default path.
     """
@@ -139,7 +142,7 @@ def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int,
         q_ids, q_mask = _left_pad([row[j] for row in enc.q_rows], enc.pad_id, device)
         if use_graph and q_ids.shape[1]:
             new = graph_generate(model, cache, q_ids, enc.ctx_ids.shape[1], max_new_tokens, enc.pad_id,
-                                 mask=torch.cat([enc.ctx_mask, q_mask], dim=1))
+                                 mask=torch.cat([enc.ctx_mask, q_mask], dim=1), compile=compile)
             cache.restore(state)  # answered, or no room for graph steps: the question is fed again below
             if new is not None:
                 for i, row in enumerate(new):
@@ -167,7 +170,8 @@ def answer(model, tokenizer, cache: KVCache, enc: Encoded, max_new_tokens: int,
 
 @torch.inference_mode()
 def graph_generate(model, cache: KVCache, q_ids: torch.Tensor, position: int, max_new_tokens: int,
-                   pad_id: int, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+                   pad_id: int, mask: torch.Tensor | None = None, compile: bool | str = False
+                   ) -> torch.Tensor | None:
     """Greedy decoding of `max_new_tokens` after the question ids `q_ids [B, q]` (fed at `position`, the
     cache's length), one captured step per token (`GraphDecoder`), with `generate()`'s stopping rule: a row
     that produced an end-of-sequence id continues with `pad_id`, and decoding stops once every row has.
@@ -179,7 +183,7 @@ def graph_generate(model, cache: KVCache, q_ids: torch.Tensor, position: int, ma
     room, or entries that cannot be dropped: `KVCache.drop_positions`); the question was fed: restore the cache
     before another attempt.
     """
-    from kvforge.cache.graphs import GraphDecoder
+    from kvforge.cache.graphs import GraphDecoder, resolve_compile
 
     b, q = q_ids.shape
     if mask is None or bool(mask.all()):
@@ -193,7 +197,8 @@ def graph_generate(model, cache: KVCache, q_ids: torch.Tensor, position: int, ma
     try:
         if mask is not None:
             cache.drop_positions(~mask.bool())
-        dec = GraphDecoder(model, cache, nxt, max(max_new_tokens - 1, 1), b)
+        dec = GraphDecoder(model, cache, nxt, max(max_new_tokens - 1, 1), b,
+                           compile=resolve_compile(compile, q_ids.device))
     except (ValueError, KVForgeError):
         return None
     eos = model.generation_config.eos_token_id
@@ -299,6 +304,7 @@ def generate(
     cuda_graph: bool = False,
     chunk_size: int | None = None,
     prompt_format: str = DEFAULT_PROMPT_FORMAT,
+    compile: bool | str = "auto",
 ):
     """Answer `questions` about `context`, compressing the context's KV cache once with `press`.
 
@@ -313,7 +319,8 @@ def generate(
 
     `query_aware=True` compresses context + question together instead, once per question (see
     `answer_query_aware`); `return_cache` then gives the last question's cache. Default: query-agnostic.
-    `cuda_graph=True` replays one captured decode step per token (fast on CUDA; see `answer`).
+    `cuda_graph=True` replays one captured decode step per token (fast on CUDA; see `answer`), compiled as
+    `compile` says (default "auto": inductor's max-autotune on CUDA, tuning cached on disk; False: none).
     `chunk_size`: prefill the context that many tokens at a time, compressing as it goes (see `prefill`), so the
     prefill's memory is the weights, the kept entries and one chunk's activations.
     `prompt_format`: "kvpress" (default; token for token kvpress's pipeline) or "kvforge" (see `kvforge.prompt`).
@@ -334,7 +341,7 @@ def generate(
         answers, cache = answer_query_aware(model, tokenizer, enc, press, max_new_tokens, packed=packed)
     else:
         cache = prefill_context(model, enc, press, max_new_tokens, packed=packed, chunk_size=chunk_size)
-        answers = answer(model, tokenizer, cache, enc, max_new_tokens, cuda_graph=cuda_graph)
+        answers = answer(model, tokenizer, cache, enc, max_new_tokens, cuda_graph=cuda_graph, compile=compile)
     result = answers if batched else answers[0]
     return (result, cache) if return_cache else result
 

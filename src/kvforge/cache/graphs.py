@@ -18,6 +18,9 @@ hooks.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
@@ -26,6 +29,42 @@ from kvforge.cache.kvcache import GRAPH_STEP, KVCache
 from kvforge.cache.layers import DenseLayer
 from kvforge.cache.ring import RingLayer
 from kvforge.errors import KVForgeError
+
+AUTOTUNE = "max-autotune-no-cudagraphs"  # inductor tunes its own GEMMs (we capture the graph ourselves)
+COMPILE_MODES = ("auto", "off", "on", "max-autotune")
+
+
+def resolve_compile(compile: bool | str, device: torch.device) -> bool | str:
+    """What `GraphDecoder(compile=...)` gets for a user's setting: "auto" (the default of `kvforge.generate` and
+    `kvforge bench`) is inductor's max-autotune on CUDA and nothing elsewhere, unless `KVFORGE_COMPILE` says
+    otherwise (off, on, max-autotune); "on" / True is inductor's default mode, "off" / False no compilation, a mode
+    name passes through. On CUDA, compiled steps keep inductor's caches in `$KVFORGE_CACHE/inductor` (unless
+    `TORCHINDUCTOR_CACHE_DIR` is set): the tuning of a model's shapes is paid once per machine, not per run."""
+    if compile == "auto":
+        compile = os.environ.get("KVFORGE_COMPILE", "max-autotune" if device.type == "cuda" else "off")
+        if compile not in COMPILE_MODES[1:]:
+            raise KVForgeError(f"KVFORGE_COMPILE={compile!r}; allowed: {', '.join(COMPILE_MODES[1:])}")
+    compile = {"off": False, "on": True, "max-autotune": AUTOTUNE}.get(compile, compile) if isinstance(
+        compile, str) else bool(compile)
+    if compile and device.type == "cuda" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from kvforge.models import cache_root
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
+    return compile
+
+
+_ANNOUNCED: set = set()
+
+
+def _announce(mode) -> None:
+    """One line on stderr, once per process and mode, before the first compilation (it can take minutes)."""
+    if mode in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(mode)
+    where = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "inductor's default cache")
+    print(f"kvforge: compiling the decode step ({mode if isinstance(mode, str) else 'default'}): minutes the first "
+          f"time for a model's shapes on this GPU, then read from {where}; KVFORGE_COMPILE=off skips it",
+          file=sys.stderr, flush=True)
 
 
 def _stock_sliding(layer) -> bool:
@@ -88,6 +127,7 @@ class GraphDecoder:
         # the class's function, not a bound method: a bound method stored on self is a reference cycle, and the
         # cache (all of the KV) would then live until the garbage collector happens to run
         mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
+        self.compile = compile
         self._step = None
         if compile:
             self._mark_lengths_dynamic()
@@ -142,6 +182,22 @@ class GraphDecoder:
         finally:
             GRAPH_STEP.cache = None
 
+    def _first_forward(self) -> torch.Tensor:
+        """The first (warm-up) step: where a compiled step compiles. A compiler failure (dynamo's or a backend's,
+        raised while tracing or compiling, before the step runs and writes anything) is reported in one line and the
+        step runs uncompiled from then on; an error while the compiled step runs is raised."""
+        if self._step is None:
+            return self._forward()
+        _announce(self.compile)
+        try:
+            return self._forward()
+        except torch._dynamo.exc.TorchDynamoException as e:  # the uncompiled step is the same computation
+            print(f"kvforge: compiling the decode step failed ({type(e).__name__}: {str(e)[:200]}); decoding "
+                  "without compilation", file=sys.stderr, flush=True)
+            self._step = None
+            torch.compiler.reset()
+            return self._forward()
+
     def _advance(self) -> None:
         for layer in self.cache.layers:
             layer.advance(1)
@@ -154,13 +210,13 @@ class GraphDecoder:
             return self._eager_step()
         if self.graph is None:
             if not self.capture:  # CPU: graph mode runs eagerly (same kernels' twins, same device counters)
-                logits = self._forward()
+                logits = self._first_forward() if self.fed == 1 else self._forward()
                 self._advance()
                 return logits
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # the first step runs eagerly (warms up), then the next is captured
-                logits = self._forward()
+                logits = self._first_forward()
             torch.cuda.current_stream().wait_stream(stream)
             self._advance()
             self.graph = torch.cuda.CUDAGraph()

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvforge.cache.coded import CodedLayer
-from kvforge.cache.graphs import GraphDecoder
+from kvforge.cache.graphs import AUTOTUNE, GraphDecoder, resolve_compile
 from kvforge.cache.kvcache import KVCache, check_chunking
 from kvforge.cache.layers import PackedHeadLayer
 from kvforge.config import layer_types, text_config
@@ -73,7 +73,6 @@ def _attention_only(layer, query, scale, device) -> float:
     return _time(lambda: sdpa(query, keys, values, None, scale=scale), device)
 
 
-AUTOTUNE = "max-autotune-no-cudagraphs"  # inductor tunes its own GEMMs (we capture the graph ourselves)
 
 # storage layouts of per-head budgets, by the layer class that holds them
 LAYOUTS = {"PackedHeadLayer": "packed", "HeadVarlenLayer": "padded"}
@@ -419,9 +418,9 @@ def _check_bench_args(contexts, batch, presses, ratios, new_tokens, compile, lay
             for chunk in prefill_chunks:
                 check_chunking(factory(r), chunk)
     modes = {False: [False], "off": [False], True: [True], "on": [True], "both": [False, True],
-             "autotune": [True, AUTOTUNE], "max-autotune": [AUTOTUNE]}.get(compile)
+             "autotune": [True, AUTOTUNE], "max-autotune": [AUTOTUNE], "auto": ["auto"]}.get(compile)
     if modes is None:
-        raise KVForgeError(f"unknown compile mode {compile!r}; allowed: off, on, both, autotune, max-autotune")
+        raise KVForgeError(f"unknown compile mode {compile!r}; allowed: auto, off, on, both, autotune, max-autotune")
     bad = set(layouts or []) - set(LAYOUTS.values())
     if bad:
         raise KVForgeError(f"unknown layout(s) {sorted(bad)}; allowed: {', '.join(LAYOUTS.values())}")
@@ -433,7 +432,7 @@ def _check_bench_args(contexts, batch, presses, ratios, new_tokens, compile, lay
 def run_bench(model_name: str | None, config: str | None, contexts: list[int], batch: int, presses: list[str],
               ratios: list[float], new_tokens: int, out: str, device: str | None = None,
               cuda_graph: bool = True, hf_caches: list[str] | None = None, layouts: list[str] | None = None,
-              model=None, compile: bool | str = False, overwrite: bool = False,
+              model=None, compile: bool | str = "auto", overwrite: bool = False,
               prefill_chunks: list[int | None] | None = None, sharing: list[str] | None = None,
               sharing_warmup: int = 2) -> list[dict]:
     """Time every (context, press, ratio) and write bench.json / bench.csv / bench.png under `out`.
@@ -451,7 +450,8 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     `layouts` ("packed", "padded"): per-head-budget presses are timed on each of these storage layouts (packed
     head-varlen vs a padded block with a validity mask, what a masking implementation does); by default only on
     the device's own (packed on CUDA, padded on CPU). `model`: an already loaded model (tests). `compile`:
-    `torch.compile` the captured decode step (`GraphDecoder(compile=True)`): True / "on", "both" (every row
+    `torch.compile` the captured decode step (`GraphDecoder(compile=True)`): "auto" (the default: max-autotune on
+    CUDA, nothing elsewhere, `kvforge.cache.graphs.resolve_compile`), True / "on", "both" (every row
     twice, without and with, in the same run), "autotune" (default and inductor's max-autotune GEMMs) or
     "max-autotune" (only the latter). The compile variants of one row share one prefill: each decodes
     `new_tokens` more on the same compressed cache. An interrupted run resumes: rows already in `out`/bench.json
@@ -487,6 +487,7 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
                          "use shorter --context, a smaller --batch or --config, or a device with more memory")
         model, _ = load_model(config or model_name, random_weights=bool(config), device=device or "auto")
     dev = next(model.parameters()).device
+    modes = [resolve_compile(m, dev) if m == "auto" else m for m in modes]  # what "auto" is on this device
     if not config:  # random weights have no trained positions: their RoPE formula holds past the config's limit
         _check_fits(model, contexts, reserve, "the model")
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
