@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_tables.sh sharing   # cross-layer sharing throughput (#19), 8-10 minutes, alone
 #   bash benchmarks/gpu_tables.sh memory    # #21: prefill peak / press overhead at 128k, chunked and not, and
 #                                           # kvpress's peak in the same session (KVPRESS_PATH), ~5 minutes, alone
+#   bash benchmarks/gpu_tables.sh decode    # #21: decode with default flags, 32k/128k, twice (cold, then cached)
 #   bash benchmarks/gpu_tables.sh capacity  # #21: the longest context on a GPU of MEMORY_GB (default 40), ~8 minutes
 #   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log (brief: counts, failures)
 #
@@ -73,7 +74,7 @@ speed)
   done
   python3 benchmarks/link_ttft.py --config llama3.1-8b --repeats 7 --device cuda --out $RUNS/link_ttft.json
   $KV bench --random-weights --config llama3.1-8b --context 128k --presses none,knorm,snapkv,tova,adakv:snapkv \
-    --ratios 0.75 --prefill-chunk none,8k --new-tokens 16 --device cuda --out $RUNS/prefill_memory
+    --ratios 0.75 --prefill-chunk none,8k --new-tokens 16 --device cuda --compile off --out $RUNS/prefill_memory
   $KV bench --random-weights --config llama3.1-8b --max-context --presses none,knorm --ratios 0.75 \
     --prefill-chunk none,8k --search-limit 1024k --device cuda --out $RUNS/capacity_context
   ;;
@@ -174,9 +175,17 @@ sharing)  # the same-run throughput table of every preset (random Llama-3.1-8B, 
 memory)  # #21, one call on a quiet GPU: kvforge's rows, then kvpress 0.5.5 (its own transformers, KVPRESS_PATH) on
   # the same machine right after, so that the peaks compare within one session
   $KV bench --random-weights --config llama3.1-8b --context 128k --presses none,knorm,snapkv,tova,adakv:snapkv \
-    --ratios 0.75 --prefill-chunk none,8k --new-tokens 16 --device cuda --out $RUNS/prefill_memory
+    --ratios 0.75 --prefill-chunk none,8k --new-tokens 16 --device cuda --compile off --out $RUNS/prefill_memory
   [ -d "${KVPRESS_PATH:-/tmp/kvp}" ] && PRESSES=none,knorm_0.75 LENGTHS=131072 OUT=$RUNS/prefill_memory \
     PYTHONPATH=${KVPRESS_PATH:-/tmp/kvp} python3 benchmarks/kvpress_speed.py
+  ;;
+decode)  # #21 item 4: decode with default flags (--compile auto: max-autotune on CUDA, tuning cached on disk), 32k
+  # and 128k, none and knorm 0.75, twice in two processes: the second reads the compiled step from the disk cache
+  # (first_step_s); ~7 minutes on a fresh machine
+  for R in 1 2; do
+    $KV bench --random-weights --config llama3.1-8b --context 32k,128k --presses none,knorm --ratios 0.75 \
+      --new-tokens 16 --device cuda --out $RUNS/decode_default_$R
+  done
   ;;
 capacity)  # #21: the longest context that fits a GPU of MEMORY_GB (the allocator is capped there), none and knorm
   # 0.75, unchunked and in 8k chunks; searched to 16k (a try near the top is a prefill of several 100k tokens)
