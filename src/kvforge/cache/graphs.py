@@ -22,6 +22,8 @@ import os
 import sys
 
 import torch
+from torch._dynamo import maybe_mark_dynamic  # torch's documented dynamic-shape marker (no public alias in 2.13)
+from torch._dynamo.exc import TorchDynamoException
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from kvforge.cache.coded import CodedLayer
@@ -139,9 +141,8 @@ class GraphDecoder:
         of it, serve every context length. Everything else stays static."""
         for layer in self.cache.layers:
             if type(layer) is DenseLayer:
-                for t in (layer._k, layer._v, layer.slots):
-                    if t is not None:
-                        torch._dynamo.maybe_mark_dynamic(t, 2)
+                for t in layer.length_tensors():
+                    maybe_mark_dynamic(t, 2)
 
     def _enter_graph_mode(self, steps: int) -> None:
         with torch.inference_mode():  # the buffers are inference tensors (prefilled under inference_mode)
@@ -191,7 +192,7 @@ class GraphDecoder:
         _announce(self.compile)
         try:
             return self._forward()
-        except torch._dynamo.exc.TorchDynamoException as e:  # the uncompiled step is the same computation
+        except TorchDynamoException as e:  # the uncompiled step is the same computation
             print(f"kvforge: compiling the decode step failed ({type(e).__name__}: {str(e)[:200]}); decoding "
                   "without compilation", file=sys.stderr, flush=True)
             self._step = None

@@ -118,6 +118,10 @@ class DenseLayer(CacheLayerMixin):
             self.slots = s.new_empty(s.shape[0], s.shape[1], cap)
             self.slots[:, :, : self.n] = s[:, :, : self.n]
 
+    def length_tensors(self) -> list[torch.Tensor]:
+        """The buffers whose axis 2 is the layer's capacity (keys, values, and slots once pruned)."""
+        return [t for t in (self._k, self._v, self.slots) if t is not None]
+
     def _sync_views(self) -> None:
         self.keys = self._k[:, :, : self.n]
         self.values = self._v[:, :, : self.n]
