@@ -564,3 +564,19 @@ def test_a_step_that_fails_to_compile_decodes_uncompiled(models, capsys):
     assert tokens["failing"] == tokens["eager"]
     err = capsys.readouterr().err
     assert "compiling the decode step failed (TorchDynamoException: the backend gave up)" in err
+
+
+def test_inductors_own_default_cache_dir_is_replaced_by_kvforges(monkeypatch, tmp_path):
+    """Importing inductor writes its temporary default into TORCHINDUCTOR_CACHE_DIR; that value is not the user's
+    choice, so a compiled CUDA step still gets $KVFORGE_CACHE/inductor."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from kvforge.cache.graphs import resolve_compile
+
+    monkeypatch.delenv("KVFORGE_COMPILE", raising=False)
+    monkeypatch.setenv("KVFORGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    resolve_compile("auto", torch.device("cuda"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")

@@ -40,19 +40,30 @@ def resolve_compile(compile: bool | str, device: torch.device) -> bool | str:
     """What `GraphDecoder(compile=...)` gets for a user's setting: "auto" (the default of `kvforge.generate` and
     `kvforge bench`) is inductor's max-autotune on CUDA and nothing elsewhere, unless `KVFORGE_COMPILE` says
     otherwise (off, on, max-autotune); "on" / True is inductor's default mode, "off" / False no compilation, a mode
-    name passes through. On CUDA, compiled steps keep inductor's caches in `$KVFORGE_CACHE/inductor` (unless
-    `TORCHINDUCTOR_CACHE_DIR` is set): the tuning of a model's shapes is paid once per machine, not per run."""
+    name passes through. On CUDA, compiled steps keep inductor's caches in `$KVFORGE_CACHE/inductor` (unless the
+    user set `TORCHINDUCTOR_CACHE_DIR`; inductor's default is a temporary directory): the tuning of a model's shapes
+    is paid once per machine, not per run."""
     if compile == "auto":
         compile = os.environ.get("KVFORGE_COMPILE", "max-autotune" if device.type == "cuda" else "off")
         if compile not in COMPILE_MODES[1:]:
             raise KVForgeError(f"KVFORGE_COMPILE={compile!r}; allowed: {', '.join(COMPILE_MODES[1:])}")
     compile = {"off": False, "on": True, "max-autotune": AUTOTUNE}.get(compile, compile) if isinstance(
         compile, str) else bool(compile)
-    if compile and device.type == "cuda" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    if compile and device.type == "cuda" and os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _inductor_default()):
         from kvforge.models import cache_root
 
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")  # read by inductor at each use
     return compile
+
+
+def _inductor_default() -> str | None:
+    """Inductor's own cache directory (a temporary one), which importing inductor writes into the environment: a
+    value equal to it was not chosen by the user."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return None
+    return default_cache_dir()
 
 
 _ANNOUNCED: set = set()
