@@ -449,6 +449,31 @@ def test_graph_generate_on_a_left_padded_batch_equals_transformers_generate(mode
     assert [type(layer) for layer in cache.layers] == [type(layer) for layer, _ in state]  # padded layers back
 
 
+def test_generate_passes_its_compile_setting_to_the_graph_steps(models, smol_tokenizer):
+    """`generate(..., cuda_graph=True, compile=...)`: a compiled step answers like the uncompiled one; "auto" on
+    CPU compiles nothing (what the decoder was given is recorded)."""
+    from unittest.mock import patch
+
+    from kvforge.cache.graphs import GraphDecoder
+    from kvforge.generate import generate
+
+    model = models["llama"]
+    press = get_press("knorm", compression_ratio=0.5)
+    given = []
+    real_init = GraphDecoder.__init__
+
+    def init(self, *a, **k):
+        given.append(k.get("compile"))
+        real_init(self, *a, **k)
+
+    with patch.object(GraphDecoder, "__init__", init):
+        auto = generate(model, smol_tokenizer, CONTEXT, QUESTIONS[:1], press=press, max_new_tokens=6, cuda_graph=True)
+        compiled = generate(model, smol_tokenizer, CONTEXT, QUESTIONS[:1], press=press, max_new_tokens=6,
+                            cuda_graph=True, compile="on")
+    assert given == [False, True]
+    assert compiled == auto
+
+
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 def test_generate_with_graph_steps_answers_like_generate(models, smol_tokenizer, family):
     """`generate(..., cuda_graph=True)` answers every question like the transformers path, restoring the cache
