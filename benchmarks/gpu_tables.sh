@@ -13,7 +13,7 @@
 #   bash benchmarks/gpu_tables.sh memory    # #21: prefill peak / press overhead at 128k, chunked and not, and
 #                                           # kvpress's peak in the same session (KVPRESS_PATH), ~5 minutes, alone
 #   bash benchmarks/gpu_tables.sh decode    # #21: decode with default flags, 32k/128k, twice (cold, then cached)
-#   bash benchmarks/gpu_tables.sh capacity  # #21: the longest context on a GPU of MEMORY_GB (default 40), ~8 minutes
+#   bash benchmarks/gpu_tables.sh capacity  # #21: the longest context on a GPU of MEMORY_GB (default 24), ~4 minutes
 #   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log (brief: counts, failures)
 #
 # Check the captured streaming step on this GPU first: `pytest -m cuda tests -o addopts=""` (the quality jobs use
@@ -190,7 +190,7 @@ decode)  # #21 item 4: decode with default flags (--compile auto: max-autotune o
 capacity)  # #21: the longest context that fits a GPU of MEMORY_GB (the allocator is capped there), none and knorm
   # 0.75, unchunked and in 8k chunks; searched to 16k (a try near the top is a prefill of several 100k tokens)
   $KV bench --random-weights --config llama3.1-8b --max-context --presses none,knorm --ratios 0.75 \
-    --prefill-chunk none,8k --memory-limit ${MEMORY_GB:-40} --search-step 16384 --search-limit 1024k --device cuda \
+    --prefill-chunk none,8k --memory-limit ${MEMORY_GB:-24} --search-step 16384 --search-limit 1024k --device cuda \
     --out $RUNS/capacity_context
   ;;
 link)  # KVLink (#18): time to first token on the quiet GPU first (TTFT=0 skips it), then, in the background,
