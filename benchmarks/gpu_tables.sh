@@ -13,7 +13,7 @@
 #   bash benchmarks/gpu_tables.sh memory    # #21: prefill peak / press overhead at 128k, chunked and not, and
 #                                           # kvpress's peak in the same session (KVPRESS_PATH), ~5 minutes, alone
 #   bash benchmarks/gpu_tables.sh decode    # #21: decode with default flags, 32k/128k, twice (cold, then cached)
-#   bash benchmarks/gpu_tables.sh capacity  # #21: the longest context on a GPU of MEMORY_GB (default 24), ~4 minutes
+#   bash benchmarks/gpu_tables.sh capacity  # #21: the longest context on a GPU of MEMORY_GB (default 24), not yet timed
 #   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log (brief: counts, failures)
 #
 # Check the captured streaming step on this GPU first: `pytest -m cuda tests -o addopts=""` (the quality jobs use
