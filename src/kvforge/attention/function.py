@@ -139,7 +139,7 @@ def segment_attention(layer: PackedHeadLayer, query: torch.Tensor, scaling: floa
     b, hq, q, _ = query.shape
     g = hq // layer.heads
     out = query.new_empty(b, hq, q, layer.v_flat.shape[-1])
-    for i, (start, n) in enumerate(zip(layer.offsets.tolist(), layer.lengths.tolist())):  # one host read
+    for i, (start, n) in enumerate(torch.stack([layer.offsets, layer.lengths.long()], 1).tolist()):  # one host read
         row, head = divmod(i, layer.heads)
         heads = slice(head * g, (head + 1) * g)
         keys, values = layer.k_flat[start : start + n][None, None], layer.v_flat[start : start + n][None, None]
@@ -170,7 +170,7 @@ def _graph_step_attention(cache, layer_idx: int, query, scaling) -> torch.Tensor
         out = BACKENDS["sdpa"](query, keys, values, valid[:, :, None, :], scale=scale)[:, :, 0]
     else:
         k_flat, v_flat, offsets, lengths, max_len, total = layer.graph_segments()
-        if type(layer).graph_segments is DenseLayer.graph_segments:  # equal segments: lengths from the shapes
+        if not isinstance(layer, PackedHeadLayer):  # equal segments (dense, ring): lengths from the shapes
             out = dense_decode_attention(query[:, :, 0], k_flat, v_flat, offsets, lengths, scale)
         else:
             out = decode_attention(query[:, :, 0], k_flat, v_flat, offsets, lengths, scale, max_len=max_len,

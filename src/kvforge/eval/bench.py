@@ -73,7 +73,6 @@ def _attention_only(layer, query, scale, device) -> float:
     return _time(lambda: sdpa(query, keys, values, None, scale=scale), device)
 
 
-
 # storage layouts of per-head budgets, by the layer class that holds them
 LAYOUTS = {"PackedHeadLayer": "packed", "HeadVarlenLayer": "padded"}
 

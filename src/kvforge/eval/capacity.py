@@ -205,21 +205,16 @@ def run_capacity(model, presses: list[str], ratios: list[float], out: str, what:
     for run_model, chunk, spec, ratio, layer_map in runs:
         settings = {c: (spec, ratio, chunk, batch if what == "context" else c, memory_limit_gb, top,
                         layer_map or "dense") for c in sizes}  # a row's identity, as `keys` reads it back
-        if all(settings[c] in done for c in sizes):  # found by an earlier run
-            for c in sizes:
-                rows.append(done[settings[c]])
-                print(json.dumps(done[settings[c]]))
-            continue
-        if layer_map is not None:  # one sharing model at a time, freed after its search
-            from kvforge.sharing import random_sharing_model
-
-            run_model = random_sharing_model(model, layer_map)
         press = None if spec == "none" or layer_map is not None else factories[spec](ratio)
         for context in sizes:
-            if settings[context] in done:
+            if settings[context] in done:  # found by an earlier run
                 rows.append(done[settings[context]])
                 print(json.dumps(done[settings[context]]))
                 continue
+            if run_model is None:  # a sharing preset: its model is built only when something is left to search
+                from kvforge.sharing import random_sharing_model
+
+                run_model = random_sharing_model(model, layer_map)
             label = f"{spec} {ratio} chunk={chunk}" + ("" if context is None else f" context={context}")
             with memory_cap(device, limit_bytes):
                 if what == "context":
@@ -237,7 +232,7 @@ def run_capacity(model, presses: list[str], ratios: list[float], out: str, what:
             print(json.dumps(row))
             with (out_dir / "capacity.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
-        if layer_map is not None:
+        if layer_map is not None and run_model is not None:
             del run_model
             gc.collect()
             if torch.cuda.is_available():
