@@ -212,3 +212,30 @@ def test_a_cache_is_freed_after_a_forward_that_failed_between_update_and_attenti
         return weakref.ref(cache)
 
     assert _dropped(use)
+
+
+def test_a_prefill_prune_parks_its_slots_until_something_reads_them():
+    """A prune of a contiguous layer (what a prefill press does) keeps the kept positions in host memory, off the
+    device's prefill peak; the first read brings back exactly the kept positions, and a snapshot taken before that
+    read sees the same tensor (one load, as layers share buffer references)."""
+    from kvforge.cache.layers import ParkedSlots
+
+    layer = DenseLayer(reserve=4)
+    keys, values = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
+    layer.update(keys, values)
+    idx = torch.stack([torch.randperm(10)[:6].sort().values for _ in range(6)]).view(2, 3, 6)
+    layer.keep(idx)
+    assert isinstance(layer._slots, ParkedSlots) and layer.capacity == 10
+    assert torch.equal(layer.keys, keys.gather(2, idx[..., None].expand(2, 3, 6, 8)))
+    state = layer.snapshot()
+    assert torch.equal(layer.entry_slots(), idx)  # the read that loads them
+    assert layer.slots.shape == (2, 3, 10) and not isinstance(layer._slots, ParkedSlots)
+    layer.update(torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8))
+    assert torch.equal(layer.entry_slots()[:, :, -1], torch.full((2, 3), 10))
+    layer.restore(state)
+    assert torch.equal(layer.entry_slots(), idx)  # the snapshot's parked slots: the same loaded tensor
+    again = DenseLayer(reserve=4)  # a second prune gathers from the (loaded) slots, not from positions
+    again.update(keys, values)
+    again.keep(idx)
+    again.keep(torch.tensor([1, 3, 5]).expand(2, 3, 3))
+    assert torch.equal(again.entry_slots(), idx[:, :, [1, 3, 5]])

@@ -23,6 +23,38 @@ from kvforge.errors import KVForgeError
 GROWTH = 1.5  # capacity multiplier when a buffer is full
 
 
+class ParkedSlots:
+    """The logical slots of a pruned layer `[B, H_kv, cap]` (int64, the first `n` written), waiting in host memory.
+
+    A prune during a prefill makes the slots, but nothing of the prefill reads them: decoding, masks over several
+    query tokens and position-aware presses do, later. Parking them on the host keeps 8 bytes per kept entry and
+    head (67 MB for Llama-3.1-8B at 128k, ratio 0.75) out of the device's prefill peak; the first read brings them
+    back (`load`, once: every holder of this object, e.g. a snapshot, gets the same device tensor, which is what
+    sharing a buffer reference means elsewhere in a layer).
+    """
+
+    def __init__(self, slots: torch.Tensor, cap: int):
+        b, h, k = slots.shape
+        self.device, self.cap = slots.device, cap
+        cuda = slots.device.type == "cuda"
+        self.host = torch.empty(b, h, k, dtype=slots.dtype, pin_memory=cuda)
+        self.host.copy_(slots, non_blocking=cuda)  # stream-ordered: the device source may be freed right after
+        self.event = torch.cuda.Event() if cuda else None
+        if cuda:
+            self.event.record()
+        self.loaded: torch.Tensor | None = None
+
+    def load(self) -> torch.Tensor:
+        if self.loaded is None:
+            if self.event is not None:
+                self.event.synchronize()
+            b, h, k = self.host.shape
+            self.loaded = torch.empty(b, h, self.cap, dtype=self.host.dtype, device=self.device)
+            self.loaded[:, :, :k].copy_(self.host)
+            self.host = self.event = None
+        return self.loaded
+
+
 class DenseLayer(CacheLayerMixin):
     """Keys/values `[B, H_kv, cap, D]`, the first `n` columns valid; prunable to the same count per head.
 
@@ -41,7 +73,7 @@ class DenseLayer(CacheLayerMixin):
         self.reserve = reserve
         self.n = 0  # physical entries
         self.logical = 0  # tokens seen
-        self.slots: torch.Tensor | None = None
+        self._slots: torch.Tensor | ParkedSlots | None = None
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         # Per-layer state of a decode-time press (H2O accumulators, Quest page bounds, ...): a dict of tensors
@@ -78,6 +110,17 @@ class DenseLayer(CacheLayerMixin):
             self._sync_views()
         else:
             self._replace(keys, values, slots)
+
+    @property
+    def slots(self) -> torch.Tensor | None:
+        """`[B, H_kv, cap]` int64 logical slot of each entry once pruned, else None (parked ones come back here)."""
+        if isinstance(self._slots, ParkedSlots):
+            self._slots = self._slots.load()
+        return self._slots
+
+    @slots.setter
+    def slots(self, value: torch.Tensor | None) -> None:
+        self._slots = value
 
     # -- storage -------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -148,6 +191,8 @@ class DenseLayer(CacheLayerMixin):
     def enter_graph_mode(self, steps: int) -> None:
         if self.n + steps > self.capacity:
             raise ValueError(f"graph decoding of {steps} steps needs capacity {self.n + steps}, have {self.capacity}")
+        if isinstance(self._slots, ParkedSlots):  # back on the device before a step is captured
+            self._slots = self._slots.load()
         b, h = self._k.shape[:2]
         dev = self._k.device
         self.graph = {
@@ -279,13 +324,17 @@ class DenseLayer(CacheLayerMixin):
         The kept entries are gathered straight into the new buffers (no gathered copy beside them): while a layer is
         compressed its memory is the full-length entries plus the kept ones, as in kvpress."""
         b, h, k = indices.shape
+        contiguous = self._slots is None
         old_k, old_v, old_slots = self._k[:, :, : self.n], self._v[:, :, : self.n], self._full_slots()
         self.n = 0
         self._alloc(b, h, old_k.shape[3], old_v.shape[3], k + self.reserve)
         torch.gather(old_k, 2, indices[..., None].expand(b, h, k, old_k.shape[3]), out=self._k[:, :, :k])
         torch.gather(old_v, 2, indices[..., None].expand(b, h, k, old_v.shape[3]), out=self._v[:, :, :k])
-        self.slots = old_slots.new_empty(b, h, k + self.reserve)
-        torch.gather(old_slots, 2, indices, out=self.slots[:, :, :k])
+        if contiguous:  # a prefill's prune: the slots are the kept positions; nothing reads them before decoding
+            self.slots = ParkedSlots(indices, k + self.reserve)
+        else:
+            self.slots = old_slots.new_empty(b, h, k + self.reserve)
+            torch.gather(old_slots, 2, indices, out=self.slots[:, :, :k])
         self.n = k
         self._sync_views()
 
@@ -345,7 +394,7 @@ class DenseLayer(CacheLayerMixin):
             self.valid[:, :, : self.n] = valid
 
     # -- snapshot / restore (answering several questions from one compressed context) ----------------
-    _STATE = ("n", "logical", "_k", "_v", "slots", "press_state")
+    _STATE = ("n", "logical", "_k", "_v", "_slots", "press_state")
 
     def snapshot(self) -> tuple:
         """Lengths and buffer references. Pruning allocates new buffers and appends only write past `n`, so
@@ -397,7 +446,7 @@ class DenseLayer(CacheLayerMixin):
         if tokens_to_remove == 0 or not self.is_initialized:
             return
         drop = -tokens_to_remove
-        if self.slots is not None and drop > 0:
+        if self._slots is not None and drop > 0:
             # entries appended after the last prune are contiguous at the end
             drop = min(drop, self.n)
         self.n -= drop
