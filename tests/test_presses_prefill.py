@@ -467,3 +467,22 @@ def test_batch_equals_each_context_alone(models, smol_tokenizer, tmp_path, famil
     assert batch == [generate(model, tok, c, QUESTIONS[:1], press=press, max_new_tokens=4) for c in CONTEXTS]
     assert all(row[0] for row in batch)  # real answers: the comparison means something
     assert cache.stats()["bytes"] < cache.stats()["uncompressed_bytes"]
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_window_attention_in_the_model_dtype_matches_the_float32_twin(dtype, bound):
+    """SnapKV/TOVA/NaCl's window attention computes its logits in the keys' dtype (no float32 copy of the keys) and
+    its softmax in float32; on fresh random inputs, with left padding, it stays within the dtype's bound of the
+    float32 twin: probabilities (each row sums to 1) and the scores SnapKV derives from them."""
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        query = (torch.randn(2, 8, 24, 32, generator=g) * 2).to(dtype)
+        keys = (torch.randn(2, 2, 24, 32, generator=g) * 2).to(dtype)
+        real = torch.ones(2, 24, dtype=torch.bool)
+        real[1, :5] = False
+        ctx = make_ctx(query, keys, key_real=real)
+        fast, slow = ctx.window_attention(8), ctx.window_attention_reference(8)
+        assert fast.dtype == slow.dtype == torch.float32 and not fast.isnan().any()
+        assert (fast - slow).abs().max() <= bound, (fast - slow).abs().max()
+        assert torch.allclose(fast.sum(-1), torch.ones(()), atol=1e-5)
+        assert bool((fast[1, :, :, :, :5] == 0).all())  # padding gets no attention

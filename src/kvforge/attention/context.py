@@ -93,12 +93,26 @@ class LayerContext:
         return self.real.long().cumsum(-1) - 1
 
     def window_attention(self, window: int) -> torch.Tensor:
-        """Softmax attention of the last `window` queries over every entry, float32, `[B, H_kv, G, w, n]`."""
+        """Softmax attention of the last `window` queries over every entry, float32, `[B, H_kv, G, w, n]`.
+
+        The logits are computed in the keys' dtype and the softmax in float32, as SnapKV's and kvpress's code do
+        (`matmul` in the model dtype, `softmax(..., dtype=float32)`): no float32 copy of the layer's keys (0.5 GB
+        per layer of Llama-3.1-8B at 128k). `window_attention_reference` is the float32 twin."""
+        b, hq, q, d = self.query.shape
+        h = self.keys.shape[1]
+        w = min(window, q)
+        qw = self.query[:, :, q - w :].to(self.keys.dtype).reshape(b, h, self.groups, w, d)
+        logits = torch.einsum("bhgwd,bhnd->bhgwn", qw, self.keys).mul_(self.scaling)
+        mask = self.mask(slice(q - w, q))  # [B, 1|H, w, n]
+        logits.masked_fill_(~mask[:, :, None], float("-inf"))  # in place: w × n per query head, once
+        return torch.softmax(logits, dim=-1, dtype=torch.float32).nan_to_num_(0.0)
+
+    def window_attention_reference(self, window: int) -> torch.Tensor:
+        """`window_attention` in float32 throughout (the slow, obviously-correct twin)."""
         b, hq, q, d = self.query.shape
         h = self.keys.shape[1]
         w = min(window, q)
         qw = self.query[:, :, q - w :].float().reshape(b, h, self.groups, w, d)
         logits = torch.einsum("bhgwd,bhnd->bhgwn", qw, self.keys.float()) * self.scaling
-        mask = self.mask(slice(q - w, q))  # [B, 1|H, w, n]
-        logits.masked_fill_(~mask[:, :, None], float("-inf"))  # in place: w × n float32 per query head, once
-        return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        logits = logits.masked_fill(~self.mask(slice(q - w, q))[:, :, None], float("-inf"))
+        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
