@@ -605,3 +605,30 @@ def test_inductors_own_default_cache_dir_is_replaced_by_kvforges(monkeypatch, tm
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     resolve_compile("auto", torch.device("cuda"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_decoders_one_after_another_leave_nothing_allocated():
+    """Each captured decoder warms up and captures on kvforge's one side stream: cuBLAS keeps a workspace per stream
+    it ran on for the life of the process, so a new stream per decoder left one more workspace (32 MiB on an H100)
+    allocated after every decoder. After the first decoder, more decoders add nothing; a parked prune's slots come
+    back before the capture (a knorm prefill)."""
+    from kvforge.cache.graphs import GraphDecoder
+    from kvforge.generate import prefill
+
+    model = tiny_model("llama", hidden_size=256, intermediate_size=512).to("cuda")
+    ids = torch.randint(5, 200, (1, 300), generator=torch.Generator().manual_seed(0)).cuda()
+    after = []
+    for _ in range(4):
+        cache = KVCache(model, press=get_press("knorm", compression_ratio=0.5), reserve=16)
+        tok = prefill(model, ids, torch.ones_like(ids), cache).argmax(-1, keepdim=True)
+        cache.armed = False
+        dec = GraphDecoder(model, cache, ids.shape[1], 4, 1, compile=False)
+        for _ in range(3):
+            tok = dec.step(tok).argmax(-1, keepdim=True)
+        dec.close()
+        del dec, cache
+        torch.cuda.synchronize()
+        after.append(torch.cuda.memory_allocated())
+    assert after[1] == after[2] == after[3], after

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvforge.cache.coded import CodedLayer
-from kvforge.cache.graphs import AUTOTUNE, GraphDecoder, resolve_compile
+from kvforge.cache.graphs import AUTOTUNE, GraphDecoder, release_workspaces, resolve_compile
 from kvforge.cache.kvcache import KVCache, check_chunking
 from kvforge.cache.layers import PackedHeadLayer
 from kvforge.config import layer_types, text_config
@@ -102,6 +102,7 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     cuda = device.type == "cuda"
     gc.collect()  # nothing of an earlier row may still hold memory when this row's peak is measured
     if cuda:
+        release_workspaces()  # nor cuBLAS's workspaces of the streams earlier rows ran on
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     cache = KVCache(model, press=press, reserve=new_tokens * len(variants) + 8, packed=packed, chunk_size=chunk_size)
@@ -314,6 +315,7 @@ def hf_row(model, ids: torch.Tensor, spec: str, new_tokens: int, copy_bw: float 
     model.set_attn_implementation("sdpa")
     try:
         if cuda:
+            release_workspaces()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         cache = hf_cache(spec, model)

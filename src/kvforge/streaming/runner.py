@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kvforge.cache.graphs import side_stream
 from kvforge.errors import KVForgeError
 from kvforge.streaming.modes import AR
 
@@ -53,14 +54,14 @@ class Stream:
             logits = self._forward(self._tok, self.cache)
             self._advance()
             return logits
-        side = torch.cuda.Stream()
+        side = side_stream(self._tok.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up step, eager
             logits = self._forward(self._tok, self.cache)
         torch.cuda.current_stream().wait_stream(side)
         self._advance()
         self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):  # recorded, not run: the next call replays it
+        with torch.cuda.graph(self._graph, stream=side):  # recorded, not run: the next call replays it
             self._logits = self._forward(self._tok, self.cache)
         return logits
 
