@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_tables.sh sharing   # cross-layer sharing throughput (#19), 8-10 minutes, alone
 #   bash benchmarks/gpu_tables.sh memory    # #21: prefill peak / press overhead at 128k, chunked and not, and
 #                                           # kvpress's peak in the same session (KVPRESS_PATH), ~5 minutes, alone
+#   bash benchmarks/gpu_tables.sh press-profile  # #21: the kernels and host time inside each press at 128k
 #   bash benchmarks/gpu_tables.sh decode    # #21: decode with default flags, 32k/128k, twice (cold, then cached)
 #   bash benchmarks/gpu_tables.sh capacity  # #21: the longest context on a GPU of MEMORY_GB (default 24), not yet timed
 #   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log (brief: counts, failures)
@@ -178,6 +179,10 @@ memory)  # #21, one call on a quiet GPU: kvforge's rows, then kvpress 0.5.5 (its
     --ratios 0.75 --prefill-chunk none,8k --new-tokens 16 --device cuda --compile off --out $RUNS/prefill_memory
   [ -d "${KVPRESS_PATH:-/tmp/kvp}" ] && PRESSES=none,knorm_0.75 LENGTHS=131072 OUT=$RUNS/prefill_memory \
     PYTHONPATH=${KVPRESS_PATH:-/tmp/kvp} python3 benchmarks/kvpress_speed.py
+  ;;
+press-profile)  # #21 item 3: where each press's time at 128k goes (kernels and host time inside `compress`), ~2 min
+  python3 benchmarks/profile_press.py --context 131072 --presses knorm,snapkv,tova,adakv:snapkv --ratio 0.75 \
+    --out $RUNS/profile_press_128k.json
   ;;
 decode)  # #21 item 4: decode with default flags (--compile auto: max-autotune on CUDA, tuning cached on disk), 32k
   # and 128k, none and knorm 0.75, twice in two processes: the second reads the compiled step from the disk cache
