@@ -31,27 +31,23 @@ class ParkedSlots:
     head (67 MB for Llama-3.1-8B at 128k, ratio 0.75) out of the device's prefill peak; the first read brings them
     back (`load`, once: every holder of this object, e.g. a snapshot, gets the same device tensor, which is what
     sharing a buffer reference means elsewhere in a layer).
+
+    The copy goes to pageable memory and waits for the device: the press that pruned has just read its keep counts
+    on the host (a sync per layer already), and pinned memory would cost a `cudaHostAlloc` per layer of a first
+    prefill (the caching host allocator keeps a block only once it is freed).
     """
 
     def __init__(self, slots: torch.Tensor, cap: int):
-        b, h, k = slots.shape
         self.device, self.cap = slots.device, cap
-        cuda = slots.device.type == "cuda"
-        self.host = torch.empty(b, h, k, dtype=slots.dtype, pin_memory=cuda)
-        self.host.copy_(slots, non_blocking=cuda)  # stream-ordered: the device source may be freed right after
-        self.event = torch.cuda.Event() if cuda else None
-        if cuda:
-            self.event.record()
+        self.host = slots.to("cpu", copy=True)
         self.loaded: torch.Tensor | None = None
 
     def load(self) -> torch.Tensor:
         if self.loaded is None:
-            if self.event is not None:
-                self.event.synchronize()
             b, h, k = self.host.shape
             self.loaded = torch.empty(b, h, self.cap, dtype=self.host.dtype, device=self.device)
             self.loaded[:, :, :k].copy_(self.host)
-            self.host = self.event = None
+            self.host = None
         return self.loaded
 
 
