@@ -469,8 +469,9 @@ def test_batch_equals_each_context_alone(models, smol_tokenizer, tmp_path, famil
     assert cache.stats()["bytes"] < cache.stats()["uncompressed_bytes"]
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
-def test_window_attention_in_the_model_dtype_matches_the_float32_twin(dtype, bound):
+def test_window_attention_in_the_model_dtype_matches_the_float32_twin(dtype, bound, padded):
     """SnapKV/TOVA/NaCl's window attention computes its logits in the keys' dtype (no float32 copy of the keys) and
     its softmax in float32; on fresh random inputs, with left padding, it stays within the dtype's bound of the
     float32 twin: probabilities (each row sums to 1) and the scores SnapKV derives from them."""
@@ -480,9 +481,11 @@ def test_window_attention_in_the_model_dtype_matches_the_float32_twin(dtype, bou
         keys = (torch.randn(2, 2, 24, 32, generator=g) * 2).to(dtype)
         real = torch.ones(2, 24, dtype=torch.bool)
         real[1, :5] = False
-        ctx = make_ctx(query, keys, key_real=real)
+        ctx = make_ctx(query, keys, key_real=real if padded else None)  # unpadded: no mask at all (all_real)
         fast, slow = ctx.window_attention(8), ctx.window_attention_reference(8)
         assert fast.dtype == slow.dtype == torch.float32 and not fast.isnan().any()
         assert (fast - slow).abs().max() <= bound, (fast - slow).abs().max()
         assert torch.allclose(fast.sum(-1), torch.ones(()), atol=1e-5)
-        assert bool((fast[1, :, :, :, :5] == 0).all())  # padding gets no attention
+        assert bool((fast[:, :, :, 0, -7:] == 0).all())  # causal: the first window query sees none after it
+        if padded:
+            assert bool((fast[1, :, :, :, :5] == 0).all())  # padding gets no attention

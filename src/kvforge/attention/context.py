@@ -103,6 +103,12 @@ class LayerContext:
         w = min(window, q)
         qw = self.query[:, :, q - w :].to(self.keys.dtype).reshape(b, h, self.groups, w, d)
         logits = torch.einsum("bhgwd,bhnd->bhgwn", qw, self.keys).mul_(self.scaling)
+        if self.all_real:  # bottom-right causal, no padding: only the last w entries are hidden from some window
+            # query, and every query sees an entry (itself), so no row is all -inf
+            n = logits.shape[-1]
+            hidden = torch.ones(w, w, dtype=torch.bool, device=logits.device).triu_(1)
+            logits[..., n - w :].masked_fill_(hidden, float("-inf"))
+            return torch.softmax(logits, dim=-1, dtype=torch.float32)
         mask = self.mask(slice(q - w, q))  # [B, 1|H, w, n]
         logits.masked_fill_(~mask[:, :, None], float("-inf"))  # in place: w × n per query head, once
         return torch.softmax(logits, dim=-1, dtype=torch.float32).nan_to_num_(0.0)
