@@ -157,19 +157,25 @@ gpt2)  # streaming on the GPT-2 trained here, nothing but wheels and text carrie
     --out $RUNS/stream_gpt2_long"
   ;;
 sharing)  # the same-run throughput table of every preset (random Llama-3.1-8B, 2k prompts, 512 new tokens, prefill in
-  # 256-token chunks), alone on the GPU. The batches around each known limit (H100, 2026-12-06/07: dense 128 fits and
-  # 160 does not, cla 240/256, yoco 320/384) are measured directly, mixattention is searched; 8-10 min on an H100
-  # (a call cut short resumes: re-run it).
+  # 256-token chunks), alone on the GPU. The batches of DENSE, CLA and YOCO are measured directly (H100, 2026-12-07:
+  # dense 160, cla 256 and yoco 384 fit, none larger tried: DENSE=192,224 CLA=288,320 YOCO=448 push them),
+  # mixattention is searched (448 fits, 512 does not); 10 min on an H100 (a call cut short resumes: re-run it).
   # lckv (minutes per run: 9 passes per prefill chunk) is separate: LCKV="512 640" runs those batches instead.
   # ATTENTION=kvforge: every model on kvforge's attention (no repeat_kv copy of the KV). The summary is printed.
+  # CONFIG_1B=1: the same table on the Llama-3.2-1B shapes, each limit searched (not timed yet).
   S="python3 benchmarks/sharing_throughput.py --config llama3.1-8b --prompt 2048 --new-tokens 512 --prefill-chunk 256 \
     --attention ${ATTENTION:-sdpa} --out $RUNS/sharing_tp_8b_${ATTENTION:-sdpa}.jsonl"
-  if [ -n "${LCKV:-}" ]; then
+  if [ -n "${CONFIG_1B:-}" ]; then  # CONFIG_1B=1: the Llama-3.2-1B shapes, every preset but lckv searched from 256
+    # rows (doubling, then bisecting to a quarter); resumable, several calls if need be
+    S1="python3 benchmarks/sharing_throughput.py --config llama3.2-1b --prompt 2048 --new-tokens 512 --prefill-chunk 256 \
+      --attention ${ATTENTION:-sdpa} --min-batch 256 --max-batch 4096 --resolution 4 --out $RUNS/sharing_tp_1b_${ATTENTION:-sdpa}.jsonl"
+    for P in dense cla yoco mixattention; do $S1 --presets $P 2>&1 | grep -av '^{'; done
+  elif [ -n "${LCKV:-}" ]; then
     $S --presets lckv --batches "$(echo $LCKV | tr ' ' ,)" 2>&1 | grep -av '^{'
   else
-    $S --presets dense --batches 128,160 2>&1 | grep -av '^{'
-    $S --presets cla --batches 240,256 2>&1 | grep -av '^{'
-    $S --presets yoco --batches 320,384 2>&1 | grep -av '^{'
+    $S --presets dense --batches ${DENSE:-128,160} 2>&1 | grep -av '^{'
+    $S --presets cla --batches ${CLA:-240,256} 2>&1 | grep -av '^{'
+    $S --presets yoco --batches ${YOCO:-320,384} 2>&1 | grep -av '^{'
     $S --presets mixattention --min-batch 128 --resolution 4 2>&1 | grep -av '^{'
   fi
   ;;
