@@ -321,7 +321,8 @@ class DenseLayer(CacheLayerMixin):
         compressed its memory is the full-length entries plus the kept ones, as in kvpress."""
         b, h, k = indices.shape
         contiguous = self._slots is None
-        old_k, old_v, old_slots = self._k[:, :, : self.n], self._v[:, :, : self.n], self._full_slots()
+        old_k, old_v = self._k[:, :, : self.n], self._v[:, :, : self.n]
+        old_slots = None if contiguous else self._full_slots()
         self.n = 0
         self._alloc(b, h, old_k.shape[3], old_v.shape[3], k + self.reserve)
         torch.gather(old_k, 2, indices[..., None].expand(b, h, k, old_k.shape[3]), out=self._k[:, :, :k])
