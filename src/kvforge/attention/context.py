@@ -101,8 +101,9 @@ class LayerContext:
         b, hq, q, d = self.query.shape
         h = self.keys.shape[1]
         w = min(window, q)
-        qw = self.query[:, :, q - w :].to(self.keys.dtype).reshape(b, h, self.groups, w, d)
-        logits = torch.einsum("bhgwd,bhnd->bhgwn", qw, self.keys).mul_(self.scaling)
+        # the scale goes into the w queries (rounded once to the keys' dtype, as the logits are): no pass over w × n
+        qw = (self.query[:, :, q - w :].float() * self.scaling).to(self.keys.dtype).reshape(b, h, self.groups, w, d)
+        logits = torch.einsum("bhgwd,bhnd->bhgwn", qw, self.keys)
         if self.all_real:  # bottom-right causal, no padding: only the last w entries are hidden from some window
             # query, and every query sees an entry (itself), so no row is all -inf
             n = logits.shape[-1]
