@@ -47,9 +47,9 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     """The one stream per GPU on which every eager warm-up step and every capture of kvforge runs.
 
-    cuBLAS keeps a workspace (32 MiB on an H100) for each stream it has run on, for the life of the process. A new
-    stream per captured step therefore left one more workspace allocated after each decoder: the rows of one
-    `kvforge bench` run on an H100 peaked 0.03-0.04 GB higher each, row after row (2026-12-07)."""
+    cuBLAS keeps a workspace (32 MiB on an H100) for each stream it has run on, for the life of the process, so a new
+    stream per captured step leaves one more workspace allocated after each decoder (the likely reason the rows of one
+    `kvforge bench` run on an H100 peaked 0.03-0.04 GB higher each, row after row, 2026-12-07)."""
     idx = torch.cuda.current_device() if device.index is None else device.index
     if idx not in _SIDE_STREAMS:
         _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
