@@ -19,10 +19,11 @@ from collections import defaultdict
 
 import torch
 
-from kvforge import KVCache, get_press
+from kvforge import KVCache
 from kvforge.attention.function import COMPRESS_RANGE
 from kvforge.generate import prefill
 from kvforge.models import load_model
+from kvforge.presses.registry import parse_press
 
 
 def timed_prefill(model, ids: torch.Tensor, press, chunk: int | None) -> float:
@@ -71,9 +72,11 @@ def main() -> None:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     results = []
     for spec in args.presses.split(","):
-        name, _, inner = spec.partition(":")
-        kw = {"press": get_press(inner, compression_ratio=args.ratio)} if inner else {}
-        make = lambda: get_press(name, compression_ratio=args.ratio, **kw)  # noqa: E731
+        factory = parse_press(spec)  # as `kvforge bench` builds it (`adakv:snapkv`: a wrapper and its inner press)
+
+        def make():
+            return factory(args.ratio)
+
         timed_prefill(model, ids[:, :256], make(), None if args.chunk is None else 128)  # kernels loaded
         press_ms = timed_prefill(model, ids, make(), args.chunk) * 1e3
         with torch.profiler.profile(activities=activities) as prof:
