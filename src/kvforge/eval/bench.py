@@ -8,7 +8,6 @@ only with the device named (it is written into every row).
 
 from __future__ import annotations
 
-import csv
 import gc
 import json
 import statistics
@@ -482,7 +481,14 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
     every run's copy bandwidth. Rows of another set-up in `out` are refused (one line naming the setting) unless
     `overwrite=True`, which starts clean. Every argument, the model's positions and (for random weights, before
     they are built) the memory needed are checked first: a refused run writes nothing."""
-    from kvforge.eval.runs import check_out, device_name, git_commit, prepare_out, write_text_atomic
+    from kvforge.eval.runs import (
+        check_out,
+        device_name,
+        git_commit,
+        prepare_out,
+        write_csv_atomic,
+        write_text_atomic,
+    )
     from kvforge.models import (
         check_memory,
         load_model,
@@ -595,10 +601,7 @@ def run_bench(model_name: str | None, config: str | None, contexts: list[int], b
                   f"of none" + ("" if freed is None else f", decode peak memory freed {freed:.0%} of the KV bytes "
                                 "removed"))
     fields = list(dict.fromkeys(COLUMNS + [k for r in rows for k in r]))  # the same columns for every cache kind
-    with (out_dir / "bench.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, restval="")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv_atomic(out_dir / "bench.csv", rows, fields)
     _plot(rows, out_dir / "bench.png")
     return rows
 

@@ -13,9 +13,7 @@ its slow twin). It assumes that what fits at n fits below n, which holds for mem
 
 from __future__ import annotations
 
-import csv
 import gc
-import io
 import json
 import sys
 import time
@@ -166,7 +164,7 @@ def run_capacity(model, presses: list[str], ratios: list[float], out: str, what:
     the decoded tokens for contexts, 4096 for batches).
     `sharing`: cross-layer sharing presets (Llama architecture), each searched unpressed and unchunked with a
     random-weight sharing model of the same shapes, rows `sharing:<preset>` (with `kv_layers`)."""
-    from kvforge.eval.runs import device_name, prepare_out, write_text_atomic
+    from kvforge.eval.runs import device_name, prepare_out, write_csv_atomic, write_text_atomic
     from kvforge.presses.registry import parse_press
 
     if what not in ("context", "batch"):
@@ -238,11 +236,7 @@ def run_capacity(model, presses: list[str], ratios: list[float], out: str, what:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     write_text_atomic(out_dir / "capacity.json", json.dumps({"what": what, "rows": rows}, indent=2))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    write_text_atomic(out_dir / "capacity.csv", buf.getvalue())
+    write_csv_atomic(out_dir / "capacity.csv", rows, list(rows[0]))
     return rows
 
 

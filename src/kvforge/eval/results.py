@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -11,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvforge.eval.intervals import mean_interval, separated
-from kvforge.eval.runs import write_text_atomic
+from kvforge.eval.runs import write_csv_atomic
 
 SUMMARY_COLUMNS = ["task", "press", "compression_ratio", "n", "score", "ci_low", "ci_high", "baseline_score",
                    "vs_baseline", "agreement", "kv_fraction", "seconds"]
@@ -87,12 +85,8 @@ def write_summary_csv(out_dir: str | os.PathLike) -> list[dict]:
     """Write `summary.csv` from `results.jsonl`; returns the summary rows."""
     out_dir = Path(out_dir)
     rows = summarize(read_results(out_dir))
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS)
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r[k] is None else r[k]) for k in SUMMARY_COLUMNS})
-    write_text_atomic(out_dir / "summary.csv", buf.getvalue())
+    write_csv_atomic(out_dir / "summary.csv", [{k: ("" if r[k] is None else r[k]) for k in SUMMARY_COLUMNS}
+                                               for r in rows], SUMMARY_COLUMNS)
     return rows
 
 

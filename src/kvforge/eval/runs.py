@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import platform
 import subprocess
@@ -80,6 +82,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_csv_atomic(path: str | os.PathLike, rows: list[dict], fields: list[str], restval: object = "") -> None:
+    """`rows` as a CSV with columns `fields` (missing values `restval`), written as `write_text_atomic` does."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields, restval=restval)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def prepare_out(out: str | os.PathLike) -> Path:
