@@ -489,3 +489,26 @@ def test_window_attention_in_the_model_dtype_matches_the_float32_twin(dtype, bou
         assert bool((fast[:, :, :, 0, -7:] == 0).all())  # causal: the first window query sees none after it
         if padded:
             assert bool((fast[1, :, :, :, :5] == 0).all())  # padding gets no attention
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sort_free_selection_matches_the_stable_sort(seed):
+    """`top_mask` / `mask_positions` (threshold + cumulative sum) against their slow twins (a stable descending sort,
+    `nonzero`), on scores full of ties, ±inf and NaN (counted as +inf)."""
+    from kvforge.presses.base import descending_rank, mask_positions, top_mask
+
+    gen = torch.Generator().manual_seed(seed)
+    for shape in [(1, 4, 97), (2, 3, 64), (1, 1, 500)]:
+        scores = torch.randint(0, 6, shape, generator=gen).float()  # many ties
+        special = torch.rand(shape, generator=gen)
+        scores[special < 0.05] = float("inf")
+        scores[(special >= 0.05) & (special < 0.1)] = float("-inf")
+        scores[(special >= 0.1) & (special < 0.12)] = float("nan")
+        n = shape[-1]
+        for k in [0, 1, 2, n // 3, n // 2, n - 1, n]:
+            want = descending_rank(torch.where(scores.isnan(), float("inf"), scores)) < k
+            got = top_mask(scores, k)
+            assert torch.equal(got, want), (shape, k)
+            assert (got.sum(-1) == k).all()
+            pos = mask_positions(got, k)
+            assert torch.equal(pos, got.nonzero()[:, -1].view(*shape[:-1], k))

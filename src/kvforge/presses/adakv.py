@@ -20,6 +20,7 @@ from kvforge.presses.base import (
     descending_rank,
     keep_count,
     select_mask,
+    top_mask,
 )
 from kvforge.presses.registry import register, resolve_scorer
 
@@ -54,6 +55,10 @@ class AdaKVPress(Press):
         scores = cached_score(self.press, ctx).float().masked_fill(~ctx.real, float("-inf"))
         b, h, n = scores.shape
         floor = (self.alpha_safeguard * k.double()).long()  # [B]
+        if b == 1:  # one count per layer: sort-free selection (`top_mask`, whose twin is the rank below)
+            kept = torch.where(top_mask(scores, int(floor[0])), float("inf"), scores)
+            select_mask(ctx, top_mask(kept.reshape(1, 1, h * n), int(k[0]) * h).reshape(1, h, n))
+            return
         head_rank = descending_rank(scores)
         scores = torch.where(head_rank < floor[:, None, None], torch.full_like(scores, float("inf")), scores)
         flat_rank = descending_rank(scores.reshape(b, 1, h * n)).reshape(b, h, n)
