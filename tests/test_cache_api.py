@@ -214,18 +214,24 @@ def test_a_cache_is_freed_after_a_forward_that_failed_between_update_and_attenti
     assert _dropped(use)
 
 
-def test_a_prefill_prune_parks_its_slots_until_something_reads_them():
-    """A prune of a contiguous layer (what a prefill press does) keeps the kept positions in host memory, off the
-    device's prefill peak; the first read brings back exactly the kept positions, and a snapshot taken before that
-    read sees the same tensor (one load, as layers share buffer references)."""
+@pytest.mark.parametrize("increasing", [False, True])
+def test_a_prefill_prune_parks_its_slots_until_something_reads_them(increasing):
+    """A prune of a contiguous layer (what a prefill press does) parks the kept positions off the device's prefill
+    peak (increasing ones as a bit mask on the device, others in host memory); the first read brings back exactly the
+    kept positions, and a snapshot taken before that read sees the same tensor (one load, as layers share buffer
+    references)."""
     from kvforge.cache.layers import ParkedSlots
 
     layer = DenseLayer(reserve=4)
     keys, values = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
     layer.update(keys, values)
     idx = torch.stack([torch.randperm(10)[:6].sort().values for _ in range(6)]).view(2, 3, 6)
-    layer.keep(idx)
-    assert isinstance(layer._slots, ParkedSlots) and layer.capacity == 10
+    layer.keep(idx, increasing=increasing)
+    parked = layer._slots
+    assert isinstance(parked, ParkedSlots) and layer.capacity == 10
+    assert (parked.bits is not None) == increasing and (parked.host is not None) != increasing
+    if increasing:
+        assert parked.bits.dtype == torch.uint8 and parked.bits.shape == (2, 3, 2)  # 10 positions in 2 bytes
     assert torch.equal(layer.keys, keys.gather(2, idx[..., None].expand(2, 3, 6, 8)))
     state = layer.snapshot()
     assert torch.equal(layer.entry_slots(), idx)  # the read that loads them

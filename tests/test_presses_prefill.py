@@ -493,9 +493,11 @@ def test_window_attention_in_the_model_dtype_matches_the_float32_twin(dtype, bou
 
 @pytest.mark.parametrize("seed", range(4))
 def test_sort_free_selection_matches_the_stable_sort(seed):
-    """`top_mask` / `mask_positions` (threshold + cumulative sum) against their slow twins (a stable descending sort,
-    `nonzero`), on scores full of ties, ±inf and NaN (counted as +inf)."""
-    from kvforge.presses.base import descending_rank, mask_positions, top_mask
+    """`top_mask` / `mask_positions` / `row_cumsum` (threshold, one flat scan) against their slow twins (a stable
+    descending sort, `nonzero`, a per-row `cumsum`), on scores full of ties, ±inf and NaN (counted as +inf); and the
+    bit packing a prune parks its positions in, both ways."""
+    from kvforge.cache.bits import mask_positions, pack_bits, row_cumsum, unpack_bits
+    from kvforge.presses.base import descending_rank, top_mask
 
     gen = torch.Generator().manual_seed(seed)
     for shape in [(1, 4, 97), (2, 3, 64), (1, 1, 500)]:
@@ -512,3 +514,5 @@ def test_sort_free_selection_matches_the_stable_sort(seed):
             assert (got.sum(-1) == k).all()
             pos = mask_positions(got, k)
             assert torch.equal(pos, got.nonzero()[:, -1].view(*shape[:-1], k))
+            assert torch.equal(row_cumsum(got), got.cumsum(-1))
+            assert torch.equal(unpack_bits(pack_bits(got), n), got)

@@ -156,7 +156,7 @@ class CodedLayer(DenseLayer):
         return torch.cat([ck, self._k], 2), torch.cat([cv, self._v], 2), torch.cat([head, tail], 2)
 
     # -- what a coded layer refuses --------------------------------------------------------------------------
-    def keep(self, indices: torch.Tensor) -> None:
+    def keep(self, indices: torch.Tensor, increasing: bool = False) -> None:
         raise KVForgeError("entries of a coded (quantized / channel-pruned / merged) layer cannot be evicted; "
                            "put eviction presses before the coding press in `composed`")
 

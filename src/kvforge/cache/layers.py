@@ -18,36 +18,45 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from kvforge.cache.bits import mask_positions, pack_bits, unpack_bits
 from kvforge.errors import KVForgeError
 
 GROWTH = 1.5  # capacity multiplier when a buffer is full
 
 
 class ParkedSlots:
-    """The logical slots of a pruned layer `[B, H_kv, cap]` (int64, the first `n` written), waiting in host memory.
+    """The logical slots of a pruned layer `[B, H_kv, cap]` (int64, the first `k` written), parked until read.
 
     A prune during a prefill makes the slots, but nothing of the prefill reads them: decoding, masks over several
-    query tokens and position-aware presses do, later. Parking them on the host keeps 8 bytes per kept entry and
-    head (67 MB for Llama-3.1-8B at 128k, ratio 0.75) out of the device's prefill peak; the first read brings them
-    back (`load`, once: every holder of this object, e.g. a snapshot, gets the same device tensor, which is what
-    sharing a buffer reference means elsewhere in a layer).
+    query tokens and position-aware presses do, later. Parking keeps 8 bytes per kept entry and head (67 MB for
+    Llama-3.1-8B at 128k, ratio 0.75) out of the device's prefill peak; the first read brings them back (`load`,
+    once: every holder of this object, e.g. a snapshot, gets the same device tensor, which is what sharing a buffer
+    reference means elsewhere in a layer).
 
-    The copy goes to pageable memory and waits for the device: the press that pruned has just read its keep counts
-    on the host (a sync per layer already), and pinned memory would cost a `cudaHostAlloc` per layer of a first
-    prefill (the caching host allocator keeps a block only once it is freed).
+    Increasing positions below `n` (what a prefill's prune keeps) are parked as a bit mask on the device, n/8 bytes
+    per row and head (4 MB for that model, every layer), with no copy to the host: a pageable device-to-host copy
+    cost ~1.5 ms of host time per layer on an H200. Other slots are copied to pageable host memory.
     """
 
-    def __init__(self, slots: torch.Tensor, cap: int):
-        self.device, self.cap = slots.device, cap
-        self.host = slots.to("cpu", copy=True)
+    def __init__(self, slots: torch.Tensor, cap: int, n: int | None = None):
+        self.device, self.cap, self.k, self.n = slots.device, cap, slots.shape[-1], n
+        self.host = self.bits = None
+        if n is None:
+            self.host = slots.to("cpu", copy=True)
+        else:
+            mask = torch.zeros(*slots.shape[:-1], n, dtype=torch.bool, device=slots.device)
+            self.bits = pack_bits(mask.scatter_(-1, slots, True))
         self.loaded: torch.Tensor | None = None
 
     def load(self) -> torch.Tensor:
         if self.loaded is None:
-            b, h, k = self.host.shape
-            self.loaded = torch.empty(b, h, self.cap, dtype=self.host.dtype, device=self.device)
-            self.loaded[:, :, :k].copy_(self.host)
-            self.host = None
+            src = self.host if self.host is not None else self.bits
+            self.loaded = torch.empty(*src.shape[:-1], self.cap, dtype=torch.long, device=self.device)
+            if self.host is not None:
+                self.loaded[:, :, : self.k].copy_(self.host)
+            else:
+                self.loaded[:, :, : self.k] = mask_positions(unpack_bits(self.bits, self.n), self.k)
+            self.host = self.bits = None
         return self.loaded
 
 
@@ -314,8 +323,10 @@ class DenseLayer(CacheLayerMixin):
         values = self._v[:, :, : self.n].gather(2, indices[..., None].expand(b, h, k, self._v.shape[3]))
         return keys, values, self._full_slots().gather(2, indices)
 
-    def keep(self, indices: torch.Tensor) -> None:
+    def keep(self, indices: torch.Tensor, increasing: bool = False) -> None:
         """Keep the entries at `indices` `[B, H_kv, k]` (physical positions), in that order; free the rest.
+        `increasing`: the caller guarantees strictly increasing positions per row (a prefill's prune parks them in
+        bits, `ParkedSlots`).
 
         The kept entries are gathered straight into the new buffers (no gathered copy beside them): while a layer is
         compressed its memory is the full-length entries plus the kept ones, as in kvpress."""
@@ -328,7 +339,7 @@ class DenseLayer(CacheLayerMixin):
         torch.gather(old_k, 2, indices[..., None].expand(b, h, k, old_k.shape[3]), out=self._k[:, :, :k])
         torch.gather(old_v, 2, indices[..., None].expand(b, h, k, old_v.shape[3]), out=self._v[:, :, :k])
         if contiguous:  # a prefill's prune: the slots are the kept positions; nothing reads them before decoding
-            self.slots = ParkedSlots(indices, k + self.reserve)
+            self.slots = ParkedSlots(indices, k + self.reserve, old_k.shape[2] if increasing else None)
         else:
             self.slots = old_slots.new_empty(b, h, k + self.reserve)
             torch.gather(old_slots, 2, indices, out=self.slots[:, :, :k])
@@ -577,9 +588,9 @@ class HeadVarlenLayer(DenseLayer):
         self.valid = valid.new_zeros(valid.shape[0], valid.shape[1], self.capacity)
         self.valid[:, :, : self.n] = valid
 
-    def keep(self, indices: torch.Tensor) -> None:
+    def keep(self, indices: torch.Tensor, increasing: bool = False) -> None:
         old_valid = self.entry_valid()
-        super().keep(indices)
+        super().keep(indices, increasing)
         if old_valid is not None:
             v = old_valid.gather(2, indices)
             self.valid = v.new_zeros(v.shape[0], v.shape[1], self.capacity)
@@ -758,7 +769,7 @@ class PackedHeadLayer(DenseLayer):
         keys, values = self.padded()
         self._pack(keep & self.entry_valid(), keys, values, self.entry_slots(), self.room)
 
-    def keep(self, indices: torch.Tensor) -> None:
+    def keep(self, indices: torch.Tensor, increasing: bool = False) -> None:
         keep = torch.zeros(self.batch, self.heads, self.max_len, dtype=torch.bool, device=indices.device)
         keep.scatter_(2, indices, True)
         self.keep_mask(keep)

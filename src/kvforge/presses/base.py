@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from kvforge.attention.context import LayerContext
+from kvforge.cache.bits import mask_positions, row_cumsum
 from kvforge.cache.coded import CodedLayer
 from kvforge.errors import KVForgeError
 from kvforge.kernels.quantize import check_bits, coded_count
@@ -72,17 +73,7 @@ def top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     threshold = s.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     above = s > threshold
     tied = s == threshold
-    return above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
-
-
-def mask_positions(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the True entries of `mask [..., n]`, exactly `k` per row, increasing: `[..., k]` int64. One
-    cumulative sum and one scatter (no sort, no host sync); `mask.nonzero()` is the slow twin."""
-    n = mask.shape[-1]
-    rank = torch.where(mask, mask.cumsum(-1) - 1, k)  # the rest go to a spare slot k, dropped
-    out = torch.empty(*mask.shape[:-1], k + 1, dtype=torch.long, device=mask.device)
-    out.scatter_(-1, rank, torch.arange(n, device=mask.device).expand(mask.shape))
-    return out[..., :k]
+    return above | (tied & (row_cumsum(tied) <= k - above.sum(-1, keepdim=True)))
 
 
 def select_topk(ctx: LayerContext, scores: torch.Tensor, k: torch.Tensor) -> None:
@@ -95,7 +86,7 @@ def select_topk(ctx: LayerContext, scores: torch.Tensor, k: torch.Tensor) -> Non
     kmax = int(k.max())
     if ctx.all_real and bool((k == kmax).all()):  # no padding, one count (a plain prefill): the entries of rank <
         # kmax, found without a sort (a sort of 128k scores per head cost milliseconds per layer on an H100)
-        ctx.layer.keep(mask_positions(top_mask(scores, kmax), kmax))
+        ctx.layer.keep(mask_positions(top_mask(scores, kmax), kmax), increasing=True)
         return
     real = ctx.real
     rank = descending_rank(scores.float().masked_fill(~real, float("-inf")))
