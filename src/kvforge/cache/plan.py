@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
+from transformers.cache_utils import CacheLayerMixin
 
 from kvforge.cache.layers import DenseLayer
+from kvforge.cache.window import WindowLayer
 from kvforge.config import layer_types, text_config
 from kvforge.errors import KVForgeError
 
@@ -28,9 +29,8 @@ def register_layer_kind(name: str, factory: LayerFactory) -> None:
 
 
 register_layer_kind("full_attention", lambda cfg, i, reserve: DenseLayer(reserve=reserve))
-register_layer_kind("sliding_attention", lambda cfg, i, reserve: DynamicSlidingWindowLayer(cfg.sliding_window))
-register_layer_kind("chunked_attention",
-                    lambda cfg, i, reserve: DynamicSlidingWindowLayer(cfg.attention_chunk_size))
+register_layer_kind("sliding_attention", lambda cfg, i, reserve: WindowLayer(cfg.sliding_window))
+register_layer_kind("chunked_attention", lambda cfg, i, reserve: WindowLayer(cfg.attention_chunk_size))
 
 
 def layer_plan(model_or_config: Any) -> list[str]:
