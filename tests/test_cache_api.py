@@ -82,7 +82,7 @@ def test_the_plan_decides_layer_kinds_and_a_new_kind_is_one_line():
     cache = KVCache(cfg)
     assert cache.plan == list(cfg.layer_types)
     assert [type(layer).__name__ for layer in cache.layers] == [
-        "DenseLayer" if t == "full_attention" else "DynamicSlidingWindowLayer" for t in cfg.layer_types]
+        "DenseLayer" if t == "full_attention" else "WindowLayer" for t in cfg.layer_types]
 
     class MarkedLayer(DenseLayer):
         pass

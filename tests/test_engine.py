@@ -502,7 +502,7 @@ def test_generate_with_graph_steps_answers_like_generate(models, smol_tokenizer,
 
 @pytest.mark.parametrize("n", [10, 48])
 def test_sliding_window_layers_run_as_rings_in_graph_mode(models, n):
-    """Gemma 3's stock sliding-window layers (window 16 in the tiny config) decode in graph mode as rings:
+    """Gemma 3's sliding-window layers (`WindowLayer`, window 16 in the tiny config) decode in graph mode as rings:
     contexts shorter and longer than the window, 20 steps (the ring wraps), then 6 eager steps after the
     stock layers are handed back — the same tokens as eager decoding throughout."""
     from kvforge.generate import prefill
@@ -519,7 +519,7 @@ def test_sliding_window_layers_run_as_rings_in_graph_mode(models, n):
             continue
         first = greedy_decode(model, cache, logits, n, 20, graph=True)
         sliding = [layer for layer in cache.layers if getattr(layer, "is_sliding", False)]
-        assert sliding and all(type(layer).__name__ == "DynamicSlidingWindowLayer" for layer in sliding)
+        assert sliding and all(type(layer).__name__ == "WindowLayer" for layer in sliding)  # handed back
         assert all(layer.keys.shape[2] == 15 and layer.cumulative_length == n + 20 for layer in sliding)
         tok = torch.tensor([[first[-1]]] * 2)  # produced by the last graph step, not fed yet
         with torch.inference_mode():

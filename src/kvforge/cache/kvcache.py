@@ -70,7 +70,8 @@ class KVCache(Cache):
     """A compressible KV cache usable as `past_key_values` in `model.generate` or a forward call.
 
     Full-attention layers are `DenseLayer`s (or `HeadVarlenLayer`s once a press gives heads different
-    budgets); sliding-window layers use transformers' own layer, untouched. When `press` is given, the
+    budgets); sliding-window layers are `WindowLayer`s (transformers' layer, appending in place; never compressed).
+    When `press` is given, the
     cache is *armed*: the next forward compresses every full-attention layer right after its attention
     is computed (the prefill itself sees the full context), then the cache disarms itself.
 
@@ -135,7 +136,8 @@ class KVCache(Cache):
         """A copy that can be compressed and decoded independently of this cache.
 
         Layers are copied shallowly: pruning allocates new buffers, and decoding only writes beyond the
-        snapshot point, which `restore()` rewinds; stock sliding layers never write in place.
+        snapshot point, which `restore()` rewinds; sliding layers (`WindowLayer`) never overwrite what they handed out,
+        and a shallow copy writes into buffers of its own.
         """
         new = copy.copy(self)
         for layer in self.layers:
@@ -255,7 +257,7 @@ class KVCache(Cache):
         for layer in self.layers:
             if isinstance(layer, DenseLayer):
                 states.append((layer, layer.snapshot()))
-            else:  # stock sliding layer: update() builds new tensors, so references are a snapshot
+            else:  # sliding layer: what it handed out is never overwritten, so references are a snapshot
                 states.append((layer, (layer.keys, layer.values, layer.cumulative_length, layer.is_initialized)))
         return states
 

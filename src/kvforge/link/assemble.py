@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from kvforge.cache import DenseLayer, HeadVarlenLayer, KVCache, layer_plan
+from kvforge.cache.window import WindowLayer
 from kvforge.config import enable_kvforge_attention, text_config
 from kvforge.errors import KVForgeError
 from kvforge.link.docs import DocKV
@@ -86,9 +87,9 @@ def segment_mask(segments: torch.Tensor, valid: torch.Tensor | None = None) -> t
 
 
 def sliding_layer(window: int, keys: torch.Tensor, values: torch.Tensor, seen: int) -> DynamicSlidingWindowLayer:
-    """transformers' sliding-window layer holding the last `window − 1` tokens' keys/values `[B, H, w, D]` of a
-    sequence of `seen` tokens."""
-    layer = DynamicSlidingWindowLayer(window)
+    """A sliding-window layer (`WindowLayer`, the cache's kind) holding the last `window − 1` tokens' keys/values
+    `[B, H, w, D]` of a sequence of `seen` tokens."""
+    layer = WindowLayer(window)
     layer.lazy_initialization(keys, values)
     layer.keys, layer.values, layer.cumulative_length = keys, values, seen
     return layer
