@@ -99,3 +99,22 @@ def test_a_sliding_model_generates_what_the_stock_cache_generates():
         got = model.generate(ids, past_key_values=cache, **kw)
     assert any(isinstance(layer, WindowLayer) for layer in cache.layers)
     assert torch.equal(got, want)
+
+
+def test_stats_count_the_window_stored_and_its_spare_columns_allocated():
+    """`KVCache.stats()`: `bytes` is the stored window (as the stock layer holds it), `allocated_bytes` adds the
+    spare columns of each sliding layer's buffer."""
+    from kvforge import KVCache
+    from kvforge.models import tiny_model
+
+    model = tiny_model("gemma3")
+    cache = KVCache(model)
+    ids = torch.randint(5, 100, (1, 40))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    sliding = [layer for layer in cache.layers if isinstance(layer, WindowLayer)]
+    assert sliding
+    stats = cache.stats()
+    spare = sum(layer.allocated_bytes() - layer.keys.numel() * layer.keys.element_size() * 2 for layer in sliding)
+    assert spare > 0
+    assert stats["allocated_bytes"] >= stats["bytes"] + spare

@@ -12,6 +12,7 @@ from transformers.cache_utils import Cache
 
 from kvforge.cache.layers import DenseLayer, HeadVarlenLayer, PackedHeadLayer
 from kvforge.cache.plan import build_layers, layer_plan
+from kvforge.cache.window import WindowLayer
 from kvforge.config import check_supported, enable_kvforge_attention, text_config
 from kvforge.errors import KVForgeError, check_count
 
@@ -293,6 +294,6 @@ class KVCache(Cache):
                     b = layer.keys.numel() * layer.keys.element_size()
                     b += layer.values.numel() * layer.values.element_size()
                     stored += b
-                    allocated += b
+                    allocated += layer.allocated_bytes() if isinstance(layer, WindowLayer) else b
                     full += b
         return {"entries": entries, "bytes": stored, "allocated_bytes": allocated, "uncompressed_bytes": full}

@@ -73,6 +73,14 @@ class WindowLayer(DynamicSlidingWindowLayer):
         self._published = self.keys
         return k[:, :, self._n - stored - q : self._n], v[:, :, self._n - stored - q : self._n]
 
+    def allocated_bytes(self) -> int:
+        """Bytes of the buffers (the spare columns included); the stored window's when none is allocated yet."""
+        if self._buf is not None and self._owner == id(self):
+            return sum(t.numel() * t.element_size() for t in self._buf)
+        if self.keys is None or not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
     def reset(self) -> None:
         super().reset()
         self._buf, self._n, self._published = None, 0, None
