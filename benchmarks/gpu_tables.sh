@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_tables.sh memory    # #21: prefill peak / press overhead at 128k, chunked and not, and
 #                                           # kvpress's peak in the same session (KVPRESS_PATH), ~5 minutes, alone
 #   bash benchmarks/gpu_tables.sh press-profile  # #21: the kernels and host time inside each press at 128k
+#   bash benchmarks/gpu_tables.sh sharing-profile  # #19: a sliding preset's decode step; stock sliding layer vs WindowLayer
 #   bash benchmarks/gpu_tables.sh decode    # #21: decode with default flags, 32k/128k, twice (cold, then cached)
 #   bash benchmarks/gpu_tables.sh capacity  # #21: the longest context on a GPU of MEMORY_GB (default 24), not yet timed
 #   bash benchmarks/gpu_tables.sh status    # what is running, the last line of each log (brief: counts, failures)
@@ -189,6 +190,13 @@ memory)  # #21, one call on a quiet GPU: kvforge's rows, then kvpress 0.5.5 (its
 press-profile)  # #21 item 3: where each press's time at 128k goes (kernels and host time inside `compress`), ~2 min
   python3 benchmarks/profile_press.py --context 131072 --presses knorm,snapkv,tova,adakv:snapkv --ratio 0.75 \
     --out $RUNS/profile_press_128k.json
+  ;;
+sharing-profile)  # #19: the kernels of a decode step at 128 rows, dense against the sliding presets, then transformers'
+  # sliding layer against WindowLayer on the same yoco model and prompts (tokens must match), ~5 min
+  python3 benchmarks/profile_sharing_decode.py --presets dense,yoco,mixattention --batch 128 \
+    --out $RUNS/profile_sharing_decode.json
+  python3 benchmarks/window_layer_decode.py --preset yoco --config llama3.1-8b --batch 128 --new-tokens 64 \
+    --out $RUNS/window_layer_decode_yoco.json
   ;;
 decode)  # #21 item 4: decode with default flags (--compile auto: max-autotune on CUDA, tuning cached on disk), 32k
   # and 128k, none and knorm 0.75, twice in two processes: the second reads the compiled step from the disk cache
