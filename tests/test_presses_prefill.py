@@ -516,3 +516,38 @@ def test_sort_free_selection_matches_the_stable_sort(seed):
             assert torch.equal(pos, got.nonzero()[:, -1].view(*shape[:-1], k))
             assert torch.equal(row_cumsum(got), got.cumsum(-1))
             assert torch.equal(unpack_bits(pack_bits(got), n), got)
+
+
+@pytest.mark.parametrize("spec", [dict(compression_ratio=0.0), dict(compression_ratio=0.3),
+                                  dict(compression_ratio=0.75), dict(compression_ratio=0.999), dict(budget=5),
+                                  dict(budget=1000)])
+@pytest.mark.parametrize("name", ["knorm", "snapkv", "tova"])
+def test_a_plain_prefill_keeps_the_entries_the_stable_sort_ranks_first(name, spec):
+    """A plain prefill (no padding, no chunks) counts on the host and selects without a sort; what each layer keeps
+    is what the definition keeps: the first `int(n·(1 − ratio))` (or `budget`) entries of a stable descending sort
+    of the press's scores, in position order."""
+    from kvforge.attention.context import LayerContext
+    from kvforge.presses.base import descending_rank
+
+    model = tiny_model("llama")
+    press = get_press(name, **spec)
+    seen = {}
+
+    class Recording(type(press)):
+        def compress(self, ctx: LayerContext) -> None:
+            seen[ctx.layer_idx] = (ctx.keys.shape[2], self.score(ctx))
+            super().compress(ctx)
+
+    rec = Recording(**spec)
+    cache = KVCache(model, press=rec)
+    ids = torch.randint(5, 200, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    assert seen
+    for i, (n, scores) in seen.items():
+        k = min(n, spec["budget"]) if "budget" in spec else int(n * (1 - spec["compression_ratio"]))
+        if k >= n:  # nothing removed: the layer is left as it was
+            assert cache.layers[i].entry_slots() is None and cache.layers[i].n == n
+            continue
+        want = (descending_rank(scores.float()) < k).nonzero()[:, -1].view(2, scores.shape[1], k)
+        assert torch.equal(cache.layers[i].entry_slots(), want), (name, spec, i)

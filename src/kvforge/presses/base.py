@@ -259,6 +259,16 @@ class ScorerPress(Press):
         return torch.minimum(keep_count(ctx.n_seen, self.compression_ratio, self.budget), ctx.n_real)
 
     def compress(self, ctx: LayerContext) -> None:
+        if (ctx.all_real and getattr(ctx.cache, "chunk_size", None) is None
+                and type(self).keep_per_row is ScorerPress.keep_per_row):
+            # a plain prefill: every row holds the n entries it saw, so the count is known on the host (keep_count's
+            # arithmetic, in Python's doubles) and no device value is read back before the selection (PyramidKV's
+            # own counts per layer take the path below)
+            n = ctx.keys.shape[2]
+            k = min(n, self.budget) if self.budget is not None else int(n * (1.0 - self.compression_ratio))
+            if k < n:
+                ctx.layer.keep(mask_positions(top_mask(cached_score(self, ctx), k), k), increasing=True)
+            return
         k = self.keep_per_row(ctx)
         if bool((k >= ctx.n_real).all()):
             return  # nothing to remove: leave the layer untouched (no-op ratio = plain generation)
