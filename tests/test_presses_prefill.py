@@ -551,3 +551,40 @@ def test_a_plain_prefill_keeps_the_entries_the_stable_sort_ranks_first(name, spe
             continue
         want = (descending_rank(scores.float()) < k).nonzero()[:, -1].view(2, scores.shape[1], k)
         assert torch.equal(cache.layers[i].entry_slots(), want), (name, spec, i)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.9])
+@pytest.mark.parametrize("ratio", [0.3, 0.75])
+def test_adakv_on_a_plain_prefill_keeps_what_its_definition_keeps(ratio, alpha):
+    """AdaKV on a plain prefill (counts on the host, sort-free selection) against its definition with the stable
+    sort: per head the top floor(α·k) entries, then the best k·H of the layer, those floors counted first."""
+    from kvforge.presses.base import descending_rank
+
+    model = tiny_model("llama")
+    press = get_press("adakv", compression_ratio=ratio, alpha_safeguard=alpha, press="knorm")
+    seen = {}
+    inner = press.press
+    score = inner.score
+
+    def recording(ctx):  # heads made unequal, so that the floors decide part of what is kept
+        s = score(ctx) + 10.0 * torch.arange(ctx.keys.shape[1])[None, :, None]
+        seen[ctx.layer_idx] = (ctx.keys.shape[2], s)
+        return s
+
+    inner.score = recording
+    cache = KVCache(model, press=press)
+    ids = torch.randint(5, 200, (1, 48), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    assert seen
+    for i, (n, scores) in seen.items():
+        k = int(n * (1 - ratio))
+        h = scores.shape[1]
+        s = scores.float()
+        s = torch.where(descending_rank(s) < int(alpha * k), float("inf"), s)
+        want = (descending_rank(s.reshape(1, 1, h * n)) < k * h).reshape(1, h, n)
+        _, _, slots, valid = cache.layers[i].entries()
+        got = torch.zeros(1, h, n, dtype=torch.bool)
+        for j in range(h):
+            got[0, j, slots[0, j][valid[0, j]]] = True
+        assert torch.equal(got, want), (ratio, alpha, i)

@@ -49,6 +49,15 @@ class AdaKVPress(Press):
         return self.press.chunk_refusal()
 
     def compress(self, ctx: LayerContext) -> None:
+        if ctx.all_real and getattr(ctx.cache, "chunk_size", None) is None:  # a plain prefill: counts on the host
+            b, h, n = ctx.keys.shape[:3]
+            k = min(n, self.budget) if self.budget is not None else int(n * (1.0 - self.compression_ratio))
+            if k >= n:
+                return
+            scores = cached_score(self.press, ctx).float()
+            kept = torch.where(top_mask(scores, int(self.alpha_safeguard * k)), float("inf"), scores)
+            select_mask(ctx, top_mask(kept.reshape(b, 1, h * n), k * h).reshape(b, h, n))
+            return
         k = torch.minimum(keep_count(ctx.n_seen, self.compression_ratio, self.budget), ctx.n_real)  # [B] per head
         if bool((k >= ctx.n_real).all()):
             return
