@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import torch
 
-_BIT = 1 << torch.arange(8, dtype=torch.int16)  # bit j of a byte has weight 2^j
+
+def _bit_weights(device) -> torch.Tensor:
+    """2^j for the bits j = 0..7 of a byte, made on `device` (a host tensor copied there would wait for the stream:
+    a copy from pageable memory synchronises first)."""
+    return 1 << torch.arange(8, dtype=torch.int16, device=device)
 
 
 def row_cumsum(mask: torch.Tensor) -> torch.Tensor:
@@ -36,10 +40,10 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if pad:
         mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], pad)], -1)
     groups = mask.view(*mask.shape[:-1], -1, 8).to(torch.int16)
-    return (groups * _BIT.to(mask.device)).sum(-1).to(torch.uint8)
+    return (groups * _bit_weights(mask.device)).sum(-1).to(torch.uint8)
 
 
 def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of `pack_bits`: `[..., ceil(n / 8)]` uint8 → `[..., n]` bool."""
-    out = (bits[..., None].to(torch.int16) & _BIT.to(bits.device)) != 0
+    out = (bits[..., None].to(torch.int16) & _bit_weights(bits.device)) != 0
     return out.view(*bits.shape[:-1], -1)[..., :n]
