@@ -19,6 +19,7 @@ from kvforge.presses.base import (
     check_float,
     descending_rank,
     keep_count,
+    plain_keep_count,
     select_mask,
     top_mask,
 )
@@ -49,9 +50,9 @@ class AdaKVPress(Press):
         return self.press.chunk_refusal()
 
     def compress(self, ctx: LayerContext) -> None:
-        if ctx.all_real and getattr(ctx.cache, "chunk_size", None) is None:  # a plain prefill: counts on the host
+        k = plain_keep_count(self, ctx)
+        if k is not None:  # a plain prefill: counts on the host
             b, h, n = ctx.keys.shape[:3]
-            k = min(n, self.budget) if self.budget is not None else int(n * (1.0 - self.compression_ratio))
             if k >= n:
                 return
             scores = cached_score(self.press, ctx).float()

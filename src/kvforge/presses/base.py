@@ -76,6 +76,21 @@ def top_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return above | (tied & (row_cumsum(tied) <= k - above.sum(-1, keepdim=True)))
 
 
+def plain_keep_count(press: Press, ctx: LayerContext) -> int | None:
+    """Entries to keep per row and head in a plain prefill (no padding, no chunks: every row holds the n entries it
+    saw), computed on the host with `keep_count`'s arithmetic in Python's doubles; None otherwise (the device path)."""
+    if not ctx.all_real or getattr(ctx.cache, "chunk_size", None) is not None:
+        return None
+    n = ctx.keys.shape[2]
+    return min(n, press.budget) if press.budget is not None else int(n * (1.0 - press.compression_ratio))
+
+
+def keep_top(ctx: LayerContext, scores: torch.Tensor, k: int) -> None:
+    """Keep the `k` highest-scoring entries of every head (ties: the earlier first), in position order; every row
+    holds all its entries (`ctx.all_real`)."""
+    ctx.layer.keep(mask_positions(top_mask(scores, k), k), increasing=True)
+
+
 def select_topk(ctx: LayerContext, scores: torch.Tensor, k: torch.Tensor) -> None:
     """Keep the `k[b]` highest-scoring real entries of every head of row b (same count for all heads).
 
@@ -86,7 +101,7 @@ def select_topk(ctx: LayerContext, scores: torch.Tensor, k: torch.Tensor) -> Non
     kmax = int(k.max())
     if ctx.all_real and bool((k == kmax).all()):  # no padding, one count (a plain prefill): the entries of rank <
         # kmax, found without a sort (a sort of 128k scores per head cost milliseconds per layer on an H100)
-        ctx.layer.keep(mask_positions(top_mask(scores, kmax), kmax), increasing=True)
+        keep_top(ctx, scores, kmax)
         return
     real = ctx.real
     rank = descending_rank(scores.float().masked_fill(~real, float("-inf")))
@@ -259,15 +274,12 @@ class ScorerPress(Press):
         return torch.minimum(keep_count(ctx.n_seen, self.compression_ratio, self.budget), ctx.n_real)
 
     def compress(self, ctx: LayerContext) -> None:
-        if (ctx.all_real and getattr(ctx.cache, "chunk_size", None) is None
-                and type(self).keep_per_row is ScorerPress.keep_per_row):
-            # a plain prefill: every row holds the n entries it saw, so the count is known on the host (keep_count's
-            # arithmetic, in Python's doubles) and no device value is read back before the selection (PyramidKV's
-            # own counts per layer take the path below)
-            n = ctx.keys.shape[2]
-            k = min(n, self.budget) if self.budget is not None else int(n * (1.0 - self.compression_ratio))
-            if k < n:
-                ctx.layer.keep(mask_positions(top_mask(cached_score(self, ctx), k), k), increasing=True)
+        # a plain prefill counts on the host: no device value is read back before the selection (PyramidKV's own
+        # counts per layer take the path below)
+        k = plain_keep_count(self, ctx) if type(self).keep_per_row is ScorerPress.keep_per_row else None
+        if k is not None:
+            if k < ctx.keys.shape[2]:
+                keep_top(ctx, cached_score(self, ctx), k)
             return
         k = self.keep_per_row(ctx)
         if bool((k >= ctx.n_real).all()):
