@@ -518,6 +518,33 @@ def test_sort_free_selection_matches_the_stable_sort(seed):
             assert torch.equal(unpack_bits(pack_bits(got), n), got)
 
 
+def _plain_prefill_recording(press, scorer, rows: int, n: int, seed: int, skew: float = 0.0):
+    """A plain prefill (no padding, no chunks) of `n` random tokens × `rows` through a tiny Llama and `press`, with
+    `scorer`'s scores (`press` itself or the scorer it wraps) recorded per layer, each head's shifted by `skew` ×
+    its index: (cache, {layer: (entries, scores)}); scores are None where the press did not score (nothing to
+    remove)."""
+    model = tiny_model("llama")
+    seen = {}
+    score, compress = scorer.score, press.compress
+
+    def recording(ctx):
+        s = score(ctx) + skew * torch.arange(ctx.keys.shape[1])[None, :, None]
+        seen[ctx.layer_idx] = (ctx.keys.shape[2], s)
+        return s
+
+    def compressing(ctx):
+        seen[ctx.layer_idx] = (ctx.keys.shape[2], None)
+        compress(ctx)
+
+    scorer.score, press.compress = recording, compressing
+    cache = KVCache(model, press=press)
+    ids = torch.randint(5, 200, (rows, n), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    assert seen
+    return cache, seen
+
+
 @pytest.mark.parametrize("spec", [dict(compression_ratio=0.0), dict(compression_ratio=0.3),
                                   dict(compression_ratio=0.75), dict(compression_ratio=0.999), dict(budget=5),
                                   dict(budget=1000)])
@@ -526,24 +553,10 @@ def test_a_plain_prefill_keeps_the_entries_the_stable_sort_ranks_first(name, spe
     """A plain prefill (no padding, no chunks) counts on the host and selects without a sort; what each layer keeps
     is what the definition keeps: the first `int(n·(1 − ratio))` (or `budget`) entries of a stable descending sort
     of the press's scores, in position order."""
-    from kvforge.attention.context import LayerContext
     from kvforge.presses.base import descending_rank
 
-    model = tiny_model("llama")
     press = get_press(name, **spec)
-    seen = {}
-
-    class Recording(type(press)):
-        def compress(self, ctx: LayerContext) -> None:
-            seen[ctx.layer_idx] = (ctx.keys.shape[2], self.score(ctx))
-            super().compress(ctx)
-
-    rec = Recording(**spec)
-    cache = KVCache(model, press=rec)
-    ids = torch.randint(5, 200, (2, 40), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-    assert seen
+    cache, seen = _plain_prefill_recording(press, press, rows=2, n=40, seed=3)
     for i, (n, scores) in seen.items():
         k = min(n, spec["budget"]) if "budget" in spec else int(n * (1 - spec["compression_ratio"]))
         if k >= n:  # nothing removed: the layer is left as it was
@@ -560,23 +573,9 @@ def test_adakv_on_a_plain_prefill_keeps_what_its_definition_keeps(ratio, alpha):
     sort: per head the top floor(α·k) entries, then the best k·H of the layer, those floors counted first."""
     from kvforge.presses.base import descending_rank
 
-    model = tiny_model("llama")
     press = get_press("adakv", compression_ratio=ratio, alpha_safeguard=alpha, press="knorm")
-    seen = {}
-    inner = press.press
-    score = inner.score
-
-    def recording(ctx):  # heads made unequal, so that the floors decide part of what is kept
-        s = score(ctx) + 10.0 * torch.arange(ctx.keys.shape[1])[None, :, None]
-        seen[ctx.layer_idx] = (ctx.keys.shape[2], s)
-        return s
-
-    inner.score = recording
-    cache = KVCache(model, press=press)
-    ids = torch.randint(5, 200, (1, 48), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-    assert seen
+    # heads made unequal, so that the floors decide part of what is kept
+    cache, seen = _plain_prefill_recording(press, press.press, rows=1, n=48, seed=4, skew=10.0)
     for i, (n, scores) in seen.items():
         k = int(n * (1 - ratio))
         h = scores.shape[1]
