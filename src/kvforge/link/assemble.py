@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from kvforge.cache import DenseLayer, HeadVarlenLayer, KVCache, layer_plan
-from kvforge.cache.window import WindowLayer
+from kvforge.cache import DenseLayer, HeadVarlenLayer, KVCache, WindowLayer, layer_plan
 from kvforge.config import enable_kvforge_attention, text_config
 from kvforge.errors import KVForgeError
 from kvforge.link.docs import DocKV
