@@ -151,13 +151,19 @@ def test_generate_decodes_like_the_reference(smol_tokenizer):
     assert got[1:] == [generate(model, tok, DOCS, q, template=False, max_new_tokens=4) for q in questions[1:]]
 
 
-@pytest.mark.slow
 def test_embedded_model_exact(smol):
+    """The embedded model's fp32 logits within 1e-4 of the definition. The definition is evaluated in float64 (a
+    copy of the model): its own fp32 evaluation is 7.5e-5 from that (logits up to 19.4), so an fp32-against-fp32
+    comparison (1.05e-4 measured) would mostly measure the reference's rounding. kvforge fp32: 3.9e-5 measured."""
+    import copy
+
     model, tok = smol
     req = tokenize(tok, DOCS, [PROMPT], template=False)
     _, logits = prefill(model, tok, DOCS, PROMPT, template=False)
-    ref = reference_logits(model, [(d, k + 1) for k, d in enumerate(req.documents)] + [(req.prompts[0], 0)])
-    assert (logits - ref).abs().max() <= 1e-4
+    pieces = [(d, k + 1) for k, d in enumerate(req.documents)] + [(req.prompts[0], 0)]
+    exact = reference_logits(copy.deepcopy(model).double(), pieces)
+    assert logits.dtype == torch.float32 and not logits.isnan().any()
+    assert (logits.double() - exact).abs().max() <= 1e-4
 
 
 def test_from_layers_wants_one_layer_per_model_layer():
