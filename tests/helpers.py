@@ -2,7 +2,9 @@
 
 import torch
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]  # the tiny random models of every family
+# the tiny random models of every family kvforge supports (kvforge.models.tiny_config)
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "olmo2", "olmo3", "granite", "granitemoe",
+            "mixtral", "qwen3_moe", "starcoder2", "gpt_neox", "phi", "stablelm", "smollm3"]
 CONTEXT = (
     "Mira keeps bees on the hill behind the mill. Every spring she counts the hives, paints the doors blue "
     "and writes the numbers in a red notebook. The miller's son helps her carry the frames. "

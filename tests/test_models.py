@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from helpers import FAMILIES
 from transformers import GPT2Config
 
 from kvforge import models
@@ -21,8 +22,6 @@ from kvforge.models import (
     tiny_config,
     tiny_model,
 )
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +212,8 @@ def test_tiny_model_forward(family):
     assert not model.training and model.dtype == torch.float32
     assert model.config._attn_implementation == "kvforge"
     assert model.config.model_type in SUPPORTED_MODEL_TYPES
-    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
+    if family != "gpt_neox":  # GPT-NeoX has no grouped-query attention
+        assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
     ids = torch.randint(0, 49152, (2, 40))
     with torch.no_grad():
         logits = model(ids).logits

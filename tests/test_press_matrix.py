@@ -1,13 +1,13 @@
 """Every registered press × every family, batched, through `kvforge.generate` — generated from the registry."""
 
 import pytest
+from helpers import FAMILIES
 
 from kvforge import generate, get_press, list_presses
 from kvforge.cache.coded import CodedLayer
 from kvforge.models import tiny_model
 from kvforge.presses.registry import PRESSES
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
 # presses that need arguments to be built (the registry gives everything else)
 ARGS = {"composed": {"presses": ["snapkv", "knorm"]}}
 # quantizers: a small residual window and groups so the short contexts are really coded

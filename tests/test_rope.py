@@ -31,6 +31,10 @@ CASES = {
     "phi3-longrope": ("phi3", dict(original_max_position_embeddings=512, rope_parameters=dict(
         rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5, factor=4.0,
         short_factor=[1.0, 1.1, 1.3, 1.7], long_factor=[2.0, 3.0, 5.0, 8.0]))),
+    # the families added 2026-12-07 (each with its own modeling file; gpt_neox, phi and stablelm partial rotary)
+    **{f: (f, {}) for f in ("olmo2", "olmo3", "granite", "granitemoe", "mixtral", "qwen3_moe", "starcoder2",
+                            "gpt_neox", "phi", "stablelm")},
+    "smollm3": ("smollm3", {}),  # layer 3 is a NoPE layer (no_rope_layers [1, 1, 1, 0])
 }
 T, START = 8, 20  # a short sequence at positions START..START+T-1
 DELTAS = (13, -17, 30)
@@ -80,19 +84,26 @@ def test_rotate_moves_cached_keys_exactly(case):
 
 def test_frequencies_equal_the_models_rotary_embedding(case):
     name, cfg, model = case
-    emb = model.model.rotary_emb
+    emb = model.base_model.rotary_emb
     family_apply = importlib.import_module(type(emb).__module__).apply_rotary_pos_emb
     torch.manual_seed(2)
-    k = torch.randn(2, 2, T, cfg.head_dim)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    k = torch.randn(2, 2, T, head_dim)
     pos = START + torch.arange(T).expand(2, T)
     for i in range(cfg.num_hidden_layers):
         rope = rope_for_layer(cfg, i)
-        layer_type = cfg.layer_types[i] if name.startswith("gemma3") else None
+        if getattr(cfg, "no_rope_layers", None) and not cfg.no_rope_layers[i]:  # NoPE: the identity
+            assert rope.rotary_dim == 0 and torch.equal(apply(k, pos[:, None], rope), k), (name, i)
+            continue
+        layer_type = (getattr(cfg, "layer_types", None) or [None] * (i + 1))[i]
+        layer_type = layer_type if hasattr(emb, f"{layer_type}_inv_freq") else None  # per type: Gemma 3, Olmo 3
         prefix = f"{layer_type}_" if layer_type else ""
         assert torch.equal(rope.inv_freq, getattr(emb, f"{prefix}inv_freq")), (name, i)
         assert rope.attention_scaling == getattr(emb, f"{prefix}attention_scaling"), (name, i)
         cos, sin = emb(k, pos, layer_type) if layer_type else emb(k, pos)
-        _, want = family_apply(k, k, cos, sin)
+        r = cos.shape[-1]  # Phi and StableLM apply RoPE to the rotary channels only, then concatenate the rest
+        _, want = family_apply(k[..., :r], k[..., :r], cos, sin)
+        want = torch.cat([want, k[..., r:]], -1)
         assert rel(apply(k, pos[:, None], rope), want) <= 1e-6, (name, i)
         assert rel(unapply(want, pos[:, None], rope), k) <= 1e-6, (name, i)
 

@@ -72,8 +72,9 @@ YARN = dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.
                                  original_max_position_embeddings=512))  # attention_scaling 1.14
 
 
-@pytest.mark.parametrize("family, overrides", [("llama", {}), ("gemma3", {}), ("phi3", {}), ("llama", YARN)],
-                         ids=["llama", "gemma3", "phi3", "llama-yarn"])
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("gemma3", {}), ("phi3", {}), ("llama", YARN),
+                                               ("gpt_neox", {}), ("olmo3", {}), ("smollm3", {})],
+                         ids=["llama", "gemma3", "phi3", "llama-yarn", "gpt_neox", "olmo3", "smollm3-nope"])
 def test_sw_after_evictions_equals_streamingllm_by_definition(family, overrides):
     model = small(family, **overrides)
     ids = ids_for(model.config.vocab_size, 28, batch=2)

@@ -19,8 +19,13 @@ VERSION = "0.1.0"
 # AttentionMaskInterface, when `kvforge` is imported).
 ATTENTION = "kvforge"
 
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "phi3",
-                                   "kvforge_kv_sharing"})  # the last: kvforge.sharing's model
+SUPPORTED_MODEL_TYPES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "phi3",
+    # checked 2026-12-07 with the same family tests (tests/helpers.py FAMILIES)
+    "olmo2", "olmo3", "granite", "granitemoe", "mixtral", "qwen3_moe", "starcoder2", "gpt_neox", "phi", "stablelm",
+    "smollm3",
+    "kvforge_kv_sharing",  # kvforge.sharing's model
+})
 
 
 def text_config(model_or_config: Any) -> Any:

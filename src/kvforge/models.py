@@ -132,6 +132,27 @@ _TINY_FAMILY: dict[str, dict[str, Any]] = {
         model_type="phi3",
         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
     ),
+    "olmo2": dict(model_type="olmo2"),  # q_norm / k_norm over all heads
+    "olmo3": dict(model_type="olmo3", sliding_window=16,  # 3 sliding + 1 global, RoPE per layer type
+                  layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+    # Granite's multipliers away from 1 (attention scaling 0.1, not 1/sqrt(head_dim))
+    "granite": dict(model_type="granite", attention_multiplier=0.1, embedding_multiplier=2.0, residual_multiplier=0.5,
+                    logits_scaling=2.0),
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    # GraniteMoE's config defaults the attention multiplier to 1 (4x sharper than 1/sqrt(16)); released models use
+    # about 1/head_dim
+    "granitemoe": dict(model_type="granitemoe", num_local_experts=4, num_experts_per_tok=2,
+                       attention_multiplier=0.0625),
+    "starcoder2": dict(model_type="starcoder2", sliding_window=None),  # biases, LayerNorm
+    # GPT-NeoX: fused qkv, parallel residual, multi-head (no GQA), rotary on a quarter of head_dim
+    "gpt_neox": dict(model_type="gpt_neox", num_key_value_heads=4,
+                     rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25)),
+    "phi": dict(model_type="phi", rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                       partial_rotary_factor=0.5)),
+    "stablelm": dict(model_type="stablelm", rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                 partial_rotary_factor=0.25)),
+    "smollm3": dict(model_type="smollm3", no_rope_layers=[1, 1, 1, 0]),  # layer 3 is a NoPE layer
 }
 
 
@@ -461,7 +482,9 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     """A tiny random config for tests: hidden 64, 4 heads / 2 kv heads, head_dim 16, vocab 49152.
 
     Families: llama, mistral, qwen2, qwen3, gemma3 (6 layers, 2 global, sliding_window 16), phi3
-    (partial_rotary_factor 0.5). ``overrides`` replace any field.
+    (partial_rotary_factor 0.5), olmo2, olmo3 (3 sliding + 1 global), granite, mixtral, qwen3_moe and granitemoe
+    (4 experts, 2 per token), starcoder2, gpt_neox, phi, stablelm (partial rotary), smollm3 (one NoPE layer).
+    ``overrides`` replace any field.
     """
     if family not in _TINY_FAMILY:
         raise KVForgeError(f"unknown tiny family {family!r}; allowed: {', '.join(_TINY_FAMILY)}")

@@ -53,6 +53,9 @@ def rope_for_layer(config, layer_idx: int, seq_len: int | None = None, device=No
     - ``longrope``: the short factors while `seq_len` ≤ `original_max_position_embeddings` (None), the
       long factors above.
     `device`: where `inv_freq` is built (the functions below move it to their input's device anyway).
+
+    A NoPE layer (`config.no_rope_layers[layer_idx] == 0`, SmolLM3's and Llama 4's flag: 1 = RoPE, 0 = none) gets
+    a `Rope` with `rotary_dim` 0: every function below returns its input unchanged for it.
     """
     config = text_config(config)
     params = getattr(config, "rope_parameters", None)
@@ -62,6 +65,10 @@ def rope_for_layer(config, layer_idx: int, seq_len: int | None = None, device=No
     n = len(layer_types) if layer_types else getattr(config, "num_hidden_layers", None)
     if not isinstance(layer_idx, int) or not 0 <= layer_idx < (n or 0):
         raise KVForgeError(f"rope: layer_idx={layer_idx!r}; allowed: 0 ≤ layer_idx < {n}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    nope = getattr(config, "no_rope_layers", None)
+    if nope is not None and not nope[layer_idx]:
+        return Rope(torch.zeros(0, device=device), 1.0, 0, head_dim, "none")
     layer_type = layer_types[layer_idx] if layer_types else None
     if layer_type in params:  # nested per layer type
         params = params[layer_type]
@@ -70,7 +77,6 @@ def rope_for_layer(config, layer_idx: int, seq_len: int | None = None, device=No
     if not isinstance(params, dict) or "rope_theta" not in params:
         raise KVForgeError(f"rope: layer {layer_idx} has no RoPE parameters ({params!r}); allowed: a RoPE layer")
     rope_type = params.get("rope_type", "default")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if rope_type == "default":
         dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
@@ -99,6 +105,8 @@ def _turn(x: torch.Tensor, steps, rope: Rope, scale: float, name: str, what: str
     if not ok:
         raise KVForgeError(f"rope.{name}: {what} of shape {tuple(steps.shape)} does not broadcast to x's {lead}; "
                            f"allowed: a number, a 0-d tensor or a tensor broadcastable to {lead}")
+    if rope.rotary_dim == 0:  # a NoPE layer
+        return x
     half = rope.rotary_dim // 2
     angle = steps[..., None] * rope.inv_freq.to(x.device)  # [..., r/2]
     cos, sin = angle.cos(), angle.sin()
@@ -124,6 +132,8 @@ def rotate_(keys: torch.Tensor, delta: torch.Tensor, rope: Rope) -> None:
     (widening is exact), `x1·cos − x2·sin` is computed as `x1·cos + x2·(−sin)` (IEEE: a − b is a + (−b), and negating
     a factor negates the rounded product), and each sum is rounded once into the keys' dtype, as `.to()` does."""
     half, r = rope.rotary_dim // 2, rope.rotary_dim
+    if r == 0:  # a NoPE layer
+        return
     angle = delta.to(torch.float32)[:, None] * rope.inv_freq.to(keys.device)  # [N, r/2], as rope.rotate
     cos, sin = angle.cos(), angle.sin()
     x = keys[..., :r].unflatten(-1, (2, half))  # [G, H, N, 2, r/2]: (x1, x2)

@@ -68,7 +68,8 @@ def head_scores(model, tokenizer, task: str = "niah_single_1", length: int = 100
         raise KVForgeError(f"headkv-scores: length {length} does not fit the model's {limit} positions (with a "
                            "question); use a shorter --length")
     cfg = text_config(model)
-    hq, h = cfg.num_attention_heads, cfg.num_key_value_heads
+    hq = cfg.num_attention_heads
+    h = getattr(cfg, "num_key_value_heads", None) or hq  # GPT-NeoX's config has no such field (no GQA)
     device = next(model.parameters()).device
     total, used = None, 0
     previous = model.config._attn_implementation

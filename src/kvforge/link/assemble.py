@@ -137,14 +137,18 @@ class Side:
     host: torch.Tensor | None = None
 
 
-def _ropes(cfg, plan: list[str], device) -> list:
-    """The RoPE of each layer, computed once per layer type (Gemma 3 has two), on `device`."""
-    types = getattr(cfg, "layer_types", None) or [None] * len(plan)
-    by_type: dict = {}
-    for i, t in enumerate(types):
-        if t not in by_type:
-            by_type[t] = rope_for_layer(cfg, i, device=device)
-    return [by_type[t] for t in types]
+def _kinds(cfg, plan: list[str]) -> list[tuple[str, bool]]:
+    """Each layer's (plan kind, uses RoPE): layers of one kind are placed side by side with one RoPE (Gemma 3's two
+    layer types have their own; SmolLM3's NoPE layers have none)."""
+    nope = getattr(cfg, "no_rope_layers", None) or [1] * len(plan)
+    return [(k, bool(nope[i])) for i, k in enumerate(plan)]
+
+
+def _ropes(cfg, kinds: list, device) -> list:
+    """The RoPE of each layer, computed once per kind (`_kinds`), on `device`."""
+    first = {k: i for i, k in reversed(list(enumerate(kinds)))}
+    by_kind = {k: rope_for_layer(cfg, i, device=device) for k, i in first.items()}
+    return [by_kind[k] for k in kinds]
 
 
 def _general(cached: list, layer_idx: int, rope) -> Side:
@@ -258,7 +262,8 @@ def build_cache(model, pieces: list, reserve: int = 256) -> tuple[KVCache, list[
     window = window_of(model)
     device = next(model.parameters()).device
     cached, fresh_ids, fresh_pos, total, seq = _place(pieces, len(plan))
-    groups = [[i for i, k in enumerate(plan) if k == kind] for kind in dict.fromkeys(plan)]
+    kinds = _kinds(text_config(model), plan)
+    groups = [[i for i, k in enumerate(kinds) if k == kind] for kind in dict.fromkeys(kinds)]
     empty = torch.zeros(0, dtype=torch.long)
     plain = [_plain_positions(cached, ids) if cached else (empty, empty) for ids in groups]
     fresh_host = torch.tensor(fresh_pos, dtype=torch.long)
@@ -270,7 +275,7 @@ def build_cache(model, pieces: list, reserve: int = 256) -> tuple[KVCache, list[
     orders_dev = [None if o is None else next(moved) for o in orders]
     qpos, fresh_t = next(moved), next(moved)[None]
 
-    ropes = _ropes(text_config(model), plan, device)
+    ropes = _ropes(text_config(model), kinds, device)
     sides: list = [None] * len(plan)
     if cached:
         for ids, positions in zip(groups, plain_dev):

@@ -16,55 +16,42 @@ Method (per layer, per row, per query head):
 4. average over the query heads of each KV head (`gqa_aggregation`), then multiply by the value norm:
    (p + epsilon)·‖v‖. Sink entries are always kept.
 
-RoPE frequencies come from the model family's own rotary-embedding class (found next to the attention
-module's class, per layer type for Gemma3, partial rotary for Phi3); dynamic/long-rope rescaling is not
-modelled. Without RoPE (or a module to read it from) step 1-2 use the queries as they are.
+RoPE frequencies come from `kvforge.rope` (per layer type for Gemma3, partial rotary for Phi3, none on SmolLM3's
+NoPE layers); dynamic/long-rope rescaling is not modelled. Without RoPE (or a module to read it from) step 1-2 use
+the queries as they are.
 """
 
 from __future__ import annotations
 
-import sys
 import weakref
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from kvforge.config import text_config
 from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups, check_float, check_int
 from kvforge.presses.registry import register
+from kvforge.rope import rope_for_layer
 
 _INV_FREQ: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def rope_inv_freq(module) -> torch.Tensor | None:
-    """RoPE inverse frequencies `[r/2]` (float32) used by attention `module`, or None when it has no RoPE.
+    """RoPE inverse frequencies `[r/2]` (float32) used by attention `module`, or None when it has none (no RoPE in
+    the model, a NoPE layer, or a module without `config` and `layer_idx`).
 
-    `r` is the rotary dimension (less than head_dim for partial rotary). Looked up once per module from the
-    `<Family>RotaryEmbedding` class of the module's modeling file.
+    `r` is the rotary dimension (less than head_dim for partial rotary). From `kvforge.rope.rope_for_layer`, once
+    per module.
     """
     if module is None:
         return None
     if module in _INV_FREQ:
         return _INV_FREQ[module]
+    config, layer_idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
     inv = None
-    config = getattr(module, "config", None)
-    modeling = sys.modules.get(type(module).__module__)
-    prefix = type(module).__name__.removesuffix("Attention")
-    cls = getattr(modeling, f"{prefix}RotaryEmbedding", None) if modeling is not None else None
-    if cls is None and modeling is not None:
-        found = [v for k, v in vars(modeling).items()
-                 if k.endswith("RotaryEmbedding") and isinstance(v, type) and issubclass(v, nn.Module)]
-        cls = found[0] if len(found) == 1 else None
-    if cls is not None and config is not None:
-        emb = cls(config)
-        layer_type = getattr(module, "layer_type", None)
-        types = getattr(config, "layer_types", None)
-        if layer_type is None and types is not None and getattr(module, "layer_idx", None) is not None:
-            layer_type = types[module.layer_idx]
-        inv = getattr(emb, f"{layer_type}_inv_freq", None) if layer_type else None
-        if inv is None:
-            inv = getattr(emb, "inv_freq", None)
-        inv = None if inv is None else inv.detach().float().cpu()
+    if config is not None and isinstance(layer_idx, int) and getattr(text_config(config), "rope_parameters", None):
+        rope = rope_for_layer(config, layer_idx)
+        inv = rope.inv_freq.cpu() if rope.rotary_dim else None
     try:
         _INV_FREQ[module] = inv
     except TypeError:  # not weak-referenceable: just do not cache

@@ -341,6 +341,8 @@ def _factory(cfg, layer_idx: int, reserve: int) -> SinkWindowLayer:
         raise KVForgeError("sink_window layers need a cache size and sinks; build the cache with "
                            "kvforge.streaming.streaming_cache(model, cache_size, n_sink)")
     rope = rope_for_layer(cfg, layer_idx) if getattr(cfg, "rope_parameters", None) else None
+    if rope is not None and rope.rotary_dim == 0:  # a NoPE layer (SmolLM3): nothing to turn
+        rope = None
     ordered = layer_types(cfg)[layer_idx] != "full_attention"
     return SinkWindowLayer(opts["n_sink"], opts["cache_size"], rope, layer_idx, ordered=ordered,
                            bits=opts.get("bits", 16))
