@@ -243,21 +243,27 @@ def test_expected_attention_prefers_aligned_keys_large_values_and_query_variance
     torch.testing.assert_close(s[6], s[7])  # without the covariance term the variance direction is invisible
 
 
-@pytest.mark.parametrize("family,layer", [("llama", 0), ("phi3", 1), ("gemma3", 2)])
+@pytest.mark.parametrize("family,layer", [("llama", 0), ("phi3", 1), ("gemma3", 2), ("cohere", 0), ("glm4", 1),
+                                          ("smollm3", 3), ("cohere2", 3)])
 def test_expected_attention_undoes_and_averages_the_model_rope(family, layer):
     """Queries that are one fixed pre-RoPE vector rotated by the model's own RoPE at positions 0..n-1:
     the statistics must give mean = average over the next F positions of that vector rotated by the
-    model's RoPE, and zero covariance (Phi3: partial rotary; Gemma3: the global layers' RoPE)."""
+    model's RoPE, and zero covariance (Phi3: partial rotary; Gemma3: the global layers' RoPE; Cohere: interleaved
+    pairs; GLM-4: interleaved on half the channels; SmolLM3's layer 3 and Cohere 2's global layer: no RoPE)."""
     model = tiny_model(family)
     attn = model.model.layers[layer].self_attn
     modeling = sys.modules[type(attn).__module__]
     hq, hkv, d = model.config.num_attention_heads, model.config.num_key_value_heads, attn.head_dim
+    # the model's own switches for a layer without RoPE
+    nope = not getattr(attn, "use_rope", True) or (family == "cohere2" and attn.sliding_window is None)
     n, future = 11, 7
     g = torch.Generator().manual_seed(4)
     base = torch.randn(1, hq, 1, d, generator=g)
 
     def rope(positions):
         x = base.expand(1, hq, len(positions), d)
+        if nope:
+            return x
         args = (x, torch.tensor([positions]))
         extra = (attn.layer_type,) if family == "gemma3" else ()
         cos, sin = model.model.rotary_emb(*args, *extra)
@@ -268,7 +274,8 @@ def test_expected_attention_undoes_and_averages_the_model_rope(family, layer):
     mu, cov = query_statistics(ctx, n_sink=2, n_future=future, use_covariance=True)
     torch.testing.assert_close(mu, rope(list(range(n, n + future))).mean(2), rtol=1e-4, atol=1e-4)
     assert cov.abs().max() < 1e-4
-    assert not torch.allclose(mu, base[:, :, 0], atol=1e-2)  # the rotation did something
+    # the rotation did something (nothing on a NoPE layer)
+    assert torch.allclose(mu, base[:, :, 0], atol=1e-2) == nope
 
 
 # ---------------------------------------------------------------------------------------------------------

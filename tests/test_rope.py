@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from kvforge import KVForgeError
 from kvforge.models import tiny_config
-from kvforge.rope import apply, rope_for_layer, rotate, unapply
+from kvforge.rope import apply, is_nope, rope_for_layer, rotate, unapply
 
 # (family, config overrides): every family, plus the scaled RoPE types (yarn and longrope have attention_scaling ≠ 1)
 CASES = {
@@ -35,6 +35,10 @@ CASES = {
     **{f: (f, {}) for f in ("olmo2", "olmo3", "granite", "granitemoe", "mixtral", "qwen3_moe", "starcoder2",
                             "gpt_neox", "phi", "stablelm")},
     "smollm3": ("smollm3", {}),  # layer 3 is a NoPE layer (no_rope_layers [1, 1, 1, 0])
+    "cohere": ("cohere", {}),  # interleaved pairs (2i, 2i + 1)
+    "cohere2": ("cohere2", {}),  # interleaved on its sliding layers; its global layer is NoPE
+    "glm": ("glm", {}),  # interleaved, on half of head_dim
+    "glm4": ("glm4", {}),
 }
 T, START = 8, 20  # a short sequence at positions START..START+T-1
 DELTAS = (13, -17, 30)
@@ -92,7 +96,7 @@ def test_frequencies_equal_the_models_rotary_embedding(case):
     pos = START + torch.arange(T).expand(2, T)
     for i in range(cfg.num_hidden_layers):
         rope = rope_for_layer(cfg, i)
-        if getattr(cfg, "no_rope_layers", None) and not cfg.no_rope_layers[i]:  # NoPE: the identity
+        if is_nope(cfg, i):  # NoPE (test_rotate_moves_cached_keys_exactly checks the model agrees): the identity
             assert rope.rotary_dim == 0 and torch.equal(apply(k, pos[:, None], rope), k), (name, i)
             continue
         layer_type = (getattr(cfg, "layer_types", None) or [None] * (i + 1))[i]

@@ -153,6 +153,13 @@ _TINY_FAMILY: dict[str, dict[str, Any]] = {
     "stablelm": dict(model_type="stablelm", rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                                  partial_rotary_factor=0.25)),
     "smollm3": dict(model_type="smollm3", no_rope_layers=[1, 1, 1, 0]),  # layer 3 is a NoPE layer
+    # interleaved RoPE (channel pairs 2i, 2i + 1); Cohere: parallel residual, LayerNorm, logit scale
+    "cohere": dict(model_type="cohere"),
+    # Cohere 2: 3 sliding layers with RoPE + 1 global layer without (NoPE)
+    "cohere2": dict(model_type="cohere2", sliding_window=16,
+                    layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+    "glm": dict(model_type="glm", partial_rotary_factor=0.5),  # rotary on half of head_dim, interleaved
+    "glm4": dict(model_type="glm4", partial_rotary_factor=0.5),  # and GLM-4's extra norms
 }
 
 
@@ -483,7 +490,8 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
 
     Families: llama, mistral, qwen2, qwen3, gemma3 (6 layers, 2 global, sliding_window 16), phi3
     (partial_rotary_factor 0.5), olmo2, olmo3 (3 sliding + 1 global), granite, mixtral, qwen3_moe and granitemoe
-    (4 experts, 2 per token), starcoder2, gpt_neox, phi, stablelm (partial rotary), smollm3 (one NoPE layer).
+    (4 experts, 2 per token), starcoder2, gpt_neox, phi, stablelm (partial rotary), smollm3 (one NoPE layer),
+    cohere, cohere2 (3 sliding + 1 NoPE global), glm, glm4 (interleaved RoPE).
     ``overrides`` replace any field.
     """
     if family not in _TINY_FAMILY:

@@ -10,6 +10,12 @@ and transformers folds a constant `attention_scaling` s into cos/sin, so a cache
 position p + Δ by the pure rotation R(Δ) (no second factor s): see :func:`rotate`. :func:`apply` and
 :func:`unapply` go between pre-RoPE vectors and what the model caches (s·R(p)·x and back).
 
+Cohere and GLM pair the channels the other way, (x_{2i}, x_{2i+1}) (the "interleaved" layout, `Rope.interleaved`):
+the same rotations on other pairs. :func:`pairs` and :func:`join` hide the layout from the arithmetic.
+
+A NoPE layer (SmolLM3's and Llama 4's `no_rope_layers` entries 0; Cohere 2's global layers) has `rotary_dim` 0,
+and every function here returns its input unchanged for it.
+
 The frequencies come from transformers itself (``ROPE_INIT_FUNCTIONS``) for every scaled RoPE type, and from
 the families' shared default formula θ_i = base^(−2i/r) otherwise.
 """
@@ -26,18 +32,48 @@ from kvforge.errors import KVForgeError
 
 STATIC_TYPES = ("default", "linear", "llama3", "yarn", "proportional")  # frequencies fixed by the config
 SEQ_LEN_TYPES = ("dynamic", "longrope")  # frequencies that depend on the sequence length (see rope_for_layer)
+INTERLEAVED = frozenset({"cohere", "cohere2", "glm", "glm4"})  # model types rotating channel pairs (2i, 2i + 1)
 
 
 @dataclass(frozen=True, eq=False)
 class Rope:
     """The RoPE of one layer. `inv_freq [rotary_dim/2]` fp32 (θ_i, radians per position); `attention_scaling`:
-    the factor transformers multiplies cos/sin by; `rotary_dim` ≤ `head_dim`: the leading channels rotated."""
+    the factor transformers multiplies cos/sin by; `rotary_dim` ≤ `head_dim`: the leading channels rotated (0: a
+    NoPE layer); `interleaved`: pairs (2i, 2i + 1) instead of (i, i + r/2)."""
 
     inv_freq: torch.Tensor
     attention_scaling: float
     rotary_dim: int
     head_dim: int
     rope_type: str
+    interleaved: bool = False
+
+
+def pairs(x: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views `(x1, x2)` `[..., r/2]` of the two halves of each rotated channel pair of `x` `[..., head_dim]`."""
+    r = rope.rotary_dim
+    if rope.interleaved:
+        both = x[..., :r].unflatten(-1, (r // 2, 2))
+        return both[..., 0], both[..., 1]
+    return x[..., : r // 2], x[..., r // 2 : r]
+
+
+def join(y1: torch.Tensor, y2: torch.Tensor, rest: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """The inverse of :func:`pairs`: pair halves `[..., r/2]` and the unrotated channels back to `[..., head_dim]`."""
+    if rope.interleaved:
+        return torch.cat([torch.stack([y1, y2], -1).flatten(-2), rest], -1)
+    return torch.cat([y1, y2, rest], -1)
+
+
+def is_nope(config, layer_idx: int) -> bool:
+    """True for a layer without RoPE: `config.no_rope_layers[layer_idx] == 0` (SmolLM3, Llama 4; 1 = RoPE) or a
+    global layer of Cohere 2 (only its sliding layers rotate)."""
+    config = text_config(config)
+    nope = getattr(config, "no_rope_layers", None)
+    if nope is not None and not nope[layer_idx]:
+        return True
+    types = getattr(config, "layer_types", None)
+    return getattr(config, "model_type", None) == "cohere2" and bool(types) and types[layer_idx] == "full_attention"
 
 
 def rope_for_layer(config, layer_idx: int, seq_len: int | None = None, device=None) -> Rope:
@@ -54,8 +90,8 @@ def rope_for_layer(config, layer_idx: int, seq_len: int | None = None, device=No
       long factors above.
     `device`: where `inv_freq` is built (the functions below move it to their input's device anyway).
 
-    A NoPE layer (`config.no_rope_layers[layer_idx] == 0`, SmolLM3's and Llama 4's flag: 1 = RoPE, 0 = none) gets
-    a `Rope` with `rotary_dim` 0: every function below returns its input unchanged for it.
+    A NoPE layer (:func:`is_nope`) gets a `Rope` with `rotary_dim` 0: every function below returns its input
+    unchanged for it.
     """
     config = text_config(config)
     params = getattr(config, "rope_parameters", None)
@@ -66,9 +102,9 @@ def rope_for_layer(config, layer_idx: int, seq_len: int | None = None, device=No
     if not isinstance(layer_idx, int) or not 0 <= layer_idx < (n or 0):
         raise KVForgeError(f"rope: layer_idx={layer_idx!r}; allowed: 0 ≤ layer_idx < {n}")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    nope = getattr(config, "no_rope_layers", None)
-    if nope is not None and not nope[layer_idx]:
-        return Rope(torch.zeros(0, device=device), 1.0, 0, head_dim, "none")
+    interleaved = getattr(config, "model_type", None) in INTERLEAVED
+    if is_nope(config, layer_idx):
+        return Rope(torch.zeros(0, device=device), 1.0, 0, head_dim, "none", interleaved)
     layer_type = layer_types[layer_idx] if layer_types else None
     if layer_type in params:  # nested per layer type
         params = params[layer_type]
@@ -88,7 +124,7 @@ def rope_for_layer(config, layer_idx: int, seq_len: int | None = None, device=No
         raise KVForgeError(f"rope: rope_type {rope_type!r} is not supported; allowed: "
                            f"{', '.join(STATIC_TYPES + SEQ_LEN_TYPES)}")
     inv_freq = inv_freq.float()
-    return Rope(inv_freq, float(scaling), 2 * inv_freq.numel(), head_dim, rope_type)
+    return Rope(inv_freq, float(scaling), 2 * inv_freq.numel(), head_dim, rope_type, interleaved)
 
 
 def _turn(x: torch.Tensor, steps, rope: Rope, scale: float, name: str, what: str) -> torch.Tensor:
@@ -107,12 +143,11 @@ def _turn(x: torch.Tensor, steps, rope: Rope, scale: float, name: str, what: str
                            f"allowed: a number, a 0-d tensor or a tensor broadcastable to {lead}")
     if rope.rotary_dim == 0:  # a NoPE layer
         return x
-    half = rope.rotary_dim // 2
     angle = steps[..., None] * rope.inv_freq.to(x.device)  # [..., r/2]
     cos, sin = angle.cos(), angle.sin()
-    x1, x2 = x[..., :half].float(), x[..., half : rope.rotary_dim].float()
+    x1, x2 = (t.float() for t in pairs(x, rope))
     y1, y2 = (x1 * cos - x2 * sin) * scale, (x2 * cos + x1 * sin) * scale
-    return torch.cat([y1.to(x.dtype), y2.to(x.dtype), x[..., rope.rotary_dim :]], -1)
+    return join(y1.to(x.dtype), y2.to(x.dtype), x[..., rope.rotary_dim :], rope)
 
 
 def rotate(keys: torch.Tensor, delta, rope: Rope) -> torch.Tensor:
@@ -136,11 +171,14 @@ def rotate_(keys: torch.Tensor, delta: torch.Tensor, rope: Rope) -> None:
         return
     angle = delta.to(torch.float32)[:, None] * rope.inv_freq.to(keys.device)  # [N, r/2], as rope.rotate
     cos, sin = angle.cos(), angle.sin()
-    x = keys[..., :r].unflatten(-1, (2, half))  # [G, H, N, 2, r/2]: (x1, x2)
-    p = x * cos[:, None]  # (x1·cos, x2·cos), fp32
-    q = x * torch.stack([sin, -sin], 1)  # (x1·sin, −x2·sin), fp32
-    torch.add(p[..., 0, :], q[..., 1, :], out=keys[..., :half])  # x1·cos − x2·sin
-    torch.add(p[..., 1, :], q[..., 0, :], out=keys[..., half:r])  # x2·cos + x1·sin
+    # the pair axis k (0: x1, 1: x2) of [G, H, N, 2, r/2] (rotate-half) or [G, H, N, r/2, 2] (interleaved)
+    k = -1 if rope.interleaved else -2
+    x = keys[..., :r].unflatten(-1, (half, 2) if rope.interleaved else (2, half))
+    p = x * cos.unsqueeze(k)  # (x1·cos, x2·cos), fp32
+    q = x * torch.stack([sin, -sin], k)  # (x1·sin, −x2·sin), fp32
+    out1, out2 = x.unbind(k)  # views of the keys
+    torch.add(p.select(k, 0), q.select(k, 1), out=out1)  # x1·cos − x2·sin
+    torch.add(p.select(k, 1), q.select(k, 0), out=out2)  # x2·cos + x1·sin
 
 
 def apply(x: torch.Tensor, positions, rope: Rope) -> torch.Tensor:

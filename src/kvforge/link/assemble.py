@@ -25,7 +25,7 @@ from kvforge.cache import DenseLayer, HeadVarlenLayer, KVCache, WindowLayer, lay
 from kvforge.config import enable_kvforge_attention, text_config
 from kvforge.errors import KVForgeError
 from kvforge.link.docs import DocKV
-from kvforge.rope import rope_for_layer, rotate, rotate_
+from kvforge.rope import is_nope, rope_for_layer, rotate, rotate_
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -139,9 +139,8 @@ class Side:
 
 def _kinds(cfg, plan: list[str]) -> list[tuple[str, bool]]:
     """Each layer's (plan kind, uses RoPE): layers of one kind are placed side by side with one RoPE (Gemma 3's two
-    layer types have their own; SmolLM3's NoPE layers have none)."""
-    nope = getattr(cfg, "no_rope_layers", None) or [1] * len(plan)
-    return [(k, bool(nope[i])) for i, k in enumerate(plan)]
+    layer types have their own; NoPE layers have none)."""
+    return [(k, not is_nope(cfg, i)) for i, k in enumerate(plan)]
 
 
 def _ropes(cfg, kinds: list, device) -> list:

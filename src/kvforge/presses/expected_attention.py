@@ -16,9 +16,9 @@ Method (per layer, per row, per query head):
 4. average over the query heads of each KV head (`gqa_aggregation`), then multiply by the value norm:
    (p + epsilon)·‖v‖. Sink entries are always kept.
 
-RoPE frequencies come from `kvforge.rope` (per layer type for Gemma3, partial rotary for Phi3, none on SmolLM3's
-NoPE layers); dynamic/long-rope rescaling is not modelled. Without RoPE (or a module to read it from) step 1-2 use
-the queries as they are.
+RoPE frequencies and channel pairs come from `kvforge.rope` (per layer type for Gemma3, partial rotary for Phi3,
+interleaved pairs for Cohere and GLM, none on NoPE layers); dynamic/long-rope rescaling is not modelled. Without
+RoPE (or a module to read it from) step 1-2 use the queries as they are.
 """
 
 from __future__ import annotations
@@ -31,43 +31,38 @@ import torch
 from kvforge.config import text_config
 from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups, check_float, check_int
 from kvforge.presses.registry import register
-from kvforge.rope import rope_for_layer
+from kvforge.rope import Rope, join, pairs, rope_for_layer
 
-_INV_FREQ: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ROPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def rope_inv_freq(module) -> torch.Tensor | None:
-    """RoPE inverse frequencies `[r/2]` (float32) used by attention `module`, or None when it has none (no RoPE in
-    the model, a NoPE layer, or a module without `config` and `layer_idx`).
-
-    `r` is the rotary dimension (less than head_dim for partial rotary). From `kvforge.rope.rope_for_layer`, once
-    per module.
-    """
+def layer_rope(module) -> Rope | None:
+    """The RoPE of attention `module` (`kvforge.rope.rope_for_layer`, once per module), or None when it has none
+    (no RoPE in the model, a NoPE layer, or a module without `config` and `layer_idx`)."""
     if module is None:
         return None
-    if module in _INV_FREQ:
-        return _INV_FREQ[module]
+    if module in _ROPES:
+        return _ROPES[module]
     config, layer_idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
-    inv = None
+    rope = None
     if config is not None and isinstance(layer_idx, int) and getattr(text_config(config), "rope_parameters", None):
         rope = rope_for_layer(config, layer_idx)
-        inv = rope.inv_freq.cpu() if rope.rotary_dim else None
+        rope = rope if rope.rotary_dim else None
     try:
-        _INV_FREQ[module] = inv
+        _ROPES[module] = rope
     except TypeError:  # not weak-referenceable: just do not cache
         pass
-    return inv
+    return rope
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Apply a (possibly averaged) RoPE rotation to the last axis of `x` `[..., D]`.
 
-    `cos`/`sin` `[..., r/2]` broadcast against `x[..., :r/2]`; the first `r` channels are rotated in the
-    `rotate_half` convention (pairs i, i + r/2), the rest pass through (Phi3's partial rotary).
+    `cos`/`sin` `[..., r/2]` broadcast against each half of the rotated channel pairs (`kvforge.rope.pairs`: i and
+    i + r/2, or 2i and 2i + 1 for Cohere and GLM); the other channels pass through (partial rotary).
     """
-    half = cos.shape[-1]
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+    x1, x2 = pairs(x, rope)
+    return join(x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rope.rotary_dim :], rope)
 
 
 def query_statistics(ctx: LayerContext, n_sink: int, n_future: int, use_covariance: bool,
@@ -86,24 +81,24 @@ def query_statistics(ctx: LayerContext, n_sink: int, n_future: int, use_covarian
     weight = use.float()[:, None, :, None]  # [B, 1, q, 1]
     count = use.sum(-1).clamp(min=1).float()[:, None, None]  # [B, 1, 1]
     queries = ctx.query.float()
-    inv = rope_inv_freq(ctx.module)
-    if inv is not None:
-        inv = inv.to(queries.device)
+    rope = layer_rope(ctx.module)
+    if rope is not None:
+        inv = rope.inv_freq.to(queries.device)
         ang = pos.clamp(min=0).float()[..., None] * inv  # [B, q, r/2]
-        queries = rotate(queries, ang.cos()[:, None], -ang.sin()[:, None])  # undo RoPE: pre-RoPE queries
+        queries = rotate(queries, ang.cos()[:, None], -ang.sin()[:, None], rope)  # undo RoPE: pre-RoPE queries
     mu = (queries * weight).sum(2) / count  # [B, Hq, D]
     cov = None
     if use_covariance:
         centered = (queries - mu[:, :, None]) * weight
         cov = torch.einsum("bhqi,bhqj->bhij", centered, centered) / count[..., None]
-    if inv is not None:
+    if rope is not None:
         t = ctx.n_real[:, None].float() + torch.arange(n_future, device=queries.device).float()  # [B, F]
         ang = t[..., None] * inv  # [B, F, r/2]
         cos, sin = ang.cos().mean(1), ang.sin().mean(1)  # [B, r/2]: the average rotation R̄
-        mu = rotate(mu, cos[:, None], sin[:, None])
+        mu = rotate(mu, cos[:, None], sin[:, None], rope)
         if cov is not None:
-            cov = rotate(cov, cos[:, None, None], sin[:, None, None])  # Σ R̄ᵀ
-            cov = rotate(cov.transpose(-1, -2), cos[:, None, None], sin[:, None, None]).transpose(-1, -2)
+            cov = rotate(cov, cos[:, None, None], sin[:, None, None], rope)  # Σ R̄ᵀ
+            cov = rotate(cov.transpose(-1, -2), cos[:, None, None], sin[:, None, None], rope).transpose(-1, -2)
     return mu, cov
 
 

@@ -34,7 +34,7 @@ from kvforge.cache.plan import register_layer_kind
 from kvforge.config import layer_types
 from kvforge.errors import KVForgeError
 from kvforge.kernels.quantize import dequantize_values, quantize_values, value_group
-from kvforge.rope import Rope, apply, rope_for_layer
+from kvforge.rope import Rope, apply, join, pairs, rope_for_layer
 
 ENTRY_BITS = (16, 8, 4, 2)  # 16: entries stored as the model computed them
 
@@ -109,11 +109,10 @@ class SinkWindowLayer(CacheLayerMixin):
             self._k = key_states.new_zeros(b, h, self.size, dk)
             self._v = value_states.new_zeros(b, h, self.size, value_states.shape[-1])
         if self.rope is not None:  # s·cos and s·sin of every position 0..C-1, from kvforge.rope itself
-            half, d = self.rope.rotary_dim // 2, key_states.shape[-1]
-            basis = torch.zeros(1, 1, self.size, d, device=self.device)
-            basis[..., :half] = 1.0  # apply() of (1, 0) pairs returns (s·cos pθ, s·sin pθ)
+            basis = torch.zeros(1, 1, self.size, key_states.shape[-1], device=self.device)
+            pairs(basis, self.rope)[0].fill_(1.0)  # apply() of (1, 0) pairs returns (s·cos pθ, s·sin pθ)
             table = apply(basis, torch.arange(self.size, device=self.device), self.rope)[0, 0]
-            c, sn = table[:, :half], table[:, half : 2 * half]  # [C, r/2]
+            c, sn = (t.contiguous() for t in pairs(table, self.rope))  # [C, r/2]
             a2 = self.rope.attention_scaling**2
             self._cos, self._sin, self._icos, self._isin = c, sn, c / a2, -sn / a2  # R(−p)/s = (s·R(p))ᵀ / s²
             w = slice(self.n_sink, self.size)  # the window's rows twice: a wrapped ring's slots are a slice
@@ -285,18 +284,17 @@ class SinkWindowLayer(CacheLayerMixin):
         return (torch.cat([self._cos2[:s], self._cos2[at : at + w]]),
                 torch.cat([self._sin2[:s], self._sin2[at : at + w]]))
 
-    @staticmethod
-    def _turn(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """x `[B, H, n, D]` with each entry's leading 2·m channels turned by the tables c, s `[n, m]` (s·cos and s·sin
-        of its position, or the inverse tables): `kvforge.rope.apply`'s numbers in fewer operations (this runs for
-        every layer at every step); channels past 2·m unchanged."""
-        half, r = c.shape[-1], 2 * c.shape[-1]
-        x1, x2 = x[..., :half], x[..., half:r]
+    def _turn(self, x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x `[B, H, n, D]` with each entry's rotated channel pairs (`kvforge.rope.pairs`, m of them) turned by the
+        tables c, s `[n, m]` (s·cos and s·sin of its position, or the inverse tables): `kvforge.rope.apply`'s numbers
+        in fewer operations (this runs for every layer at every step); channels past 2·m unchanged."""
+        r = self.rope.rotary_dim
+        x1, x2 = pairs(x, self.rope)
         if x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):  # (out= is not differentiable)
             x1, x2 = x1.float(), x2.float()  # fp32 arithmetic, one rounding (as kvforge.rope)
-            return torch.cat([(x1 * c - x2 * s).to(x.dtype), (x2 * c + x1 * s).to(x.dtype), x[..., r:]], -1)
+            return join((x1 * c - x2 * s).to(x.dtype), (x2 * c + x1 * s).to(x.dtype), x[..., r:], self.rope)
         out = torch.empty_like(x)  # fp32: four fused in-place operations into one output, no temporaries
-        o1, o2 = out[..., :half], out[..., half:r]
+        o1, o2 = pairs(out, self.rope)
         torch.mul(x1, c, out=o1).addcmul_(x2, s, value=-1)
         torch.mul(x2, c, out=o2).addcmul_(x1, s)
         out[..., r:] = x[..., r:]
