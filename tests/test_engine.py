@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import torch
-from helpers import CONTEXT, CONTEXTS, FAMILIES, QUESTIONS, greedy_decode
+from helpers import CONTEXT, CONTEXTS, FAMILIES, QUESTIONS, greedy_decode, stock_attention
 from transformers import DynamicCache
 
 from kvforge import KVCache, KVForgeError, generate, get_press
@@ -19,13 +19,14 @@ def models():
 
 
 def plain_generate(model, tok, contexts, question, max_new_tokens):
-    """Reference: stock transformers (sdpa attention, DynamicCache), left padding, the same token ids."""
+    """Reference: stock transformers (sdpa attention, eager for Gemma 2; DynamicCache), left padding, the same
+    token ids."""
     rows = [sum(encode_prompt(tok, c, question), []) for c in contexts]
     width = max(map(len, rows))
     pad = tok.pad_token_id
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(stock_attention(model))
     try:
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              temperature=None, top_p=None, top_k=None, pad_token_id=pad)
@@ -499,6 +500,23 @@ def test_generate_with_graph_steps_answers_like_generate(models, smol_tokenizer,
                             cuda_graph=False)
     assert batch == generate(model, smol_tokenizer, CONTEXTS, [QUESTIONS, QUESTIONS[::-1], QUESTIONS], press=press,
                              max_new_tokens=8, cuda_graph=False)
+
+
+def test_soft_capped_attention_decodes_eagerly_when_graph_mode_is_asked(models, smol_tokenizer):
+    """Gemma 2's soft-capped logits have no graph-mode kernel: `cuda_graph=True` answers like eager decoding (the
+    graph step is never used) and `GraphDecoder` says why instead of decoding without the cap."""
+    from unittest.mock import patch
+
+    from kvforge import KVCache
+    from kvforge.cache.graphs import GraphDecoder
+
+    model = models["gemma2"]
+    press = get_press("knorm", compression_ratio=0.5)
+    with patch.object(GraphDecoder, "step", autospec=True, side_effect=GraphDecoder.step) as spy:
+        fast = generate(model, smol_tokenizer, CONTEXTS, QUESTIONS[:2], press=press, max_new_tokens=8, cuda_graph=True)
+    assert spy.call_count == 0
+    assert fast == generate(model, smol_tokenizer, CONTEXTS, QUESTIONS[:2], press=press, max_new_tokens=8)
+    assert "soft-capping" in GraphDecoder.unsupported(KVCache(model))
 
 
 @pytest.mark.parametrize("n", [10, 48])

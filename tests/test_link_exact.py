@@ -5,7 +5,7 @@ through transformers' stock SDPA attention. Re-rotated keys equal keys computed 
 
 import pytest
 import torch
-from helpers import FAMILIES
+from helpers import FAMILIES, stock_attention
 from transformers import DynamicCache
 
 from kvforge import KVForgeError
@@ -41,8 +41,11 @@ def reference_logits(model, pieces: list[tuple[list[int], int]]) -> torch.Tensor
     masks = {"full_attention": mask}
     if "sliding_attention" in kinds:
         masks["sliding_attention"] = mask & (i - j < cfg.sliding_window)
+    impl = stock_attention(model)
+    if impl == "eager":  # transformers' eager attention adds the mask to the logits
+        masks = {k: torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min) for k, m in masks.items()}
     attn = masks if len(kinds) > 1 else masks[kinds.pop()]
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(impl)
     try:
         with torch.no_grad():
             return model(input_ids=ids, position_ids=torch.arange(t)[None], attention_mask=attn).logits[:, -1]

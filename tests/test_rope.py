@@ -39,6 +39,7 @@ CASES = {
     "cohere2": ("cohere2", {}),  # interleaved on its sliding layers; its global layer is NoPE
     "glm": ("glm", {}),  # interleaved, on half of head_dim
     "glm4": ("glm4", {}),
+    "gemma2": ("gemma2", {}),
 }
 T, START = 8, 20  # a short sequence at positions START..START+T-1
 DELTAS = (13, -17, 30)

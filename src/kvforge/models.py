@@ -158,6 +158,10 @@ _TINY_FAMILY: dict[str, dict[str, Any]] = {
     # Cohere 2: 3 sliding layers with RoPE + 1 global layer without (NoPE)
     "cohere2": dict(model_type="cohere2", sliding_window=16,
                     layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+    # Gemma 2: 2 sliding + 2 global; logits soft-capped at 0.05 (Gemma 2 uses 50) so that the cap shapes these small
+    # logits and the tests see it
+    "gemma2": dict(model_type="gemma2", sliding_window=16, query_pre_attn_scalar=16, initializer_range=0.02,
+                   attn_logit_softcapping=0.05, layer_types=["sliding_attention", "full_attention"] * 2),
     "glm": dict(model_type="glm", partial_rotary_factor=0.5),  # rotary on half of head_dim, interleaved
     "glm4": dict(model_type="glm4", partial_rotary_factor=0.5),  # and GLM-4's extra norms
 }
@@ -491,7 +495,7 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     Families: llama, mistral, qwen2, qwen3, gemma3 (6 layers, 2 global, sliding_window 16), phi3
     (partial_rotary_factor 0.5), olmo2, olmo3 (3 sliding + 1 global), granite, mixtral, qwen3_moe and granitemoe
     (4 experts, 2 per token), starcoder2, gpt_neox, phi, stablelm (partial rotary), smollm3 (one NoPE layer),
-    cohere, cohere2 (3 sliding + 1 NoPE global), glm, glm4 (interleaved RoPE).
+    cohere, cohere2 (3 sliding + 1 NoPE global), glm, glm4 (interleaved RoPE), gemma2 (soft-capped logits).
     ``overrides`` replace any field.
     """
     if family not in _TINY_FAMILY:

@@ -42,8 +42,10 @@ def sdpa(query, key, value, mask=None, scale=None, is_causal=False):
     return out.reshape(b, hq, q, value.shape[-1])
 
 
-def eager(query, key, value, mask=None, scale=None, is_causal=False):
-    """Reference: expand K/V per query head, softmax in float32, zeros for rows with nothing to attend."""
+def eager(query, key, value, mask=None, scale=None, is_causal=False, softcap=None):
+    """Reference: expand K/V per query head, softmax in float32, zeros for rows with nothing to attend.
+    `softcap` (Gemma 2's `attn_logit_softcapping`): logits become softcap·tanh(logits / softcap) before the mask, as
+    transformers' eager attention does; SDPA has no such option, so a softcapped model runs this path."""
     b, hq, q, d = query.shape
     h, n = key.shape[1], key.shape[2]
     g = hq // h
@@ -51,6 +53,8 @@ def eager(query, key, value, mask=None, scale=None, is_causal=False):
     v = value.repeat_interleave(g, dim=1).float()
     scale = d**-0.5 if scale is None else scale
     logits = query.float() @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     if mask is None and is_causal:
         mask = causal_mask(q, n, query.device)
     if mask is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from functools import partial
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -50,12 +51,18 @@ class use_backend:
 
 
 def kvforge_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention interface: returns (`[B, q, Hq, Dv]`, None)."""
-    if kwargs.get("softcap") is not None:
-        raise KVForgeError("attention logit softcapping is not supported by the kvforge attention; allowed: None")
+    """transformers attention interface: returns (`[B, q, Hq, Dv]`, None).
+
+    `softcap` (Gemma 2): every call runs the eager backend with the logits soft-capped (SDPA, the fused decode
+    kernels and graph mode have no soft-capping; a graph-mode step refuses it)."""
+    softcap = kwargs.get("softcap")
     if GRAPH_STEP.cache is not None:  # a graph-mode decode step (GraphDecoder): no host reads, no binding
+        if softcap is not None:
+            raise KVForgeError("graph-mode decoding has no soft-capped attention (Gemma 2); decode eagerly "
+                               "(cuda_graph=False)")
         return _graph_step_attention(GRAPH_STEP.cache, module.layer_idx, query, scaling), None
-    run = BACKENDS[backend_name()]
+    run = BACKENDS[backend_name()] if softcap is None else partial(BACKENDS["eager"], softcap=softcap)
+    fast = softcap is None and backend_name() == "sdpa"  # the kernels below compute plain softmax attention
     q = query.shape[2]
     bound = take_binding(key)
     layer = None
@@ -73,7 +80,7 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
         return out.transpose(1, 2).contiguous(), None
 
     if isinstance(layer, CodedLayer):
-        out = _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, module, run)
+        out = _coded_attention(layer, query, attention_mask, scaling, cache, layer_idx, module, run) if fast else None
         if out is not None:
             return out, None
         key, value = layer.full()  # decoded copy (transient), then the generic path below
@@ -88,12 +95,12 @@ def kvforge_attention(module, query, key, value, attention_mask, scaling=None, d
             chosen = chosen[:, :, None, :]
             mask = chosen if mask is None else mask & chosen
     if isinstance(layer, PackedHeadLayer):
-        if q == 1 and attention_mask is None and chosen is None and backend_name() == "sdpa":
+        if q == 1 and attention_mask is None and chosen is None and fast:
             # packed per-head segments: the Triton kernel on CUDA, its torch twin elsewhere
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling
             out = decode_attention(query[:, :, 0], layer.k_flat, layer.v_flat, layer.offsets, layer.lengths, scale,
                                    max_len=layer.max_len, total=layer.total)[:, :, None]
-        elif attention_mask is None and chosen is None and backend_name() == "sdpa":
+        elif attention_mask is None and chosen is None and fast:
             out = segment_attention(layer, query, scaling)  # a prefill chunk over per-head segments, no mask
         else:
             key, value = layer.padded()

@@ -30,6 +30,7 @@ from kvforge.cache.coded import CodedLayer
 from kvforge.cache.kvcache import GRAPH_STEP, KVCache
 from kvforge.cache.layers import DenseLayer
 from kvforge.cache.ring import RingLayer
+from kvforge.config import text_config
 from kvforge.errors import KVForgeError
 
 try:  # frees cuBLAS's per-stream workspaces (CUDA builds only); see `release_workspaces`
@@ -135,6 +136,8 @@ class GraphDecoder:
     @staticmethod
     def unsupported(cache: KVCache) -> str | None:
         """Why `cache` cannot be decoded in graph mode, or None when it can."""
+        if getattr(text_config(cache.config), "attn_logit_softcapping", None) is not None:
+            return "attention logit soft-capping (Gemma 2) runs eagerly; graph decoding has no soft-capped kernel"
         if cache.press is not None and cache.press.acts_while_decoding:
             return f"{cache.press.name} acts during decoding; it cannot run inside a CUDA graph"
         if not all(isinstance(layer, DenseLayer) or _stock_sliding(layer) for layer in cache.layers):
