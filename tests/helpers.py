@@ -5,12 +5,13 @@ import torch
 # the tiny random models of every family kvforge supports (kvforge.models.tiny_config)
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "olmo2", "olmo3", "granite", "granitemoe",
             "mixtral", "qwen3_moe", "starcoder2", "gpt_neox", "phi", "stablelm", "smollm3", "cohere", "cohere2", "glm",
-            "glm4", "gemma2"]
+            "glm4", "gemma2", "gpt_oss", "arcee", "apertus", "seed_oss", "hunyuan_v1_dense", "ministral", "ernie4_5",
+            "helium", "exaone4"]
 
 
 def stock_attention(model) -> str:
     """transformers' own attention to compare against: SDPA, or eager for a family without SDPA (Gemma 2: its
-    soft-capped logits)."""
+    soft-capped logits; gpt-oss: its sink logits)."""
     return "sdpa" if getattr(model, "_supports_sdpa", True) else "eager"
 CONTEXT = (
     "Mira keeps bees on the hill behind the mill. Every spring she counts the hives, paints the doors blue "

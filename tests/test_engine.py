@@ -502,21 +502,22 @@ def test_generate_with_graph_steps_answers_like_generate(models, smol_tokenizer,
                              max_new_tokens=8, cuda_graph=False)
 
 
-def test_soft_capped_attention_decodes_eagerly_when_graph_mode_is_asked(models, smol_tokenizer):
-    """Gemma 2's soft-capped logits have no graph-mode kernel: `cuda_graph=True` answers like eager decoding (the
-    graph step is never used) and `GraphDecoder` says why instead of decoding without the cap."""
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+def test_eager_only_attention_decodes_eagerly_when_graph_mode_is_asked(models, smol_tokenizer, family):
+    """Gemma 2's soft-capped logits and gpt-oss's sink logits have no graph-mode kernel: `cuda_graph=True` answers
+    like eager decoding (the graph step is never used) and `GraphDecoder` says why instead of decoding without them."""
     from unittest.mock import patch
 
     from kvforge import KVCache
     from kvforge.cache.graphs import GraphDecoder
 
-    model = models["gemma2"]
+    model = models[family]
     press = get_press("knorm", compression_ratio=0.5)
     with patch.object(GraphDecoder, "step", autospec=True, side_effect=GraphDecoder.step) as spy:
         fast = generate(model, smol_tokenizer, CONTEXTS, QUESTIONS[:2], press=press, max_new_tokens=8, cuda_graph=True)
     assert spy.call_count == 0
     assert fast == generate(model, smol_tokenizer, CONTEXTS, QUESTIONS[:2], press=press, max_new_tokens=8)
-    assert "soft-capping" in GraphDecoder.unsupported(KVCache(model))
+    assert "run eagerly" in GraphDecoder.unsupported(KVCache(model))
 
 
 @pytest.mark.parametrize("n", [10, 48])

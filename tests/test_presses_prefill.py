@@ -244,7 +244,7 @@ def test_expected_attention_prefers_aligned_keys_large_values_and_query_variance
 
 
 @pytest.mark.parametrize("family,layer", [("llama", 0), ("phi3", 1), ("gemma3", 2), ("cohere", 0), ("glm4", 1),
-                                          ("smollm3", 3), ("cohere2", 3)])
+                                          ("helium", 1), ("smollm3", 3), ("cohere2", 3), ("exaone4", 3)])
 def test_expected_attention_undoes_and_averages_the_model_rope(family, layer):
     """Queries that are one fixed pre-RoPE vector rotated by the model's own RoPE at positions 0..n-1:
     the statistics must give mean = average over the next F positions of that vector rotated by the
@@ -255,7 +255,8 @@ def test_expected_attention_undoes_and_averages_the_model_rope(family, layer):
     modeling = sys.modules[type(attn).__module__]
     hq, hkv, d = model.config.num_attention_heads, model.config.num_key_value_heads, attn.head_dim
     # the model's own switches for a layer without RoPE
-    nope = not getattr(attn, "use_rope", True) or (family == "cohere2" and attn.sliding_window is None)
+    nope = (not getattr(attn, "use_rope", True) or (family == "cohere2" and attn.sliding_window is None)
+            or (family == "exaone4" and not attn.is_sliding))
     n, future = 11, 7
     g = torch.Generator().manual_seed(4)
     base = torch.randn(1, hq, 1, d, generator=g)

@@ -40,6 +40,11 @@ CASES = {
     "glm": ("glm", {}),  # interleaved, on half of head_dim
     "glm4": ("glm4", {}),
     "gemma2": ("gemma2", {}),
+    "gpt_oss": ("gpt_oss", {}),  # YaRN (attention_scaling ≠ 1), its own rotate-half arithmetic
+    **{f: (f, {}) for f in ("arcee", "apertus", "seed_oss", "hunyuan_v1_dense", "ministral")},
+    "ernie4_5": ("ernie4_5", {}),  # interleaved
+    "helium": ("helium", {}),  # interleaved
+    "exaone4": ("exaone4", {}),  # its global layer is NoPE
 }
 T, START = 8, 20  # a short sequence at positions START..START+T-1
 DELTAS = (13, -17, 30)
@@ -106,7 +111,7 @@ def test_frequencies_equal_the_models_rotary_embedding(case):
         assert torch.equal(rope.inv_freq, getattr(emb, f"{prefix}inv_freq")), (name, i)
         assert rope.attention_scaling == getattr(emb, f"{prefix}attention_scaling"), (name, i)
         cos, sin = emb(k, pos, layer_type) if layer_type else emb(k, pos)
-        r = cos.shape[-1]  # Phi and StableLM apply RoPE to the rotary channels only, then concatenate the rest
+        r = rope.rotary_dim  # Phi and StableLM apply RoPE to the rotary channels only, then concatenate the rest
         _, want = family_apply(k[..., :r], k[..., :r], cos, sin)
         want = torch.cat([want, k[..., r:]], -1)
         assert rel(apply(k, pos[:, None], rope), want) <= 1e-6, (name, i)

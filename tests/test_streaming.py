@@ -74,9 +74,10 @@ YARN = dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.
 
 @pytest.mark.parametrize("family, overrides", [("llama", {}), ("gemma3", {}), ("phi3", {}), ("llama", YARN),
                                                ("gpt_neox", {}), ("olmo3", {}), ("smollm3", {}), ("cohere", {}),
-                                               ("cohere2", {}), ("glm4", {})],
+                                               ("cohere2", {}), ("glm4", {}), ("exaone4", {}), ("gpt_oss", {})],
                          ids=["llama", "gemma3", "phi3", "llama-yarn", "gpt_neox", "olmo3", "smollm3-nope",
-                              "cohere-interleaved", "cohere2-nope-global", "glm4-partial-interleaved"])
+                              "cohere-interleaved", "cohere2-nope-global", "glm4-partial-interleaved",
+                              "exaone4-nope-global", "gpt_oss-sinks"])
 def test_sw_after_evictions_equals_streamingllm_by_definition(family, overrides):
     model = small(family, **overrides)
     ids = ids_for(model.config.vocab_size, 28, batch=2)

@@ -23,7 +23,8 @@ SUPPORTED_MODEL_TYPES = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "phi3",
     # checked 2026-12-07 with the same family tests (tests/helpers.py FAMILIES)
     "olmo2", "olmo3", "granite", "granitemoe", "mixtral", "qwen3_moe", "starcoder2", "gpt_neox", "phi", "stablelm",
-    "smollm3", "cohere", "cohere2", "glm", "glm4", "gemma2",
+    "smollm3", "cohere", "cohere2", "glm", "glm4", "gemma2", "gpt_oss", "arcee", "apertus", "seed_oss",
+    "hunyuan_v1_dense", "ministral", "ernie4_5", "helium", "exaone4",
     "kvforge_kv_sharing",  # kvforge.sharing's model
 })
 

@@ -162,6 +162,22 @@ _TINY_FAMILY: dict[str, dict[str, Any]] = {
     # logits and the tests see it
     "gemma2": dict(model_type="gemma2", sliding_window=16, query_pre_attn_scalar=16, initializer_range=0.02,
                    attn_logit_softcapping=0.05, layer_types=["sliding_attention", "full_attention"] * 2),
+    # gpt-oss: learned sink logits per head, mixture of experts, 2 sliding + 2 global
+    "gpt_oss": dict(model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+                    layer_types=["sliding_attention", "full_attention"] * 2),
+    # checked the same way, nothing particular to their attention: Arcee (ReLU² MLP), Apertus (xIELU, q/k norms),
+    # Seed-OSS (biases), Hunyuan dense (q/k norms), Ministral (sliding and global layers)
+    "arcee": dict(model_type="arcee"),
+    "apertus": dict(model_type="apertus"),
+    "seed_oss": dict(model_type="seed_oss"),
+    "hunyuan_v1_dense": dict(model_type="hunyuan_v1_dense"),
+    "ministral": dict(model_type="ministral", sliding_window=16,
+                      layer_types=["sliding_attention", "full_attention"] * 2),
+    "ernie4_5": dict(model_type="ernie4_5"),  # interleaved RoPE
+    "helium": dict(model_type="helium"),  # interleaved RoPE
+    # EXAONE 4: 3 sliding layers with RoPE + 1 global layer without (NoPE), q/k norms
+    "exaone4": dict(model_type="exaone4", sliding_window=16,
+                    layer_types=["sliding_attention"] * 3 + ["full_attention"]),
     "glm": dict(model_type="glm", partial_rotary_factor=0.5),  # rotary on half of head_dim, interleaved
     "glm4": dict(model_type="glm4", partial_rotary_factor=0.5),  # and GLM-4's extra norms
 }
@@ -495,7 +511,9 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     Families: llama, mistral, qwen2, qwen3, gemma3 (6 layers, 2 global, sliding_window 16), phi3
     (partial_rotary_factor 0.5), olmo2, olmo3 (3 sliding + 1 global), granite, mixtral, qwen3_moe and granitemoe
     (4 experts, 2 per token), starcoder2, gpt_neox, phi, stablelm (partial rotary), smollm3 (one NoPE layer),
-    cohere, cohere2 (3 sliding + 1 NoPE global), glm, glm4 (interleaved RoPE), gemma2 (soft-capped logits).
+    cohere, cohere2 (3 sliding + 1 NoPE global), glm, glm4, ernie4_5, helium (interleaved RoPE), gemma2 (soft-capped
+    logits), gpt_oss (sink logits), exaone4 (3 sliding + 1 NoPE global), arcee, apertus, seed_oss, hunyuan_v1_dense,
+    ministral.
     ``overrides`` replace any field.
     """
     if family not in _TINY_FAMILY:

@@ -10,11 +10,12 @@ and transformers folds a constant `attention_scaling` s into cos/sin, so a cache
 position p + Δ by the pure rotation R(Δ) (no second factor s): see :func:`rotate`. :func:`apply` and
 :func:`unapply` go between pre-RoPE vectors and what the model caches (s·R(p)·x and back).
 
-Cohere and GLM pair the channels the other way, (x_{2i}, x_{2i+1}) (the "interleaved" layout, `Rope.interleaved`):
-the same rotations on other pairs. :func:`pairs` and :func:`join` hide the layout from the arithmetic.
+Cohere, GLM, ERNIE 4.5 and Helium pair the channels the other way, (x_{2i}, x_{2i+1}) (the "interleaved" layout,
+`Rope.interleaved`): the same rotations on other pairs. :func:`pairs` and :func:`join` hide the layout from the
+arithmetic.
 
-A NoPE layer (SmolLM3's and Llama 4's `no_rope_layers` entries 0; Cohere 2's global layers) has `rotary_dim` 0,
-and every function here returns its input unchanged for it.
+A NoPE layer (SmolLM3's and Llama 4's `no_rope_layers` entries 0; Cohere 2's and EXAONE 4's global layers) has
+`rotary_dim` 0, and every function here returns its input unchanged for it.
 
 The frequencies come from transformers itself (``ROPE_INIT_FUNCTIONS``) for every scaled RoPE type, and from
 the families' shared default formula θ_i = base^(−2i/r) otherwise.
@@ -32,7 +33,8 @@ from kvforge.errors import KVForgeError
 
 STATIC_TYPES = ("default", "linear", "llama3", "yarn", "proportional")  # frequencies fixed by the config
 SEQ_LEN_TYPES = ("dynamic", "longrope")  # frequencies that depend on the sequence length (see rope_for_layer)
-INTERLEAVED = frozenset({"cohere", "cohere2", "glm", "glm4"})  # model types rotating channel pairs (2i, 2i + 1)
+# model types rotating channel pairs (2i, 2i + 1)
+INTERLEAVED = frozenset({"cohere", "cohere2", "glm", "glm4", "ernie4_5", "helium"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,14 +68,19 @@ def join(y1: torch.Tensor, y2: torch.Tensor, rest: torch.Tensor, rope: Rope) -> 
 
 
 def is_nope(config, layer_idx: int) -> bool:
-    """True for a layer without RoPE: `config.no_rope_layers[layer_idx] == 0` (SmolLM3, Llama 4; 1 = RoPE) or a
-    global layer of Cohere 2 (only its sliding layers rotate)."""
+    """True for a layer without RoPE: `config.no_rope_layers[layer_idx] == 0` (SmolLM3, Llama 4; 1 = RoPE), a global
+    layer of Cohere 2 (only its sliding layers rotate), or a global layer of EXAONE 4 when it has sliding layers."""
     config = text_config(config)
     nope = getattr(config, "no_rope_layers", None)
     if nope is not None and not nope[layer_idx]:
         return True
     types = getattr(config, "layer_types", None)
-    return getattr(config, "model_type", None) == "cohere2" and bool(types) and types[layer_idx] == "full_attention"
+    kind = types[layer_idx] if types else None
+    model_type = getattr(config, "model_type", None)
+    if model_type == "cohere2":
+        return kind == "full_attention"
+    hybrid = getattr(config, "sliding_window", None) is not None
+    return model_type == "exaone4" and hybrid and kind != "sliding_attention"
 
 
 def rope_for_layer(config, layer_idx: int, seq_len: int | None = None, device=None) -> Rope:

@@ -42,10 +42,12 @@ def sdpa(query, key, value, mask=None, scale=None, is_causal=False):
     return out.reshape(b, hq, q, value.shape[-1])
 
 
-def eager(query, key, value, mask=None, scale=None, is_causal=False, softcap=None):
+def eager(query, key, value, mask=None, scale=None, is_causal=False, softcap=None, sinks=None):
     """Reference: expand K/V per query head, softmax in float32, zeros for rows with nothing to attend.
     `softcap` (Gemma 2's `attn_logit_softcapping`): logits become softcap·tanh(logits / softcap) before the mask, as
-    transformers' eager attention does; SDPA has no such option, so a softcapped model runs this path."""
+    transformers' eager attention does. `sinks` `[Hq]` (gpt-oss's learned `sinks`): one more logit per head that
+    takes part in the softmax and is then dropped (attention mass that goes nowhere). SDPA has neither, so such a
+    model runs this path."""
     b, hq, q, d = query.shape
     h, n = key.shape[1], key.shape[2]
     g = hq // h
@@ -60,7 +62,11 @@ def eager(query, key, value, mask=None, scale=None, is_causal=False, softcap=Non
     if mask is not None:
         mask = mask.repeat_interleave(g, dim=1) if mask.shape[1] == h and g > 1 else mask
         logits = logits.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    if sinks is not None:
+        sink = sinks.float().reshape(1, hq, 1, 1).expand(b, hq, q, 1)
+        probs = torch.softmax(torch.cat([logits, sink], -1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return (probs @ v).to(query.dtype)
 
 

@@ -53,16 +53,17 @@ class use_backend:
 def kvforge_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: returns (`[B, q, Hq, Dv]`, None).
 
-    `softcap` (Gemma 2): every call runs the eager backend with the logits soft-capped (SDPA, the fused decode
-    kernels and graph mode have no soft-capping; a graph-mode step refuses it)."""
-    softcap = kwargs.get("softcap")
+    `softcap` (Gemma 2) and `s_aux` (gpt-oss's sink logits): every call runs the eager backend with them (SDPA, the
+    fused decode kernels and graph mode have neither; a graph-mode step refuses them)."""
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    plain = softcap is None and sinks is None
     if GRAPH_STEP.cache is not None:  # a graph-mode decode step (GraphDecoder): no host reads, no binding
-        if softcap is not None:
-            raise KVForgeError("graph-mode decoding has no soft-capped attention (Gemma 2); decode eagerly "
-                               "(cuda_graph=False)")
+        if not plain:
+            raise KVForgeError("graph-mode decoding has no soft-capped or sink attention (Gemma 2, gpt-oss); decode "
+                               "eagerly (cuda_graph=False)")
         return _graph_step_attention(GRAPH_STEP.cache, module.layer_idx, query, scaling), None
-    run = BACKENDS[backend_name()] if softcap is None else partial(BACKENDS["eager"], softcap=softcap)
-    fast = softcap is None and backend_name() == "sdpa"  # the kernels below compute plain softmax attention
+    run = BACKENDS[backend_name()] if plain else partial(BACKENDS["eager"], softcap=softcap, sinks=sinks)
+    fast = plain and backend_name() == "sdpa"  # the kernels below compute plain softmax attention
     q = query.shape[2]
     bound = take_binding(key)
     layer = None

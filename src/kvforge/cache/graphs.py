@@ -136,8 +136,10 @@ class GraphDecoder:
     @staticmethod
     def unsupported(cache: KVCache) -> str | None:
         """Why `cache` cannot be decoded in graph mode, or None when it can."""
-        if getattr(text_config(cache.config), "attn_logit_softcapping", None) is not None:
-            return "attention logit soft-capping (Gemma 2) runs eagerly; graph decoding has no soft-capped kernel"
+        cfg = text_config(cache.config)
+        if getattr(cfg, "attn_logit_softcapping", None) is not None or getattr(cfg, "model_type", None) == "gpt_oss":
+            return ("attention logit soft-capping (Gemma 2) and sink logits (gpt-oss) run eagerly; graph decoding "
+                    "has no kernel for them")
         if cache.press is not None and cache.press.acts_while_decoding:
             return f"{cache.press.name} acts during decoding; it cannot run inside a CUDA graph"
         if not all(isinstance(layer, DenseLayer) or _stock_sliding(layer) for layer in cache.layers):
