@@ -15,6 +15,8 @@
 #   then: eval "$(bash benchmarks/gpu_session.sh env)"; bash benchmarks/gpu_session.sh mps;
 #         python3 -c "import sys; sys.path.insert(0, 'tests'); from helpers import captured_codes_match_eager as c;
 #           print({n: c(n) for n in ['kivi', 'gear', 'kvquant', 'think']})"   # else export KVFORGE_GRAPH_CODES=0
+#         python3 -c "import sys; sys.path.insert(0, 'tests'); from helpers import FAMILIES,
+#           captured_family_matches_eager as c; print({f: c(f) for f in FAMILIES})"   # every family captured (~1 min)
 #         PARTS="..." MODELS=... bash benchmarks/gpu_tables.sh accuracy; sleep N; bash benchmarks/gpu_tables.sh brief
 #   (SmolLM2's jobs can start right after its third carry, Gemma3's in a later call: each call queues its own)
 #   last: bash benchmarks/gpu_session.sh fetch    # $RUNS and logs as $OUT/runs.tgz

@@ -69,3 +69,30 @@ def captured_codes_match_eager(name: str, steps: int = 40) -> bool:
         logits = prefill(model, ids, torch.ones_like(ids), cache)
         tokens[graph] = greedy_decode(model, cache, logits, ids.shape[1], steps, graph=graph)
     return tokens[True] == tokens[False]
+
+
+def captured_family_matches_eager(family: str, steps: int = 16) -> bool | None:
+    """The tiny fp32 model of `family` on CUDA, a knorm 0.5 prefill of a batch of 2 random rows: True when the
+    captured graph step gives the tokens of eager decoding, None when graph mode refuses the family (Gemma 2,
+    gpt-oss: their attention runs eagerly). Plain Python, for a bare GPU machine: `python3 -c "import sys;
+    sys.path.insert(0, 'tests'); from helpers import FAMILIES, captured_family_matches_eager as c;
+    print({f: c(f) for f in FAMILIES})"`."""
+    from kvforge import get_press
+    from kvforge.cache import KVCache
+    from kvforge.cache.graphs import GraphDecoder
+    from kvforge.generate import prefill
+    from kvforge.models import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model(family).to("cuda")
+    ids = torch.randint(3, 40000, (2, 120), device="cuda")
+    tokens = {}
+    for graph in (False, True):
+        cache = KVCache(model, press=get_press("knorm", compression_ratio=0.5), reserve=steps + 16)
+        logits = prefill(model, ids, torch.ones_like(ids), cache)
+        cache.armed = False
+        if graph and GraphDecoder.unsupported(cache):
+            return None
+        tokens[graph] = greedy_decode(model, cache, logits, ids.shape[1], steps, graph=graph)
+    return tokens[True] == tokens[False]
+
