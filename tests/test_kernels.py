@@ -163,7 +163,7 @@ def test_compiler_sees_the_kernels_write_only_their_outputs():
     _, _, block_n, ns, split, m, lse, acc, out = _plan(q, v, offs, lens, None, None, None, None, None, None)
     split_args = dict(Q=q, K=k, V=v, OFF=offs, LEN=lens, M=m, L=lse, ACC=acc, scale=0.1, split=split,
                       stride_qb=q.stride(0), stride_qh=q.stride(1), H=4, G=4, GP=16, D=128, DV=128, NS=ns,
-                      BLOCK_N=block_n, PDL=False)
+                      BLOCK_N=block_n, PDL=False, IEEE=False)
     merge_args = dict(M=m, L=lse, ACC=acc, OUT=out, stride_ob=out.stride(0), stride_oh=out.stride(1), NS=ns, H=4,
                       G=4, DV=128, CH=64, PDL=False)
     for kernel, kwargs, written in ((_split_kernel, split_args, {"M", "L", "ACC"}),

@@ -140,6 +140,10 @@ class GraphDecoder:
         if getattr(cfg, "attn_logit_softcapping", None) is not None or getattr(cfg, "model_type", None) == "gpt_oss":
             return ("attention logit soft-capping (Gemma 2) and sink logits (gpt-oss) run eagerly; graph decoding "
                     "has no kernel for them")
+        if getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None):
+            # measured on an H100 (2026-12-07): transformers' grouped_mm experts copy from the host while captured
+            return ("a mixture-of-experts model routes tokens with host copies that a CUDA graph cannot capture; "
+                    "it decodes eagerly")
         if cache.press is not None and cache.press.acts_while_decoding:
             return f"{cache.press.name} acts during decoding; it cannot run inside a CUDA graph"
         if not all(isinstance(layer, DenseLayer) or _stock_sliding(layer) for layer in cache.layers):

@@ -91,9 +91,11 @@ if triton is not None:
 
     @triton.jit
     def _attend_range(q, K, V, off, start, end, scale, D: tl.constexpr, DV: tl.constexpr, GP: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+                      BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
         """Keys start..end-1 of the segment at `off`, for the `[GP, D]` queries `q` of one KV head's group: the
-        running max, sum and weighted values (each K/V tile loaded once for all G query heads)."""
+        running max, sum and weighted values (each K/V tile loaded once for all G query heads). IEEE (fp32 K/V): the
+        dots in full fp32 (`input_precision="ieee"`; Triton's default for fp32 operands is TF32, 10-bit mantissas,
+        which put a tiny fp32 model's captured logits 3e-2 from eager ones on an H100, against 1e-5 with it)."""
         d = tl.arange(0, D)
         dv = tl.arange(0, DV)
         m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -104,14 +106,21 @@ if triton is not None:
             ok = cols < end
             rows = off + cols.to(tl.int64)
             k = tl.load(K + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-            sc = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # fp32 even when a compiler passes fp64
+            if IEEE:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            sc = (sc * scale).to(tl.float32)  # fp32 even when a compiler passes fp64
             sc = tl.where(ok[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(sc - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + rows[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         return m_i, l_i, acc
 
@@ -136,7 +145,7 @@ if triton is not None:
     @triton.jit
     def _split_kernel(Q, K, V, OFF, LEN, M, L, ACC, scale, split, stride_qb, stride_qh,
                       H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                      NS, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                      NS, BLOCK_N: tl.constexpr, PDL: tl.constexpr, IEEE: tl.constexpr):
         """Program (segment bh, split s): the split's partial results (`_attend_range`) into slot (bh, s).
         PDL (programmatic dependent launch, Hopper+): the program may start while the previous kernel finishes;
         it waits for that kernel's writes before its first load, and lets the merge kernel be scheduled at once
@@ -150,7 +159,8 @@ if triton is not None:
         n = tl.load(LEN + bh).to(tl.int32)
         start = s * split
         q = _load_group_queries(Q, stride_qb, stride_qh, bh, H, G, GP, D)
-        m_i, l_i, acc = _attend_range(q, K, V, off, start, tl.minimum(start + split, n), scale, D, DV, GP, BLOCK_N)
+        m_i, l_i, acc = _attend_range(q, K, V, off, start, tl.minimum(start + split, n), scale, D, DV, GP, BLOCK_N,
+                                      IEEE)
         _store_partial(M, L, ACC, m_i, l_i, acc, bh * NS + s, G, GP, DV)
 
     @triton.jit
@@ -263,6 +273,7 @@ def _launch_split(plan, query, k_flat, v_flat, offsets, lengths, scale, num_warp
                                         query.stride(0), query.stride(1), H=h, G=g,
                                         GP=max(16, triton.next_power_of_2(g)), D=query.shape[-1],
                                         DV=v_flat.shape[-1], NS=ns, BLOCK_N=block_n, PDL=pdl,
+                                        IEEE=k_flat.dtype == torch.float32,
                                         num_warps=num_warps, num_stages=num_stages, **extra)
 
 
