@@ -245,3 +245,35 @@ def test_a_prefill_prune_parks_its_slots_until_something_reads_them(increasing):
     again.keep(idx)
     again.keep(torch.tensor([1, 3, 5]).expand(2, 3, 3))
     assert torch.equal(again.entry_slots(), idx[:, :, [1, 3, 5]])
+
+
+@pytest.mark.parametrize("reserve", [0, 3])
+def test_packed_layout_is_each_segments_kept_entries_in_order_then_its_spare_room(reserve):
+    """`PackedHeadLayer` packing (offsets from the counts, no scan of the mask) against the definition, built one
+    (row, head) segment at a time: its kept entries in position order, then `reserve` zero rows. Fresh random masks
+    with an empty and a full segment."""
+    g = torch.Generator().manual_seed(reserve)
+    for _ in range(3):
+        b, h, n, d = 2, 3, 11, 4
+        keys, values = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, d + 1, generator=g)
+        slots = torch.randperm(b * h * n, generator=g).view(b, h, n)
+        keep = torch.rand(b, h, n, generator=g) < 0.5
+        keep[0, 1] = False
+        keep[1, 2] = True
+        layer = PackedHeadLayer.from_entries(keys, values, slots, keep, logical=n, reserve=reserve)
+        k_want, v_want, s_want, offsets, start = [], [], [], [], 0
+        for bi in range(b):
+            for hi in range(h):
+                idx = keep[bi, hi].nonzero().flatten()
+                offsets.append(start)
+                start += len(idx) + reserve
+                k_want += [keys[bi, hi, idx], torch.zeros(reserve, d)]
+                v_want += [values[bi, hi, idx], torch.zeros(reserve, d + 1)]
+                s_want.append(slots[bi, hi, idx])
+        assert torch.equal(layer.offsets, torch.tensor(offsets))
+        assert torch.equal(layer.lengths, keep.sum(-1).flatten().to(torch.int32))
+        assert torch.equal(layer.k_flat[:start], torch.cat(k_want))
+        assert torch.equal(layer.v_flat[:start], torch.cat(v_want))
+        kept = torch.cat([torch.arange(o, o + int(c)) for o, c in zip(offsets, layer.lengths.tolist())])
+        assert torch.equal(layer.slots_flat[kept], torch.cat(s_want))
+        assert layer.total == int(keep.sum()) and layer.max_len == int(keep.sum(-1).max())

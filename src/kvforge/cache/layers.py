@@ -644,25 +644,28 @@ class PackedHeadLayer(DenseLayer):
         self._pack(valid, keys, values, slots, self.reserve)
 
     def _pack(self, keep, keys, values, slots, reserve: int) -> None:
+        """Segment s = (row, head) holds its kept entries in order, then `reserve` spare ones, so it starts at
+        offsets[s] = Σ_{s' < s} (counts[s'] + reserve). The j-th kept entry overall (in (row, head, position)
+        order, as `nonzero` lists them) is entry j − Σ_{s' < s} counts[s'] of its segment s, so it goes to
+        j + s·reserve: no per-position scan of the mask (a cumsum over B·H_kv·n)."""
         b, h, _ = keep.shape
         counts = keep.sum(-1).flatten()
-        caps = counts + reserve
-        offsets = torch.zeros_like(caps)
-        offsets[1:] = torch.cumsum(caps[:-1], 0)
-        total_cap = int(caps.sum())
+        seg_ids = torch.arange(b * h, device=keep.device)
+        offsets = torch.cumsum(counts, 0) - counts + seg_ids * reserve
         bi, hi, ti = keep.nonzero(as_tuple=True)
-        rank = (keep.long().cumsum(-1) - 1)[bi, hi, ti]
-        dest = offsets[bi * h + hi] + rank
+        kept = bi.numel()  # known on the host once nonzero has returned
+        total_cap = kept + b * h * reserve
+        dest = torch.arange(kept, device=keep.device) + (bi * h + hi) * reserve
         # zeros, not empty: padded() exposes spare room, and a masked NaN value still poisons softmax @ V
         self.k_flat = keys.new_zeros(max(total_cap, 1), keys.shape[-1])
         self.v_flat = values.new_zeros(max(total_cap, 1), values.shape[-1])
         self.slots_flat = slots.new_empty(max(total_cap, 1))
-        self.k_flat[dest] = keys[bi, hi, ti]
-        self.v_flat[dest] = values[bi, hi, ti]
-        self.slots_flat[dest] = slots[bi, hi, ti]
+        self.k_flat.index_copy_(0, dest, keys[bi, hi, ti])
+        self.v_flat.index_copy_(0, dest, values[bi, hi, ti])
+        self.slots_flat.index_copy_(0, dest, slots[bi, hi, ti])
         self.offsets, self.lengths = offsets, counts.to(torch.int32)
         self.batch, self.heads = b, h
-        self.max_len, self.total, self.room = int(counts.max()), int(counts.sum()), reserve
+        self.max_len, self.total, self.room = int(counts.max()), kept, reserve
         self.n = self.max_len
         self._k = self._v = self.slots = None
 
