@@ -134,6 +134,15 @@ def rope_for_layer(config, layer_idx: int, seq_len: int | None = None, device=No
     return Rope(inv_freq, float(scaling), 2 * inv_freq.numel(), head_dim, rope_type, interleaved)
 
 
+def layer_rope(config, layer_idx: int) -> Rope | None:
+    """The RoPE of layer `layer_idx`, or None when it has none: a model without `rope_parameters` (absolute
+    positions) or a NoPE layer. For callers that skip RoPE arithmetic altogether where there is none."""
+    if not getattr(text_config(config), "rope_parameters", None):
+        return None
+    rope = rope_for_layer(config, layer_idx)
+    return rope if rope.rotary_dim else None
+
+
 def _turn(x: torch.Tensor, steps, rope: Rope, scale: float, name: str, what: str) -> torch.Tensor:
     """s·R(steps)·x on the first rotary_dim channels of x `[..., D]`, in fp32, returned in x's dtype."""
     if x.shape[-1] != rope.head_dim:

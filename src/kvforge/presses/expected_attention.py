@@ -28,26 +28,22 @@ from dataclasses import dataclass
 
 import torch
 
-from kvforge.config import text_config
 from kvforge.presses.base import LayerContext, ScorerPress, aggregate_groups, check_float, check_int
 from kvforge.presses.registry import register
-from kvforge.rope import Rope, join, pairs, rope_for_layer
+from kvforge.rope import Rope, join, layer_rope, pairs
 
 _ROPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def layer_rope(module) -> Rope | None:
-    """The RoPE of attention `module` (`kvforge.rope.rope_for_layer`, once per module), or None when it has none
+def module_rope(module) -> Rope | None:
+    """The RoPE of attention `module` (`kvforge.rope.layer_rope`, once per module), or None when it has none
     (no RoPE in the model, a NoPE layer, or a module without `config` and `layer_idx`)."""
     if module is None:
         return None
     if module in _ROPES:
         return _ROPES[module]
     config, layer_idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
-    rope = None
-    if config is not None and isinstance(layer_idx, int) and getattr(text_config(config), "rope_parameters", None):
-        rope = rope_for_layer(config, layer_idx)
-        rope = rope if rope.rotary_dim else None
+    rope = layer_rope(config, layer_idx) if config is not None and isinstance(layer_idx, int) else None
     try:
         _ROPES[module] = rope
     except TypeError:  # not weak-referenceable: just do not cache
@@ -81,7 +77,7 @@ def query_statistics(ctx: LayerContext, n_sink: int, n_future: int, use_covarian
     weight = use.float()[:, None, :, None]  # [B, 1, q, 1]
     count = use.sum(-1).clamp(min=1).float()[:, None, None]  # [B, 1, 1]
     queries = ctx.query.float()
-    rope = layer_rope(ctx.module)
+    rope = module_rope(ctx.module)
     if rope is not None:
         inv = rope.inv_freq.to(queries.device)
         ang = pos.clamp(min=0).float()[..., None] * inv  # [B, q, r/2]

@@ -34,7 +34,7 @@ from kvforge.cache.plan import register_layer_kind
 from kvforge.config import layer_types
 from kvforge.errors import KVForgeError
 from kvforge.kernels.quantize import dequantize_values, quantize_values, value_group
-from kvforge.rope import Rope, apply, join, pairs, rope_for_layer
+from kvforge.rope import Rope, apply, join, layer_rope, pairs
 
 ENTRY_BITS = (16, 8, 4, 2)  # 16: entries stored as the model computed them
 
@@ -338,9 +338,7 @@ def _factory(cfg, layer_idx: int, reserve: int) -> SinkWindowLayer:
     if not opts:
         raise KVForgeError("sink_window layers need a cache size and sinks; build the cache with "
                            "kvforge.streaming.streaming_cache(model, cache_size, n_sink)")
-    rope = rope_for_layer(cfg, layer_idx) if getattr(cfg, "rope_parameters", None) else None
-    if rope is not None and rope.rotary_dim == 0:  # a NoPE layer (SmolLM3): nothing to turn
-        rope = None
+    rope = layer_rope(cfg, layer_idx)  # None: absolute positions (GPT-2) or a NoPE layer, nothing to turn
     ordered = layer_types(cfg)[layer_idx] != "full_attention"
     return SinkWindowLayer(opts["n_sink"], opts["cache_size"], rope, layer_idx, ordered=ordered,
                            bits=opts.get("bits", 16))
