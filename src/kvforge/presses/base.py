@@ -273,10 +273,14 @@ class ScorerPress(Press):
         """Entries to keep per row `[B]`: the ratio (or budget) of the real tokens seen, at most those stored."""
         return torch.minimum(keep_count(ctx.n_seen, self.compression_ratio, self.budget), ctx.n_real)
 
+    def host_keep_count(self, ctx: LayerContext) -> int | None:
+        """`keep_per_row` computed on the host when every row holds the same entries (a plain prefill), else None.
+        A press that overrides `keep_per_row` overrides this too (PyramidKV: None, its device counts)."""
+        return plain_keep_count(self, ctx)
+
     def compress(self, ctx: LayerContext) -> None:
-        # a plain prefill counts on the host: no device value is read back before the selection (PyramidKV's own
-        # counts per layer take the path below)
-        k = plain_keep_count(self, ctx) if type(self).keep_per_row is ScorerPress.keep_per_row else None
+        # a plain prefill counts on the host: no device value is read back before the selection
+        k = self.host_keep_count(ctx)
         if k is not None:
             if k < ctx.keys.shape[2]:
                 keep_top(ctx, cached_score(self, ctx), k)

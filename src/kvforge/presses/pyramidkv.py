@@ -43,6 +43,9 @@ class PyramidKVPress(SnapKVPress):
         super().__post_init__()
         check_float(self, "beta", self.beta, low=1)
 
+    def host_keep_count(self, ctx: LayerContext) -> None:
+        return None  # its counts vary per layer: `keep_per_row` on the device
+
     def keep_per_row(self, ctx: LayerContext) -> torch.Tensor:
         n = ctx.n_real
         w = torch.clamp(n, max=self.window_size)
