@@ -7,6 +7,7 @@ from functools import cached_property
 import torch
 
 from kvforge.attention.masks import entry_mask
+from kvforge.kernels.window_scores import can_fuse, window_colsum
 
 
 class LayerContext:
@@ -113,6 +114,16 @@ class LayerContext:
         mask = self.mask(slice(q - w, q))  # [B, 1|H, w, n]
         logits.masked_fill_(~mask[:, :, None], float("-inf"))  # in place: w × n per query head, once
         return torch.softmax(logits, dim=-1, dtype=torch.float32).nan_to_num_(0.0)
+
+    def window_attention_sum(self, window: int) -> torch.Tensor:
+        """`window_attention(window)` summed over its queries, float32 `[B, H_kv, G, n]`: what SnapKV, TOVA and the
+        merging presses score by. In a plain prefill on CUDA (`all_real`) the fused Triton kernels of
+        `kvforge.kernels.window_scores`, which never hold the `[B, Hq, w, n]` probabilities (1 GB of float32 per layer
+        at 128k and w = 64) and keep the logits in float32; elsewhere `window_attention(w).sum(3)`."""
+        w = min(window, self.query.shape[2])
+        if self.all_real and can_fuse(self.query, self.keys):
+            return window_colsum(self.query, self.keys, w, self.scaling)
+        return self.window_attention(w).sum(3)
 
     def window_attention_reference(self, window: int) -> torch.Tensor:
         """`window_attention` in float32 throughout (the slow, obviously-correct twin)."""

@@ -38,7 +38,7 @@ def topk_mask(ctx: LayerContext, scores: torch.Tensor, k: torch.Tensor) -> torch
 def attention_mass(ctx: LayerContext, window: int) -> torch.Tensor:
     """Mean attention each entry gets from the last `window` queries, averaged over the GQA group, `[B, H_kv, n]`."""
     w = max(1, min(window, ctx.query.shape[2]))
-    return ctx.window_attention(w).mean(dim=(2, 3))
+    return ctx.window_attention_sum(w).mean(2) / w
 
 
 def keep_merged(ctx: LayerContext, selected: torch.Tensor, keys: torch.Tensor | None = None,

@@ -39,8 +39,8 @@ class SnapKVPress(ScorerPress):
     def score(self, ctx: LayerContext) -> torch.Tensor:
         n = ctx.keys.shape[2]
         w = min(self.window_size, ctx.query.shape[2], n)
-        probs = ctx.window_attention(w)  # [B, H, G, w, n]
-        prefix = aggregate_groups(probs[..., : n - w].sum(3), self.gqa_aggregation)  # [B, H, n - w]
+        sums = ctx.window_attention_sum(w)  # [B, H, G, n]: attention from the w window queries, summed
+        prefix = aggregate_groups(sums[..., : n - w], self.gqa_aggregation)  # [B, H, n - w]
         b, h = prefix.shape[:2]
         flat = prefix.reshape(b * h, 1, n - w)
         pad = self.kernel_size // 2

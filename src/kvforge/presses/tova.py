@@ -30,7 +30,7 @@ def tova_scores(ctx: LayerContext, heads: str = "layer", keep_last: bool = True)
     """
     if heads not in HEAD_AVERAGES:
         raise KVForgeError(f"tova: heads={heads!r}; allowed: {', '.join(HEAD_AVERAGES)}")
-    probs = ctx.window_attention(1)[:, :, :, 0]  # [B, H, G, n]
+    probs = ctx.window_attention_sum(1)  # [B, H, G, n]: the last query's attention
     b, h, _, n = probs.shape
     if heads == "layer":
         scores = probs.mean(dim=(1, 2))[:, None].expand(b, h, n).clone()
