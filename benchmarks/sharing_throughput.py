@@ -177,8 +177,11 @@ def main() -> None:
                 try:
                     row |= run_once(model, batch, args.prompt, args.new_tokens, device, args.prefill_chunk)
                 except torch.cuda.OutOfMemoryError as e:  # what was asked for, and where: a transient or the KV?
+                    # allocated vs reserved at the failure: live tensors, or blocks the allocator holds but cannot use
                     row |= {"oom": True, "oom_message": str(e).split(". Including")[0][:300],
-                            "oom_where": oom_site(e)}
+                            "oom_where": oom_site(e),
+                            "oom_allocated_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
+                            "oom_reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 2)}
                 gc.collect()
                 torch.cuda.empty_cache()
                 with out.open("a") as f:

@@ -36,9 +36,12 @@ class WindowLayer(DynamicSlidingWindowLayer):
         self._published: torch.Tensor | None = None  # the `keys` view this layer last set
 
     def _start(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
-        """A new buffer holding `keys`/`values` `[B, H_kv, m, D]` followed by at least `room` free columns."""
+        """A new buffer holding `keys`/`values` `[B, H_kv, m, D]` followed by at least `room` free columns: exactly
+        `room` for a prefill chunk (room > 1: the stock layer's sizes, which the allocator reuses chunk after chunk;
+        a decoding-sized buffer, then a chunk-sized one, left holes of the first size that the second never fits
+        and ran YOCO at 384 rows out of memory on an H100), the window plus `slack` for decoding steps."""
         m = keys.shape[2]
-        cap = max(self.sliding_window - 1 + self.slack, m + room)
+        cap = m + room if room > 1 else max(self.sliding_window - 1 + self.slack, m + room)
         k = keys.new_empty(keys.shape[0], keys.shape[1], cap, keys.shape[3])
         v = values.new_empty(values.shape[0], values.shape[1], cap, values.shape[3])
         k[:, :, :m] = keys
