@@ -3,9 +3,9 @@ float32 twin (CUDA only), the twin against the layer context's own masked softma
 
 import pytest
 import torch
+from test_presses_prefill import make_ctx
 
 from kvforge.kernels.window_scores import can_fuse, window_colsum, window_colsum_ref
-from test_presses_prefill import make_ctx
 
 CASES = [  # (batch, query heads, KV heads, queries, entries, head dim, window)
     (1, 8, 2, 24, 24, 32, 8),
@@ -13,6 +13,7 @@ CASES = [  # (batch, query heads, KV heads, queries, entries, head dim, window)
     (1, 8, 2, 16, 16, 16, 64),  # a window longer than the queries
     (2, 8, 1, 17, 300, 128, 32),  # a chunk's queries over more stored entries (chunked prefill)
     (1, 6, 2, 70, 70, 80, 64),  # head dim and window not powers of two
+    (1, 32, 8, 64, 4096, 128, 64),  # Llama-3.1-8B heads, the entries in several splits
 ]
 
 

@@ -17,6 +17,7 @@ tile of entries. Its logits stay in float32 (the torch form rounds them to the k
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -40,10 +41,10 @@ def window_colsum_ref(query: torch.Tensor, keys: torch.Tensor, window: int, scal
 
 
 def can_fuse(query: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether `window_colsum` runs the Triton kernels here: CUDA tensors, Triton present, a query head count that
-    is a multiple of the KV heads, one dtype."""
-    return (triton is not None and query.is_cuda and keys.is_cuda and query.dtype == keys.dtype
-            and query.shape[1] % keys.shape[1] == 0)
+    """Whether `window_colsum` runs the Triton kernels here: CUDA tensors (or any, under Triton's interpreter,
+    `TRITON_INTERPRET=1`), Triton present, a query head count that is a multiple of the KV heads, one dtype."""
+    on_device = (query.is_cuda and keys.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton is not None and on_device and query.dtype == keys.dtype and query.shape[1] % keys.shape[1] == 0
 
 
 if triton is not None:
@@ -66,8 +67,8 @@ if triton is not None:
         acc = tl.zeros((BLOCK_W,), tl.float32)
         start = sp * split
         end = tl.minimum(start + split, n)
-        for s0 in range(start, end, BLOCK_N):
-            cols = s0 + tl.arange(0, BLOCK_N)
+        for s0 in range(0, split, BLOCK_N):  # `split` is a multiple of BLOCK_N; the tiles past `end` are masked
+            cols = start + s0 + tl.arange(0, BLOCK_N)
             k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + dims[None, :] * skd,
                         mask=(cols[:, None] < end) & (dims[None, :] < D), other=0.0)
             if IEEE:  # float32 inputs: true float32 products (the default would round them to TF32)
@@ -111,7 +112,7 @@ if triton is not None:
 
 
 def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def window_colsum(query: torch.Tensor, keys: torch.Tensor, window: int, scale: float) -> torch.Tensor:
