@@ -50,7 +50,8 @@ def make_ctx(query, keys, values=None, key_real=None, module=None, layer_idx=0, 
         cache.layers[i].update(keys.clone(), values.clone())
     mask = None
     if key_real is not None:
-        causal = torch.arange(n)[None, :] <= torch.arange(n - q, n)[:, None]
+        pos = torch.arange(n, device=key_real.device)
+        causal = pos[None, :] <= pos[n - q :, None]
         mask = causal[None, None] & key_real[:, None, None, :]
     return LayerContext(module, cache, layer_idx, query, mask, scaling)
 

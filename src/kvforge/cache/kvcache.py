@@ -120,8 +120,23 @@ class KVCache(Cache):
         # optional callable(LayerContext) run after every attention of a compressible layer (scoring passes)
         self.observer = None
         self.score_memo: dict | None = None
-        # seconds spent in the press's `compress` (device synchronised), when set to a number (`kvforge bench`)
+        # time in the press's `compress`, counted when `press_seconds` is set to a number (`kvforge bench`): on CUDA
+        # by events on the stream (`press_events`, read by `press_time()`), so the prefill runs as it would untimed;
+        # with `press_sync` (or on CPU) by the host clock with the device synchronised around each call
         self.press_seconds: float | None = None
+        self.press_events: list = []
+        self.press_sync = False
+
+    def press_time(self) -> float:
+        """Seconds counted in the press's `compress` (`press_seconds` plus the CUDA events' spans; synchronises).
+        An event span is the stream's time from a call's first to its last kernel: the kernels, plus any time the
+        device waited for the host inside the call (after a host read such as `nonzero`), which is what the call
+        adds to a prefill; host work the device did not wait for is not in it."""
+        total = self.press_seconds or 0.0
+        if self.press_events:
+            self.press_events[-1][1].synchronize()
+            total += sum(a.elapsed_time(b) for a, b in self.press_events) / 1e3
+        return total
 
     @classmethod
     def from_layers(cls, model: Any, layers: list, reserve: int = 256) -> KVCache:

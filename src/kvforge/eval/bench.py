@@ -91,8 +91,9 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     an inductor mode) on that same cache, one after another; one row per variant.
 
     `chunk_size`: prefill in chunks of that many tokens, compressing as it goes. `press_ms`: milliseconds spent in
-    the press's `compress` during the prefill (scores, top-k, gathers; the device synchronised around each call),
-    `press_share` its share of `prefill_s`; `prefill_peak_gb` the prefill's peak (CUDA).
+    the press's `compress` during the prefill (scores, top-k, gathers; on CUDA the stream's span of each call between
+    two events, the prefill not synchronised: `KVCache.press_time`), `press_share` its share of `prefill_s`;
+    `prefill_peak_gb` the prefill's peak (CUDA).
 
     Each variant decodes from where the previous one stopped (the context grows by `new_tokens` per variant,
     reserved up front), so N variants cost one prefill instead of N. A compiler failure of a compiled variant
@@ -111,6 +112,7 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
     logits = prefill(model, ids, torch.ones_like(ids), cache)
     _sync(device)
     prefill_s = time.perf_counter() - t0
+    press_s = cache.press_time()
     cache.armed = False
     prefill_peak = torch.cuda.max_memory_allocated() if cuda else None
     tok = logits.argmax(-1, keepdim=True)
@@ -123,8 +125,8 @@ def bench_row(model, ids: torch.Tensor, press, new_tokens: int, copy_bw: float, 
         base = {"press": "none" if press is None else press.name,
                 "compression_ratio": 0.0 if press is None else press.compression_ratio,
                 "context": ids.shape[1], "batch": ids.shape[0], "prefill_chunk": chunk_size,
-                "prefill_s": round(prefill_s, 4), "press_ms": round(cache.press_seconds * 1e3, 3),
-                "press_share": round(cache.press_seconds / prefill_s, 4),
+                "prefill_s": round(prefill_s, 4), "press_ms": round(press_s * 1e3, 3),
+                "press_share": round(press_s / prefill_s, 4),
                 "prefill_peak_gb": None if prefill_peak is None else round(prefill_peak / 1e9, 2)}
         try:
             decode_s, first_s, tok, pos, graphed = _decode_steps(model, cache, tok, pos, new_tokens,
