@@ -247,6 +247,23 @@ def test_a_prefill_prune_parks_its_slots_until_something_reads_them(increasing):
     assert torch.equal(again.entry_slots(), idx[:, :, [1, 3, 5]])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_parked_positions_leave_the_device_and_come_back_exactly():
+    """On CUDA a prefill prune's kept positions are parked in pinned host memory (nothing of them on the device's
+    prefill peak); the device block they came from is reused at once, and the read brings back the kept positions."""
+    from kvforge.cache.layers import ParkedSlots
+
+    layer = DenseLayer(reserve=4)
+    keys, values = torch.randn(2, 3, 4096, 8, device="cuda"), torch.randn(2, 3, 4096, 8, device="cuda")
+    layer.update(keys, values)
+    idx = torch.stack([torch.randperm(4096)[:1000].sort().values for _ in range(6)]).view(2, 3, 1000).cuda()
+    layer.keep(idx, increasing=True)
+    parked = layer._slots
+    assert isinstance(parked, ParkedSlots) and parked.bits.device.type == "cpu" and parked.bits.is_pinned()
+    torch.zeros(1 << 20, dtype=torch.uint8, device="cuda").fill_(255)  # kernels on reused blocks, after the copy
+    assert torch.equal(layer.entry_slots(), idx)
+
 @pytest.mark.parametrize("reserve", [0, 3])
 def test_packed_layout_is_each_segments_kept_entries_in_order_then_its_spare_room(reserve):
     """`PackedHeadLayer` packing (offsets from the counts, no scan of the mask) against the definition, built one
