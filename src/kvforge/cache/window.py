@@ -36,21 +36,14 @@ class WindowLayer(DynamicSlidingWindowLayer):
         self._published: torch.Tensor | None = None  # the `keys` view this layer last set
 
     def _start(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
-        """A new buffer holding `keys`/`values` `[B, H_kv, m, D]` (m < window) followed by at least `room` free columns.
+        """A new buffer holding `keys`/`values` `[B, H_kv, m, D]` followed by at least `room` free columns.
 
-        Its size depends on `room` alone, so the buffer a layer frees is the size the next layer's move asks for and
-        the allocator reuses it: `window - 1 + slack` for decoding steps (room 1), `window - 1 + room` for a prefill
-        chunk no longer than the window (every chunk of that length), exactly `m + room` for a longer one (an
-        unchunked prompt, held only until the first decoding step). Sized to fit each update instead (256, 512, ...
-        for 256-token chunks), the freed blocks fitted nothing later: YOCO at 384 rows on an H100 ran out of memory
-        in its prefill with 57.5 GiB allocated of 74.5 GiB reserved."""
+        Sizing prefill chunks' buffers differently (exactly the stock layer's sizes, or one size per chunk length)
+        did not change what ran YOCO at 384 rows out of memory on an H100: 57.5 GiB allocated of 74.5 and 77.2 GiB
+        reserved, the allocator's fragmentation; `expandable_segments` fits it at the stock layer's peak
+        (docs/sharing.md)."""
         m = keys.shape[2]
-        if room == 1:
-            cap = max(self.sliding_window - 1 + self.slack, m + 1)
-        elif room <= self.sliding_window:
-            cap = max(self.sliding_window - 1 + room, m + room)
-        else:
-            cap = m + room
+        cap = max(self.sliding_window - 1 + self.slack, m + room)
         k = keys.new_empty(keys.shape[0], keys.shape[1], cap, keys.shape[3])
         v = values.new_empty(values.shape[0], values.shape[1], cap, values.shape[3])
         k[:, :, :m] = keys
