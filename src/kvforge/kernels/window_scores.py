@@ -50,31 +50,44 @@ def can_fuse(query: torch.Tensor, keys: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _window_queries(Q, bh, HQ, G, sqb, sqh, sqt, sqd, q_len, w, D, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program `bh` = (row, query head): its row b, KV head, window row and dim indices, and the window's
+        queries `[BLOCK_W, BLOCK_D]` (zeros past the window and the head dim)."""
+        b = bh // HQ
+        hq = bh % HQ
+        rows = tl.arange(0, BLOCK_W)
+        dims = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + b * sqb + hq * sqh + (q_len - w + rows)[:, None] * sqt + dims[None, :] * sqd,
+                    mask=(rows[:, None] < w) & (dims[None, :] < D), other=0.0)
+        return b, hq // G, rows, dims, q
+
+    @triton.jit
+    def _tile_logits(q, K, b, hk, cols, end, skb, skh, skn, skd, dims, D, scale_log2, IEEE: tl.constexpr):
+        """The window's logits over entries `cols` (those at or past `end` read as zeros), in log2 units, float32
+        `[BLOCK_W, BLOCK_N]`. IEEE (float32 inputs): true float32 products (Triton's default rounds them to TF32)."""
+        k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + dims[None, :] * skd,
+                    mask=(cols[:, None] < end) & (dims[None, :] < D), other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        return s * scale_log2
+
+    @triton.jit
     def _lse_kernel(Q, K, M, L, sqb, sqh, sqt, sqd, skb, skh, skn, skd, HQ, G, q_len, n, w, D, split,
                     n_splits, scale_log2, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     IEEE: tl.constexpr):
         """Per (row, query head, split of the entries): running max and sum of exp2 of the window's logits."""
         bh = tl.program_id(0)
         sp = tl.program_id(1)
-        b = bh // HQ
-        hq = bh % HQ
-        hk = hq // G
-        rows = tl.arange(0, BLOCK_W)
-        dims = tl.arange(0, BLOCK_D)
-        q = tl.load(Q + b * sqb + hq * sqh + (q_len - w + rows)[:, None] * sqt + dims[None, :] * sqd,
-                    mask=(rows[:, None] < w) & (dims[None, :] < D), other=0.0)
+        b, hk, rows, dims, q = _window_queries(Q, bh, HQ, G, sqb, sqh, sqt, sqd, q_len, w, D, BLOCK_W, BLOCK_D)
         m = tl.full((BLOCK_W,), float("-inf"), tl.float32)
         acc = tl.zeros((BLOCK_W,), tl.float32)
         start = sp * split
         end = tl.minimum(start + split, n)
         for s0 in range(0, split, BLOCK_N):  # `split` is a multiple of BLOCK_N; the tiles past `end` are masked
             cols = start + s0 + tl.arange(0, BLOCK_N)
-            k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + dims[None, :] * skd,
-                        mask=(cols[:, None] < end) & (dims[None, :] < D), other=0.0)
-            if IEEE:  # float32 inputs: true float32 products (the default would round them to TF32)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_W, BLOCK_N], float32
+            s = _tile_logits(q, K, b, hk, cols, end, skb, skh, skn, skd, dims, D, scale_log2, IEEE)
             visible = (cols[None, :] < end) & (cols[None, :] - (n - w) <= rows[:, None])
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
@@ -91,21 +104,10 @@ if triton is not None:
         """Per (row, query head, tile of entries): Σ over the window queries of exp2(s − lse)."""
         bh = tl.program_id(0)
         tile = tl.program_id(1)
-        b = bh // HQ
-        hq = bh % HQ
-        hk = hq // G
-        rows = tl.arange(0, BLOCK_W)
-        dims = tl.arange(0, BLOCK_D)
-        q = tl.load(Q + b * sqb + hq * sqh + (q_len - w + rows)[:, None] * sqt + dims[None, :] * sqd,
-                    mask=(rows[:, None] < w) & (dims[None, :] < D), other=0.0)
+        b, hk, rows, dims, q = _window_queries(Q, bh, HQ, G, sqb, sqh, sqt, sqd, q_len, w, D, BLOCK_W, BLOCK_D)
         lse = tl.load(LSE + bh * BLOCK_W + rows)  # +inf past the window: those rows add exp2(-inf) = 0
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + dims[None, :] * skd,
-                    mask=(cols[:, None] < n) & (dims[None, :] < D), other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = _tile_logits(q, K, b, hk, cols, n, skb, skh, skn, skd, dims, D, scale_log2, IEEE)
         visible = (cols[None, :] < n) & (cols[None, :] - (n - w) <= rows[:, None]) & (rows[:, None] < w)
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         tl.store(OUT + bh * n + cols, tl.sum(p, 0), mask=cols < n)
