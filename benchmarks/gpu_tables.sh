@@ -163,6 +163,9 @@ sharing)  # the same-run throughput table of every preset (random Llama-3.1-8B, 
   # mixattention is searched (448 fits, 512 does not); 10 min on an H100 (a call cut short resumes: re-run it).
   # lckv (minutes per run: 9 passes per prefill chunk) is separate: LCKV="512 640" runs those batches instead.
   # ATTENTION=kvforge: every model on kvforge's attention (no repeat_kv copy of the KV). The summary is printed.
+  # Every model runs with expandable segments (the script's --allocator default): with the default allocator yoco
+  # at 384 rows failed on fragmentation (57.5 GiB allocated, 74.5 reserved). A/B of that: add
+  # `--allocator default --sliding-layer stock|window` to one yoco --batches 384 run.
   # CONFIG_1B=1: the same table on the Llama-3.2-1B shapes, each limit searched (not timed yet).
   S="python3 benchmarks/sharing_throughput.py --config llama3.1-8b --prompt 2048 --new-tokens 512 --prefill-chunk 256 \
     --attention ${ATTENTION:-sdpa} --out $RUNS/sharing_tp_8b_${ATTENTION:-sdpa}.jsonl"

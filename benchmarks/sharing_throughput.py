@@ -38,9 +38,11 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.initialization import no_init_weights
 
 from kvforge import KVCache
+from kvforge.cache.plan import register_layer_kind
 from kvforge.models import random_config
 from kvforge.sharing import KVSharingConfig, preset
 
@@ -130,8 +132,13 @@ def main() -> None:
                     help="PyTorch's CUDA allocator for every model alike: expandable segments (default; the default "
                          "allocator's fragmentation ran YOCO at 384 rows out of memory on an H100 with 17 GiB "
                          "reserved but unused) or the default one; an explicit PYTORCH_CUDA_ALLOC_CONF wins")
+    ap.add_argument("--sliding-layer", default="window", choices=["window", "stock"],
+                    help="the cache's sliding layers: kvforge's WindowLayer (default, appends in place) or "
+                         "transformers' DynamicSlidingWindowLayer (concatenates every step), for A/B runs")
     ap.add_argument("--out", required=True, help="JSON lines; re-run the same command to resume")
     args = ap.parse_args()
+    if args.sliding_layer == "stock":  # the plan's sliding kind, for this process only
+        register_layer_kind("sliding_attention", lambda cfg, i, reserve: DynamicSlidingWindowLayer(cfg.sliding_window))
     if args.allocator == "expandable":  # before the first CUDA allocation, which reads it
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
@@ -158,6 +165,8 @@ def main() -> None:
              "warmup": args.warmup, "sliding_window": args.sliding_window, "gpu": torch.cuda.get_device_name()}
     if args.memory_gib is not None:
         setup["memory_gib"] = args.memory_gib
+    if args.sliding_layer != "window":  # rows without the key ran WindowLayer, or the stock layer before 12-07 19:23
+        setup["sliding_layer"] = args.sliding_layer
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):  # rows without the key ran the default allocator
         setup["alloc_conf"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     if args.prefill_chunk:
