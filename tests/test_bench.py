@@ -206,3 +206,32 @@ def test_bench_sharing_rows_next_to_the_dense_model(tmp_path, tiny):
     with pytest.raises(KVForgeError, match="sharing needs a Llama-architecture model"):
         run_bench("tiny", None, [48], 1, ["none"], [0.5], 3, str(tmp_path / "c"), model=tiny_model("qwen2"),
                   sharing=["cla"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_press_time_comes_from_stream_events_one_pair_per_compressed_layer():
+    """On CUDA `compress` is timed by two events per call on the stream (nothing synchronised): one pair per
+    compressed layer, a positive span shorter than the prefill; with `press_sync` the host clock counts instead."""
+    import time
+
+    import torch
+
+    from kvforge import KVCache
+    from kvforge.generate import prefill
+    from kvforge.presses.registry import get_press
+
+    model = tiny_model("llama").cuda()
+    ids = torch.randint(3, 100, (1, 256), device="cuda")
+    for sync in (False, True):
+        cache = KVCache(model, press=get_press("knorm", compression_ratio=0.5))
+        cache.press_seconds, cache.press_sync = 0.0, sync
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            prefill(model, ids, torch.ones_like(ids), cache)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        assert len(cache.press_events) == (0 if sync else len(cache.compressible_layers()))
+        assert 0 < cache.press_time() < total
+        assert all(layer.kv()[0].shape[2] == 128 for layer in cache.layers)  # the press did run
