@@ -661,6 +661,8 @@ class PackedHeadLayer(DenseLayer):
         offsets = torch.cumsum(counts, 0) - counts + seg_ids * reserve
         bi, hi, ti = keep.nonzero(as_tuple=True)
         kept = bi.numel()  # known on the host once nonzero has returned
+        max_len = int(counts.max())  # read now, while the device has caught up: read after the gathers below, it
+        # made the host wait for them too, and the device then idled until the next layer's work was launched
         total_cap = kept + b * h * reserve
         dest = torch.arange(kept, device=keep.device) + (bi * h + hi) * reserve
         # zeros, not empty: padded() exposes spare room, and a masked NaN value still poisons softmax @ V
@@ -672,7 +674,7 @@ class PackedHeadLayer(DenseLayer):
         self.slots_flat.index_copy_(0, dest, slots[bi, hi, ti])
         self.offsets, self.lengths = offsets, counts.to(torch.int32)
         self.batch, self.heads = b, h
-        self.max_len, self.total, self.room = int(counts.max()), kept, reserve
+        self.max_len, self.total, self.room = max_len, kept, reserve
         self.n = self.max_len
         self._k = self._v = self.slots = None
 
