@@ -135,23 +135,22 @@ def _compress(press, cache, ctx: LayerContext) -> None:
         press.compress(ctx)
         return
     cuda = ctx.query.is_cuda
-    if cuda and not cache.press_sync:
+    events = cuda and not cache.press_sync
+    if events:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        with torch.profiler.record_function(COMPRESS_RANGE):
-            press.compress(ctx)
+    elif cuda:
+        torch.cuda.synchronize(ctx.query.device)
+    t0 = time.perf_counter()
+    with torch.profiler.record_function(COMPRESS_RANGE):  # what benchmarks/profile_press.py reads
+        press.compress(ctx)
+    if events:
         end.record()
         cache.press_events.append((start, end))
         return
     if cuda:
         torch.cuda.synchronize(ctx.query.device)
-    t0 = time.perf_counter()
-    with torch.profiler.record_function(COMPRESS_RANGE):  # what benchmarks/profile_press.py reads
-        press.compress(ctx)
-    if cuda:
-        torch.cuda.synchronize(ctx.query.device)
     cache.press_seconds += time.perf_counter() - t0
-
 
 def segment_attention(layer: PackedHeadLayer, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
     """Attention of q new tokens (already appended: the last q entries of every segment) over a packed per-head
