@@ -158,30 +158,30 @@ gpt2)  # streaming on the GPT-2 trained here, nothing but wheels and text carrie
     --out $RUNS/stream_gpt2_long"
   ;;
 sharing)  # the same-run throughput table of every preset (random Llama-3.1-8B, 2k prompts, 512 new tokens, prefill in
-  # 256-token chunks), alone on the GPU. The batches of DENSE, CLA and YOCO are measured directly (H100, 2026-12-07:
-  # dense 160, cla 256 and yoco 384 fit, none larger tried: DENSE=192,224 CLA=288,320 YOCO=448 push them),
-  # mixattention is searched (448 fits, 512 does not); 10 min on an H100 (a call cut short resumes: re-run it).
-  # lckv (minutes per run: 9 passes per prefill chunk) is separate: LCKV="512 640" runs those batches instead.
-  # ATTENTION=kvforge: every model on kvforge's attention (no repeat_kv copy of the KV). The summary is printed.
-  # Every model runs with expandable segments (the script's --allocator default): with the default allocator yoco
-  # at 384 rows failed on fragmentation (57.5 GiB allocated, 74.5 reserved). A/B of that: add
-  # `--allocator default --sliding-layer stock|window` to one yoco --batches 384 run.
-  # CONFIG_1B=1: the same table on the Llama-3.2-1B shapes, each limit searched (not timed yet).
-  S="python3 benchmarks/sharing_throughput.py --config llama3.1-8b --prompt 2048 --new-tokens 512 --prefill-chunk 256 \
-    --attention ${ATTENTION:-sdpa} --out $RUNS/sharing_tp_8b_${ATTENTION:-sdpa}.jsonl"
-  if [ -n "${CONFIG_1B:-}" ]; then  # CONFIG_1B=1: the Llama-3.2-1B shapes, every preset but lckv searched from 256
-    # rows (doubling, then bisecting to a quarter); resumable, several calls if need be
-    S1="python3 benchmarks/sharing_throughput.py --config llama3.2-1b --prompt 2048 --new-tokens 512 --prefill-chunk 256 \
-      --attention ${ATTENTION:-sdpa} --min-batch 256 --max-batch 4096 --resolution 4 --out $RUNS/sharing_tp_1b_${ATTENTION:-sdpa}.jsonl"
-    for P in dense cla yoco mixattention; do $S1 --presets $P 2>&1 | grep -av '^{'; done
-  elif [ -n "${LCKV:-}" ]; then
-    $S --presets lckv --batches "$(echo $LCKV | tr ' ' ,)" 2>&1 | grep -av '^{'
-  else
-    $S --presets dense --batches ${DENSE:-128,160} 2>&1 | grep -av '^{'
-    $S --presets cla --batches ${CLA:-240,256} 2>&1 | grep -av '^{'
-    $S --presets yoco --batches ${YOCO:-320,384} 2>&1 | grep -av '^{'
-    $S --presets mixattention --min-batch 128 --resolution 4 2>&1 | grep -av '^{'
-  fi
+  # 256-token chunks), alone on the GPU. Each model's limit is searched with memory probes (--probe: untimed, one
+  # token after a 2,560-token prompt), then the bracket is timed; the searches start near the limits measured
+  # before (H100, 2026-12-07: dense 160, cla 256, yoco 384, mixattention 448 fit). PRESETS= picks models (a call
+  # cut short resumes: re-run it). lckv (minutes per timed run: 9 passes per prefill chunk) gets its limit from
+  # probes only (one pass per chunk: the same memory) and one timed row at LCKV_TIMED rows (default 256).
+  # MEMORY_GIB caps the process (e.g. 79 on an H200, for an 80 GB card's limits). ATTENTION=kvforge: every model on
+  # kvforge's attention (no repeat_kv copy of the KV). Every model runs with expandable segments (with the default
+  # allocator yoco at 384 rows failed on fragmentation: 57.5 GiB allocated, 74.5 reserved; A/B: add
+  # `--allocator default --sliding-layer stock|window` to one yoco --batches 384 run).
+  # CONFIG_1B=1: the same table on the Llama-3.2-1B shapes, searched from 256 rows.
+  CFG=llama3.1-8b; TAG=8b; STARTS="dense:128 cla:256 yoco:384 mixattention:448 lckv:256"
+  [ -n "${CONFIG_1B:-}" ] && { CFG=llama3.2-1b; TAG=1b; STARTS="dense:256 cla:256 yoco:256 mixattention:256 lckv:256"; }
+  S="python3 benchmarks/sharing_throughput.py --config $CFG --prompt 2048 --new-tokens 512 --prefill-chunk 256 \
+    --attention ${ATTENTION:-sdpa} --growth 2 --resolution 4 --max-batch 8192 ${MEMORY_GIB:+--memory-gib $MEMORY_GIB} \
+    --out $RUNS/sharing_tp_${TAG}_${ATTENTION:-sdpa}.jsonl"
+  for PS in $STARTS; do
+    P=${PS%%:*}; case " ${PRESETS:-dense cla yoco mixattention lckv} " in *" $P "*) ;; *) continue ;; esac
+    if [ "$P" = lckv ]; then
+      $S --presets lckv --probe --probe-only --min-batch ${PS##*:} 2>&1 | grep -av '^{'
+      $S --presets lckv --batches ${LCKV_TIMED:-256} 2>&1 | grep -av '^{'
+    else
+      $S --presets $P --probe --min-batch ${PS##*:} 2>&1 | grep -av '^{'
+    fi
+  done
   ;;
 memory)  # #21, one call on a quiet GPU: kvforge's rows, then kvpress 0.5.5 (its own transformers, KVPRESS_PATH) on
   # the same machine right after, so that the peaks compare within one session

@@ -18,6 +18,13 @@ Batch sizes grow by `--growth` until the first out-of-memory, then the gap betwe
 that one is bisected until it is at most 1/`--resolution` of the former (`--resolution 0`: no bisection).
 `--batches 256,192` measures exactly those batch sizes, in that order, in one process instead.
 
+`--probe` makes the search cheap: it grows and bisects with memory probes (a prompt of `--prompt` + `--new-tokens`
+tokens, the same chunks, one new token; a model with upward-pointing layers makes one pass per chunk instead of
+m + b, which changes its time, not what a pass holds), rows marked `"probe": true` and never timed. Then timed runs,
+the table's rows, settle the limit from the probe's bracket: the largest probe fit, the first probe failure, and
+further timed runs only where a timed run disagrees with its probe (`refine`). The probe holds the whole final
+cache during a prefill chunk, so it usually needs at least what the timed run needs; the timed runs decide.
+
 `--prefill-chunk N` prefills the prompt N tokens at a time (transformers' `prefill_chunk_size`, every model alike),
 so activations are bounded by batch x N and the KV cache, not the prefill, decides the largest batch. Without it
 the whole batch's 2k-token prompt runs in one forward and its activations (the MLP's, ~3x its width per token)
@@ -83,7 +90,15 @@ class _PrefillClock(LogitsProcessor):
         return scores
 
 
-def run_once(model, batch: int, prompt: int, new: int, device: str, chunk: int | None = None) -> dict:
+def run_once(model, batch: int, prompt: int, new: int, device: str, chunk: int | None = None,
+             probe: bool = False) -> dict:
+    """One generation of `new` tokens after a random `prompt`-token prompt at `batch` rows. `probe`: a memory probe
+    instead (see the module doc): prompt + new tokens, one new token, one pass per chunk; peak memory only."""
+    extra = {}
+    if probe:
+        prompt, new = prompt + new, 1
+        if getattr(getattr(model.config, "layer_map", None), "has_upward", False):
+            extra["num_iterations"] = 1
     torch.manual_seed(0)
     ids = torch.randint(10, 30000, (batch, prompt), device=device)
     torch.cuda.synchronize()
@@ -93,10 +108,12 @@ def run_once(model, batch: int, prompt: int, new: int, device: str, chunk: int |
         cache = KVCache(model, reserve=new + 8)
         t = time.perf_counter()
         out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=0, prefill_chunk_size=chunk, logits_processor=LogitsProcessorList([clock]))
+                             pad_token_id=0, prefill_chunk_size=chunk, logits_processor=LogitsProcessorList([clock]), **extra)
         torch.cuda.synchronize()
         total = time.perf_counter() - t
     assert out.shape[1] == prompt + new
+    if probe:
+        return {"probe": True, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
     prefill = clock.t - t
     return {"prefill_s": round(prefill, 4), "total_s": round(total, 4),
             "tokens_per_s": round(batch * new / total, 2),
@@ -135,6 +152,10 @@ def main() -> None:
     ap.add_argument("--sliding-layer", default="window", choices=["window", "stock"],
                     help="the cache's sliding layers: kvforge's WindowLayer (default, appends in place) or "
                          "transformers' DynamicSlidingWindowLayer (concatenates every step), for A/B runs")
+    ap.add_argument("--probe", action="store_true",
+                    help="search with untimed memory probes, then time the limit's bracket (see the module doc)")
+    ap.add_argument("--probe-only", action="store_true",
+                    help="with --probe: the probes' limit only, no timed runs (lckv: minutes per timed run)")
     ap.add_argument("--out", required=True, help="JSON lines; re-run the same command to resume")
     args = ap.parse_args()
     if args.sliding_layer == "stock":  # the plan's sliding kind, for this process only
@@ -179,21 +200,23 @@ def main() -> None:
                 and r.get("attention", "sdpa") == args.attention)
 
     for name in args.presets.split(","):
-        rows = {r["batch"]: r for r in done if r["preset"] == name and same(r)}
+        runs = {p: {r["batch"]: r for r in done if r["preset"] == name and same(r) and bool(r.get("probe")) == p}
+                for p in (False, True)}
         model = None
 
-        def measure(batch: int) -> bool:
-            """True when `batch` fits (from `--out` when already measured)."""
+        def measure(batch: int, probe: bool = False) -> bool:
+            """True when `batch` fits (from `--out` when already measured); `probe`: a memory probe."""
             nonlocal model
+            rows = runs[probe]
             if batch not in rows:
                 if model is None:
                     model = build(name, args.config, dtype, device, args.warmup, args.sliding_window,
                                   args.attention)
                     run_once(model, 1, min(args.prompt, 64), 4, device)  # untimed: kernel set-up
-                row = setup | {"preset": name, "batch": batch,
+                row = setup | {"preset": name, "batch": batch, **({"probe": True} if probe else {}),
                                "kv_layers": getattr(model.config, "kv_layers", None) or "dense"}
                 try:
-                    row |= run_once(model, batch, args.prompt, args.new_tokens, device, args.prefill_chunk)
+                    row |= run_once(model, batch, args.prompt, args.new_tokens, device, args.prefill_chunk, probe)
                 except torch.cuda.OutOfMemoryError as e:  # what was asked for, and where: a transient or the KV?
                     # allocated vs reserved at the failure: live tensors, or blocks the allocator holds but cannot use
                     row |= {"oom": True, "oom_message": str(e).split(". Including")[0][:300],
@@ -212,6 +235,12 @@ def main() -> None:
         if batches:
             for b in batches:
                 measure(b)
+        elif args.probe:
+            lo = search(lambda b: measure(b, probe=True), args.growth, args.max_batch, args.resolution,
+                        args.min_batch)
+            failed = [b for b, r in runs[True].items() if r.get("oom") and b > lo]
+            if lo and not args.probe_only:
+                refine(measure, lo, min(failed, default=None), args.max_batch, args.resolution)
         else:
             search(measure, args.growth, args.max_batch, args.resolution, args.min_batch)
         del model
@@ -221,14 +250,16 @@ def main() -> None:
     print(f"\n{args.config}, prompt {args.prompt}, {args.new_tokens} new tokens, prefill chunk "
           f"{args.prefill_chunk or 'none'}: largest batch that fits (first out-of-memory)")
     for name in args.presets.split(","):
-        rows = [r for r in done if r["preset"] == name and same(r)]
-        ok = [r for r in rows if not r.get("oom")]
-        oom = [r["batch"] for r in rows if r.get("oom")]
-        if ok:
-            best = max(ok, key=lambda r: r["batch"])
-            first_oom = min((b for b in oom if b > best["batch"]), default=None)
-            print(f"  {name:13s} batch {best['batch']:5d}  {best['tokens_per_s']:10.1f} tokens/s  "
-                  f"peak {best['peak_gib']:.1f} GiB  (oom at {first_oom or 'none up to --max-batch'})")
+        for probe in (False, True):
+            rows = [r for r in done if r["preset"] == name and same(r) and bool(r.get("probe")) == probe]
+            ok = [r for r in rows if not r.get("oom")]
+            oom = [r["batch"] for r in rows if r.get("oom")]
+            if ok:
+                best = max(ok, key=lambda r: r["batch"])
+                first_oom = min((b for b in oom if b > best["batch"]), default=None)
+                speed = "memory probe" if probe else f"{best['tokens_per_s']:10.1f} tokens/s"
+                print(f"  {name:13s} batch {best['batch']:5d}  {speed:>21s}  peak {best['peak_gib']:.1f} GiB  "
+                      f"(oom at {first_oom or 'none up to --max-batch'})")
 
 
 def oom_site(e: BaseException) -> str:
@@ -251,6 +282,27 @@ def search(fits, growth: int, max_batch: int, resolution: int, first: int = 1) -
         batch *= growth
     if hi is None and lo < max_batch and fits(max_batch):  # the cap itself, when the growth stepped over it
         lo = max_batch
+    while resolution and hi is not None and lo and hi - lo > max(1, lo // resolution):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def refine(fits, lo: int, hi: int | None, max_batch: int, resolution: int) -> int:
+    """The largest batch for which `fits` (timed runs), starting from a probe's bracket: `lo` fit the probe, `hi`
+    (None: nothing failed up to `max_batch`) did not. Usually two runs, lo and hi; where a run disagrees with its
+    probe, halve down from lo or double up from hi, then bisect to 1/`resolution` of the largest fit. 0: none fits."""
+    if not fits(lo):
+        hi, lo = lo, lo // 2
+        while lo and not fits(lo):
+            hi, lo = lo, lo // 2
+    elif hi is not None and fits(hi):
+        lo, hi = hi, None
+        while lo * 2 <= max_batch:
+            if not fits(lo * 2):
+                hi = lo * 2
+                break
+            lo *= 2
     while resolution and hi is not None and lo and hi - lo > max(1, lo // resolution):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)

@@ -51,3 +51,45 @@ def test_kvforge_attention_gives_the_logits_of_sdpa(monkeypatch, preset):
         logits.append(torch.cat(parts, 1))
     assert torch.isfinite(logits[0]).all()
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("probe_limit", [150, 200, 230, 260, 400, 5])
+def test_refine_finds_the_timed_limit_from_a_probe_bracket_that_may_be_wrong(probe_limit):
+    """The probe's bracket is a guess: whether it is right (150 < 200), too pessimistic or too optimistic, the timed
+    runs alone decide, and the answer fits and lies within the resolution of the first timed failure."""
+    limit, tried = 200, []
+
+    def fits(b):
+        tried.append(b)
+        return b <= limit
+
+    lo = st.search(lambda b: b <= probe_limit, 2, 4096, 4, first=16)
+    hi = None if lo * 2 > 4096 else next(b for b in range(lo + 1, 4097) if b > probe_limit)
+    found = st.refine(fits, lo, hi, 4096, 4)
+    assert found <= limit and found in tried
+    first_fail = min(b for b in tried if b > limit)
+    assert first_fail - found <= max(1, found // 4)
+
+
+def test_refine_returns_zero_when_nothing_fits_a_timed_run():
+    assert st.refine(lambda b: False, 64, 96, 1024, 4) == 0
+
+
+def test_a_probe_generates_one_token_after_prompt_plus_new_tokens_and_one_pass(monkeypatch):
+    """The memory probe asks generate for the final cache length and a single pass per chunk (lckv), no timing."""
+    seen = {}
+    model = torch.nn.Module()
+    model.config = type("C", (), {"layer_map": type("M", (), {"has_upward": True})()})()
+
+    def generate(ids, **kw):
+        seen.update(kw, prompt=ids.shape[1])
+        return torch.zeros(ids.shape[0], ids.shape[1] + kw["max_new_tokens"], dtype=torch.long)
+
+    model.generate = generate
+    monkeypatch.setattr(st, "KVCache", lambda m, reserve: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    row = st.run_once(model, 2, 48, 16, "cpu", chunk=16, probe=True)
+    assert row == {"probe": True, "peak_gib": 3.0}
+    assert (seen["prompt"], seen["max_new_tokens"], seen["num_iterations"]) == (64, 1, 1)
