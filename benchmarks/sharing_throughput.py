@@ -108,7 +108,8 @@ def run_once(model, batch: int, prompt: int, new: int, device: str, chunk: int |
         cache = KVCache(model, reserve=new + 8)
         t = time.perf_counter()
         out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=0, prefill_chunk_size=chunk, logits_processor=LogitsProcessorList([clock]), **extra)
+                             pad_token_id=0, prefill_chunk_size=chunk, logits_processor=LogitsProcessorList([clock]),
+                             **extra)
         torch.cuda.synchronize()
         total = time.perf_counter() - t
     assert out.shape[1] == prompt + new
