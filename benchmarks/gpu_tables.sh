@@ -158,28 +158,26 @@ gpt2)  # streaming on the GPT-2 trained here, nothing but wheels and text carrie
     --out $RUNS/stream_gpt2_long"
   ;;
 sharing)  # the same-run throughput table of every preset (random Llama-3.1-8B, 2k prompts, 512 new tokens, prefill in
-  # 256-token chunks), alone on the GPU. Each model's limit is searched with memory probes (--probe: untimed, one
-  # token after a 2,560-token prompt), then the bracket is timed; the searches start near the limits measured
-  # before (H100, 2026-12-07: dense 160, cla 256, yoco 384, mixattention 448 fit). PRESETS= picks models (a call
-  # cut short resumes: re-run it). lckv (minutes per timed run: 9 passes per prefill chunk) gets its limit from
-  # probes only (one pass per chunk: the same memory) and one timed row at LCKV_TIMED rows (default 256).
-  # MEMORY_GIB caps the process (e.g. 79 on an H200, for an 80 GB card's limits). ATTENTION=kvforge: every model on
-  # kvforge's attention (no repeat_kv copy of the KV). Every model runs with expandable segments (with the default
-  # allocator yoco at 384 rows failed on fragmentation: 57.5 GiB allocated, 74.5 reserved; A/B: add
-  # `--allocator default --sliding-layer stock|window` to one yoco --batches 384 run).
-  # CONFIG_1B=1: the same table on the Llama-3.2-1B shapes, searched from 256 rows.
-  CFG=llama3.1-8b; TAG=8b; STARTS="dense:128 cla:256 yoco:384 mixattention:448 lckv:256"
-  [ -n "${CONFIG_1B:-}" ] && { CFG=llama3.2-1b; TAG=1b; STARTS="dense:256 cla:256 yoco:256 mixattention:256 lckv:256"; }
+  # 256-token chunks), alone on the GPU. Each model's limit is predicted from two memory probes (--probe: untimed,
+  # one token after a 2,560-token prompt, at 32 and 64 rows), then timed just under it and a quarter above.
+  # PRESETS= picks models (a call cut short resumes: re-run it). lckv (minutes per timed run: 9 passes per prefill
+  # chunk) gets its limit from probes only (one pass per chunk: the same memory) and one timed row at LCKV_TIMED
+  # rows (default 128). MEMORY_GIB caps the process (e.g. 79 on an H200, for an 80 GB card's limits).
+  # ATTENTION=kvforge: every model on kvforge's attention (no repeat_kv copy of the KV). Every model runs with
+  # expandable segments (with the default allocator yoco at 384 rows failed on fragmentation: 57.5 GiB allocated,
+  # 74.5 reserved; A/B: add `--allocator default --sliding-layer stock|window` to one yoco --batches 384 run).
+  # CONFIG_1B=1: the same table on the Llama-3.2-1B shapes, probes at 128 and 256 rows.
+  CFG=llama3.1-8b; TAG=8b; MIN=32
+  [ -n "${CONFIG_1B:-}" ] && { CFG=llama3.2-1b; TAG=1b; MIN=128; }
   S="python3 benchmarks/sharing_throughput.py --config $CFG --prompt 2048 --new-tokens 512 --prefill-chunk 256 \
-    --attention ${ATTENTION:-sdpa} --growth 2 --resolution 4 --max-batch 8192 ${MEMORY_GIB:+--memory-gib $MEMORY_GIB} \
-    --out $RUNS/sharing_tp_${TAG}_${ATTENTION:-sdpa}.jsonl"
-  for PS in $STARTS; do
-    P=${PS%%:*}; case " ${PRESETS:-dense cla yoco mixattention lckv} " in *" $P "*) ;; *) continue ;; esac
+    --attention ${ATTENTION:-sdpa} --resolution 4 --max-batch 8192 --min-batch $MIN \
+    ${MEMORY_GIB:+--memory-gib $MEMORY_GIB} --out $RUNS/sharing_tp_${TAG}_${ATTENTION:-sdpa}.jsonl"
+  for P in ${PRESETS:-dense cla yoco mixattention lckv}; do
     if [ "$P" = lckv ]; then
-      $S --presets lckv --probe --probe-only --min-batch ${PS##*:} 2>&1 | grep -av '^{'
-      $S --presets lckv --batches ${LCKV_TIMED:-256} 2>&1 | grep -av '^{'
+      $S --presets lckv --probe --probe-only 2>&1 | grep -av '^{'
+      $S --presets lckv --batches ${LCKV_TIMED:-128} 2>&1 | grep -av '^{'
     else
-      $S --presets $P --probe --min-batch ${PS##*:} 2>&1 | grep -av '^{'
+      $S --presets $P --probe 2>&1 | grep -av '^{'
     fi
   done
   ;;

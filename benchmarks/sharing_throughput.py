@@ -18,12 +18,14 @@ Batch sizes grow by `--growth` until the first out-of-memory, then the gap betwe
 that one is bisected until it is at most 1/`--resolution` of the former (`--resolution 0`: no bisection).
 `--batches 256,192` measures exactly those batch sizes, in that order, in one process instead.
 
-`--probe` makes the search cheap: it grows and bisects with memory probes (a prompt of `--prompt` + `--new-tokens`
-tokens, the same chunks, one new token; a model with upward-pointing layers makes one pass per chunk instead of
-m + b, which changes its time, not what a pass holds), rows marked `"probe": true` and never timed. Then timed runs,
-the table's rows, settle the limit from the probe's bracket: the largest probe fit, the first probe failure, and
-further timed runs only where a timed run disagrees with its probe (`refine`). The probe holds the whole final
-cache during a prefill chunk, so it usually needs at least what the timed run needs; the timed runs decide.
+`--probe` makes the search cheap. Memory probes (a prompt of `--prompt` + `--new-tokens` tokens, the same chunks,
+one new token; a model with upward-pointing layers makes one pass per chunk instead of m + b, which changes its
+time, not what a pass holds; rows marked `"probe": true`, never timed) at `--min-batch` and twice that give the
+peak's line in the batch (weights + per-row bytes), and the line the batch where the peak reaches the card's memory
+less 1 GiB (`predict`). Timed runs, the table's rows, then settle the limit: 8% under the prediction and a quarter
+above that (with `--resolution 4`), further runs only where a timed run disagrees (`refine`). The probe holds the
+whole final cache during a prefill chunk, so its peak is at least the timed run's; the timed runs decide.
+`--probe-only` stops at the prediction, checked by two more probes (for lckv, whose timed runs take minutes).
 
 `--prefill-chunk N` prefills the prompt N tokens at a time (transformers' `prefill_chunk_size`, every model alike),
 so activations are bounded by batch x N and the KV cache, not the prefill, decides the largest batch. Without it
@@ -237,11 +239,22 @@ def main() -> None:
             for b in batches:
                 measure(b)
         elif args.probe:
-            lo = search(lambda b: measure(b, probe=True), args.growth, args.max_batch, args.resolution,
-                        args.min_batch)
-            failed = [b for b, r in runs[True].items() if r.get("oom") and b > lo]
-            if lo and not args.probe_only:
-                refine(measure, lo, min(failed, default=None), args.max_batch, args.resolution)
+            first = measure(args.min_batch, probe=True) and measure(2 * args.min_batch, probe=True)
+            pk = runs[True]
+            if not first:
+                raise SystemExit(f"{name}: --min-batch {args.min_batch} or twice it does not fit a probe; give a "
+                                 "smaller one")
+            cap = (args.memory_gib or total / 2**30) - 1.0
+            limit = predict(args.min_batch, pk[args.min_batch]["peak_gib"], 2 * args.min_batch,
+                            pk[2 * args.min_batch]["peak_gib"], cap)
+            lo = max(1, min(args.max_batch, int(limit * 0.92)))
+            hi = lo + max(1, lo // max(args.resolution, 1))
+            print(f"{name}: probes predict {limit:.0f} rows at {cap:.1f} GiB; timing {lo} and {hi}", flush=True)
+            if args.probe_only:
+                measure(lo, probe=True)
+                measure(hi, probe=True)
+            else:
+                refine(measure, lo, hi, args.max_batch, args.resolution)
         else:
             search(measure, args.growth, args.max_batch, args.resolution, args.min_batch)
         del model
@@ -287,6 +300,14 @@ def search(fits, growth: int, max_batch: int, resolution: int, first: int = 1) -
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def predict(b1: int, peak1: float, b2: int, peak2: float, cap: float) -> float:
+    """The batch at which a peak affine in the batch (through (b1, peak1) and (b2, peak2), GiB) reaches `cap`."""
+    per_row = (peak2 - peak1) / (b2 - b1)
+    if per_row <= 0:
+        raise SystemExit(f"probe peaks {peak1} GiB at {b1} rows and {peak2} at {b2}: not growing with the batch")
+    return b1 + (cap - peak1) / per_row
 
 
 def refine(fits, lo: int, hi: int | None, max_batch: int, resolution: int) -> int:

@@ -93,3 +93,10 @@ def test_a_probe_generates_one_token_after_prompt_plus_new_tokens_and_one_pass(m
     row = st.run_once(model, 2, 48, 16, "cpu", chunk=16, probe=True)
     assert row == {"probe": True, "peak_gib": 3.0}
     assert (seen["prompt"], seen["max_new_tokens"], seen["num_iterations"]) == (64, 1, 1)
+
+
+def test_predict_finds_where_an_affine_peak_reaches_the_cap():
+    # 16 GiB of weights + 0.25 GiB per row: 78 GiB at 248 rows
+    assert st.predict(64, 32.0, 128, 48.0, 78.0) == pytest.approx(248)
+    with pytest.raises(SystemExit, match="not growing"):
+        st.predict(64, 32.0, 128, 32.0, 78.0)
