@@ -37,6 +37,27 @@ def test_samples_move_only_the_gold():
     assert len(text.documents) == 3 and text.answers[0] not in " ".join(text.documents)
 
 
+def test_two_hop_eval_samples_need_two_documents_and_move_only_the_first_gold():
+    """`--hops 2`: the first gold document sits at the asked position, the second elsewhere, the answer is in the
+    second and never in the first (no one-document shortcut, e.g. a person living in their employer's city), and
+    the set differs from the single-hop one."""
+    for i in range(100):
+        a, b = eval_sample(0, i, 6, 0, hops=2), eval_sample(0, i, 6, 4, hops=2)
+        assert a.question == b.question and a.answers == b.answers
+        assert a.gold[0] == 0 and b.gold[0] == 4 and len(set(a.gold)) == len(set(b.gold)) == 2
+        assert a.documents[a.gold[0]] == b.documents[b.gold[0]]
+        assert a.answers[0] in a.documents[a.gold[1]] and a.answers[0] not in a.documents[a.gold[0]]
+        assert a.question != eval_sample(0, i, 6, 0).question
+
+
+def test_link_eval_refuses_bad_hops(tmp_path):
+    from kvforge.link.evaluate import EvalConfig, run_link_eval
+
+    for hops, docs in ((3, 10), (2, 1)):
+        with pytest.raises(KVForgeError, match=f"--hops {hops} with --docs {docs}; allowed: 1 or 2 hops"):
+            run_link_eval("smollm2-135m", None, tmp_path / "x", EvalConfig(docs=docs, hops=hops, modes=("full",)))
+
+
 def test_training_sequence_and_loss(smol_tokenizer):
     """Links follow each document (segment 0), labels cover the answer and its end only, and the loss is the
     answer cross-entropy of one forward with the segment mask (checked against full logits)."""

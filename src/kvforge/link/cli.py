@@ -38,7 +38,7 @@ def cmd_link_eval(args) -> None:
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     cfg = EvalConfig(docs=args.docs, samples=args.samples, modes=modes, positions=parse_positions(args.positions,
                      args.docs), recompute_k=args.recompute_k, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                     template=_template(args), ttft=not args.no_ttft)
+                     template=_template(args), ttft=not args.no_ttft, hops=args.hops)
     summary = run_link_eval(args.model, args.links, args.out, cfg, dtype=args.dtype, device=args.device,
                             argv=sys.argv[1:])
     print("mode       gold_position    n  score  95% interval    ttft_ms")
@@ -90,6 +90,8 @@ def add_parsers(subparsers) -> None:
     e.add_argument("--positions", default="first,middle,last", help="first,middle,last | all | 0-based indices")
     e.add_argument("--recompute-k", type=int, default=16, help="first tokens of each document recomputed")
     e.add_argument("--max-new-tokens", type=int, default=16)
+    e.add_argument("--hops", type=int, default=1, choices=[1, 2],
+                   help="1: single-hop questions; 2: two-hop (two gold documents, the first at each --positions)")
     e.add_argument("--no-ttft", action="store_true",
                    help="answers only: skip the separately timed prefill of each request (half the work)")
     e.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")

@@ -48,13 +48,17 @@ def qa_sample(rng: random.Random, n_docs: int, gold_position: int | None = None,
         world.city()
     company = world.company()
     person = world.person(employer=company.name)
-    if two_hop:
+    if two_hop:  # the first gold document must not hold the answer too (no one-document shortcut)
         if rng.random() < 0.5:
+            if person.city == company.city:
+                person.city = next(c.name for c in world.cities if c.name != company.city)
             q, a, golds = (f"In which city is the company that {person.name} works for headquartered?", company.city,
                            [person, company])
         else:
             ceo = world.person(employer=company.name)
             company.ceo = ceo.name
+            if ceo.born == company.founded:
+                ceo.born += 1 if ceo.born < 2004 else -1
             q, a, golds = f"In which year was the CEO of {company.name} born?", str(ceo.born), [company, ceo]
     elif rng.random() < 0.6:
         kind = rng.choice(["born", "city", "employer", "colour"])

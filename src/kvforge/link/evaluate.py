@@ -6,7 +6,10 @@
 - `recompute`: reused documents, each one's first k tokens recomputed seeing everything before (CacheBlend-style).
 
 Held-out samples: `data.qa_sample` from a seed stream training never uses; sample i is the same world for every
-gold position (only the gold moves). Score: best-subspan exact match (the normalised gold appears in the normalised
+gold position (only the gold moves). `hops=2`: two-hop questions instead (a person and their employer, or a company
+and its CEO: two gold documents, the first at the gold position, the second anywhere else), where the answer needs
+what separate encoding loses — one document read in the light of another — and the link tokens are meant to help.
+Score: best-subspan exact match (the normalised gold appears in the normalised
 answer; KVLink's NQ metric). `ttft_ms`: time from the request to the first token's logits with the documents
 already encoded (in memory) — reading them from a `DocumentStore` is timed separately by `benchmarks/link_ttft.py`.
 Rows are appended to `results.jsonl` as they finish; re-running the same command resumes. `summary.csv`:
@@ -48,6 +51,7 @@ class EvalConfig:
     seed: int = 0
     template: bool | None = None
     ttft: bool = True  # time each request's prefill apart (one more prefill per answer); False: answers only
+    hops: int = 1  # 1: single-hop questions (one gold document); 2: two-hop (two gold documents)
 
 
 def parse_positions(text: str, docs: int) -> tuple[int, ...]:
@@ -74,9 +78,11 @@ def best_subspan_em(prediction: str, golds: list[str]) -> float:
     return float(any(normalize_answer(g) in pred for g in golds))
 
 
-def eval_sample(seed: int, index: int, docs: int, gold_position: int) -> LinkSample:
-    """Held-out sample `index` with its gold at `gold_position` (the same world and distractors at every position)."""
-    return qa_sample(random.Random(f"kvlink-eval:{seed}:{index}"), docs, gold_position=gold_position)
+def eval_sample(seed: int, index: int, docs: int, gold_position: int, hops: int = 1) -> LinkSample:
+    """Held-out sample `index` with its (first) gold at `gold_position` (the same world and distractors at every
+    position); `hops=2`: a two-hop question from its own seed stream."""
+    stream = f"kvlink-eval:{seed}:{index}" if hops == 1 else f"kvlink-eval-2hop:{seed}:{index}"
+    return qa_sample(random.Random(stream), docs, gold_position=gold_position, two_hop=hops == 2)
 
 
 def _sync(model) -> None:
@@ -173,13 +179,17 @@ def run_link_eval(model_name: str, links_dir: str | None, out, cfg: EvalConfig, 
         raise KVForgeError("mode links needs --links DIR (a model saved by `kvforge train kvlink`)")
     if cfg.docs < 1 or cfg.samples < 1:
         raise KVForgeError(f"--docs {cfg.docs} --samples {cfg.samples}; allowed: both ≥ 1")
+    if cfg.hops not in (1, 2) or cfg.docs < cfg.hops:
+        raise KVForgeError(f"--hops {cfg.hops} with --docs {cfg.docs}; allowed: 1 or 2 hops, at least that many "
+                           "documents")
     out = prepare_out(out)
     args = {"model": model_name, "links": links_dir, **asdict(cfg)}
     meta_path = out / "run_meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())["args"]
-        keep = ("model", "links", "docs", "recompute_k", "max_new_tokens", "seed", "template")
-        changed = [k for k in keep if old.get(k) != args.get(k)]
+        keep = ("model", "links", "docs", "recompute_k", "max_new_tokens", "seed", "template", "hops")
+        defaults = asdict(EvalConfig())  # keys added later (hops) hold their default in older runs
+        changed = [k for k in keep if old.get(k, defaults.get(k)) != args.get(k)]
         if changed:
             raise KVForgeError(f"{str(out)!r} holds a run with another {changed[0]} ({old.get(changed[0])!r}); use "
                                "another --out")
@@ -207,7 +217,7 @@ def run_link_eval(model_name: str, links_dir: str | None, out, cfg: EvalConfig, 
         for i, p, mode in todo:
             which = "links" if mode == "links" else "base"
             model, tok = loaded[which]
-            sample = eval_sample(cfg.seed, i, cfg.docs, p)
+            sample = eval_sample(cfg.seed, i, cfg.docs, p, cfg.hops)
             rec = {"mode": mode, "sample": i, "gold_position": p, "question": sample.question.rsplit(": ", 1)[-1],
                    "gold": sample.answers,
                    **answer_one(model, tok, stores[which], sample, mode, cfg, links if mode == "links" else None)}
