@@ -5,15 +5,15 @@
 - `links`: reused documents + the trained link tokens (the model saved by `kvforge train kvlink`);
 - `recompute`: reused documents, each one's first k tokens recomputed seeing everything before (CacheBlend-style).
 
-Held-out samples: `data.qa_sample` from a seed stream training never uses; sample i is the same world for every
-gold position (only the gold moves). `hops=2`: two-hop questions instead (a person and their employer, or a company
-and its CEO: two gold documents, the first at the gold position, the second anywhere else), where the answer needs
-what separate encoding loses — one document read in the light of another — and the link tokens are meant to help.
-Score: best-subspan exact match (the normalised gold appears in the normalised
-answer; KVLink's NQ metric). `ttft_ms`: time from the request to the first token's logits with the documents
-already encoded (in memory) — reading them from a `DocumentStore` is timed separately by `benchmarks/link_ttft.py`.
-Rows are appended to `results.jsonl` as they finish; re-running the same command resumes. `summary.csv`:
-`mode,gold_position,n,score,ttft_ms` (mean score, median time, position counted from 0), `summary.png`.
+Held-out samples: `data.qa_sample` from a seed stream training never uses; sample i is the same world for every gold
+position (only the gold moves). `hops=2`: two-hop questions instead (a person and their employer, or a company and its
+CEO: two gold documents, the first at the gold position, the second anywhere else): the answer combines two documents,
+which after separate encoding only the prompt's tokens (and the links) can do. Score: best-subspan exact match (the
+normalised gold appears in the normalised answer; KVLink's NQ metric). `ttft_ms`: time from the request to the first
+token's logits with the documents already encoded (in memory) — reading them from a `DocumentStore` is timed
+separately by `benchmarks/link_ttft.py`. Rows are appended to `results.jsonl` as they finish; re-running the same
+command resumes. `summary.csv`: `mode,gold_position,n,score,ttft_ms` (mean score, median time, position counted from
+0), `summary.png`.
 """
 
 from __future__ import annotations
