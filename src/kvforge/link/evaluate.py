@@ -12,7 +12,8 @@ which after separate encoding only the prompt's tokens (and the links) can do. S
 normalised gold appears in the normalised answer; KVLink's NQ metric). `ttft_ms`: time from the request to the first
 token's logits with the documents already encoded (in memory) — reading them from a `DocumentStore` is timed
 separately by `benchmarks/link_ttft.py`. Rows are appended to `results.jsonl` as they finish; re-running the same
-command resumes. `summary.csv`: `mode,gold_position,n,score,ttft_ms` (mean score, median time, position counted from
+command resumes. `summary.csv`: `mode,gold_position,n,score,ci_low,ci_high,ttft_ms` (mean score, its Wilson 95%
+interval, median time, position counted from
 0), `summary.png`.
 """
 
