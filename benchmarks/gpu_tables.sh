@@ -214,24 +214,25 @@ capacity)  # #21: the longest context that fits a GPU of MEMORY_GB (the allocato
     --out $RUNS/capacity_context
   ;;
 link)  # KVLink (#18): time to first token on the quiet GPU first (TTFT=0 skips it), then, in the background, per
-  # model in MODELS (default smollm2-135m; gemma3-270m needs its carries, gpu_session.sh): training (STEPS, default
-  # 800 x 16; LINK_LR gives the link rows their own rate, e.g. 3e-4) and full / naive / links on that one fine-tuned
-  # model, the fair comparison, for single-hop and two-hop questions (--hops 2: the answer needs two documents, one
-  # read in the light of the other, which separate encoding loses and the links are meant to restore); then the
-  # base model's full / naive / recompute rows for both
+  # model in MODELS (default smollm2-135m; gemma3-270m needs its carries, gpu_session.sh): training (STEPS x BATCH,
+  # default 800 x 16; BATCH=64 is the reference's batch; LINK_LR gives the link rows their own rate, e.g. 3e-4)
+  # and full / naive / links on that one fine-tuned model, the fair comparison, for single-hop and two-hop
+  # questions (--hops 2: the answer combines two documents); then, unless BASE=0 (a second set-up of a model started
+  # beside the first), the base model's full / naive / recompute rows for both
   if [ "${TTFT:-1}" != 0 ]; then
     python3 benchmarks/link_ttft.py --config llama3.1-8b --docs 10 --doc-tokens 1000 --question 64 --repeats 7 \
       --device cuda --out $RUNS/link_ttft.json > $LOGS/link_ttft.log 2>&1; tail -c 1500 $LOGS/link_ttft.log
   fi
-  N=${STEPS:-800}
+  N=${STEPS:-800}; B=${BATCH:-16}
   for M in ${MODELS:-smollm2-135m}; do
-    D=$RUNS/kvlink-$M-s$N${LINK_LR:+-lr$LINK_LR}
-    job link_$M "$KV train kvlink --model $M --device cuda --steps $N --batch 16 --lr 2e-5 ${LINK_LR:+--link-lr $LINK_LR} \
-        --out $D \
+    D=$RUNS/kvlink-$M-s${N}b$B${LINK_LR:+-lr$LINK_LR}
+    base="true"
+    [ "${BASE:-1}" = 1 ] && base="for H in 1 2; do $KV link eval --model $M --device cuda --docs 10 --samples 70 \
+      --hops \$H --modes full,naive,recompute --no-ttft --out $RUNS/kvlink-$M-base-eval-hops\$H || exit 1; done"
+    job link_${M}_s${N}b$B "$KV train kvlink --model $M --device cuda --steps $N --batch $B --lr 2e-5 \
+        ${LINK_LR:+--link-lr $LINK_LR} --out $D \
       && for H in 1 2; do $KV link eval --model $D --links $D --device cuda --docs 10 --samples 70 --hops \$H \
-         --modes full,naive,links --no-ttft --out $D-eval-hops\$H || exit 1; done \
-      && for H in 1 2; do $KV link eval --model $M --device cuda --docs 10 --samples 70 --hops \$H \
-         --modes full,naive,recompute --no-ttft --out $RUNS/kvlink-$M-base-eval-hops\$H || exit 1; done"
+         --modes full,naive,links --no-ttft --out $D-eval-hops\$H || exit 1; done && $base"
   done
   echo "link jobs started; follow with: bash $0 brief"
   ;;
