@@ -13,8 +13,7 @@ normalised gold appears in the normalised answer; KVLink's NQ metric). `ttft_ms`
 token's logits with the documents already encoded (in memory) — reading them from a `DocumentStore` is timed
 separately by `benchmarks/link_ttft.py`. Rows are appended to `results.jsonl` as they finish; re-running the same
 command resumes. `summary.csv`: `mode,gold_position,n,score,ci_low,ci_high,ttft_ms` (mean score, its Wilson 95%
-interval, median time, position counted from
-0), `summary.png`.
+interval, median time, position counted from 0), `summary.png`.
 """
 
 from __future__ import annotations
