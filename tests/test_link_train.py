@@ -88,6 +88,45 @@ def test_training_sequence_and_loss(smol_tokenizer):
     assert abs(float(loss) - float(want)) <= 1e-4
 
 
+def test_a_causal_sample_is_the_ordinary_sequence_without_links(smol_tokenizer):
+    """`causal=True` (the reference's unmasked 60%): the same prefix, documents, prompt and answer, no link tokens,
+    every segment 0, so the segment mask is the causal mask; the labels are the same answer."""
+    tok = smol_tokenizer
+    links = Links(2, 4, tuple(tok.convert_ids_to_tokens(list(range(1000, 1008)))), tuple(range(1000, 1008)))
+    sample = qa_sample(random.Random(3), 4)
+    ids, seg, labels = training_sequence(tok, sample, links, template=True)
+    cids, cseg, clabels = training_sequence(tok, sample, links, template=True, causal=True)
+    assert cids == [t for t, s in zip(ids, seg) if not (s == 0 and t in links.ids)]
+    assert set(cseg) == {0} and not set(cids) & set(links.ids)
+    assert [t for t, lab in zip(cids, clabels) if lab != -100] == [t for t, lab in zip(ids, labels) if lab != -100]
+    from kvforge.link.assemble import segment_mask
+
+    t = len(cids)
+    assert torch.equal(segment_mask(torch.tensor([cseg]))[0, 0], torch.ones(t, t, dtype=torch.bool).tril())
+
+
+def test_causal_fraction_mixes_causal_samples_and_keeps_the_old_stream_at_zero(tmp_path, tiny_dir, smol_tokenizer,
+                                                                             monkeypatch):
+    """At the default 0 the samples (and so the training) are those of runs before the option; at 0.5 about half
+    the sequences are causal (no links), logged by kind; outside [0, 1] a one-line error."""
+    import kvforge.link.train as tr
+
+    seen = []
+    real = tr.training_sequence
+    monkeypatch.setattr(tr, "training_sequence", lambda *a: seen.append(a[-1]) or real(*a))
+    model, tok = load_model(str(tiny_dir))
+    log0 = tr.train_kvlink(model, tok, tmp_path / "a", tr.TrainConfig(steps=2, batch=4, max_docs=3, n_links=2),
+                           progress=False)
+    assert seen == [False] * 8 and not any(k.startswith("causal_") for k in log0["samples"])
+    seen.clear()
+    model, tok = load_model(str(tiny_dir))
+    log = tr.train_kvlink(model, tok, tmp_path / "b", tr.TrainConfig(steps=4, batch=4, max_docs=3, n_links=2,
+                                                                        causal_fraction=0.5), progress=False)
+    assert 3 <= sum(seen) <= 13 and sum(v for k, v in log["samples"].items() if k.startswith("causal_")) == sum(seen)
+    with pytest.raises(KVForgeError, match=r"causal_fraction=1.5; allowed: a share in \[0, 1\]"):
+        tr.train_kvlink(model, tok, tmp_path / "c", tr.TrainConfig(steps=1, causal_fraction=1.5), progress=False)
+
+
 def test_links_added_saved_loaded_and_checked(tmp_path, tiny_dir):
     model, tok = load_model(str(tiny_dir))
     rows = model.get_input_embeddings().weight.shape[0]

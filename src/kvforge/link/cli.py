@@ -18,9 +18,12 @@ def cmd_train_kvlink(args) -> None:
 
     cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, n_links=args.n_links,
                       max_docs=args.max_docs, text_fraction=args.text_fraction, two_hop_fraction=args.two_hop_fraction,
-                      lora=args.lora, link_lr=args.link_lr, seed=args.seed, template=_template(args))
-    if not 0 <= cfg.text_fraction <= 1 or not 0 <= cfg.two_hop_fraction <= 1 or cfg.lora < 0 or cfg.n_links < 1:
-        raise KVForgeError("--text-fraction and --two-hop-fraction must be in [0, 1], --lora ≥ 0, --n-links ≥ 1")
+                      lora=args.lora, link_lr=args.link_lr, seed=args.seed, template=_template(args),
+                      causal_fraction=args.causal_fraction)
+    if not 0 <= cfg.text_fraction <= 1 or not 0 <= cfg.two_hop_fraction <= 1 or not 0 <= cfg.causal_fraction <= 1 \
+            or cfg.lora < 0 or cfg.n_links < 1:
+        raise KVForgeError("--text-fraction, --two-hop-fraction and --causal-fraction must be in [0, 1], --lora ≥ 0, "
+                           "--n-links ≥ 1")
     if cfg.link_lr is not None and not cfg.link_lr > 0:
         raise KVForgeError(f"--link-lr {cfg.link_lr}; allowed: a learning rate > 0")
     model, tok = load_model(args.model, dtype=args.dtype or "float32", device=args.device)
@@ -73,6 +76,9 @@ def add_parsers(subparsers) -> None:
     t.add_argument("--max-docs", type=int, default=10, help="document slots (documents per sample: 2..max-docs)")
     t.add_argument("--text-fraction", type=float, default=0.2, help="share of plain-text continuation samples")
     t.add_argument("--two-hop-fraction", type=float, default=0.3, help="share of QA needing two documents")
+    t.add_argument("--causal-fraction", type=float, default=0.0,
+                   help="share of samples trained as ordinary causal sequences without links (the reference: 0.6), "
+                        "so the model keeps its full-attention behaviour")
     t.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tune, the reference's recipe)")
     t.add_argument("--link-lr", type=float, default=None,
                    help="the link tokens' embedding rows at this learning rate, the other embedding rows frozen "

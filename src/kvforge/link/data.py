@@ -125,16 +125,19 @@ def as_prompt(sample: LinkSample, template: bool) -> tuple[list[str], str, str]:
     return [d + "\n\n" for d in sample.documents], sample.question, "\nAnswer:"
 
 
-def training_sequence(tokenizer, sample: LinkSample, links: Links, template: bool) -> tuple[list[int], list[int],
-                                                                                          list[int]]:
+def training_sequence(tokenizer, sample: LinkSample, links: Links, template: bool, causal: bool = False
+                      ) -> tuple[list[int], list[int], list[int]]:
     """(ids, segment ids, labels) of one sample in KVLink's layout: `[prefix][doc 1][links 1]…[prompt][answer eos]`;
-    segment k for document k's tokens, 0 elsewhere; labels −100 except the answer (and its end-of-sequence)."""
+    segment k for document k's tokens, 0 elsewhere; labels −100 except the answer (and its end-of-sequence).
+    `causal`: the same sample as an ordinary causal sequence instead (`[prefix][doc 1]…[prompt][answer eos]`, no link
+    tokens, every segment 0), as the reference trains 60% of its samples."""
     docs, question, prefix = as_prompt(sample, template)
     req = tokenize(tokenizer, docs, [question], template, prefix)
     ids, seg = list(req.prefix), [0] * len(req.prefix)
     for k, doc in enumerate(req.documents):
-        ids += doc + links.ids_for(k)
-        seg += [k + 1] * len(doc) + [0] * links.n_links
+        extra = [] if causal else links.ids_for(k)
+        ids += doc + extra
+        seg += [0 if causal else k + 1] * len(doc) + [0] * len(extra)
     ids += req.prompts[0]
     seg += [0] * len(req.prompts[0])
     answer = tokenizer(("" if template else " ") + sample.answers[0], add_special_tokens=False)["input_ids"]

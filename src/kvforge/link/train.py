@@ -39,6 +39,7 @@ class TrainConfig:
     max_docs: int = 10
     text_fraction: float = 0.2
     two_hop_fraction: float = 0.3
+    causal_fraction: float = 0.0  # samples trained as ordinary causal sequences, no links (the reference: 60%)
     lora: int = 0  # LoRA rank; 0 = full fine-tune
     link_lr: float | None = None  # the link rows' own learning rate; the other embedding rows then stay frozen
     lora_alpha: float = 16.0
@@ -121,6 +122,8 @@ def batch_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def train_kvlink(model, tokenizer, out, cfg: TrainConfig, progress: bool = True, meta: dict | None = None) -> dict:
     """Add link tokens to `model`/`tokenizer` (or continue with the ones it has), train them, save to `out`.
     Returns the training log (also written to `out/train_log.json`)."""
+    if not 0 <= cfg.causal_fraction <= 1:
+        raise KVForgeError(f"causal_fraction={cfg.causal_fraction}; allowed: a share in [0, 1]")
     if cfg.steps < 1 or cfg.batch < 1 or cfg.max_docs < 2:
         raise KVForgeError(f"steps={cfg.steps}, batch={cfg.batch}, max_docs={cfg.max_docs}; allowed: steps ≥ 1, "
                            "batch ≥ 1, max_docs ≥ 2")
@@ -146,9 +149,12 @@ def train_kvlink(model, tokenizer, out, cfg: TrainConfig, progress: bool = True,
         rng = random.Random(f"kvlink-train:{cfg.seed}:{step}")
         samples = [training_sample(rng, min(cfg.max_docs, links.max_docs), cfg.text_fraction, cfg.two_hop_fraction)
                    for _ in range(cfg.batch)]
-        for s in samples:
-            kinds[s.kind] = kinds.get(s.kind, 0) + 1
-        batch = collate([training_sequence(tokenizer, s, links, template) for s in samples], pad)
+        # drawn only when asked for, so that runs without causal samples keep their sample stream
+        causal = [cfg.causal_fraction > 0 and rng.random() < cfg.causal_fraction for _ in samples]
+        for s, c in zip(samples, causal):
+            kind = f"causal_{s.kind}" if c else s.kind
+            kinds[kind] = kinds.get(kind, 0) + 1
+        batch = collate([training_sequence(tokenizer, s, links, template, c) for s, c in zip(samples, causal)], pad)
         with autocast:
             loss = batch_loss(model, batch)
         opt.zero_grad(set_to_none=True)
