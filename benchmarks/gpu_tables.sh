@@ -215,7 +215,8 @@ capacity)  # #21: the longest context that fits a GPU of MEMORY_GB (the allocato
   ;;
 link)  # KVLink (#18): time to first token on the quiet GPU first (TTFT=0 skips it), then, in the background, per
   # model in MODELS (default smollm2-135m; gemma3-270m needs its carries, gpu_session.sh): training (STEPS x BATCH,
-  # default 800 x 16; BATCH=64 is the reference's batch; LINK_LR gives the link rows their own rate, e.g. 3e-4)
+  # default 800 x 16; BATCH=64 is the reference's batch; LINK_LR gives the link rows their own rate, e.g. 3e-4;
+  # CAUSAL=0.6 trains that share of samples as ordinary causal sequences without links, as the reference does)
   # and full / naive / links on that one fine-tuned model, the fair comparison, for single-hop and two-hop
   # questions (--hops 2: the answer combines two documents); then, unless BASE=0 (a second set-up of a model started
   # beside the first), the base model's full / naive / recompute rows for both
@@ -225,12 +226,12 @@ link)  # KVLink (#18): time to first token on the quiet GPU first (TTFT=0 skips 
   fi
   N=${STEPS:-800}; B=${BATCH:-16}
   for M in ${MODELS:-smollm2-135m}; do
-    D=$RUNS/kvlink-$M-s${N}b$B${LINK_LR:+-lr$LINK_LR}
+    D=$RUNS/kvlink-$M-s${N}b$B${LINK_LR:+-lr$LINK_LR}${CAUSAL:+-c$CAUSAL}
     base="true"
     [ "${BASE:-1}" = 1 ] && base="for H in 1 2; do $KV link eval --model $M --device cuda --docs 10 --samples 70 \
       --hops \$H --modes full,naive,recompute --no-ttft --out $RUNS/kvlink-$M-base-eval-hops\$H || exit 1; done"
-    job link_${M}_s${N}b$B "$KV train kvlink --model $M --device cuda --steps $N --batch $B --lr 2e-5 \
-        ${LINK_LR:+--link-lr $LINK_LR} --out $D \
+    job link_$(basename $D) "$KV train kvlink --model $M --device cuda --steps $N --batch $B --lr 2e-5 \
+        ${LINK_LR:+--link-lr $LINK_LR} ${CAUSAL:+--causal-fraction $CAUSAL} --out $D \
       && for H in 1 2; do $KV link eval --model $D --links $D --device cuda --docs 10 --samples 70 --hops \$H \
          --modes full,naive,links --no-ttft --out $D-eval-hops\$H || exit 1; done && $base"
   done
