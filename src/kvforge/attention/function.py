@@ -152,6 +152,7 @@ def _compress(press, cache, ctx: LayerContext) -> None:
         torch.cuda.synchronize(ctx.query.device)
     cache.press_seconds += time.perf_counter() - t0
 
+
 def segment_attention(layer: PackedHeadLayer, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
     """Attention of q new tokens (already appended: the last q entries of every segment) over a packed per-head
     layer with no padding, one SDPA call per (row, KV head) segment, bottom-right causal: what the padded block under

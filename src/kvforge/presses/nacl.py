@@ -68,8 +68,9 @@ class NaClPress(ScorerPress):
         """Attention from each row's proxy queries, summed over them, per KV head `[B, H_kv, n]` (float32)."""
         q = ctx.query.shape[2]
         n_proxy = self.n_proxy(ctx.n_real).clamp(max=q)  # [B]
-        w = int(n_proxy.max())
-        if bool((n_proxy == w).all()):  # every row's proxies are the whole window (e.g. a plain prefill)
+        fewest, w = n_proxy.aminmax()
+        fewest, w = torch.stack([fewest, w]).tolist()  # one read back for both
+        if fewest == w:  # every row's proxies are the whole window (e.g. a plain prefill)
             return aggregate_groups(ctx.window_attention_sum(w), self.gqa_aggregation)
         probs = ctx.window_attention(w)  # [B, H, G, w, n]
         rows = torch.arange(w, device=probs.device)[None] >= (w - n_proxy)[:, None]  # [B, w]
