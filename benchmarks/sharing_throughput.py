@@ -296,6 +296,11 @@ def search(fits, growth: int, max_batch: int, resolution: int, first: int = 1) -
         batch *= growth
     if hi is None and lo < max_batch and fits(max_batch):  # the cap itself, when the growth stepped over it
         lo = max_batch
+    return bisect(fits, lo, hi, resolution)
+
+
+def bisect(fits, lo: int, hi: int | None, resolution: int) -> int:
+    """Narrow `lo` (fits) .. `hi` (does not; None: unknown) until the gap is at most 1/`resolution` of `lo`."""
     while resolution and hi is not None and lo and hi - lo > max(1, lo // resolution):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -325,10 +330,7 @@ def refine(fits, lo: int, hi: int | None, max_batch: int, resolution: int) -> in
                 hi = lo * 2
                 break
             lo *= 2
-    while resolution and hi is not None and lo and hi - lo > max(1, lo // resolution):
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return bisect(fits, lo, hi, resolution)
 
 
 if __name__ == "__main__":
